@@ -1,0 +1,197 @@
+"""Microbenchmark of the fused acceptance op: every backend against the torch reference (eager and torch.compile).
+
+For each (B, k, V) it times one `speculative_sample` call (inputs validated once beforehand, uniforms given, so the
+time is the op itself) and reports the effective bandwidth: bytes of logits read once, B*(2k+1)*V*itemsize, over the
+time. On a GPU it also measures the card's copy bandwidth, to express results as a fraction of it.
+
+    python benchmarks/bench_acceptance.py --quick                 # CPU-sized grid
+    python benchmarks/bench_acceptance.py --device cuda --dtype bfloat16
+Results: benchmarks/results/acceptance_<device>_<dtype>.json (device, dtype, versions, one row per config/backend).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tempspec_engine import available_backends, speculative_sample
+from tempspec_engine.torch_backend import speculative_sample_torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64], help="B values")
+    p.add_argument("--lookahead", type=int, nargs="+", default=[1, 4, 8], help="k values")
+    p.add_argument("--vocab", type=int, nargs="+", default=[32000, 49152, 128256], help="V values")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--backends", nargs="+", default=None, help="default: every available backend plus torch.compile")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--quick", action="store_true", help="small grid for a CPU: B 1 8, k 1 4, V 32000 49152 "
+                   "(replaces --batch/--lookahead/--vocab)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repetitions (default: 100 on GPU, 5 on CPU)")
+    p.add_argument("--output", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.lookahead, args.vocab = [1, 8], [1, 4], [32000, 49152]
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    return args
+
+
+def make_inputs(B, k, V, dtype, device, temperature, seed=0):
+    """Draft close to the target (a realistic acceptance pattern), tokens sampled from the draft."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    draft = torch.randn(B, k, V, device=device, generator=g) * 2
+    target = torch.cat([draft + 0.5 * torch.randn(B, k, V, device=device, generator=g),
+                        torch.randn(B, 1, V, device=device, generator=g) * 2], dim=1)
+    probs = torch.softmax(draft / temperature, dim=-1).reshape(B * k, V)
+    tokens = torch.multinomial(probs, 1, generator=g).reshape(B, k)
+    uniforms = torch.rand(B, k + 1, device=device, generator=g)
+    temp = torch.full((B,), temperature, device=device)
+    return draft.to(dtype), target.to(dtype), tokens, temp, uniforms
+
+
+def time_fn(fn, device, repeats):
+    """Median milliseconds of fn() (CUDA events through triton.testing.do_bench on GPU, perf_counter on CPU)."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=25, rep=max(repeats, 50), return_mode="median"))
+        except ImportError:
+            pass
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    for _ in range(3):  # warm-up: compilation, allocator, caches
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device):
+    """Device-to-device copy bandwidth in GB/s counting bytes read plus written (the practical HBM ceiling)."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms = time_fn(lambda: dst.copy_(src), device, 20)
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def environment(device):
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        try:
+            import subprocess
+
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            info["driver"] = None
+    else:
+        info["device_name"] = platform.processor() or platform.machine()
+        info["cpu_threads"] = torch.get_num_threads()
+    return info
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    repeats = args.repeats or (100 if device.type == "cuda" else 5)
+    backends = args.backends or available_backends(device)
+    if device.type == "cpu":
+        backends = [b for b in backends if b != "triton"]  # the interpreter is not a benchmark
+    variants = {name: (lambda name=name: (lambda *a: speculative_sample(*a, backend=name, validate=False)))()
+                for name in backends}
+    if not args.no_compile:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)  # one graph per shape
+        variants["torch.compile"] = torch.compile(speculative_sample_torch, dynamic=False)
+
+    env = environment(device)
+    ceiling = copy_bandwidth_gbs(device)
+    rows = []
+    configs = list(itertools.product(args.batch, args.lookahead, args.vocab))
+    try:
+        from tqdm import tqdm
+
+        configs = tqdm(configs, desc="configs", file=sys.stderr)
+    except ImportError:
+        pass
+    for B, k, V in configs:
+        inputs = make_inputs(B, k, V, dtype, device, args.temperature)
+        speculative_sample(*inputs[:4], uniforms=inputs[4], backend="torch")  # validates the inputs once
+        nbytes = B * (2 * k + 1) * V * inputs[0].element_size()
+        eager_ms = None
+        for name, fn in variants.items():
+            call = (lambda fn=fn: fn(*inputs)) if name == "torch.compile" else (lambda fn=fn: fn(*inputs[:4], None, inputs[4]))
+            try:
+                ms = time_fn(call, device, repeats)
+            except Exception as exc:  # noqa: BLE001 - a failing variant is reported, the others still run
+                rows.append({"B": B, "k": k, "V": V, "backend": name, "error": repr(exc)[:300]})
+                continue
+            eager_ms = ms if name == "torch" else eager_ms
+            row = {"B": B, "k": k, "V": V, "backend": name, "time_ms": ms, "bytes": nbytes,
+                   "bandwidth_gbs": nbytes / (ms * 1e-3) / 1e9}
+            if ceiling:
+                row["fraction_of_copy_bandwidth"] = row["bandwidth_gbs"] / ceiling
+            rows.append(row)
+        for row in rows:
+            if (row["B"], row["k"], row["V"]) == (B, k, V) and eager_ms and "time_ms" in row:
+                row["speedup_vs_torch_eager"] = eager_ms / row["time_ms"]
+
+    result = {"benchmark": "acceptance", "device": env["device_name"], "dtype": args.dtype,
+              "temperature": args.temperature, "environment": env, "copy_bandwidth_gbs": ceiling,
+              "timing": "median ms per call; validate=False; uniforms given", "results": rows}
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-") or device.type
+    out = args.output or RESULTS_DIR / f"acceptance_{slug}_{args.dtype}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"{'B':>4} {'k':>2} {'V':>7} {'backend':>14} {'ms':>9} {'GB/s':>8} {'x eager':>8}")
+    for r in rows:
+        if "time_ms" in r:
+            print(f"{r['B']:>4} {r['k']:>2} {r['V']:>7} {r['backend']:>14} {r['time_ms']:>9.4f} "
+                  f"{r['bandwidth_gbs']:>8.1f} {r.get('speedup_vs_torch_eager', float('nan')):>8.2f}")
+        else:
+            print(f"{r['B']:>4} {r['k']:>2} {r['V']:>7} {r['backend']:>14} ERROR {r['error']}")
+    if ceiling:
+        print(f"copy bandwidth (read+write): {ceiling:.0f} GB/s")
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

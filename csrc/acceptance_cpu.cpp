@@ -1,0 +1,385 @@
+// C++ CPU backend of the fused speculative-sampling ops. Semantics: tempspec_engine/reference.py.
+//
+// Every logit row [V] is cut into blocks of kBlock tokens (a block fits in L1).
+// - Stats pass (online softmax at block granularity): per block its max m_j and s_j = sum exp((l - m_j) / T); the
+//   row max is m = max_j m_j and the row's block partials of exp((l - m) / T) are s_j * exp((m_j - m) / T).
+// - Inverse-CDF draw: S = sum of the block partials, find the block where their running sum crosses u * S and rescan
+//   only that block. A draw from the target weights reuses the stats partials (no extra pass over V); the residual
+//   max(0, p - q) costs one pass over V that writes its block partials.
+// Rows run in parallel; with fewer rows than threads, the blocks of each row run in parallel instead.
+// All arithmetic is fp32 (logits read in their own dtype); running sums over blocks are kept in double.
+#include "acceptance.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace tempspec {
+namespace {
+
+constexpr int64_t kBlock = 2048;
+constexpr int kLanes = 16;  // independent accumulators, so that max/sum loops vectorize
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// exp(x) for x <= 0 (or -inf) in fp32, within about 1 ulp, with gradual underflow (exactly 0 below about -103.97).
+// Branch-free so that loops calling it vectorize: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-7 Taylor
+// polynomial, times 2^n applied in two halves so that subnormal results are rounded once.
+inline float exp_nonpos(float x) {
+  x = x < -104.0f ? -104.0f : x;
+  const float shift = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
+  const float n = (x * 1.44269504088896341f + shift) - shift;
+  float r = x - n * 0.693145751953125f;  // ln2 high part: n * hi is exact for |n| < 2^8
+  r = r - n * 1.42860682030941723212e-6f;  // ln2 low part
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t ni = static_cast<int32_t>(n);  // in [-150, 0]
+  const int32_t n1 = ni / 2;
+  const int32_t n2 = ni - n1;
+  const int32_t b1 = (n1 + 127) << 23;
+  const int32_t b2 = (n2 + 127) << 23;
+  float s1, s2;
+  std::memcpy(&s1, &b1, sizeof(float));
+  std::memcpy(&s2, &b2, sizeof(float));
+  return p * s1 * s2;
+}
+
+// The n logits at src as fp32: src itself for float, else converted into buf.
+template <typename scalar_t>
+inline const float* as_float(const scalar_t* src, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf;
+  }
+}
+
+inline float max_of(const float* l, int64_t n) {
+  float acc[kLanes];
+  for (int j = 0; j < kLanes; ++j) acc[j] = kNegInf;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] = l[i + j] > acc[j] ? l[i + j] : acc[j];
+  for (; i < n; ++i) acc[0] = l[i] > acc[0] ? l[i] : acc[0];
+  float m = acc[0];
+  for (int j = 1; j < kLanes; ++j) m = acc[j] > m ? acc[j] : m;
+  return m;
+}
+
+inline float sum_of(const float* w, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += w[i + j];
+  for (; i < n; ++i) acc[0] += w[i];
+  float s = 0.0f;
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
+// out[i] = exp((l[i] - m) / T); out may alias l.
+inline void exp_weights(const float* l, int64_t n, float m, float t, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = exp_nonpos((l[i] - m) / t);
+}
+
+inline int64_t num_blocks(int64_t V) { return (V + kBlock - 1) / kBlock; }
+inline int64_t block_len(int64_t j, int64_t V) { return std::min(kBlock, V - j * kBlock); }
+
+// Calls f(j) for every block j, in parallel over blocks when `parallel`.
+template <class F>
+void for_each_block(int64_t nblk, bool parallel, const F& f) {
+  if (parallel && nblk > 1) {
+    at::parallel_for(0, nblk, 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) f(j);
+    });
+  } else {
+    for (int64_t j = 0; j < nblk; ++j) f(j);
+  }
+}
+
+// Stats pass over one row [V]: blk_m[j] = max of block j; when blk_s is given (T > 0), also
+// blk_s[j] = sum exp((l - blk_m[j]) / T) over block j. Returns the row max.
+template <typename scalar_t>
+float row_stats(const scalar_t* row, int64_t V, float t, float* blk_m, float* blk_s, bool parallel) {
+  const int64_t nblk = num_blocks(V);
+  for_each_block(nblk, parallel, [&](int64_t j) {
+    float buf[kBlock];
+    const int64_t n = block_len(j, V);
+    const float* l = as_float(row + j * kBlock, n, buf);
+    const float m = max_of(l, n);
+    blk_m[j] = m;
+    if (blk_s != nullptr) {
+      if (m == kNegInf) {  // a fully masked block weighs nothing
+        blk_s[j] = 0.0f;
+      } else {
+        exp_weights(l, n, m, t, buf);
+        blk_s[j] = sum_of(buf, n);
+      }
+    }
+  });
+  float m = kNegInf;
+  for (int64_t j = 0; j < nblk; ++j) m = blk_m[j] > m ? blk_m[j] : m;
+  return m;
+}
+
+// First index of the row max m (torch.argmax), rescanning only the first block whose max is m.
+template <typename scalar_t>
+int64_t row_argmax(const scalar_t* row, int64_t V, const float* blk_m, float m) {
+  const int64_t nblk = num_blocks(V);
+  for (int64_t j = 0; j < nblk; ++j) {
+    if (blk_m[j] != m) continue;
+    float buf[kBlock];
+    const int64_t n = block_len(j, V);
+    const float* l = as_float(row + j * kBlock, n, buf);
+    for (int64_t i = 0; i < n; ++i)
+      if (l[i] == m) return j * kBlock + i;
+  }
+  return 0;  // only reached for NaN maxima, which the wrapper excludes
+}
+
+// part[j] = blk_s[j] * exp((blk_m[j] - m) / T): block j's sum of the row weights exp((l - m) / T). Returns the total.
+inline double rescale_partials(const float* blk_m, const float* blk_s, int64_t nblk, float m, float t, double* part) {
+  double total = 0.0;
+  for (int64_t j = 0; j < nblk; ++j) {
+    const float scale = blk_m[j] == kNegInf ? 0.0f : exp_nonpos((blk_m[j] - m) / t);
+    part[j] = static_cast<double>(blk_s[j]) * static_cast<double>(scale);
+    total += part[j];
+  }
+  return total;
+}
+
+// Inverse-CDF draw with the uniform u over a row [V] of non-negative weights known by block: part[j] is the sum of
+// block j's weights and fill(j, out) writes them. Returns the first token t with w_t > 0 and cumsum_t >= u * S
+// (S = sum of part), else the last token with w_t > 0; -1 when every weight is zero.
+template <class Fill>
+int64_t draw_blocked(const double* part, int64_t V, float u, const Fill& fill) {
+  const int64_t nblk = num_blocks(V);
+  double total = 0.0;
+  for (int64_t j = 0; j < nblk; ++j) total += part[j];
+  const float goal = u * static_cast<float>(total);
+  int64_t sel = -1, last = -1;
+  double prefix = 0.0, sel_prefix = 0.0, last_prefix = 0.0;
+  for (int64_t j = 0; j < nblk; ++j) {
+    if (!(part[j] > 0.0)) continue;
+    last = j;
+    last_prefix = prefix;
+    const double next = prefix + part[j];
+    if (static_cast<float>(next) >= goal) {
+      sel = j;
+      sel_prefix = prefix;
+      break;
+    }
+    prefix = next;
+  }
+  if (sel < 0) {  // rounding left the crossing past the end: the block holding the last positive weight
+    sel = last;
+    sel_prefix = last_prefix;
+  }
+  float w[kBlock];
+  if (sel >= 0) {
+    const int64_t n = block_len(sel, V);
+    fill(sel, w);
+    double cum = sel_prefix;
+    int64_t last_pos = -1;
+    for (int64_t i = 0; i < n; ++i) {
+      if (w[i] > 0.0f) {
+        last_pos = i;
+        cum += w[i];
+        if (static_cast<float>(cum) >= goal) return sel * kBlock + i;
+      }
+    }
+    if (last_pos >= 0) return sel * kBlock + last_pos;
+  }
+  // Not expected (the block sums always agree with the rescanned weights): the last positive weight of the row.
+  for (int64_t j = nblk - 1; j >= 0; --j) {
+    fill(j, w);
+    for (int64_t i = block_len(j, V) - 1; i >= 0; --i)
+      if (w[i] > 0.0f) return j * kBlock + i;
+  }
+  return -1;
+}
+
+// Scratch buffers of one row's work, sized by the number of blocks.
+struct Scratch {
+  std::vector<float> tm, ts, dm, ds;  // block max / block sum of the target and the draft row
+  std::vector<double> tpart, rpart;   // target-weight partials, residual (or draft-weight) partials
+  explicit Scratch(int64_t nblk) : tm(nblk), ts(nblk), dm(nblk), ds(nblk), tpart(nblk), rpart(nblk) {}
+};
+
+// Token for a target row: argmax when T == 0, else an inverse-CDF draw from exp((l - m) / T) with u.
+template <typename scalar_t>
+int64_t sample_row(const scalar_t* row, int64_t V, float t, float u, Scratch& sc, bool parallel) {
+  if (t == 0.0f) {
+    const float m = row_stats(row, V, t, sc.tm.data(), nullptr, parallel);
+    return row_argmax(row, V, sc.tm.data(), m);
+  }
+  const float m = row_stats(row, V, t, sc.tm.data(), sc.ts.data(), parallel);
+  rescale_partials(sc.tm.data(), sc.ts.data(), num_blocks(V), m, t, sc.tpart.data());
+  return draw_blocked(sc.tpart.data(), V, u, [&](int64_t j, float* w) {
+    const int64_t n = block_len(j, V);
+    exp_weights(as_float(row + j * kBlock, n, w), n, m, t, w);
+  });
+}
+
+// One batch row of the acceptance op. draft [k, V], target [k+1, V], tokens [k], uniforms [k+1];
+// writes out_tokens[0..n] (the caller filled -1) and returns the number n of accepted draft tokens.
+template <typename scalar_t>
+int64_t speculate_row(const scalar_t* draft, const scalar_t* target, const int64_t* draft_tokens, float t,
+                      const float* uniforms, int64_t k, int64_t V, int64_t* out_tokens, bool parallel) {
+  const int64_t nblk = num_blocks(V);
+  Scratch sc(nblk);
+  const float u_draw = uniforms[k];
+  for (int64_t i = 0; i < k; ++i) {
+    const scalar_t* lt = target + i * V;
+    const scalar_t* lq = draft + i * V;
+    const int64_t x = draft_tokens[i];
+    if (t == 0.0f) {
+      const float m = row_stats(lt, V, t, sc.tm.data(), nullptr, parallel);
+      const int64_t choice = row_argmax(lt, V, sc.tm.data(), m);
+      if (x != choice) {
+        out_tokens[i] = choice;
+        return i;
+      }
+    } else {
+      const float mp = row_stats(lt, V, t, sc.tm.data(), sc.ts.data(), parallel);
+      const float mq = row_stats(lq, V, t, sc.dm.data(), sc.ds.data(), parallel);
+      const float sp = static_cast<float>(rescale_partials(sc.tm.data(), sc.ts.data(), nblk, mp, t, sc.tpart.data()));
+      const float sq = static_cast<float>(rescale_partials(sc.dm.data(), sc.ds.data(), nblk, mq, t, sc.rpart.data()));
+      const float px = exp_nonpos((static_cast<float>(lt[x]) - mp) / t) / sp;
+      const float qx = exp_nonpos((static_cast<float>(lq[x]) - mq) / t) / sq;
+      if (!(px > 0.0f && uniforms[i] * qx <= px)) {
+        // Rejected: residual weights max(0, p - q), written block by block.
+        auto residual = [&](int64_t j, float* w) {
+          float qbuf[kBlock];
+          const int64_t n = block_len(j, V);
+          exp_weights(as_float(lt + j * kBlock, n, w), n, mp, t, w);
+          exp_weights(as_float(lq + j * kBlock, n, qbuf), n, mq, t, qbuf);
+          for (int64_t r = 0; r < n; ++r) {
+            const float d = w[r] / sp - qbuf[r] / sq;
+            w[r] = d > 0.0f ? d : 0.0f;
+          }
+        };
+        double* rpart = sc.rpart.data();
+        for_each_block(nblk, parallel, [&](int64_t j) {
+          float w[kBlock];
+          residual(j, w);
+          rpart[j] = sum_of(w, block_len(j, V));
+        });
+        int64_t drawn = draw_blocked(rpart, V, u_draw, residual);
+        if (drawn < 0) {  // the residual is all zero (p == q): draw from p
+          drawn = draw_blocked(sc.tpart.data(), V, u_draw, [&](int64_t j, float* w) {
+            const int64_t n = block_len(j, V);
+            exp_weights(as_float(lt + j * kBlock, n, w), n, mp, t, w);
+          });
+        }
+        out_tokens[i] = drawn;
+        return i;
+      }
+    }
+    out_tokens[i] = x;
+  }
+  out_tokens[k] = sample_row(target + k * V, V, t, u_draw, sc, parallel);  // all accepted: the bonus token
+  return k;
+}
+
+// Runs body(b, parallel_blocks) for every row: rows in parallel, or blocks in parallel when rows are few.
+template <class F>
+void for_each_row(int64_t B, const F& body) {
+  if (B >= at::get_num_threads()) {
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) body(b, false);
+    });
+  } else {
+    for (int64_t b = 0; b < B; ++b) body(b, true);
+  }
+}
+
+void check_logits(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.dim());
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, name,
+              " must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_aux(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> speculative_sample_cpu(const at::Tensor& draft_logits,
+                                                          const at::Tensor& target_logits,
+                                                          const at::Tensor& draft_tokens,
+                                                          const at::Tensor& temperature,
+                                                          const at::Tensor& uniforms) {
+  check_logits(draft_logits, "draft_logits", 3);
+  check_logits(target_logits, "target_logits", 3);
+  TORCH_CHECK(draft_logits.scalar_type() == target_logits.scalar_type(),
+              "draft_logits and target_logits must have the same dtype");
+  const int64_t B = draft_logits.size(0), k = draft_logits.size(1), V = draft_logits.size(2);
+  TORCH_CHECK(V > 0, "the vocabulary must not be empty");
+  TORCH_CHECK(target_logits.sizes() == at::IntArrayRef({B, k + 1, V}), "target_logits must have shape [",
+              B, ", ", k + 1, ", ", V, "], got ", target_logits.sizes());
+  check_aux(draft_tokens, "draft_tokens", at::kLong, {B, k});
+  check_aux(temperature, "temperature", at::kFloat, {B});
+  check_aux(uniforms, "uniforms", at::kFloat, {B, k + 1});
+  const int64_t* tok = draft_tokens.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * k; ++i)
+    TORCH_CHECK(tok[i] >= 0 && tok[i] < V, "draft_tokens must lie in [0, ", V, "), got ", tok[i]);
+
+  at::Tensor accepted = at::zeros({B}, draft_tokens.options());
+  at::Tensor tokens = at::full({B, k + 1}, -1, draft_tokens.options());
+  const float* temp = temperature.data_ptr<float>();
+  const float* uni = uniforms.data_ptr<float>();
+  int64_t* acc = accepted.data_ptr<int64_t>();
+  int64_t* out = tokens.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, draft_logits.scalar_type(), "speculative_sample_cpu", [&] {
+    const scalar_t* draft = draft_logits.data_ptr<scalar_t>();
+    const scalar_t* target = target_logits.data_ptr<scalar_t>();
+    for_each_row(B, [&](int64_t b, bool parallel) {
+      acc[b] = speculate_row(draft + b * k * V, target + b * (k + 1) * V, tok + b * k, temp[b], uni + b * (k + 1), k,
+                             V, out + b * (k + 1), parallel);
+    });
+  });
+  return {accepted, tokens};
+}
+
+at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& uniforms) {
+  check_logits(logits, "logits", 2);
+  const int64_t B = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(V > 0, "the vocabulary must not be empty");
+  check_aux(temperature, "temperature", at::kFloat, {B});
+  check_aux(uniforms, "uniforms", at::kFloat, {B});
+
+  at::Tensor out = at::empty({B}, logits.options().dtype(at::kLong));
+  const float* temp = temperature.data_ptr<float>();
+  const float* uni = uniforms.data_ptr<float>();
+  int64_t* o = out.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "sample_cpu", [&] {
+    const scalar_t* data = logits.data_ptr<scalar_t>();
+    for_each_row(B, [&](int64_t b, bool parallel) {
+      Scratch sc(num_blocks(V));
+      o[b] = sample_row(data + b * V, V, temp[b], uni[b], sc, parallel);
+    });
+  });
+  return out;
+}
+
+}  // namespace tempspec

@@ -1,0 +1,289 @@
+"""Triton backend of the fused speculative-sampling ops; semantics: tempspec_engine/reference.py.
+
+Two launches per call, all arithmetic in fp32, logits read in their own dtype:
+  phase 1 `_chunk_stats_kernel`, grid (B*(k+1), NUM_CHUNKS): for one (row b, position i) and one chunk of V, the
+      target row's max and sum exp((l - max) / T) (T > 0) or max and first-index argmax (T == 0), and for i < k the
+      draft row's max and sum. Partial stats go to an fp32 workspace [4, B*(k+1), NUM_CHUNKS] (target max, target
+      sum, draft max, draft sum) and an int32 workspace [B*(k+1), NUM_CHUNKS] (target argmax).
+  phase 2 `_accept_kernel`, grid (B,): combines the chunk stats, runs the acceptance test in position order (two
+      logits read per position), then draws the emitted token: the residual max(0, p - q) needs one pass over V for
+      its sum and a scan that stops at the crossing block; the bonus / all-zero-residual draw from the target weights
+      reuses the chunk sums to start its scan at the chunk holding the crossing.
+`sample_triton` is the same pair of kernels with k = 0 (HAS_DRAFT=False compiles the draft code out).
+The wrappers only assert contiguity and dtypes; tempspec_engine/ops.py validates.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 2048  # phase 1 elements per load
+SCAN_BLOCK = 2048  # phase 2 elements per load (residual sum and inverse-CDF scan)
+MIN_CHUNK = 4096  # phase 1 elements per program, clamped to [MIN_CHUNK, MAX_CHUNK]
+MAX_CHUNK = 16384
+PROGRAMS_PER_SM = 4  # phase 1 aims at this many programs per SM before clamping the chunk size
+_NO_INDEX = 2147483647
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------------------- phase 1
+@triton.jit
+def _max_sumexp(row_ptr, start, stop, T, BLOCK: tl.constexpr):
+    """Online max m and sum exp((l - m) / T) of row[start:stop]; fp32 scalars (m = -inf, s = 0 if all -inf)."""
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.full([], 0.0, tl.float32)
+    for off in range(start, stop, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        x = tl.load(row_ptr + offs, mask=offs < stop, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # keeps exp() away from -inf - -inf
+        s = s * tl.exp((m - m_ref) / T) + tl.sum(tl.exp((x - m_ref) / T), 0)
+        m = m_new
+    return m, s
+
+
+@triton.jit
+def _max_argmax(row_ptr, start, stop, BLOCK: tl.constexpr):
+    """Max and first index of the max of row[start:stop]; fp32 and int32 scalars."""
+    m = tl.full([], float("-inf"), tl.float32)
+    a = start
+    for off in range(start, stop, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        x = tl.load(row_ptr + offs, mask=offs < stop, other=float("-inf")).to(tl.float32)
+        block_max = tl.max(x, 0)
+        block_arg = off + tl.argmax(x, 0, tie_break_left=True)
+        a = tl.where(block_max > m, block_arg, a)  # strict: an earlier block keeps a tie
+        m = tl.maximum(m, block_max)
+    return m, a
+
+
+@triton.jit
+def _chunk_stats_kernel(tgt_ptr, dft_ptr, temp_ptr, wsf_ptr, wsa_ptr, K, V, CHUNK, NC, R,
+                        BLOCK: tl.constexpr, HAS_DRAFT: tl.constexpr):
+    """Partial stats of chunk program_id(1) of target row r = program_id(0) = b*(K+1)+i (and draft row b*K+i)."""
+    r = tl.program_id(0)
+    c = tl.program_id(1)
+    b = r // (K + 1)
+    i = r - b * (K + 1)
+    T = tl.load(temp_ptr + b)
+    start = c * CHUNK
+    stop = tl.minimum(start + CHUNK, V)
+    slot = r * NC + c
+    plane = R * NC
+    if T > 0:
+        m, s = _max_sumexp(tgt_ptr + r.to(tl.int64) * V, start, stop, T, BLOCK)
+        tl.store(wsf_ptr + slot, m)
+        tl.store(wsf_ptr + plane + slot, s)
+        if HAS_DRAFT:
+            if i < K:
+                md, sd = _max_sumexp(dft_ptr + (b * K + i).to(tl.int64) * V, start, stop, T, BLOCK)
+                tl.store(wsf_ptr + 2 * plane + slot, md)
+                tl.store(wsf_ptr + 3 * plane + slot, sd)
+    else:
+        m, a = _max_argmax(tgt_ptr + r.to(tl.int64) * V, start, stop, BLOCK)
+        tl.store(wsf_ptr + slot, m)
+        tl.store(wsa_ptr + slot, a)
+
+
+# ----------------------------------------------------------------------------------------------------------- phase 2
+@triton.jit
+def _combine_sumexp(m_ptr, s_ptr, NC, T, NC_P2: tl.constexpr):
+    """Global max m and the chunk sums rescaled to it ([NC_P2] fp32, 0 past NC); their sum is the row's sum."""
+    idx = tl.arange(0, NC_P2)
+    mc = tl.load(m_ptr + idx, mask=idx < NC, other=float("-inf"))
+    sc = tl.load(s_ptr + idx, mask=idx < NC, other=0.0)
+    m = tl.max(mc, 0)
+    return m, tl.where(mc > float("-inf"), sc * tl.exp((mc - m) / T), 0.0)
+
+
+@triton.jit
+def _combine_argmax(m_ptr, a_ptr, NC, NC_P2: tl.constexpr):
+    """First index of the row's max from the chunk maxima and argmaxes (int32 scalar)."""
+    idx = tl.arange(0, NC_P2)
+    mc = tl.load(m_ptr + idx, mask=idx < NC, other=float("-inf"))
+    ac = tl.load(a_ptr + idx, mask=idx < NC, other=_NO_INDEX)
+    return tl.min(tl.where(mc == tl.max(mc, 0), ac, _NO_INDEX), 0)
+
+
+@triton.jit
+def _weights(tgt_row, dft_row, offs, mask, mt, st, md, sd, T, RESIDUAL: tl.constexpr):
+    """Draw weights at offs: max(0, p - q) if RESIDUAL else exp((l_target - mt) / T); 0 where masked."""
+    w = tl.exp((tl.load(tgt_row + offs, mask=mask, other=float("-inf")).to(tl.float32) - mt) / T)
+    if RESIDUAL:
+        wq = tl.exp((tl.load(dft_row + offs, mask=mask, other=float("-inf")).to(tl.float32) - md) / T)
+        w = tl.maximum(w / st - wq / sd, 0.0)
+    return w
+
+
+@triton.jit
+def _residual_total(tgt_row, dft_row, V, mt, st, md, sd, T, BLOCK: tl.constexpr):
+    """Sum of the residual max(0, p - q) over the row, accumulated block by block exactly as `_scan` does."""
+    total = tl.full([], 0.0, tl.float32)
+    for off in range(0, V, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        total = total + tl.sum(_weights(tgt_row, dft_row, offs, offs < V, mt, st, md, sd, T, True), 0)
+    return total
+
+
+@triton.jit
+def _scan(tgt_row, dft_row, start, carry, thr, V, mt, st, md, sd, T, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
+    """Inverse-CDF scan from `start` (cumsum before it = carry): first t with w_t > 0 and cumsum_t >= thr, else the
+    last t >= start with w_t > 0. Stops after the block holding the crossing. Returns an int32 scalar."""
+    found = tl.full([], -1, tl.int32)
+    last = tl.full([], -1, tl.int32)
+    off = start
+    while (off < V) & (found < 0):
+        offs = off + tl.arange(0, BLOCK)
+        w = _weights(tgt_row, dft_row, offs, offs < V, mt, st, md, sd, T, RESIDUAL)
+        positive = w > 0
+        cdf = carry + tl.cumsum(w, 0)
+        first = tl.min(tl.where(positive & (cdf >= thr), offs, _NO_INDEX), 0)
+        found = tl.where(first < _NO_INDEX, first, -1)
+        last = tl.maximum(last, tl.max(tl.where(positive, offs, -1), 0))
+        carry = carry + tl.sum(w, 0)
+        off = off + BLOCK
+    return tl.where(found >= 0, found, last)
+
+
+@triton.jit
+def _scan_target(tgt_row, wt, u, V, CHUNK, mt, T, NC_P2: tl.constexpr, BLOCK: tl.constexpr):
+    """Inverse-CDF draw from the target weights exp((l - mt) / T) with the rescaled chunk sums wt [NC_P2]: the scan
+    starts at the first chunk whose inclusive prefix reaches u * sum (the last positive chunk if rounding finds none)."""
+    idx = tl.arange(0, NC_P2)
+    thr = u * tl.sum(wt, 0)
+    positive = wt > 0
+    c = tl.min(tl.where(positive & (tl.cumsum(wt, 0) >= thr), idx, NC_P2), 0)
+    c = tl.where(c < NC_P2, c, tl.max(tl.where(positive, idx, -1), 0))
+    carry = tl.sum(tl.where(idx < c, wt, 0.0), 0)
+    return _scan(tgt_row, tgt_row, c * CHUNK, carry, thr, V, mt, 1.0, mt, 1.0, T, BLOCK, False)
+
+
+@triton.jit
+def _accept_kernel(tgt_ptr, dft_ptr, dtok_ptr, temp_ptr, unif_ptr, wsf_ptr, wsa_ptr, acc_ptr, tok_ptr,
+                   K, V, CHUNK, NC, R,
+                   NC_P2: tl.constexpr, K1_P2: tl.constexpr, BLOCK: tl.constexpr, HAS_DRAFT: tl.constexpr):
+    """Row b = program_id(0): acceptance in position order, then the emitted token; writes accepted[b], tokens[b]."""
+    b = tl.program_id(0)
+    T = tl.load(temp_ptr + b)
+    plane = R * NC
+    row0 = b * (K + 1)
+    n = tl.full([], 0, tl.int32)  # accepted so far
+    rejected = tl.full([], 0, tl.int32)
+    if HAS_DRAFT:
+        while (n < K) & (rejected == 0):
+            r = row0 + n
+            x = tl.load(dtok_ptr + b * K + n)
+            if T > 0:
+                mt, wt = _combine_sumexp(wsf_ptr + r * NC, wsf_ptr + plane + r * NC, NC, T, NC_P2)
+                md, wd = _combine_sumexp(wsf_ptr + 2 * plane + r * NC, wsf_ptr + 3 * plane + r * NC, NC, T, NC_P2)
+                lt = tl.load(tgt_ptr + r.to(tl.int64) * V + x).to(tl.float32)
+                ld = tl.load(dft_ptr + (b * K + n).to(tl.int64) * V + x).to(tl.float32)
+                px = tl.exp((lt - mt) / T) / tl.sum(wt, 0)
+                qx = tl.exp((ld - md) / T) / tl.sum(wd, 0)
+                ok = (px > 0) & (tl.load(unif_ptr + r) * qx <= px)
+            else:
+                ok = x == _combine_argmax(wsf_ptr + r * NC, wsa_ptr + r * NC, NC, NC_P2).to(tl.int64)
+            n = n + ok.to(tl.int32)
+            rejected = 1 - ok.to(tl.int32)
+
+    # The emitted token comes from position n: the first rejected one, or the bonus position K.
+    r = row0 + n
+    tgt_row = tgt_ptr + r.to(tl.int64) * V
+    if T > 0:
+        u = tl.load(unif_ptr + row0 + K)
+        mt, wt = _combine_sumexp(wsf_ptr + r * NC, wsf_ptr + plane + r * NC, NC, T, NC_P2)
+        token = tl.full([], -1, tl.int32)
+        if HAS_DRAFT:
+            if rejected != 0:
+                dft_row = dft_ptr + (b * K + n).to(tl.int64) * V
+                md, wd = _combine_sumexp(wsf_ptr + 2 * plane + r * NC, wsf_ptr + 3 * plane + r * NC, NC, T, NC_P2)
+                st = tl.sum(wt, 0)
+                sd = tl.sum(wd, 0)
+                total = _residual_total(tgt_row, dft_row, V, mt, st, md, sd, T, BLOCK)
+                if total > 0:
+                    token = _scan(tgt_row, dft_row, 0, 0.0, u * total, V, mt, st, md, sd, T, BLOCK, True)
+        if token < 0:  # bonus token, or a rejection whose residual is all zero: draw from the target weights
+            token = _scan_target(tgt_row, wt, u, V, CHUNK, mt, T, NC_P2, BLOCK)
+    else:
+        token = _combine_argmax(wsf_ptr + r * NC, wsa_ptr + r * NC, NC, NC_P2)
+
+    offs = tl.arange(0, K1_P2)
+    if HAS_DRAFT:
+        out = tl.load(dtok_ptr + b * K + offs, mask=offs < n, other=-1)
+    else:
+        out = tl.full([K1_P2], -1, tl.int64)
+    out = tl.where(offs == n, token.to(tl.int64), out)
+    tl.store(tok_ptr + row0 + offs, out, mask=offs <= K)
+    tl.store(acc_ptr + b, n.to(tl.int64))
+
+
+# ----------------------------------------------------------------------------------------------------------- wrappers
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter on CPU tensors: keep the grid tiny
+
+
+def _chunk_size(rows: int, V: int, device: torch.device, block: int) -> int:
+    """Chunk of V per phase-1 program: about PROGRAMS_PER_SM programs per SM, clamped to [MIN_CHUNK, MAX_CHUNK]."""
+    chunks_per_row = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), rows)
+    chunk = triton.next_power_of_2(triton.cdiv(V, chunks_per_row))
+    return max(block, min(MAX_CHUNK, max(MIN_CHUNK, chunk)))
+
+
+def _launch(target, draft, draft_tokens, temperature, uniforms, B, K, V, block, chunk, scan_block):
+    """Allocates outputs and workspace, launches both phases. target [B*(K+1), V] rows; returns (accepted, tokens)."""
+    assert block & (block - 1) == 0 and scan_block & (scan_block - 1) == 0, "block sizes must be powers of two"
+    device = target.device
+    R = B * (K + 1)
+    chunk = chunk or _chunk_size(R, V, device, block)
+    NC = triton.cdiv(V, chunk)
+    wsf = torch.empty((4, R, NC), dtype=torch.float32, device=device)
+    wsa = torch.empty((R, NC), dtype=torch.int32, device=device)
+    accepted = torch.empty(B, dtype=torch.int64, device=device)
+    tokens = torch.empty((B, K + 1), dtype=torch.int64, device=device)
+    has_draft = K > 0
+    _chunk_stats_kernel[(R, NC)](
+        target, draft, temperature, wsf, wsa, K, V, chunk, NC, R,
+        BLOCK=block, HAS_DRAFT=has_draft, num_warps=8 if block >= 2048 else 4,
+    )
+    _accept_kernel[(B,)](
+        target, draft, draft_tokens, temperature, uniforms, wsf, wsa, accepted, tokens, K, V, chunk, NC, R,
+        NC_P2=triton.next_power_of_2(NC), K1_P2=triton.next_power_of_2(K + 1), BLOCK=scan_block,
+        HAS_DRAFT=has_draft, num_warps=8 if scan_block >= 2048 else 4,
+    )
+    return accepted, tokens
+
+
+def _check_common(logits, temperature, uniforms):
+    assert logits.is_contiguous() and logits.dtype in _FLOATS
+    assert temperature.is_contiguous() and temperature.dtype == torch.float32
+    assert uniforms.is_contiguous() and uniforms.dtype == torch.float32
+
+
+def speculative_sample_triton(draft_logits, target_logits, draft_tokens, temperature, uniforms, *,
+                              block=BLOCK, chunk=None, scan_block=SCAN_BLOCK):
+    """draft_logits [B,k,V], target_logits [B,k+1,V] (f32|bf16|f16, contiguous), draft_tokens [B,k] int64,
+    temperature [B] f32, uniforms [B,k+1] f32 -> (accepted [B] int64, tokens [B,k+1] int64, -1 after the emitted one).
+    block / chunk / scan_block: phase-1 load size, phase-1 elements per program (None: from the SM count), phase-2
+    load size; powers of two (tests shrink them)."""
+    _check_common(target_logits, temperature, uniforms)
+    assert draft_logits.is_contiguous() and draft_logits.dtype == target_logits.dtype
+    assert draft_tokens.is_contiguous() and draft_tokens.dtype == torch.int64
+    B, K, V = draft_logits.shape
+    if K == 0:
+        return _launch(target_logits, None, None, temperature, uniforms, B, 0, V, block, chunk, scan_block)
+    return _launch(target_logits, draft_logits, draft_tokens, temperature, uniforms, B, K, V, block, chunk,
+                   scan_block)
+
+
+def sample_triton(logits, temperature, uniforms, *, block=BLOCK, chunk=None, scan_block=SCAN_BLOCK):
+    """logits [B,V] f32|bf16|f16 contiguous, temperature [B] f32 (0: argmax), uniforms [B] f32 -> tokens [B] int64."""
+    _check_common(logits, temperature, uniforms)
+    B, V = logits.shape
+    _, tokens = _launch(logits, None, None, temperature, uniforms, B, 0, V, block, chunk, scan_block)
+    return tokens.view(B)

@@ -1,0 +1,1 @@
+"""Model code: the Llama-family transformer, loaders and derived drafts."""

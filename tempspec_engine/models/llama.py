@@ -1,0 +1,180 @@
+"""A small Llama-family decoder (gpt-fast style) that reads and writes a preallocated KVCache.
+
+RMSNorm, rotary embeddings (rotate-half convention, as Hugging Face stores the weights), grouped-query attention
+through scaled_dot_product_attention with an explicit mask built from per-row positions, SwiGLU MLP, optional
+tied embeddings. Weights load from a Hugging Face Llama/Mistral/Qwen2 state dict.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tempspec_engine.kv_cache import KVCache
+from tempspec_engine.models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2] fp32, with "linear" or "llama3" scaling applied."""
+    d = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    sc = config.rope_scaling
+    if sc is None:
+        return inv.float()
+    kind = sc.get("rope_type", sc.get("type"))
+    factor = float(sc["factor"])
+    if kind == "linear":
+        return (inv / factor).float()
+    # llama3: long wavelengths divided by factor, short ones kept, smooth blend in between.
+    low, high = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
+    old_len = float(sc.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv
+    smooth = (old_len / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+    mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled).float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
+
+    def forward(self, x, cos, sin, positions, mask, cache: KVCache, layer: int, kv_len: int):
+        """x [B,T,dim]; cos/sin [B,1,T,D]; positions [B,T]; mask [B,1,T,kv_len] bool. Returns [B,T,dim]."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        cache.write(layer, k, v, positions)
+        keys, values = cache.k[layer][:, :, :kv_len], cache.v[layer][:, :, :kv_len]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                             enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.dim, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.dim, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.dim, c.rms_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.dim, c.rms_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, positions, mask, cache, layer, kv_len):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, cache, layer, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Llama-family decoder. Module names follow Hugging Face (`model.` prefix dropped) so state dicts load as is.
+
+    `vocab_limit` (derived drafts): only the first vocab_limit rows of the output head are computed; the other
+    logits are -inf, so the draft never proposes those tokens (still lossless: the acceptance rule corrects it).
+    """
+
+    def __init__(self, config: ModelConfig, *, embed_tokens: Optional[nn.Embedding] = None,
+                 layers: Optional[Sequence[Block]] = None, norm: Optional[RMSNorm] = None,
+                 lm_head: Optional[nn.Linear] = None, vocab_limit: Optional[int] = None):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = embed_tokens or nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(layers if layers is not None else [Block(config) for _ in range(config.n_layers)])
+        self.norm = norm or RMSNorm(config.dim, config.rms_eps)
+        if lm_head is None and not config.tie_embeddings:
+            lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = lm_head
+        self.vocab_limit = vocab_limit
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def output_weight(self) -> torch.Tensor:
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return w if self.vocab_limit is None else w[: self.vocab_limit]
+
+    def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
+        p = self.embed_tokens.weight
+        c = self.config
+        return KVCache(self.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, dtype or p.dtype, device or p.device)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                kv_len: Optional[int] = None, logits_index: Optional[torch.Tensor] = None,
+                compute_logits: bool = True) -> Optional[torch.Tensor]:
+        """tokens, positions: [B, T] int64 (row b's token t sits at positions[b, t]; keys at positions <= it are
+        visible). Writes the T keys per layer into `cache` (lengths untouched: the caller owns them) and attends
+        over cache positions [0, kv_len) (default: the whole cache). logits_index [B] picks one position per row.
+        Returns logits [B, T or 1, V] in the model dtype, or None when compute_logits is False.
+        """
+        kv_len = cache.max_len if kv_len is None else kv_len
+        x = self.embed_tokens(tokens)
+        freqs = positions.unsqueeze(-1).float() * self.inv_freq  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [B, 1, T, D]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        keys = torch.arange(kv_len, device=tokens.device)
+        mask = (keys.view(1, 1, 1, -1) <= positions.view(positions.shape[0], 1, -1, 1))
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, positions, mask, cache, i, kv_len)
+        if not compute_logits:
+            return None
+        if logits_index is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_index].unsqueeze(1)
+        logits = F.linear(self.norm(x), self.output_weight())
+        if self.vocab_limit is not None and self.vocab_limit < self.config.vocab_size:
+            logits = F.pad(logits, (0, self.config.vocab_size - self.vocab_limit), value=float("-inf"))
+        return logits
+
+    def load_hf_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Loads a Hugging Face causal-LM state dict (keys `model.layers.0...`, `lm_head.weight`)."""
+        own = {}
+        for key, value in state.items():
+            if key.startswith("model."):
+                key = key[len("model."):]
+            if "rotary_emb" in key:
+                continue
+            if key == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: the embedding is the head
+            own[key] = value
+        missing, unexpected = self.load_state_dict(own, strict=False)
+        missing = [m for m in missing if m != "inv_freq"]
+        if strict and (missing or unexpected):
+            raise ValueError(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
