@@ -1,13 +1,14 @@
 // C++ CPU backend of the fused speculative-sampling ops. Semantics: tempspec_engine/reference.py.
 //
 // Every logit row [V] is cut into blocks of kBlock tokens (a block fits in L1).
-// - Stats pass (online softmax at block granularity): per block its max m_j and s_j = sum exp((l - m_j) / T); the
-//   row max is m = max_j m_j and the row's block partials of exp((l - m) / T) are s_j * exp((m_j - m) / T).
-// - Inverse-CDF draw: S = sum of the block partials, find the block where their running sum crosses u * S and rescan
-//   only that block. A draw from the target weights reuses the stats partials (no extra pass over V); the residual
-//   max(0, p - q) costs one pass over V that writes its block partials.
+// - Temperature softmax in two passes: per-block maxima give the row max m; then one pass writes per block the sum
+//   part_j of the weights exp((l - m) / T). (A one-pass online softmax would rescale block sums by exp((m_j - m) / T),
+//   whose rounding differs from the reference's by several ulps; the second pass is as cheap: the max pass does no exp.)
+// - Inverse-CDF draw: S = sum_j part_j, find the block where the running sum of part_j crosses u * S and rescan only
+//   that block. A draw from the target weights reuses the softmax pass's block sums; the residual max(0, p - q) costs
+//   one pass over V that writes its own block sums.
 // Rows run in parallel; with fewer rows than threads, the blocks of each row run in parallel instead.
-// All arithmetic is fp32 (logits read in their own dtype); running sums over blocks are kept in double.
+// Arithmetic is fp32 as in the reference (logits read in their own dtype); sums of weights are accumulated in double.
 #include "acceptance.h"
 
 #include <ATen/Dispatch.h>
@@ -27,14 +28,39 @@ constexpr int64_t kBlock = 2048;
 constexpr int kLanes = 16;  // independent accumulators, so that max/sum loops vectorize
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// The n logits at src as fp32: src itself for float, else converted into buf.
+template <typename scalar_t>
+const float* as_float(const scalar_t* src, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf;
+  }
+}
+
+// Leaf loops over one block. GCC keeps floating-point selects out of vectorized loops under -ftrapping-math (its
+// default); nobody observes FP exception flags here, so these few functions are compiled without it, and without
+// contracting a * b + c into FMAs, so that every clone rounds exactly as the scalar code. On x86-64 Linux they are
+// also cloned for AVX2 and AVX-512 (picked at load time; the build itself targets the baseline ISA).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math", "fp-contract=off")
+#endif
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define TEMPSPEC_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define TEMPSPEC_SIMD_CLONES
+#endif
+
 // exp(x) for x <= 0 (or -inf) in fp32, within about 1 ulp, with gradual underflow (exactly 0 below about -103.97).
 // Branch-free so that loops calling it vectorize: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-7 Taylor
 // polynomial, times 2^n applied in two halves so that subnormal results are rounded once.
-inline float exp_nonpos(float x) {
+float exp_nonpos(float x) {
   x = x < -104.0f ? -104.0f : x;
   const float shift = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
   const float n = (x * 1.44269504088896341f + shift) - shift;
-  float r = x - n * 0.693145751953125f;  // ln2 high part: n * hi is exact for |n| < 2^8
+  float r = x - n * 0.693145751953125f;    // ln2 high part (15 bits): n * hi is exact
   r = r - n * 1.42860682030941723212e-6f;  // ln2 low part
   float p = 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
@@ -46,27 +72,15 @@ inline float exp_nonpos(float x) {
   p = p * r + 1.0f;
   const int32_t ni = static_cast<int32_t>(n);  // in [-150, 0]
   const int32_t n1 = ni / 2;
-  const int32_t n2 = ni - n1;
   const int32_t b1 = (n1 + 127) << 23;
-  const int32_t b2 = (n2 + 127) << 23;
+  const int32_t b2 = (ni - n1 + 127) << 23;
   float s1, s2;
   std::memcpy(&s1, &b1, sizeof(float));
   std::memcpy(&s2, &b2, sizeof(float));
   return p * s1 * s2;
 }
 
-// The n logits at src as fp32: src itself for float, else converted into buf.
-template <typename scalar_t>
-inline const float* as_float(const scalar_t* src, int64_t n, float* buf) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return src;
-  } else {
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
-    return buf;
-  }
-}
-
-inline float max_of(const float* l, int64_t n) {
+TEMPSPEC_SIMD_CLONES float max_of(const float* l, int64_t n) {
   float acc[kLanes];
   for (int j = 0; j < kLanes; ++j) acc[j] = kNegInf;
   int64_t i = 0;
@@ -78,21 +92,33 @@ inline float max_of(const float* l, int64_t n) {
   return m;
 }
 
-inline float sum_of(const float* w, int64_t n) {
-  float acc[kLanes] = {};
+TEMPSPEC_SIMD_CLONES double sum_of(const float* w, int64_t n) {
+  double acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] += w[i + j];
-  for (; i < n; ++i) acc[0] += w[i];
-  float s = 0.0f;
+    for (int j = 0; j < kLanes; ++j) acc[j] += static_cast<double>(w[i + j]);
+  for (; i < n; ++i) acc[0] += static_cast<double>(w[i]);
+  double s = 0.0;
   for (int j = 0; j < kLanes; ++j) s += acc[j];
   return s;
 }
 
 // out[i] = exp((l[i] - m) / T); out may alias l.
-inline void exp_weights(const float* l, int64_t n, float m, float t, float* out) {
+TEMPSPEC_SIMD_CLONES void exp_weights(const float* l, int64_t n, float m, float t, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = exp_nonpos((l[i] - m) / t);
 }
+
+// Residual weights in place: wp[i] = max(0, wp[i] / sp - wq[i] / sq), from target and draft weights.
+TEMPSPEC_SIMD_CLONES void residual_weights(float* wp, const float* wq, int64_t n, float sp, float sq) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float d = wp[i] / sp - wq[i] / sq;
+    wp[i] = d > 0.0f ? d : 0.0f;
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 inline int64_t num_blocks(int64_t V) { return (V + kBlock - 1) / kBlock; }
 inline int64_t block_len(int64_t j, int64_t V) { return std::min(kBlock, V - j * kBlock); }
@@ -109,29 +135,40 @@ void for_each_block(int64_t nblk, bool parallel, const F& f) {
   }
 }
 
-// Stats pass over one row [V]: blk_m[j] = max of block j; when blk_s is given (T > 0), also
-// blk_s[j] = sum exp((l - blk_m[j]) / T) over block j. Returns the row max.
+// Max pass over one row [V]: blk_m[j] = max of block j. Returns the row max.
 template <typename scalar_t>
-float row_stats(const scalar_t* row, int64_t V, float t, float* blk_m, float* blk_s, bool parallel) {
+float row_max(const scalar_t* row, int64_t V, float* blk_m, bool parallel) {
   const int64_t nblk = num_blocks(V);
   for_each_block(nblk, parallel, [&](int64_t j) {
     float buf[kBlock];
     const int64_t n = block_len(j, V);
-    const float* l = as_float(row + j * kBlock, n, buf);
-    const float m = max_of(l, n);
-    blk_m[j] = m;
-    if (blk_s != nullptr) {
-      if (m == kNegInf) {  // a fully masked block weighs nothing
-        blk_s[j] = 0.0f;
-      } else {
-        exp_weights(l, n, m, t, buf);
-        blk_s[j] = sum_of(buf, n);
-      }
-    }
+    blk_m[j] = max_of(as_float(row + j * kBlock, n, buf), n);
   });
   float m = kNegInf;
   for (int64_t j = 0; j < nblk; ++j) m = blk_m[j] > m ? blk_m[j] : m;
   return m;
+}
+
+// Writes block j's softmax weights exp((l - m) / T) of the row [V] into w.
+template <typename scalar_t>
+void fill_weights(const scalar_t* row, int64_t V, float m, float t, int64_t j, float* w) {
+  const int64_t n = block_len(j, V);
+  exp_weights(as_float(row + j * kBlock, n, w), n, m, t, w);
+}
+
+// Softmax pass over one row [V] with its max m: part[j] = sum of block j's weights exp((l - m) / T).
+// Returns the row sum s (fp32, as the reference's weights.sum()).
+template <typename scalar_t>
+float row_weights(const scalar_t* row, int64_t V, float m, float t, double* part, bool parallel) {
+  const int64_t nblk = num_blocks(V);
+  for_each_block(nblk, parallel, [&](int64_t j) {
+    float w[kBlock];
+    fill_weights(row, V, m, t, j, w);
+    part[j] = sum_of(w, block_len(j, V));
+  });
+  double total = 0.0;
+  for (int64_t j = 0; j < nblk; ++j) total += part[j];
+  return static_cast<float>(total);
 }
 
 // First index of the row max m (torch.argmax), rescanning only the first block whose max is m.
@@ -149,88 +186,56 @@ int64_t row_argmax(const scalar_t* row, int64_t V, const float* blk_m, float m) 
   return 0;  // only reached for NaN maxima, which the wrapper excludes
 }
 
-// part[j] = blk_s[j] * exp((blk_m[j] - m) / T): block j's sum of the row weights exp((l - m) / T). Returns the total.
-inline double rescale_partials(const float* blk_m, const float* blk_s, int64_t nblk, float m, float t, double* part) {
-  double total = 0.0;
-  for (int64_t j = 0; j < nblk; ++j) {
-    const float scale = blk_m[j] == kNegInf ? 0.0f : exp_nonpos((blk_m[j] - m) / t);
-    part[j] = static_cast<double>(blk_s[j]) * static_cast<double>(scale);
-    total += part[j];
-  }
-  return total;
-}
-
-// Inverse-CDF draw with the uniform u over a row [V] of non-negative weights known by block: part[j] is the sum of
-// block j's weights and fill(j, out) writes them. Returns the first token t with w_t > 0 and cumsum_t >= u * S
-// (S = sum of part), else the last token with w_t > 0; -1 when every weight is zero.
+// Inverse-CDF draw with the uniform u over a row [V] of non-negative weights known by block: part[j] is the (double)
+// sum of block j's weights and fill(j, out) writes them. Returns the first token t with w_t > 0 and
+// cumsum_t >= u * S (S = sum of part), else the last token with w_t > 0; -1 when every weight is zero.
 template <class Fill>
 int64_t draw_blocked(const double* part, int64_t V, float u, const Fill& fill) {
   const int64_t nblk = num_blocks(V);
   double total = 0.0;
   for (int64_t j = 0; j < nblk; ++j) total += part[j];
+  if (!(total > 0.0)) return -1;
   const float goal = u * static_cast<float>(total);
-  int64_t sel = -1, last = -1;
-  double prefix = 0.0, sel_prefix = 0.0, last_prefix = 0.0;
+  // The block where the running sum crosses goal, else (rounding) the last block of positive weight.
+  int64_t sel = -1;
+  double prefix = 0.0, sel_prefix = 0.0;
   for (int64_t j = 0; j < nblk; ++j) {
     if (!(part[j] > 0.0)) continue;
-    last = j;
-    last_prefix = prefix;
-    const double next = prefix + part[j];
-    if (static_cast<float>(next) >= goal) {
-      sel = j;
-      sel_prefix = prefix;
-      break;
-    }
-    prefix = next;
+    sel = j;
+    sel_prefix = prefix;
+    prefix += part[j];
+    if (static_cast<float>(prefix) >= goal) break;
   }
-  if (sel < 0) {  // rounding left the crossing past the end: the block holding the last positive weight
-    sel = last;
-    sel_prefix = last_prefix;
-  }
+  // part[sel] > 0: the block holds a positive weight.
   float w[kBlock];
-  if (sel >= 0) {
-    const int64_t n = block_len(sel, V);
-    fill(sel, w);
-    double cum = sel_prefix;
-    int64_t last_pos = -1;
-    for (int64_t i = 0; i < n; ++i) {
-      if (w[i] > 0.0f) {
-        last_pos = i;
-        cum += w[i];
-        if (static_cast<float>(cum) >= goal) return sel * kBlock + i;
-      }
+  fill(sel, w);
+  double cum = sel_prefix;
+  int64_t last = -1;
+  for (int64_t i = 0; i < block_len(sel, V); ++i) {
+    if (w[i] > 0.0f) {
+      last = i;
+      cum += w[i];
+      if (static_cast<float>(cum) >= goal) break;
     }
-    if (last_pos >= 0) return sel * kBlock + last_pos;
   }
-  // Not expected (the block sums always agree with the rescanned weights): the last positive weight of the row.
-  for (int64_t j = nblk - 1; j >= 0; --j) {
-    fill(j, w);
-    for (int64_t i = block_len(j, V) - 1; i >= 0; --i)
-      if (w[i] > 0.0f) return j * kBlock + i;
-  }
-  return -1;
+  return sel * kBlock + last;
 }
 
 // Scratch buffers of one row's work, sized by the number of blocks.
 struct Scratch {
-  std::vector<float> tm, ts, dm, ds;  // block max / block sum of the target and the draft row
-  std::vector<double> tpart, rpart;   // target-weight partials, residual (or draft-weight) partials
-  explicit Scratch(int64_t nblk) : tm(nblk), ts(nblk), dm(nblk), ds(nblk), tpart(nblk), rpart(nblk) {}
+  std::vector<float> blk_m;          // block maxima of the row at hand
+  std::vector<double> tpart, rpart;  // block sums of the target weights; of the draft weights, then the residual
+  explicit Scratch(int64_t nblk) : blk_m(nblk), tpart(nblk), rpart(nblk) {}
 };
 
 // Token for a target row: argmax when T == 0, else an inverse-CDF draw from exp((l - m) / T) with u.
 template <typename scalar_t>
 int64_t sample_row(const scalar_t* row, int64_t V, float t, float u, Scratch& sc, bool parallel) {
-  if (t == 0.0f) {
-    const float m = row_stats(row, V, t, sc.tm.data(), nullptr, parallel);
-    return row_argmax(row, V, sc.tm.data(), m);
-  }
-  const float m = row_stats(row, V, t, sc.tm.data(), sc.ts.data(), parallel);
-  rescale_partials(sc.tm.data(), sc.ts.data(), num_blocks(V), m, t, sc.tpart.data());
-  return draw_blocked(sc.tpart.data(), V, u, [&](int64_t j, float* w) {
-    const int64_t n = block_len(j, V);
-    exp_weights(as_float(row + j * kBlock, n, w), n, m, t, w);
-  });
+  const float m = row_max(row, V, sc.blk_m.data(), parallel);
+  if (t == 0.0f) return row_argmax(row, V, sc.blk_m.data(), m);
+  row_weights(row, V, m, t, sc.tpart.data(), parallel);
+  return draw_blocked(sc.tpart.data(), V, u,
+                      [&](int64_t j, float* w) { fill_weights(row, V, m, t, j, w); });
 }
 
 // One batch row of the acceptance op. draft [k, V], target [k+1, V], tokens [k], uniforms [k+1];
@@ -246,30 +251,26 @@ int64_t speculate_row(const scalar_t* draft, const scalar_t* target, const int64
     const scalar_t* lq = draft + i * V;
     const int64_t x = draft_tokens[i];
     if (t == 0.0f) {
-      const float m = row_stats(lt, V, t, sc.tm.data(), nullptr, parallel);
-      const int64_t choice = row_argmax(lt, V, sc.tm.data(), m);
+      const float m = row_max(lt, V, sc.blk_m.data(), parallel);
+      const int64_t choice = row_argmax(lt, V, sc.blk_m.data(), m);
       if (x != choice) {
         out_tokens[i] = choice;
         return i;
       }
     } else {
-      const float mp = row_stats(lt, V, t, sc.tm.data(), sc.ts.data(), parallel);
-      const float mq = row_stats(lq, V, t, sc.dm.data(), sc.ds.data(), parallel);
-      const float sp = static_cast<float>(rescale_partials(sc.tm.data(), sc.ts.data(), nblk, mp, t, sc.tpart.data()));
-      const float sq = static_cast<float>(rescale_partials(sc.dm.data(), sc.ds.data(), nblk, mq, t, sc.rpart.data()));
+      const float mp = row_max(lt, V, sc.blk_m.data(), parallel);
+      const float mq = row_max(lq, V, sc.blk_m.data(), parallel);
+      const float sp = row_weights(lt, V, mp, t, sc.tpart.data(), parallel);
+      const float sq = row_weights(lq, V, mq, t, sc.rpart.data(), parallel);
       const float px = exp_nonpos((static_cast<float>(lt[x]) - mp) / t) / sp;
       const float qx = exp_nonpos((static_cast<float>(lq[x]) - mq) / t) / sq;
       if (!(px > 0.0f && uniforms[i] * qx <= px)) {
-        // Rejected: residual weights max(0, p - q), written block by block.
+        // Rejected: draw from the residual weights max(0, p - q), or from p when they are all zero (p == q).
         auto residual = [&](int64_t j, float* w) {
-          float qbuf[kBlock];
-          const int64_t n = block_len(j, V);
-          exp_weights(as_float(lt + j * kBlock, n, w), n, mp, t, w);
-          exp_weights(as_float(lq + j * kBlock, n, qbuf), n, mq, t, qbuf);
-          for (int64_t r = 0; r < n; ++r) {
-            const float d = w[r] / sp - qbuf[r] / sq;
-            w[r] = d > 0.0f ? d : 0.0f;
-          }
+          float wq[kBlock];
+          fill_weights(lt, V, mp, t, j, w);
+          fill_weights(lq, V, mq, t, j, wq);
+          residual_weights(w, wq, block_len(j, V), sp, sq);
         };
         double* rpart = sc.rpart.data();
         for_each_block(nblk, parallel, [&](int64_t j) {
@@ -278,12 +279,9 @@ int64_t speculate_row(const scalar_t* draft, const scalar_t* target, const int64
           rpart[j] = sum_of(w, block_len(j, V));
         });
         int64_t drawn = draw_blocked(rpart, V, u_draw, residual);
-        if (drawn < 0) {  // the residual is all zero (p == q): draw from p
-          drawn = draw_blocked(sc.tpart.data(), V, u_draw, [&](int64_t j, float* w) {
-            const int64_t n = block_len(j, V);
-            exp_weights(as_float(lt + j * kBlock, n, w), n, mp, t, w);
-          });
-        }
+        if (drawn < 0)
+          drawn = draw_blocked(sc.tpart.data(), V, u_draw,
+                               [&](int64_t j, float* w) { fill_weights(lt, V, mp, t, j, w); });
         out_tokens[i] = drawn;
         return i;
       }
@@ -305,6 +303,12 @@ void for_each_row(int64_t B, const F& body) {
     for (int64_t b = 0; b < B; ++b) body(b, true);
   }
 }
+
+// Dispatch over the logit dtypes: float32, bfloat16, float16.
+#define TEMPSPEC_DISPATCH_LOGIT_TYPES(TYPE, NAME, ...)                               \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)             \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)      \
+                                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 void check_logits(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
@@ -350,7 +354,7 @@ std::tuple<at::Tensor, at::Tensor> speculative_sample_cpu(const at::Tensor& draf
   const float* uni = uniforms.data_ptr<float>();
   int64_t* acc = accepted.data_ptr<int64_t>();
   int64_t* out = tokens.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, draft_logits.scalar_type(), "speculative_sample_cpu", [&] {
+  TEMPSPEC_DISPATCH_LOGIT_TYPES(draft_logits.scalar_type(), "speculative_sample_cpu", [&] {
     const scalar_t* draft = draft_logits.data_ptr<scalar_t>();
     const scalar_t* target = target_logits.data_ptr<scalar_t>();
     for_each_row(B, [&](int64_t b, bool parallel) {
@@ -372,7 +376,7 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, c
   const float* temp = temperature.data_ptr<float>();
   const float* uni = uniforms.data_ptr<float>();
   int64_t* o = out.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "sample_cpu", [&] {
+  TEMPSPEC_DISPATCH_LOGIT_TYPES(logits.scalar_type(), "sample_cpu", [&] {
     const scalar_t* data = logits.data_ptr<scalar_t>();
     for_each_row(B, [&](int64_t b, bool parallel) {
       Scratch sc(num_blocks(V));

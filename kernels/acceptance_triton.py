@@ -25,39 +25,40 @@ SCAN_BLOCK = 2048  # phase 2 elements per load (residual sum and inverse-CDF sca
 MIN_CHUNK = 4096  # phase 1 elements per program, clamped to [MIN_CHUNK, MAX_CHUNK]
 MAX_CHUNK = 16384
 PROGRAMS_PER_SM = 4  # phase 1 aims at this many programs per SM before clamping the chunk size
-_NO_INDEX = 2147483647
+_NO_INDEX = tl.constexpr(2147483647)  # "no index" sentinel in int32 min-reductions
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ----------------------------------------------------------------------------------------------------------- phase 1
 @triton.jit
 def _max_sumexp(row_ptr, start, stop, T, BLOCK: tl.constexpr):
-    """Online max m and sum exp((l - m) / T) of row[start:stop]; fp32 scalars (m = -inf, s = 0 if all -inf)."""
+    """Online max m and sum exp((l - m) / T) of row[start:stop]; fp32 scalars (m = -inf, s = 0 if all -inf).
+    One block reduction (the max) per load; the sums stay per lane until the end."""
     m = tl.full([], float("-inf"), tl.float32)
-    s = tl.full([], 0.0, tl.float32)
+    s = tl.zeros([BLOCK], tl.float32)
     for off in range(start, stop, BLOCK):
         offs = off + tl.arange(0, BLOCK)
         x = tl.load(row_ptr + offs, mask=offs < stop, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, 0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # keeps exp() away from -inf - -inf
-        s = s * tl.exp((m - m_ref) / T) + tl.sum(tl.exp((x - m_ref) / T), 0)
+        s = s * tl.exp((m - m_ref) / T) + tl.exp((x - m_ref) / T)
         m = m_new
-    return m, s
+    return m, tl.sum(s, 0)
 
 
 @triton.jit
 def _max_argmax(row_ptr, start, stop, BLOCK: tl.constexpr):
-    """Max and first index of the max of row[start:stop]; fp32 and int32 scalars."""
-    m = tl.full([], float("-inf"), tl.float32)
-    a = start
+    """Max and first index of the max of row[start:stop]; fp32 and int32 scalars. Per-lane running max and first
+    index (strict >), reduced once at the end."""
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    a = tl.zeros([BLOCK], tl.int32) + start
     for off in range(start, stop, BLOCK):
         offs = off + tl.arange(0, BLOCK)
         x = tl.load(row_ptr + offs, mask=offs < stop, other=float("-inf")).to(tl.float32)
-        block_max = tl.max(x, 0)
-        block_arg = off + tl.argmax(x, 0, tie_break_left=True)
-        a = tl.where(block_max > m, block_arg, a)  # strict: an earlier block keeps a tie
-        m = tl.maximum(m, block_max)
-    return m, a
+        a = tl.where(x > m, offs, a)
+        m = tl.maximum(m, x)
+    m_all = tl.max(m, 0)
+    return m_all, tl.min(tl.where(m == m_all, a, _NO_INDEX), 0)
 
 
 @triton.jit
@@ -120,32 +121,45 @@ def _weights(tgt_row, dft_row, offs, mask, mt, st, md, sd, T, RESIDUAL: tl.const
 
 @triton.jit
 def _residual_total(tgt_row, dft_row, V, mt, st, md, sd, T, BLOCK: tl.constexpr):
-    """Sum of the residual max(0, p - q) over the row, accumulated block by block exactly as `_scan` does."""
-    total = tl.full([], 0.0, tl.float32)
+    """Sum of the residual max(0, p - q) over the row (fp32 scalar), per-lane sums reduced at the end."""
+    total = tl.zeros([BLOCK], tl.float32)
     for off in range(0, V, BLOCK):
         offs = off + tl.arange(0, BLOCK)
-        total = total + tl.sum(_weights(tgt_row, dft_row, offs, offs < V, mt, st, md, sd, T, True), 0)
-    return total
+        total += _weights(tgt_row, dft_row, offs, offs < V, mt, st, md, sd, T, True)
+    return tl.sum(total, 0)
+
+
+@triton.jit
+def _last_positive(tgt_row, dft_row, stop, mt, st, md, sd, T, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
+    """Last t < stop with w_t > 0, scanning blocks backwards from stop (-1 if none); the rare rounding fallback."""
+    last = tl.full([], -1, tl.int32)
+    off = stop - 1 - (stop - 1) % BLOCK
+    while (off >= 0) & (last < 0):
+        offs = off + tl.arange(0, BLOCK)
+        w = _weights(tgt_row, dft_row, offs, offs < stop, mt, st, md, sd, T, RESIDUAL)
+        last = tl.max(tl.where(w > 0, offs, -1), 0)
+        off = off - BLOCK
+    return last
 
 
 @triton.jit
 def _scan(tgt_row, dft_row, start, carry, thr, V, mt, st, md, sd, T, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
-    """Inverse-CDF scan from `start` (cumsum before it = carry): first t with w_t > 0 and cumsum_t >= thr, else the
-    last t >= start with w_t > 0. Stops after the block holding the crossing. Returns an int32 scalar."""
+    """Inverse-CDF scan from `start` (cumsum before it = carry): first t >= start with w_t > 0 and cumsum_t >= thr,
+    else the last t with w_t > 0. Stops after the block holding the crossing. Returns an int32 scalar."""
     found = tl.full([], -1, tl.int32)
-    last = tl.full([], -1, tl.int32)
-    off = start
+    off = start + tl.zeros([], tl.int32)  # start / carry may be literals: make them loop-carried scalars
+    carry = carry + tl.zeros([], tl.float32)
     while (off < V) & (found < 0):
         offs = off + tl.arange(0, BLOCK)
         w = _weights(tgt_row, dft_row, offs, offs < V, mt, st, md, sd, T, RESIDUAL)
-        positive = w > 0
         cdf = carry + tl.cumsum(w, 0)
-        first = tl.min(tl.where(positive & (cdf >= thr), offs, _NO_INDEX), 0)
+        first = tl.min(tl.where((w > 0) & (cdf >= thr), offs, _NO_INDEX), 0)
         found = tl.where(first < _NO_INDEX, first, -1)
-        last = tl.maximum(last, tl.max(tl.where(positive, offs, -1), 0))
         carry = carry + tl.sum(w, 0)
         off = off + BLOCK
-    return tl.where(found >= 0, found, last)
+    if found < 0:
+        found = _last_positive(tgt_row, dft_row, V, mt, st, md, sd, T, BLOCK, RESIDUAL)
+    return found
 
 
 @triton.jit

@@ -48,12 +48,8 @@ def make_case(B, k, V, *, relation="random", scale=2.0, seed=0, dtype=torch.floa
 def draft_sample(draft, temperature, generator):
     """Tokens [B, k] drawn from softmax(draft / T) per row (argmax where T == 0), with torch.multinomial."""
     B, k, V = draft.shape
-    out = torch.empty(B, k, dtype=torch.int64)
-    for b in range(B):
-        t = float(temperature[b])
-        if t == 0:
-            out[b] = draft[b].float().argmax(-1)
-        else:
-            probs = torch.softmax(draft[b].float() / t, dim=-1)
-            out[b] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return out
+    greedy = temperature == 0
+    safe_t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
+    probs = torch.softmax(draft.float() / safe_t[:, None, None], dim=-1).reshape(B * k, V)
+    drawn = torch.multinomial(probs, 1, generator=generator).reshape(B, k)
+    return torch.where(greedy[:, None], draft.float().argmax(-1), drawn)

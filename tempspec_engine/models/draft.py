@@ -1,0 +1,85 @@
+"""Drafts that need no training: a subset of the target's layers (sharing its weights), or a random small model.
+
+Draft specs (CLI `--draft` and SpeculativeEngine(draft=...)):
+  "layers:0,14,29"             the target's layers 0, 14 and 29 with its embeddings, final norm and head
+  "layers:0-3,29"              ranges are inclusive
+  "layers:0,14,29/vocab:8192"  the head restricted to the first 8192 token ids (BPE ids are roughly in frequency
+                               order, so this keeps the common tokens and cuts the head's cost; still lossless)
+  "random" / "random:2"        a randomly initialized 2-layer model with the target's vocabulary (tests only)
+  anything else                a Hugging Face model path or hub name (checked for the same tokenizer)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import torch
+
+from tempspec_engine.models.config import ModelConfig
+from tempspec_engine.models.llama import Transformer
+from tempspec_engine.models.loading import LoadedModel, check_tokenizers, load_hf
+
+DEFAULT_DRAFT = "layers:0,1,2,29/vocab:8192"
+
+
+def layer_subset_draft(target: Transformer, layer_ids: Sequence[int], vocab_limit: Optional[int] = None) -> Transformer:
+    """A Transformer whose blocks are the target's blocks `layer_ids` (same objects: no memory, no training)."""
+    n = target.n_layers
+    ids = list(layer_ids)
+    if not ids or any(i < 0 or i >= n for i in ids):
+        raise ValueError(f"layer ids {ids} must be a non-empty subset of 0..{n - 1}")
+    config = dataclasses.replace(target.config, n_layers=len(ids))
+    draft = Transformer(config, embed_tokens=target.embed_tokens, layers=[target.layers[i] for i in ids],
+                        norm=target.norm, lm_head=target.lm_head, vocab_limit=vocab_limit)
+    return draft.eval()
+
+
+def random_draft(target_config: ModelConfig, n_layers: int = 1, seed: int = 0, device=None, dtype=None) -> Transformer:
+    """A randomly initialized small Llama with the target's vocabulary (for tests: low acceptance, still lossless)."""
+    dim = 64
+    config = ModelConfig(vocab_size=target_config.vocab_size, dim=dim, n_layers=n_layers, n_heads=4, n_kv_heads=2,
+                         head_dim=16, intermediate_size=128, tie_embeddings=True,
+                         max_position=target_config.max_position)
+    gen = torch.Generator().manual_seed(seed)
+    model = Transformer(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _parse_layers(text: str) -> list:
+    ids = []
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part:
+            lo, hi = part.split("-")
+            ids.extend(range(int(lo), int(hi) + 1))
+        elif part:
+            ids.append(int(part))
+    return ids
+
+
+def make_draft(spec, target: LoadedModel, device, dtype) -> LoadedModel:
+    """Builds a draft from a spec string (see module docstring), a LoadedModel or a Transformer."""
+    if isinstance(spec, LoadedModel):
+        check_tokenizers(target, spec)
+        return spec
+    if isinstance(spec, torch.nn.Module):
+        return LoadedModel(spec, target.tokenizer, target.eos_ids, "custom draft")
+    spec = DEFAULT_DRAFT if spec in (None, "default") else str(spec)
+    if spec.startswith("layers:"):
+        if not isinstance(target.model, Transformer):
+            raise ValueError("layer-subset drafts need a Llama-family target")
+        body, _, vocab = spec[len("layers:"):].partition("/vocab:")
+        limit = int(vocab) if vocab else None
+        model = layer_subset_draft(target.model, _parse_layers(body), limit)
+        return LoadedModel(model, target.tokenizer, target.eos_ids, spec)
+    if spec == "random" or spec.startswith("random:"):
+        n_layers = int(spec.split(":")[1]) if ":" in spec else 1
+        model = random_draft(target.model.config, n_layers, device=device, dtype=dtype)
+        return LoadedModel(model, target.tokenizer, target.eos_ids, spec)
+    draft = load_hf(spec, device, dtype)
+    check_tokenizers(target, draft)
+    return draft

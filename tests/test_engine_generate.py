@@ -1,0 +1,188 @@
+"""The engine's loop: greedy SD equals greedy target-only decoding, sampled SD is lossless, bad input is refused."""
+import dataclasses
+
+import pytest
+import torch
+from scipy import stats
+
+from engine_fixtures import tiny_llama_hf, tiny_target, word_tokenizer
+from tempspec_engine.engine import SpeculativeEngine
+from tempspec_engine.models.loading import LoadedModel, TokenizerMismatchError, from_hf_model
+
+PROMPTS = [[1, 2, 3], [5], [7, 8, 9, 10, 11, 12, 13, 14, 15], [4, 4]]  # different lengths, one of a single token
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target(vocab=128, layers=4, seed=0)
+
+
+@pytest.mark.parametrize("draft", ["layers:0,3", "random"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_greedy_sd_equals_greedy_target(target, draft, batch):
+    engine = SpeculativeEngine(target, draft, device="cpu", dtype=torch.float32, k="auto", max_len=128)
+    base = engine.generate(PROMPTS, 0.0, 40, speculative=False, batch_size=batch)
+    spec = engine.generate(PROMPTS, 0.0, 40, batch_size=batch)
+    fixed = SpeculativeEngine(target, draft, device="cpu", dtype=torch.float32, k=3, max_len=128)
+    spec_fixed = fixed.generate(PROMPTS, 0.0, [40, 7, 40, 25], batch_size=batch)
+    for b, s, f in zip(base, spec, spec_fixed):
+        assert s.token_ids == b.token_ids
+        assert f.token_ids == b.token_ids[: len(f.token_ids)]
+        assert len(s.token_ids) == 40 and s.finish_reason == "length"
+        assert s.stats.steps <= 40 and s.stats.accepted + s.stats.rejections > 0
+    assert [len(f.token_ids) for f in spec_fixed] == [40, 7, 40, 25]
+
+
+def test_greedy_target_only_equals_hugging_face(target):
+    engine = SpeculativeEngine(target, "none", device="cpu", dtype=torch.float32, max_len=64)
+    out = engine.generate([PROMPTS[2]], 0.0, 20)[0]
+    hf = target.hf_model.generate(torch.tensor([PROMPTS[2]]), max_new_tokens=20, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)
+    assert out.token_ids == hf[0, len(PROMPTS[2]):].tolist()
+
+
+def test_more_requests_than_slots_and_eos(target):
+    """Finished rows free their slot for queued requests; EOS ends a request (and is included in its ids)."""
+    ref = SpeculativeEngine(target, "none", device="cpu", dtype=torch.float32, max_len=128).generate(
+        PROMPTS, 0.0, 30, batch_size=4)
+    eos = ref[2].token_ids[11]
+    with_eos = dataclasses.replace(target, eos_ids=(eos,))
+    engine = SpeculativeEngine(with_eos, "layers:0,3", device="cpu", dtype=torch.float32, k=2, max_len=128)
+    out = engine.generate(PROMPTS * 2, 0.0, 30, batch_size=3)
+    for o, r in zip(out, ref + ref):
+        ids = r.token_ids
+        cut = ids.index(eos) + 1 if eos in ids else len(ids)
+        assert o.token_ids == ids[:cut]
+        assert o.finish_reason == ("eos" if eos in ids else "length")
+
+
+def _exact_first_two(model, prompt, temperature):
+    """Exact target probabilities of the first two generated tokens: [V, V] fp64."""
+    V = model.config.vocab_size
+    with torch.no_grad():
+        seqs = torch.tensor([prompt + [x] for x in range(V)])
+        n = len(prompt) + 1
+        cache = model.new_cache(V, n)
+        logits = model(seqs, torch.arange(n).expand(V, n), cache).double()
+    p1 = torch.softmax(logits[0, n - 2] / temperature, -1)
+    p2 = torch.softmax(logits[:, n - 1] / temperature, -1)
+    return p1.unsqueeze(1) * p2
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+@pytest.mark.parametrize("draft", ["random", "layers:0"])
+def test_sampled_sd_is_lossless(temperature, draft):
+    """Chi-square goodness of fit of the first two SD tokens against the target's exact joint distribution.
+
+    Fixed seed, 4000 samples, bins with expected count < 5 merged; fails below p = 1e-3. A wrong acceptance rule
+    (e.g. always accepting, or drafting at another temperature) gives p < 1e-10 here.
+    """
+    V = 16
+    target = tiny_target(vocab=V, layers=2, seed=5, scale=3.0)
+    prompt = [3, 1, 4]
+    engine = SpeculativeEngine(target, draft, device="cpu", dtype=torch.float32, k=3, max_len=16,
+                               max_batch_size=2000)
+    n = 4000
+    out = engine.generate([prompt] * n, temperature, 2, seed=1234)
+    counts = torch.zeros(V * V, dtype=torch.float64)
+    for o in out:
+        counts[o.token_ids[0] * V + o.token_ids[1]] += 1
+    expected = _exact_first_two(target.model, prompt, temperature).flatten() * n
+    order = torch.argsort(expected)
+    small = expected[order] < 5
+    obs = torch.cat([counts[order][~small], counts[order][small].sum().view(1)])
+    exp = torch.cat([expected[order][~small], expected[order][small].sum().view(1)])
+    p_value = stats.chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue
+    assert p_value > 1e-3, p_value
+    assert sum(o.stats.accepted for o in out) > 0  # the draft was used
+
+
+def test_mixed_temperatures_in_one_batch(target):
+    engine = SpeculativeEngine(target, "layers:0,3", device="cpu", dtype=torch.float32, max_len=128)
+    base = engine.generate(PROMPTS, 0.0, 25, speculative=False)
+    out = engine.generate(PROMPTS, [0.0, 1.0, 0.0, 0.7], 25, seed=0)
+    assert out[0].token_ids == base[0].token_ids and out[2].token_ids == base[2].token_ids
+    assert all(len(o.token_ids) == 25 for o in out)
+
+
+def test_stats_and_streaming(target):
+    engine = SpeculativeEngine(target, "layers:0,3", device="cpu", dtype=torch.float32, k=3, max_len=128)
+    streamed = {}
+    out = engine.generate(PROMPTS[:2], 0.0, 20, on_tokens=lambda i, t: streamed.setdefault(i, []).extend(t))
+    for i, o in enumerate(out):
+        s = o.stats
+        assert streamed[i] == o.token_ids
+        assert s.new_tokens == 20 and s.steps * 4 >= 20 and 0.0 <= s.alpha <= 1.0
+        assert s.tokens_per_step == pytest.approx(20 / s.steps)
+        assert s.draft_time_s > 0 and s.target_time_s > 0 and s.tokens_per_s > 0
+        assert set(s.as_dict()) >= {"alpha", "mean_accepted", "draft_time_s", "target_time_s", "tokens_per_s"}
+
+
+def test_text_prompts_stop_strings_and_chat_template():
+    words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(62)]
+    tok = word_tokenizer(words)
+    tok.chat_template = "{% for m in messages %}w5 {{ m['content'] }} w6 {% endfor %}"
+    target = from_hf_model(tiny_llama_hf(vocab=64, layers=2, scale=4.0), tok, eos_ids=(1,))
+    engine = SpeculativeEngine(target, "layers:0", device="cpu", dtype=torch.float32, k=2, max_len=64)
+    full = engine.generate(["w3 w4"], 0.0, 12)[0]
+    assert full.text == tok.decode(full.token_ids, skip_special_tokens=True)
+    stop = full.text.split()[3]
+    cut = engine.generate(["w3 w4"], 0.0, 12, stop=[stop])[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
+    chat = engine.generate(["w3 w4"], 0.0, 4, chat_template=True)[0]
+    assert chat.prompt_ids == tok.encode("w5 w3 w4 w6")
+
+
+def test_bad_input_is_refused(target):
+    engine = SpeculativeEngine(target, "layers:0", device="cpu", dtype=torch.float32, k=4, max_len=32)
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([], 0.0, 4)
+    with pytest.raises(ValueError, match="KV-cache capacity"):
+        engine.generate([[1, 2]], 0.0, 30)
+    with pytest.raises(ValueError, match="temperature"):
+        engine.generate([[1, 2]], -0.5, 4)
+    with pytest.raises(ValueError, match="temperature"):
+        engine.generate([[1, 2]], float("nan"), 4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.generate([[1, 2]], 0.0, 0)
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([[]], 0.0, 4)
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.generate([[1, 500]], 0.0, 4)
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.generate(["text without a tokenizer"], 0.0, 4)
+    with pytest.raises(ValueError, match="k must be"):
+        SpeculativeEngine(target, "layers:0", device="cpu", dtype=torch.float32, k=0)
+
+
+def test_tokenizer_mismatch_is_refused():
+    words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(62)]
+    target = from_hf_model(tiny_llama_hf(vocab=64, layers=2), word_tokenizer(words), eos_ids=(1,))
+    shuffled = words[:2] + words[:1:-1]
+    draft = from_hf_model(tiny_llama_hf(vocab=64, layers=1, seed=3), word_tokenizer(shuffled), eos_ids=(1,))
+    with pytest.raises(TokenizerMismatchError, match="do not share a tokenizer"):
+        SpeculativeEngine(target, draft, device="cpu", dtype=torch.float32)
+    # A draft whose vocabulary is a prefix of the target's is accepted, its logits padded with -inf.
+    small = from_hf_model(tiny_llama_hf(vocab=40, layers=1, seed=3), word_tokenizer(words[:40]), eos_ids=(1,))
+    engine = SpeculativeEngine(target, small, device="cpu", dtype=torch.float32, k=2, max_len=64)
+    base = engine.generate([[2, 3, 4]], 0.0, 15, speculative=False)[0]
+    assert engine.generate([[2, 3, 4]], 0.0, 15)[0].token_ids == base.token_ids
+
+
+def test_other_architecture_through_hf_cache():
+    """A non-Llama pair (GPT-2) runs through the Hugging Face cache at batch size 1, losslessly."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=64, n_positions=64, n_embd=32, n_head=2)
+    target = from_hf_model(GPT2LMHeadModel(GPT2Config(n_layer=2, **cfg)).eval(), None, eos_ids=())
+    draft = from_hf_model(GPT2LMHeadModel(GPT2Config(n_layer=1, **cfg)).eval(), None, eos_ids=())
+    engine = SpeculativeEngine(target, LoadedModel(draft.model, None, (), "gpt2-draft"), device="cpu",
+                               dtype=torch.float32, k=3, max_len=64)
+    prompts = [[1, 2, 3], [9]]
+    base = engine.generate(prompts, 0.0, 20, speculative=False)
+    spec = engine.generate(prompts, 0.0, 20)
+    assert [s.token_ids for s in spec] == [b.token_ids for b in base]
+    hf = target.hf_model.generate(torch.tensor([prompts[0]]), max_new_tokens=20, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)
+    assert base[0].token_ids == hf[0, 3:].tolist()

@@ -1,0 +1,120 @@
+"""The Llama-family transformer and its KV cache: logits equal Hugging Face's, rollback is exact."""
+import dataclasses
+
+import pytest
+import torch
+
+from engine_fixtures import tiny_llama_hf
+from tempspec_engine.models.config import ModelConfig
+from tempspec_engine.models.draft import layer_subset_draft, make_draft
+from tempspec_engine.models.llama import Transformer
+from tempspec_engine.models.loading import from_hf_model
+
+
+def _ours(hf):
+    model = Transformer(ModelConfig.from_hf(hf.config))
+    model.load_hf_state_dict(hf.state_dict())
+    return model.eval()
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"tie_word_embeddings": False},
+    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32}},
+    {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+], ids=["tied", "untied", "llama3-rope", "linear-rope"])
+@torch.no_grad()
+def test_logits_match_hf_llama(overrides):
+    hf = tiny_llama_hf(vocab=96, layers=2, seed=1, **overrides)
+    model = _ours(hf)
+    ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref = hf(ids).logits
+    cache = model.new_cache(2, 64)
+    pos = torch.arange(24).expand(2, 24)
+    first = model(ids[:, :10], pos[:, :10], cache)  # prefill, then two chunks reading the cache
+    second = model(ids[:, 10:11], pos[:, 10:11], cache)
+    third = model(ids[:, 11:], pos[:, 11:], cache, kv_len=30)
+    torch.testing.assert_close(torch.cat([first, second, third], 1), ref, atol=2e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_logits_match_hf_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    hf = Qwen2ForCausalLM(Qwen2Config(vocab_size=80, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = _ours(hf)
+    ids = torch.randint(0, 80, (1, 12))
+    cache = model.new_cache(1, 16)
+    torch.testing.assert_close(model(ids, torch.arange(12).unsqueeze(0), cache), hf(ids).logits,
+                               atol=2e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_rollback_equals_fresh_forward():
+    """Rows verify k+1 tokens, keep different numbers of them (length moves back, no copies), continue; the
+    valid cache prefix then equals a fresh forward over the committed tokens, and so do the logits."""
+    model = _ours(tiny_llama_hf(vocab=64, layers=3, seed=2))
+    g = torch.Generator().manual_seed(3)
+    B, k = 3, 4
+    prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (5, 9, 2)]
+    cache = model.new_cache(B, 48)
+    committed = [list(p) for p in prompts]
+    T = max(len(p) for p in prompts)
+    tokens = torch.tensor([p + [0] * (T - len(p)) for p in prompts])
+    model(tokens, torch.arange(T).expand(B, T), cache, compute_logits=False)
+    cache.rollback(torch.tensor([len(p) for p in prompts]))
+    for step, keep in enumerate([[0, 4, 2], [3, 1, 0], [2, 2, 4]]):
+        drafts = torch.randint(0, 64, (B, k + 1), generator=g)
+        start = cache.lengths.clone()
+        model(drafts, start.unsqueeze(1) + torch.arange(k + 1), cache, kv_len=int(start.max()) + k + 1)
+        cache.rollback(start + torch.tensor(keep))
+        for b in range(B):
+            committed[b] += drafts[b, : keep[b]].tolist()
+    for b in range(B):
+        n = len(committed[b])
+        assert int(cache.lengths[b]) == n
+        fresh = model.new_cache(1, 48)
+        logits = model(torch.tensor([committed[b]]), torch.arange(n).unsqueeze(0), fresh)
+        for layer in range(model.n_layers):
+            torch.testing.assert_close(cache.k[layer][b, :, :n], fresh.k[layer][0, :, :n], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(cache.v[layer][b, :, :n], fresh.v[layer][0, :, :n], atol=1e-5, rtol=1e-5)
+        # The next token read through the rolled-back cache sees exactly the committed prefix.
+        probe = torch.tensor([[7]])
+        row = cache.rows(b, b + 1)
+        got = model(probe, torch.tensor([[n]]), row)
+        want = model(probe, torch.tensor([[n]]), fresh)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_compact_moves_rows():
+    model = _ours(tiny_llama_hf(vocab=32, layers=1))
+    cache = model.new_cache(3, 8)
+    cache.k[0].copy_(torch.arange(3.0).view(3, 1, 1, 1).expand_as(cache.k[0]))
+    cache.lengths.copy_(torch.tensor([5, 6, 7]))
+    cache.compact(torch.tensor([2]))
+    assert float(cache.k[0][0, 0, 0, 0]) == 2.0 and int(cache.lengths[0]) == 7
+
+
+def test_layer_subset_draft_shares_weights():
+    target = from_hf_model(tiny_llama_hf(vocab=64, layers=4), None, eos_ids=())
+    draft = make_draft("layers:0,2-3/vocab:40", target, "cpu", torch.float32).model
+    assert draft.n_layers == 3
+    assert draft.layers[1] is target.model.layers[2] and draft.embed_tokens is target.model.embed_tokens
+    cache = draft.new_cache(1, 8)
+    logits = draft(torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), cache)
+    assert logits.shape == (1, 2, 64) and torch.isneginf(logits[..., 40:]).all()
+    assert torch.isfinite(logits[..., :40]).all()
+    with pytest.raises(ValueError, match="subset"):
+        layer_subset_draft(target.model, [0, 9])
+
+
+def test_config_refuses_other_architectures():
+    from transformers import GPT2Config
+
+    with pytest.raises(ValueError, match="Llama family"):
+        ModelConfig.from_hf(GPT2Config())
+    cfg = ModelConfig.from_hf(tiny_llama_hf(vocab=32, layers=1).config)
+    assert dataclasses.replace(cfg, n_layers=2).n_layers == 2
