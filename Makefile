@@ -33,6 +33,8 @@ cuda-check:
 	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH)" numpy ninja setuptools wheel
 	rm -rf build/cuda-check
+	# the pip CUDA headers complete a toolkit that lacks some (e.g. cusparse.h, which torch's CUDA headers include)
+	CPATH=$$($(CUDA_VENV)/bin/python -c "import glob, site; print(':'.join(glob.glob(site.getsitepackages()[0] + '/nvidia/cu*/include')))") \
 	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST="8.0;9.0" TEMPSPEC_REQUIRE_EXT=1 \
 		$(CUDA_VENV)/bin/python setup.py -q build_ext --build-lib build/cuda-check/lib --build-temp build/cuda-check/tmp
 	$(CUDA_VENV)/bin/python -c "import glob; so = glob.glob('build/cuda-check/lib/tempspec_engine/_C*.so'); assert so, 'no extension built'; print('CUDA extension compiled:', so[0])"

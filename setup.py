@@ -21,7 +21,7 @@ def _extension_build():
         return [], {}
 
     sources = ["csrc/bindings.cpp", "csrc/acceptance_cpu.cpp"]
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]  # the C++ standard is the one torch's cpp_extension chooses for its own headers
     with_cuda = (
         os.environ.get("TEMPSPEC_NO_CUDA", "0") != "1"
         and cpp_extension.CUDA_HOME is not None
@@ -33,7 +33,7 @@ def _extension_build():
             "tempspec_engine._C",
             sources + ["csrc/acceptance_cuda.cu"],
             define_macros=[("TEMPSPEC_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
         )
     else:
         ext = cpp_extension.CppExtension("tempspec_engine._C", sources, extra_compile_args={"cxx": cxx_flags})

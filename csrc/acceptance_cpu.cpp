@@ -28,17 +28,6 @@ constexpr int64_t kBlock = 2048;
 constexpr int kLanes = 16;  // independent accumulators, so that max/sum loops vectorize
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// The n logits at src as fp32: src itself for float, else converted into buf.
-template <typename scalar_t>
-const float* as_float(const scalar_t* src, int64_t n, float* buf) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return src;
-  } else {
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
-    return buf;
-  }
-}
-
 // Leaf loops over one block. GCC keeps floating-point selects out of vectorized loops under -ftrapping-math (its
 // default); nobody observes FP exception flags here, so these few functions are compiled without it, and without
 // contracting a * b + c into FMAs, so that every clone rounds exactly as the scalar code. On x86-64 Linux they are
@@ -116,9 +105,40 @@ TEMPSPEC_SIMD_CLONES void residual_weights(float* wp, const float* wq, int64_t n
   }
 }
 
+// bfloat16 / float16 -> float32 of n values, exact (as c10's conversions), in integer arithmetic that vectorizes.
+TEMPSPEC_SIMD_CLONES void widen(const c10::BFloat16* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(src[i].x) << 16;
+    std::memcpy(dst + i, &bits, sizeof(float));
+  }
+}
+
+TEMPSPEC_SIMD_CLONES void widen(const c10::Half* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t h = src[i].x;
+    const uint32_t e = (h >> 10) & 0x1fu;
+    const uint32_t mant = h & 0x3ffu;
+    const float sub = static_cast<float>(static_cast<int32_t>(mant)) * 5.9604644775390625e-8f;  // zero, subnormal
+    uint32_t sub_bits;
+    std::memcpy(&sub_bits, &sub, sizeof(float));
+    const uint32_t normal = ((e + 112u) << 23) | (mant << 13);  // rebias the exponent: 127 - 15
+    const uint32_t special = 0x7f800000u | (mant << 13);       // inf, nan
+    const uint32_t bits = ((h & 0x8000u) << 16) | (e == 0u ? sub_bits : (e == 31u ? special : normal));
+    std::memcpy(dst + i, &bits, sizeof(float));
+  }
+}
+
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #endif
+
+// The n logits at src as fp32: src itself for float, else converted into buf.
+inline const float* as_float(const float* src, int64_t, float*) { return src; }
+template <typename scalar_t>
+const float* as_float(const scalar_t* src, int64_t n, float* buf) {
+  widen(src, n, buf);
+  return buf;
+}
 
 inline int64_t num_blocks(int64_t V) { return (V + kBlock - 1) / kBlock; }
 inline int64_t block_len(int64_t j, int64_t V) { return std::min(kBlock, V - j * kBlock); }

@@ -19,7 +19,10 @@
 // values that decide "weight > 0" and the draw itself (weights with gradual underflow, p, q, the residual, the
 // acceptance comparison, the running sums) use explicit IEEE PTX instructions: results do not depend on the flags.
 // Running sums of the inverse-CDF draw are kept in fp64; only the softmax normalizers are plain fp32 sums.
+// torch/python.h (through torch/extension.h) trips nvcc's C++20 "module" keyword diagnostic: torch's, harmless.
+#pragma nv_diag_suppress 3189
 #include "acceptance.h"
+#pragma nv_diag_default 3189
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -284,9 +287,9 @@ __device__ __forceinline__ double block_exclusive_scan(double v) {
 // Counts this CTA in; true for the CTA that brings the count to `expected` (it then sees every earlier CTA's writes).
 __device__ __forceinline__ bool arrive_last(int* counter, int expected) {
   __shared__ int last;
+  __threadfence();  // every thread's workspace writes, ordered before the count
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence();
     last = atomicAdd(counter, 1) == expected - 1;
     __threadfence();
   }
