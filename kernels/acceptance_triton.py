@@ -115,7 +115,8 @@ def _weights(tgt_row, dft_row, offs, mask, mt, st, md, sd, T, RESIDUAL: tl.const
     w = tl.exp((tl.load(tgt_row + offs, mask=mask, other=float("-inf")).to(tl.float32) - mt) / T)
     if RESIDUAL:
         wq = tl.exp((tl.load(dft_row + offs, mask=mask, other=float("-inf")).to(tl.float32) - md) / T)
-        w = tl.maximum(w / st - wq / sd, 0.0)
+        # Correctly rounded divisions: p - q cannot be contracted into an FMA, so p == q gives an exact 0 residual.
+        w = tl.maximum(tl.math.div_rn(w, st) - tl.math.div_rn(wq, sd), 0.0)
     return w
 
 

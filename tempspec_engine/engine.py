@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from tempspec_engine.adaptive_k import AdaptiveK
 from tempspec_engine.models.draft import make_draft
+from tempspec_engine.models.llama import Transformer
 from tempspec_engine.models.loading import LoadedModel, best_device, default_dtype, load_target, resolve_dtype
 from tempspec_engine.ops import sample, speculative_sample
 
@@ -114,6 +115,21 @@ class _Timer:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
+def _eager(model, static: bool):
+    """forward(tokens, positions, cache, kv_len, logits_index) running `model` eagerly (static: whole cache)."""
+
+    def forward(tokens, positions, cache, kv_len, logits_index):
+        if static:
+            return model(tokens, positions, cache, kv_len=None, logits_index=logits_index)
+        if tokens.shape == (1, 1) and tokens.device.type == "cpu" and isinstance(model, Transformer):
+            # One row, one query: attend exactly to [0, position] without a mask.
+            return model(tokens, positions, cache, kv_len=int(positions[0, 0]) + 1, logits_index=logits_index,
+                         last_query=True)
+        return model(tokens, positions, cache, kv_len=kv_len, logits_index=logits_index)
+
+    return forward
+
+
 class SpeculativeEngine:
     """Loads a target and a draft, owns both KV caches and generates losslessly.
 
@@ -123,11 +139,16 @@ class SpeculativeEngine:
         "layers:0,14,29" or "random", a path/hub name, a LoadedModel or a Transformer; "none" for target-only.
     k: "auto" (adaptive, see adaptive_k.py) or a fixed lookahead.
     max_len: KV-cache capacity per request (prompt + max_new_tokens + k must fit).
+    static_shapes (default: on CUDA): batch rows keep their slots (finished rows idle until a queued request takes
+        them) and attention spans the whole cache, so every forward has a fixed shape; with cuda_graphs (default: on
+        CUDA for Llama-family models) the draft steps and the verification replay captured CUDA graphs. The caches
+        and graphs persist across generate() calls. Off (CPU): the batch is compacted and attention spans only the
+        longest live row.
     """
 
     def __init__(self, target=None, draft=None, device=None, dtype=None, k: Union[int, str] = "auto",
                  max_len: Optional[int] = None, max_batch_size: int = 8, k_max: int = 8, tokenizer=None,
-                 backend: str = "auto"):
+                 backend: str = "auto", static_shapes: Optional[bool] = None, cuda_graphs: Optional[bool] = None):
         self.device = torch.device(device) if device is not None else best_device()
         self.dtype = resolve_dtype(dtype) or default_dtype(self.device)
         if isinstance(target, torch.nn.Module):
@@ -148,6 +169,16 @@ class SpeculativeEngine:
         self.vocab = max(self.target.vocab_size, self.draft.vocab_size if self.draft else 0)
         self.batch_limit = min(getattr(m.model, "batch_limit", max_batch_size)
                                for m in (self.target, self.draft) if m is not None)
+        on_cuda = self.device.type == "cuda"
+        self.lookup = getattr(self.draft.model, "is_lookup", False) if self.draft else False
+        neural = [m for m in (self.target, self.draft) if m is not None and not getattr(m.model, "is_lookup", False)]
+        graphable = all(isinstance(m.model, Transformer) for m in neural)
+        self.static_shapes = on_cuda if static_shapes is None else static_shapes
+        self.cuda_graphs = (on_cuda and graphable) if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and not (on_cuda and graphable and self.static_shapes):
+            raise ValueError("cuda_graphs needs a CUDA device, Llama-family models and static_shapes")
+        self._static_state = {}  # (batch, speculative) -> (caches, forwards): persistent for graph replay
+        self._dead = _Request(-1, [0], 0.0, 1, seq=[0])  # stands in for idle rows in static mode
 
     @property
     def tokenizer(self):
@@ -221,37 +252,64 @@ class SpeculativeEngine:
         return [self._output(r) for r in reqs]
 
     # ---------------------------------------------------------------- the loop
+    def _forwards(self, batch, models):
+        """(caches, forwards): forward(tokens, positions, cache, kv_len, logits_index) per model."""
+        if not self.static_shapes:
+            caches = [m.new_cache(batch, self.max_len, self.device, self.dtype) for m in models]
+            return caches, [_eager(m, static=False) for m in models]
+        key = (batch, len(models))
+        if key not in self._static_state:
+            caches = [m.new_cache(batch, self.max_len, self.device, self.dtype) for m in models]
+            if self.cuda_graphs:
+                from tempspec_engine.cuda_graphs import GraphedDecoder
+
+                pool = torch.cuda.graph_pool_handle()
+                forwards = [GraphedDecoder(m, c, pool) for m, c in zip(models, caches)]
+            else:
+                forwards = [_eager(m, static=True) for m in models]
+            self._static_state[key] = (caches, forwards)
+        return self._static_state[key]
+
     def _run(self, reqs, batch, speculative, gen, stops, on_tokens):
-        models = [self.target.model] + ([self.draft.model] if speculative else [])
-        caches = [m.new_cache(batch, self.max_len, self.device, self.dtype) for m in models]
+        models = [self.target.model] + ([self.draft.model] if speculative and not self.lookup else [])
+        caches, forwards = self._forwards(batch, models)
         queue = collections.deque(reqs)
         slots = [queue.popleft() for _ in range(batch)]
         self._prefill(slots, models, [c.rows(0, batch) for c in caches])
-        while slots:
+        while any(s is not None for s in slots):
             n = len(slots)
-            views = [c.rows(0, n) for c in caches]
+            views = [c.rows(0, n) for c in caches] if n < caches[0].batch else caches
             if speculative:
-                new_tokens = self._spec_step(slots, views[0], views[1], gen)
+                new_tokens = self._spec_step(slots, views, forwards, gen)
             else:
-                new_tokens = self._ar_step(slots, views[0], gen)
+                new_tokens = self._ar_step(slots, views, forwards, gen)
             finished = []
             for i, (req, toks) in enumerate(zip(slots, new_tokens)):
+                if req is None:
+                    continue
                 self._append(req, toks, stops, on_tokens)
                 if req.finish is not None:
                     req.stats.wall_time_s = time.perf_counter() - req.start
                     finished.append(i)
-            if finished:
-                keep = [i for i, s in enumerate(slots) if s.finish is None]
-                if keep != list(range(len(keep))):
-                    idx = torch.tensor(keep, device=self.device)
-                    for c in caches:
-                        c.rows(0, n).compact(idx)
-                slots = [slots[i] for i in keep]
-                fresh = [queue.popleft() for _ in range(min(len(queue), batch - len(slots)))]
-                if fresh:  # queued requests take the freed slots, prefilled together
-                    a, b = len(slots), len(slots) + len(fresh)
-                    self._prefill(fresh, models, [c.rows(a, b) for c in caches])
-                    slots += fresh
+            if not finished:
+                continue
+            if self.static_shapes:  # rows keep their slots; queued requests take freed ones
+                for i in finished:
+                    slots[i] = queue.popleft() if queue else None
+                    if slots[i] is not None:
+                        self._prefill([slots[i]], models, [c.rows(i, i + 1) for c in caches])
+                continue
+            keep = [i for i, s in enumerate(slots) if s.finish is None]
+            if keep != list(range(len(keep))):
+                idx = torch.tensor(keep, device=self.device)
+                for c in caches:
+                    c.rows(0, n).compact(idx)
+            slots = [slots[i] for i in keep]
+            fresh = [queue.popleft() for _ in range(min(len(queue), batch - len(slots)))]
+            if fresh:  # queued requests take the freed slots, prefilled together
+                a, b = len(slots), len(slots) + len(fresh)
+                self._prefill(fresh, models, [c.rows(a, b) for c in caches])
+                slots += fresh
 
     def _prefill(self, reqs, models, caches):
         """Runs prompt[:-1] of each request through every model (right-padded batch; padding keys land beyond the
@@ -277,10 +335,14 @@ class SpeculativeEngine:
             logits = F.pad(logits, (0, self.vocab - logits.shape[-1]), value=float("-inf"))
         return logits
 
-    def _spec_step(self, reqs, cache_t, cache_d, gen) -> List[List[int]]:
+    def _spec_step(self, slots, caches, forwards, gen) -> List[List[int]]:
+        reqs = [r if r is not None else self._dead for r in slots]
+        cache_t, cache_d = (caches + [None])[:2]
+        fwd_t, fwd_d = (forwards + [None])[:2]
         n = len(reqs)
         temps_host = [r.temperature for r in reqs]
-        k = self.adaptive.choose(temps_host) if self.adaptive else self.k
+        live_temps = [r.temperature for r in slots if r is not None]
+        k = self.adaptive.choose(live_temps) if self.adaptive else self.k
         dev = self.device
         L_host = [len(r.seq) for r in reqs]
         L = torch.tensor(L_host, device=dev)
@@ -292,34 +354,37 @@ class SpeculativeEngine:
         out_dtype = self.dtype
         timer = _Timer(dev)
         timer.mark()
-        ones = torch.ones(n, dtype=torch.int64, device=dev)
-        logits = self.draft.model(tok2, pos2, cache_d, kv_len=kv_len, logits_index=ones)
-        draft_logits, draft_tokens = [], []
-        for i in range(k):
-            q = self._pad(logits[:, 0], out_dtype)
-            d = sample(q, temps, generator=gen, backend=self.backend, validate=False)
-            draft_logits.append(q)
-            draft_tokens.append(d)
-            if i < k - 1:
-                logits = self.draft.model(d.unsqueeze(1), (L + i).unsqueeze(1), cache_d, kv_len=kv_len)
+        if self.lookup:
+            proposals = torch.tensor(self.draft.model.propose([r.seq for r in reqs], k), device=dev)
+            draft_logits = self.draft.model.draft_logits(proposals, self.vocab, out_dtype)
+            draft_tokens = list(proposals.unbind(1))
+        else:
+            draft_logits, draft_tokens = self._draft_tokens(fwd_d, cache_d, tok2, pos2, L, temps, k, kv_len, gen)
         timer.mark()
         dtoks = torch.stack(draft_tokens, dim=1)
         verify = torch.cat([tok2[:, 1:], dtoks], dim=1)
         positions = (L - 1).unsqueeze(1) + torch.arange(k + 1, device=dev)
-        target_logits = self._pad(self.target.model(verify, positions, cache_t, kv_len=kv_len), out_dtype)
+        target_logits = self._pad(fwd_t(verify, positions, cache_t, kv_len, None), out_dtype)
         timer.mark()
-        out = speculative_sample(torch.stack(draft_logits, dim=1), target_logits, dtoks, temps, generator=gen,
+        if isinstance(draft_logits, list):
+            draft_logits = torch.stack(draft_logits, dim=1)
+        out = speculative_sample(draft_logits, target_logits, dtoks, temps, generator=gen,
                                  backend=self.backend, validate=False)
         accepted = out.accepted.tolist()  # the step's one host synchronization
         tokens = out.tokens.tolist()
         t_draft, t_target = timer.seconds()
         new_L = L + out.accepted + 1
         cache_t.rollback(new_L - 1)
-        cache_d.rollback((new_L - 2).clamp(min=0))
+        if cache_d is not None:
+            cache_d.rollback((new_L - 2).clamp(min=0))
         if self.adaptive:
-            self.adaptive.update(k, temps_host, accepted, t_draft, t_target)
+            live = [i for i, r in enumerate(slots) if r is not None]
+            self.adaptive.update(k, live_temps, [accepted[i] for i in live], t_draft, t_target)
         result = []
-        for r, a, row in zip(reqs, accepted, tokens):
+        for r, a, row in zip(slots, accepted, tokens):
+            if r is None:
+                result.append([])
+                continue
             s = r.stats
             s.steps += 1
             s.accepted += a
@@ -329,7 +394,24 @@ class SpeculativeEngine:
             result.append(row[: a + 1])
         return result
 
-    def _ar_step(self, reqs, cache_t, gen) -> List[List[int]]:
+    def _draft_tokens(self, fwd_d, cache_d, tok2, pos2, L, temps, k, kv_len, gen):
+        """k draft forwards with the fused sampler: (draft logits list of [B, V], draft tokens list of [B])."""
+        n = tok2.shape[0]
+        ones = torch.ones(n, dtype=torch.int64, device=self.device)
+        logits = fwd_d(tok2, pos2, cache_d, kv_len, ones)
+        draft_logits, draft_tokens = [], []
+        for i in range(k):
+            q = self._pad(logits[:, 0], self.dtype)
+            d = sample(q, temps, generator=gen, backend=self.backend, validate=False)
+            draft_logits.append(q)
+            draft_tokens.append(d)
+            if i < k - 1:
+                logits = fwd_d(d.unsqueeze(1), (L + i).unsqueeze(1), cache_d, kv_len, None)
+        return draft_logits, draft_tokens
+
+    def _ar_step(self, slots, caches, forwards, gen) -> List[List[int]]:
+        reqs = [r if r is not None else self._dead for r in slots]
+        cache_t, fwd_t = caches[0], forwards[0]
         dev = self.device
         L_host = [len(r.seq) for r in reqs]
         temps = torch.tensor([r.temperature for r in reqs], dtype=torch.float32, device=dev)
@@ -337,14 +419,15 @@ class SpeculativeEngine:
         positions = torch.tensor([[l - 1] for l in L_host], device=dev)
         timer = _Timer(dev)
         timer.mark()
-        logits = self.target.model(tokens, positions, cache_t, kv_len=max(L_host))
+        logits = fwd_t(tokens, positions, cache_t, max(L_host), None)
         timer.mark()
         out = sample(logits[:, 0], temps, generator=gen, backend=self.backend, validate=False).tolist()
         (t_target,) = timer.seconds()
         cache_t.rollback(torch.tensor(L_host, device=dev))
-        for r in reqs:
-            r.stats.steps += 1
-            r.stats.target_time_s += t_target
+        for r in slots:
+            if r is not None:
+                r.stats.steps += 1
+                r.stats.target_time_s += t_target
         return [[t] for t in out]
 
     def _append(self, req: _Request, toks: List[int], stops: List[str], on_tokens) -> None:

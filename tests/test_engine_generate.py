@@ -5,9 +5,11 @@ import pytest
 import torch
 from scipy import stats
 
-from engine_fixtures import tiny_llama_hf, tiny_target, word_tokenizer
-from tempspec_engine.engine import SpeculativeEngine
-from tempspec_engine.models.loading import LoadedModel, TokenizerMismatchError, from_hf_model
+pytest.importorskip("transformers")
+
+from engine_fixtures import tiny_llama_hf, tiny_target, word_tokenizer  # noqa: E402
+from tempspec_engine.engine import SpeculativeEngine  # noqa: E402
+from tempspec_engine.models.loading import LoadedModel, TokenizerMismatchError, from_hf_model  # noqa: E402
 
 PROMPTS = [[1, 2, 3], [5], [7, 8, 9, 10, 11, 12, 13, 14, 15], [4, 4]]  # different lengths, one of a single token
 
@@ -17,7 +19,7 @@ def target():
     return tiny_target(vocab=128, layers=4, seed=0)
 
 
-@pytest.mark.parametrize("draft", ["layers:0,3", "random"])
+@pytest.mark.parametrize("draft", ["layers:0,3", "random", "lookup"])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_greedy_sd_equals_greedy_target(target, draft, batch):
     engine = SpeculativeEngine(target, draft, device="cpu", dtype=torch.float32, k="auto", max_len=128)
@@ -30,7 +32,35 @@ def test_greedy_sd_equals_greedy_target(target, draft, batch):
         assert f.token_ids == b.token_ids[: len(f.token_ids)]
         assert len(s.token_ids) == 40 and s.finish_reason == "length"
         assert s.stats.steps <= 40 and s.stats.accepted + s.stats.rejections > 0
+    if draft == "lookup":  # the tiny model repeats itself: n-gram lookup must get accepted tokens
+        assert sum(s.stats.accepted for s in spec) > 0
     assert [len(f.token_ids) for f in spec_fixed] == [40, 7, 40, 25]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_draft_equal_to_target_accepts_everything(target, temperature):
+    """A 'draft' made of all the target's layers must be accepted at every position (p == q): this catches any
+    position, cache or rollback mistake on the draft side, which greedy equality alone would not."""
+    engine = SpeculativeEngine(target, "layers:0-3", device="cpu", dtype=torch.float32, k=3, max_len=128)
+    out = engine.generate(PROMPTS, temperature, 30, batch_size=4, seed=0)
+    for o in out:
+        assert o.stats.rejections == 0 and o.stats.alpha == 1.0
+        assert o.stats.steps == 8  # 7 steps of 4 tokens, then 2 more tokens
+
+
+def test_static_shapes_mode(target):
+    """The CUDA-graph layout run eagerly on CPU: rows keep their slots (idle rows are padded) and attention spans
+    the whole cache; the caches persist across calls. Output equals the compacting mode's."""
+    dynamic = SpeculativeEngine(target, "layers:0,3", device="cpu", dtype=torch.float32, k=3, max_len=64)
+    static = SpeculativeEngine(target, "layers:0,3", device="cpu", dtype=torch.float32, k="auto", max_len=64,
+                               static_shapes=True)
+    lengths = [30, 5, 18, 9, 12, 3]
+    want = dynamic.generate(PROMPTS + PROMPTS[:2], 0.0, lengths, speculative=False, batch_size=4)
+    for _ in range(2):
+        got = static.generate(PROMPTS + PROMPTS[:2], 0.0, lengths, batch_size=4)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert static.generate(PROMPTS[:1], 0.0, 10, speculative=False, batch_size=1)[0].token_ids == \
+        want[0].token_ids[:10]
 
 
 def test_greedy_target_only_equals_hugging_face(target):
@@ -70,7 +100,7 @@ def _exact_first_two(model, prompt, temperature):
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0])
-@pytest.mark.parametrize("draft", ["random", "layers:0"])
+@pytest.mark.parametrize("draft", ["random", "layers:0", "lookup"])
 def test_sampled_sd_is_lossless(temperature, draft):
     """Chi-square goodness of fit of the first two SD tokens against the target's exact joint distribution.
 
@@ -79,7 +109,7 @@ def test_sampled_sd_is_lossless(temperature, draft):
     """
     V = 16
     target = tiny_target(vocab=V, layers=2, seed=5, scale=3.0)
-    prompt = [3, 1, 4]
+    prompt = [3, 1, 4, 1]  # the lookup draft proposes 4, 1, ... after the repeated 1
     engine = SpeculativeEngine(target, draft, device="cpu", dtype=torch.float32, k=3, max_len=16,
                                max_batch_size=2000)
     n = 4000

@@ -4,11 +4,13 @@ import dataclasses
 import pytest
 import torch
 
-from engine_fixtures import tiny_llama_hf
-from tempspec_engine.models.config import ModelConfig
-from tempspec_engine.models.draft import layer_subset_draft, make_draft
-from tempspec_engine.models.llama import Transformer
-from tempspec_engine.models.loading import from_hf_model
+pytest.importorskip("transformers")
+
+from engine_fixtures import tiny_llama_hf  # noqa: E402
+from tempspec_engine.models.config import ModelConfig  # noqa: E402
+from tempspec_engine.models.draft import layer_subset_draft, make_draft  # noqa: E402
+from tempspec_engine.models.llama import Transformer  # noqa: E402
+from tempspec_engine.models.loading import from_hf_model  # noqa: E402
 
 
 def _ours(hf):
@@ -118,3 +120,15 @@ def test_config_refuses_other_architectures():
         ModelConfig.from_hf(GPT2Config())
     cfg = ModelConfig.from_hf(tiny_llama_hf(vocab=32, layers=1).config)
     assert dataclasses.replace(cfg, n_layers=2).n_layers == 2
+
+
+def test_lookup_draft_proposals():
+    from tempspec_engine.models.lookup_draft import LookupDraft
+
+    d = LookupDraft(vocab_size=10, max_ngram=2)
+    assert d.propose_row([1, 2, 3, 9, 2, 3], 3) == [9, 2, 3]  # bigram (2, 3) seen before: what followed it
+    assert d.propose_row([5, 6, 7, 5], 2) == [6, 7]  # unigram fallback
+    assert d.propose_row([1, 2, 3], 2) == [3, 3]  # no match: repeat the last token
+    assert d.propose_row([4, 4], 3) == [4, 4, 4]
+    logits = LookupDraft.draft_logits(torch.tensor([[2, 7]]), 10, torch.float32)
+    assert logits.shape == (1, 2, 10) and logits[0, 0, 2] == 0 and torch.isneginf(logits[0, 0, :2]).all()

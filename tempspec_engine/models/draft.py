@@ -6,6 +6,7 @@ Draft specs (CLI `--draft` and SpeculativeEngine(draft=...)):
   "layers:0,14,29/vocab:8192"  the head restricted to the first 8192 token ids (BPE ids are roughly in frequency
                                order, so this keeps the common tokens and cuts the head's cost; still lossless)
   "random" / "random:2"        a randomly initialized 2-layer model with the target's vocabulary (tests only)
+  "lookup" / "lookup:4"        no model: n-gram lookup in the request's own tokens (models/lookup_draft.py)
   anything else                a Hugging Face model path or hub name (checked for the same tokenizer)
 """
 from __future__ import annotations
@@ -19,7 +20,9 @@ from tempspec_engine.models.config import ModelConfig
 from tempspec_engine.models.llama import Transformer
 from tempspec_engine.models.loading import LoadedModel, check_tokenizers, load_hf
 
-DEFAULT_DRAFT = "layers:0,1,2,29/vocab:8192"
+# Layer subsets of SmolLM2-135M are accepted almost never unless nearly all layers are kept (teacher-forced greedy
+# agreement: layers 0-14 4%, 0-24 34%, 0-28 59%; see benchmarks/draft_search.py), so the default is n-gram lookup.
+DEFAULT_DRAFT = "lookup"
 
 
 def layer_subset_draft(target: Transformer, layer_ids: Sequence[int], vocab_limit: Optional[int] = None) -> Transformer:
@@ -76,6 +79,11 @@ def make_draft(spec, target: LoadedModel, device, dtype) -> LoadedModel:
         limit = int(vocab) if vocab else None
         model = layer_subset_draft(target.model, _parse_layers(body), limit)
         return LoadedModel(model, target.tokenizer, target.eos_ids, spec)
+    if spec == "lookup" or spec.startswith("lookup:"):
+        from tempspec_engine.models.lookup_draft import LookupDraft
+
+        n = int(spec.split(":")[1]) if ":" in spec else 3
+        return LoadedModel(LookupDraft(target.vocab_size, n), target.tokenizer, target.eos_ids, spec)
     if spec == "random" or spec.startswith("random:"):
         n_layers = int(spec.split(":")[1]) if ":" in spec else 1
         model = random_draft(target.model.config, n_layers, device=device, dtype=dtype)

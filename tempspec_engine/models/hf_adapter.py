@@ -74,7 +74,7 @@ class HFDecoder(nn.Module):
                 logits_index = logits_index - 1
         start = pos[0]
         if cache.past is not None and cache.past.get_seq_length() > start:
-            cache.past.crop(start)
+            cache.past.crop(start - cache.past.get_seq_length())  # negative: tokens to drop (transformers 4 and 5)
         if start == 0:
             cache.past = None
         out = self.hf(input_ids=tokens, past_key_values=cache.past, use_cache=True)

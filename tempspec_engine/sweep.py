@@ -1,0 +1,429 @@
+"""Temperature sweep: acceptance and speedup of speculative decoding against the decoding temperature.
+
+For every temperature, the prompt set is decoded by the target alone (the engine's speculative=False mode: the
+baseline, measured once per temperature) and by speculative decoding with each draft. Methods run interleaved
+prompt chunk by prompt chunk, with the same seeds, so load from other processes falls on all of them alike.
+Per temperature and draft the results hold:
+  alpha            accepted / (accepted + rejections), the empirical per-token acceptance rate
+  mean_accepted    accepted draft tokens per step (tokens_per_step = this + 1 unless EOS cut a step short)
+  sd_tokens_per_s, target_tokens_per_s   generated tokens over the wall seconds of the whole prompt set
+  speedup          sd_tokens_per_s / target_tokens_per_s
+  wall_time_s      wall seconds of the speculative runs (target_wall_time_s: of the baseline)
+The JSON also records the hardware, dtype, versions and command line; `plot_sweep` draws speedup and alpha against
+temperature, one line per draft (matplotlib, Agg backend).
+
+Used by benchmarks/temperature_sweep.py and `tempspec sweep` (add_sweep_parser / sweep_command).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+FULL_TEMPERATURES = [round(0.1 * i, 1) for i in range(11)]  # 0, 0.1, ..., 1.0
+QUICK_TEMPERATURES = [round(0.2 * i, 1) for i in range(6)]  # 0, 0.2, ..., 1.0
+MAX_TEMPERATURE = 2.0
+DEFAULT_DRAFTS = ["lookup", "layers:0-3"]  # the engine's default draft and a cheap layer-subset draft
+# --quick: about 6 minutes on a 2-core CPU with the default models (measured: docs/temperature_study.md)
+QUICK = dict(n_prompts=12, max_new_tokens=64)
+FULL = dict(n_prompts=32, max_new_tokens=128)
+
+# Shipped so that a default run needs no external data: short instructions of the kinds Spec-Bench covers
+# (writing, roleplay, reasoning, math, coding, extraction, STEM, humanities, translation, summarization, QA).
+BUILTIN_PROMPTS = [
+    "Write a short poem about the sea at night.",
+    "Explain in simple terms how a rainbow forms.",
+    "Give three tips for staying focused while studying.",
+    "A train travels 60 km in 45 minutes. What is its average speed in km per hour?",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+    "Translate into French: 'The library opens at nine in the morning.'",
+    "What are the main differences between a virus and a bacterium?",
+    "Pretend you are a tour guide in Rome and welcome a group of visitors.",
+    "List the planets of the solar system in order from the Sun.",
+    "Tom has 12 apples. He gives a third of them to Anna and eats two. How many apples are left?",
+    "Write a polite email asking a colleague to review a report by Friday.",
+    "Why did the Roman Empire decline? Give two reasons.",
+    "Extract the names of the people in this sentence: 'Maria met John and Priya at the station.'",
+    "Describe the water cycle step by step.",
+    "Suggest a healthy breakfast that takes less than ten minutes to prepare.",
+]
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def prompt_text(row: dict) -> str:
+    """The prompt of one JSONL row: Spec-Bench `turns` (first turn), Alpaca `instruction` (+ `input`), GSM8K
+    `question`, or `prompt`."""
+    if row.get("turns"):
+        return str(row["turns"][0])
+    if row.get("instruction"):
+        extra = row.get("input") or ""
+        return f"{row['instruction']}\n\n{extra}" if extra else str(row["instruction"])
+    for key in ("question", "prompt"):
+        if row.get(key):
+            return str(row[key])
+    raise ValueError(f"prompt row has none of turns/instruction/question/prompt: keys {sorted(row)}")
+
+
+def read_prompts(path: Optional[str], n: Optional[int]) -> List[str]:
+    """n prompts evenly spaced over a JSONL file (Spec-Bench is sorted by category: this spans all of them), or the
+    first n built-in prompts when path is None. n None: all of them."""
+    if path is None:
+        rows = [{"prompt": p} for p in BUILTIN_PROMPTS]
+    else:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        if not rows:
+            raise ValueError(f"{path} holds no prompts")
+    n = len(rows) if n is None else n
+    if n < 1:
+        raise ValueError(f"n_prompts must be >= 1, got {n}")
+    picked = rows[:: max(1, len(rows) // n)][:n]
+    return [prompt_text(r) for r in picked]
+
+
+def parse_temperatures(text: str) -> List[float]:
+    """'0,0.5,1' or a range 'start:stop:step' (stop included) -> sorted unique temperatures in [0, 2]."""
+    text = text.strip()
+    if text.count(":") == 2:
+        start, stop, step = (float(x) for x in text.split(":"))
+        if step <= 0:
+            raise ValueError(f"temperature step must be > 0, got {step}")
+        temps = [round(start + i * step, 6) for i in range(int(math.floor((stop - start) / step + 1e-9)) + 1)]
+    else:
+        temps = [float(x) for x in text.split(",") if x.strip()]
+    if not temps:
+        raise ValueError("no temperatures given")
+    bad = [t for t in temps if not (0.0 <= t <= MAX_TEMPERATURE)]
+    if bad:
+        raise ValueError(f"temperatures must lie in [0, {MAX_TEMPERATURE}], got {bad}")
+    return sorted(set(temps))
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _run_chunk(engine, prompts, temperature, max_new, speculative, seed) -> dict:
+    """Sums for one chunk of prompts decoded as one batch. The chunk's requests start together, so the one that ends
+    last took part in every step: its draft/target times are the chunk's."""
+    _sync(engine.device)
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, temperature, max_new, speculative=speculative, batch_size=len(prompts),
+                           seed=seed)
+    _sync(engine.device)
+    seconds = time.perf_counter() - t0
+    s = [o.stats for o in outs]
+    return {"tokens": sum(x.new_tokens for x in s), "seconds": seconds, "request_steps": sum(x.steps for x in s),
+            "accepted": sum(x.accepted for x in s), "rejections": sum(x.rejections for x in s), "draft_time_s": max(x.draft_time_s for x in s),
+            "target_time_s": max(x.target_time_s for x in s)}
+
+
+def _add(total: dict, part: dict) -> None:
+    for key, value in part.items():
+        total[key] = total.get(key, 0) + value
+
+
+def _ratio(a: float, b: float) -> Optional[float]:
+    return a / b if b else None
+
+
+def _entry(draft: str, temperature: float, sd: dict, base: dict) -> dict:
+    """One result row from the summed figures of a draft and of the baseline at one temperature."""
+    sd_tps, base_tps = _ratio(sd["tokens"], sd["seconds"]), _ratio(base["tokens"], base["seconds"])
+    return {"draft": draft, "temperature": temperature,
+            "alpha": _ratio(sd["accepted"], sd["accepted"] + sd["rejections"]),
+            "mean_accepted": _ratio(sd["accepted"], sd["request_steps"]),
+            "tokens_per_step": _ratio(sd["tokens"], sd["request_steps"]),
+            "sd_tokens_per_s": sd_tps, "target_tokens_per_s": base_tps,
+            "speedup": _ratio(sd_tps, base_tps) if sd_tps and base_tps else None,
+            "wall_time_s": sd["seconds"], "target_wall_time_s": base["seconds"],
+            "tokens": sd["tokens"], "target_tokens": base["tokens"], "steps": sd["request_steps"],
+            "accepted": sd["accepted"], "rejections": sd["rejections"],
+            "draft_time_s": sd["draft_time_s"], "target_time_s": sd["target_time_s"]}
+
+
+def _progress(total: int, enabled: bool):
+    """A tqdm bar (to stderr) when enabled and tqdm is installed, else a do-nothing stand-in."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, desc="sweep", unit="run", dynamic_ncols=True)
+        except ImportError:
+            pass
+
+    class _Null:
+        def update(self, n=1):
+            pass
+
+        def set_postfix_str(self, s):
+            pass
+
+        def close(self):
+            pass
+
+    return _Null()
+
+
+def run_sweep(target, drafts: Sequence[str], prompts: Sequence[Union[str, Sequence[int]]],
+              temperatures: Sequence[float], max_new_tokens: int = 48, *, device=None, dtype=None,
+              k: Union[int, str] = "auto", batch_size: int = 1, seed: int = 0, chat_template: bool = True,
+              max_len: Optional[int] = None, progress: bool = True, warmup: bool = True) -> dict:
+    """Decodes `prompts` at every temperature with the target alone and with each draft; returns the results dict
+    (see the module docstring; `meta` holds the run's settings, not yet the hardware: see `collect_meta`).
+
+    target: anything SpeculativeEngine accepts (a LoadedModel is loaded once and shared by all engines).
+    prompts: text (chat template applied unless chat_template=False) or token-id lists. Prompts that do not fit the
+    KV cache (prompt + max_new_tokens + k_max + 1 > max_len) are skipped and counted in meta.
+    """
+    from tempspec_engine.engine import SpeculativeEngine
+    from tempspec_engine.models.loading import LoadedModel, best_device, load_target, resolve_dtype
+
+    if not drafts:
+        raise ValueError("give at least one draft")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError("batch_size and max_new_tokens must be >= 1")
+    device = torch.device(device) if device is not None else best_device()
+    dtype = resolve_dtype(dtype) or torch.bfloat16
+    t0 = time.perf_counter()
+    if not isinstance(target, (LoadedModel, torch.nn.Module)):
+        target = load_target(target, device, dtype)
+    kw = dict(device=device, dtype=dtype, max_batch_size=batch_size, max_len=max_len)
+    baseline = SpeculativeEngine(target, "none", **kw)
+    engines = {d: SpeculativeEngine(baseline.target, d, k=k, **kw) for d in drafts}
+    load_s = time.perf_counter() - t0
+
+    k_max = max(e.k_max for e in engines.values())
+    ids = [baseline.encode(p, chat_template=chat_template) for p in prompts]
+    fits = [p for p in ids if p and len(p) + max_new_tokens + k_max + 1 <= baseline.max_len]
+    if not fits:
+        raise ValueError(f"no prompt fits the KV cache (max_len {baseline.max_len}, max_new_tokens {max_new_tokens})")
+    chunks = [fits[i:i + batch_size] for i in range(0, len(fits), batch_size)]
+
+    if warmup:  # allocations, lazy weight pages, CUDA kernels and graphs; not timed
+        for chunk in {len(c): c for c in chunks}.values():  # each batch size once (CUDA graphs are per size)
+            baseline.generate(chunk, 0.0, 4, speculative=False, batch_size=len(chunk))
+            for eng in engines.values():
+                eng.generate(chunk, 0.0, 4, batch_size=len(chunk))
+
+    bar = _progress(len(temperatures) * len(chunks) * (1 + len(engines)), progress)
+    baselines, results = [], []
+    start = time.perf_counter()
+    try:
+        for T in temperatures:
+            base_sum, sd_sums = {}, {d: {} for d in engines}
+            for c, chunk in enumerate(chunks):
+                chunk_seed = seed + 1000 * c
+                _add(base_sum, _run_chunk(baseline, chunk, T, max_new_tokens, False, chunk_seed))
+                bar.update()
+                for d, eng in engines.items():
+                    _add(sd_sums[d], _run_chunk(eng, chunk, T, max_new_tokens, True, chunk_seed))
+                    bar.update()
+            baselines.append({"temperature": T, "tokens": base_sum["tokens"], "wall_time_s": base_sum["seconds"],
+                              "tokens_per_s": _ratio(base_sum["tokens"], base_sum["seconds"])})
+            for d in engines:
+                results.append(_entry(d, T, sd_sums[d], base_sum))
+            best = max(results[-len(engines):], key=lambda r: r["speedup"] or 0.0)
+            bar.set_postfix_str(f"T={T:g} best {best['draft']} x{best['speedup'] or 0:.2f}")
+    finally:
+        bar.close()
+    meta = {"target": baseline.target.name, "drafts": list(drafts), "device": str(device), "dtype": str(dtype),
+            "k": k, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "seed": seed,
+            "chat_template": chat_template, "n_prompts": len(fits), "n_prompts_skipped": len(ids) - len(fits),
+            "prompt_tokens_mean": sum(map(len, fits)) / len(fits), "model_load_s": load_s,
+            "sweep_wall_time_s": time.perf_counter() - start}
+    return {"meta": meta, "temperatures": list(temperatures), "drafts": list(drafts), "baseline": baselines,
+            "results": results}
+
+
+def collect_meta(device) -> dict:
+    """Hardware, versions, command line and time of the run."""
+    device = torch.device(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "numpy", "matplotlib", "triton"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    try:
+        from tempspec_engine import __version__ as tempspec_version
+
+        versions["tempspec"] = tempspec_version
+    except ImportError:
+        pass
+    meta = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "versions": versions,
+            "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if device.type == "cpu" and hasattr(os, "getloadavg"):
+        meta["loadavg"] = list(os.getloadavg())
+    if device.type == "cuda" and torch.version.cuda:
+        meta["cuda"] = torch.version.cuda
+    return meta
+
+
+# ------------------------------------------------------------------------------------------------ plotting
+def plot_sweep(results: dict, out_stem: Union[str, Path]) -> List[str]:
+    """Writes <out_stem>_speedup.png and <out_stem>_alpha.png (one line per draft); returns their paths."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # the Agg backend, without pyplot's global state
+    from matplotlib.figure import Figure
+
+    meta = results.get("meta", {})
+    title = f"{meta.get('target', 'target')} on {meta.get('device_name', meta.get('device', '?'))}, " \
+            f"{str(meta.get('dtype', '')).replace('torch.', '')}"
+    paths = []
+    for key, label, baseline_line in (("speedup", "speedup over the target alone", 1.0),
+                                      ("alpha", "acceptance rate alpha", None)):
+        fig = Figure(figsize=(6.4, 4.2), dpi=110)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        for draft in results["drafts"]:
+            rows = [r for r in results["results"] if r["draft"] == draft and r[key] is not None]
+            ax.plot([r["temperature"] for r in rows], [r[key] for r in rows], marker="o", label=draft)
+        if baseline_line is not None:
+            ax.axhline(baseline_line, color="grey", linestyle="--", linewidth=1, label="target alone")
+        if key == "alpha":
+            ax.set_ylim(0.0, 1.0)
+        ax.set_xlabel("temperature")
+        ax.set_ylabel(label)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = f"{out_stem}_{key}.png"
+        fig.savefig(path)
+        paths.append(path)
+    return paths
+
+
+def write_results(results: dict, out: Union[str, Path], plots: bool = True) -> List[str]:
+    """Writes the JSON (atomically) and, with plots, the PNGs beside it; returns all paths written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    if plots:
+        stem = out.with_suffix("") if out.suffix == ".json" else out
+        written = plot_sweep(results, stem)
+        results["plots"] = [os.path.basename(p) for p in written]
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, out)
+    return [str(out)] + written
+
+
+def format_table(results: dict) -> str:
+    """A Markdown table: one row per temperature and draft."""
+    lines = ["| T | draft | alpha | accepted/step | SD tok/s | target tok/s | speedup | SD wall s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def f(x, digits=2):
+        return "n/a" if x is None else f"{x:.{digits}f}"
+
+    for r in results["results"]:
+        lines.append(f"| {r['temperature']:g} | {r['draft']} | {f(r['alpha'])} | {f(r['mean_accepted'])} | "
+                     f"{f(r['sd_tokens_per_s'], 1)} | {f(r['target_tokens_per_s'], 1)} | {f(r['speedup'])} | "
+                     f"{f(r['wall_time_s'], 1)} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="default", help="'default' (SmolLM2-135M-Instruct) or a HF path/hub name")
+    p.add_argument("--drafts", default=";".join(DEFAULT_DRAFTS),
+                   help=f"';'-separated draft specs (see models/draft.py; default {';'.join(DEFAULT_DRAFTS)!r})")
+    p.add_argument("--prompts", default=None,
+                   help="JSONL prompt file (Spec-Bench `turns`, Alpaca `instruction`/`input`, GSM8K `question`); "
+                        "default: the built-in prompt list")
+    p.add_argument("--n-prompts", type=int, default=None,
+                   help=f"prompts to use, evenly spaced over the file (default {FULL['n_prompts']}, "
+                        f"--quick {QUICK['n_prompts']})")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default {FULL['max_new_tokens']}, --quick {QUICK['max_new_tokens']}")
+    p.add_argument("--temperatures", default=None,
+                   help="comma list or start:stop:step, each in [0, 2] (default 0:1:0.1; --quick 0:1:0.2)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer temperatures, prompts and tokens: minutes on a laptop CPU")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: the best available)")
+    p.add_argument("--dtype", default="bf16", help="fp32, bf16 or fp16 (default bf16)")
+    p.add_argument("--k", default="auto", help="lookahead: 'auto' (adaptive) or an int")
+    p.add_argument("--batch-size", type=int, default=1, help="requests decoded together (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat", action="store_true", help="use prompts as raw text (no chat template)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--out", default=None,
+                   help="results JSON (default benchmarks/results/sweep_<device>_<dtype>[_quick].json); "
+                        "PNGs <out>_speedup.png and <out>_alpha.png beside it")
+    p.add_argument("--no-plots", action="store_true", help="write the JSON only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds `sweep` to a `tempspec` subparsers object (from ArgumentParser.add_subparsers)."""
+    p = subparsers.add_parser("sweep", help="measure acceptance and speedup against temperature",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return p
+
+
+def default_out(device: torch.device, dtype: torch.dtype, quick: bool, results_dir="benchmarks/results") -> str:
+    name = f"sweep_{device.type}_{str(dtype).replace('torch.', '')}{'_quick' if quick else ''}.json"
+    return os.path.join(results_dir, name)
+
+
+def sweep_command(args, results_dir: str = "benchmarks/results", out=None) -> int:
+    """Runs the sweep for parsed arguments, writes JSON and PNGs, prints the table; returns the exit status."""
+    from tempspec_engine.models.loading import best_device, resolve_dtype
+
+    out = out or sys.stdout
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = QUICK if args.quick else FULL
+    temps = parse_temperatures(args.temperatures) if args.temperatures else (
+        QUICK_TEMPERATURES if args.quick else FULL_TEMPERATURES)
+    device = torch.device(args.device) if args.device else best_device()
+    dtype = resolve_dtype(args.dtype) or torch.bfloat16
+    k = args.k if args.k == "auto" else int(args.k)
+    drafts = [d.strip() for d in args.drafts.split(";") if d.strip()]
+    prompts = read_prompts(args.prompts, args.n_prompts or preset["n_prompts"])
+    results = run_sweep(args.target, drafts, prompts, temps, args.max_new_tokens or preset["max_new_tokens"],
+                        device=device, dtype=dtype, k=k, batch_size=args.batch_size, seed=args.seed,
+                        chat_template=not args.no_chat, progress=not args.no_progress)
+    results["meta"].update(collect_meta(device), quick=args.quick,
+                           prompts_file=os.path.basename(args.prompts) if args.prompts else "built-in")
+    path = args.out or default_out(device, dtype, args.quick, results_dir)
+    written = write_results(results, path, plots=not args.no_plots)
+    out.write(format_table(results) + "\n")
+    out.write("wrote " + ", ".join(written) + "\n")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None, results_dir: str = "benchmarks/results") -> int:
+    ap = argparse.ArgumentParser(prog="temperature_sweep", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    try:
+        return sweep_command(args, results_dir)
+    except (ValueError, FileNotFoundError) as exc:
+        sys.stderr.write(f"temperature_sweep: error: {exc}\n")
+        return 2

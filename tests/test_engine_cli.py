@@ -1,0 +1,38 @@
+"""The `tempspec generate` command on a tiny local Hugging Face model (saved to a temporary folder)."""
+import pytest
+
+pytest.importorskip("transformers")
+
+from engine_fixtures import tiny_llama_hf, word_tokenizer  # noqa: E402
+from tempspec_engine.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(62)]
+    tok = word_tokenizer(words)
+    tok.chat_template = "{% for m in messages %}w5 {{ m['content'] }} w6 {% endfor %}"
+    tiny_llama_hf(vocab=64, layers=2, scale=4.0).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_generate_streams_text(model_dir, capsys):
+    args = ["generate", "--prompt", "w3 w4", "--target", str(model_dir), "--draft", "layers:0", "--device", "cpu",
+            "--dtype", "fp32", "--temperature", "0", "--max-new-tokens", "8"]
+    assert main(args) == 0
+    greedy = capsys.readouterr()
+    assert greedy.out.strip().startswith("w") and "tokens/step" in greedy.err
+    assert main(args + ["--no-speculative", "--quiet"]) == 0
+    assert capsys.readouterr().out == greedy.out  # lossless: same greedy text without the draft
+
+
+def test_generate_batch_and_errors(model_dir, capsys):
+    base = ["generate", "--target", str(model_dir), "--draft", "layers:0", "--device", "cpu", "--dtype", "fp32"]
+    assert main(base + ["--prompt", "w3", "--prompt", "w7 w8 w9", "--temperature", "0.8", "--seed", "1",
+                        "--max-new-tokens", "5", "--no-chat"]) == 0
+    out = capsys.readouterr().out
+    assert "=== 0 ===" in out and "=== 1 ===" in out
+    assert main(base + ["--prompt", "w3", "--temperature", "-1"]) == 2
+    assert "temperature" in capsys.readouterr().err
