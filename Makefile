@@ -25,8 +25,9 @@ install: $(PY)
 test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
+# The main job: the quick temperature sweep on the default models (JSON + PNG plots in benchmarks/results/).
 run: install
-	$(PY) benchmarks/bench_acceptance.py --quick
+	$(VENV)/bin/tempspec sweep --quick
 
 bench: install
 	$(PY) benchmarks/bench_acceptance.py

@@ -1,4 +1,5 @@
-"""Command line: `tempspec generate --prompt "..." --temperature 0.7` (streams the text; stats on stderr).
+"""Command line: `tempspec generate --prompt "..." --temperature 0.7` (streams the text; stats on stderr) and
+`tempspec sweep --quick` (the temperature study, see tempspec_engine/sweep.py).
 
 With one prompt the text streams as it is accepted; with several, each is printed when all are done. Prompts go
 through the model's chat template unless --no-chat.
@@ -8,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import List, Optional
+
+from tempspec_engine.sweep import add_sweep_parser, sweep_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--no-speculative", action="store_true", help="target alone (autoregressive baseline)")
     g.add_argument("--quiet", action="store_true", help="no stats on stderr")
+    add_sweep_parser(sub)
     return ap
 
 
@@ -78,6 +82,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command == "generate":
             return generate_command(args)
+        if args.command == "sweep":
+            return sweep_command(args)
     except (ValueError, FileNotFoundError) as exc:
         sys.stderr.write(f"tempspec: error: {exc}\n")
         return 2

@@ -127,8 +127,8 @@ def _run_chunk(engine, prompts, temperature, max_new, speculative, seed) -> dict
     seconds = time.perf_counter() - t0
     s = [o.stats for o in outs]
     return {"tokens": sum(x.new_tokens for x in s), "seconds": seconds, "request_steps": sum(x.steps for x in s),
-            "accepted": sum(x.accepted for x in s), "rejections": sum(x.rejections for x in s), "draft_time_s": max(x.draft_time_s for x in s),
-            "target_time_s": max(x.target_time_s for x in s)}
+            "accepted": sum(x.accepted for x in s), "rejections": sum(x.rejections for x in s),
+            "draft_time_s": max(x.draft_time_s for x in s), "target_time_s": max(x.target_time_s for x in s)}
 
 
 def _add(total: dict, part: dict) -> None:

@@ -73,7 +73,8 @@ def test_sweep_schema_and_plots(tmp_path):
     assert max(r["alpha"] for r in res["results"] if r["draft"] == "random") < 1.0
     res["meta"].update(sweep.collect_meta("cpu"))
     written = sweep.write_results(res, tmp_path / "sweep_cpu_float32.json")
-    assert written[1:] == [str(tmp_path / "sweep_cpu_float32_speedup.png"), str(tmp_path / "sweep_cpu_float32_alpha.png")]
+    stem = str(tmp_path / "sweep_cpu_float32")
+    assert written[1:] == [stem + "_speedup.png", stem + "_alpha.png"]
     for path in written[1:]:
         check_png(path)
     saved = json.loads((tmp_path / "sweep_cpu_float32.json").read_text())
