@@ -103,6 +103,15 @@ def copy_bandwidth_gbs(device):
     return 2 * src.numel() / (ms * 1e-3) / 1e9
 
 
+def _cpu_model():
+    """The CPU's model name from /proc/cpuinfo (Linux), or None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
 def environment(device):
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
     try:
@@ -122,7 +131,7 @@ def environment(device):
         except (OSError, subprocess.CalledProcessError):
             info["driver"] = None
     else:
-        info["device_name"] = platform.processor() or platform.machine()
+        info["device_name"] = _cpu_model() or platform.processor() or platform.machine()
         info["cpu_threads"] = torch.get_num_threads()
     return info
 
