@@ -30,15 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from tempspec_engine.engine import SpeculativeEngine  # noqa: E402
 from tempspec_engine.models.draft import DEFAULT_DRAFT, make_draft  # noqa: E402
 from tempspec_engine.models.loading import load_default_target, resolve_dtype  # noqa: E402
-
-
-def read_prompts(path: str, n: int) -> list:
-    """n prompts evenly spaced over the file (Spec-Bench is sorted by category: this spans all of them)."""
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    step = max(1, len(rows) // n)
-    picked = rows[::step][:n]
-    return [r["turns"][0] if "turns" in r else r.get("question") or r["instruction"] for r in picked]
+from tempspec_engine.sweep import read_prompts, sync_device  # noqa: E402
 
 
 def to_hf_llama(model):
@@ -61,17 +53,12 @@ def to_hf_llama(model):
     return hf
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_engine(engine, prompts, temperature, max_new, batch, speculative, seed) -> dict:
     """Raw sums for one chunk of prompts through the engine."""
-    _sync(engine.device)
+    sync_device(engine.device)
     t0 = time.perf_counter()
     outs = engine.generate(prompts, temperature, max_new, speculative=speculative, batch_size=batch, seed=seed)
-    _sync(engine.device)
+    sync_device(engine.device)
     return {"tokens": sum(o.stats.new_tokens for o in outs), "seconds": time.perf_counter() - t0,
             "steps": sum(o.stats.steps for o in outs), "accepted": sum(o.stats.accepted for o in outs),
             "rejections": sum(o.stats.rejections for o in outs),
@@ -95,13 +82,13 @@ def run_hf(hf_target, hf_draft, prompt_ids, temperature, max_new, eos_ids, k) ->
         hf_draft.generation_config.num_assistant_tokens_schedule = "heuristic"
         kwargs["assistant_model"] = hf_draft
     tokens = 0
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     for ids in prompt_ids:
         x = torch.tensor([ids], device=device)
         out = hf_target.generate(x, attention_mask=torch.ones_like(x), **kwargs)
         tokens += out.shape[1] - x.shape[1]
-    _sync(device)
+    sync_device(device)
     return {"tokens": tokens, "seconds": time.perf_counter() - t0}
 
 

@@ -111,7 +111,8 @@ def parse_temperatures(text: str) -> List[float]:
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Waits for queued GPU work so host timers measure it (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -119,11 +120,11 @@ def _sync(device: torch.device) -> None:
 def _run_chunk(engine, prompts, temperature, max_new, speculative, seed) -> dict:
     """Sums for one chunk of prompts decoded as one batch. The chunk's requests start together, so the one that ends
     last took part in every step: its draft/target times are the chunk's."""
-    _sync(engine.device)
+    sync_device(engine.device)
     t0 = time.perf_counter()
     outs = engine.generate(prompts, temperature, max_new, speculative=speculative, batch_size=len(prompts),
                            seed=seed)
-    _sync(engine.device)
+    sync_device(engine.device)
     seconds = time.perf_counter() - t0
     s = [o.stats for o in outs]
     return {"tokens": sum(x.new_tokens for x in s), "seconds": seconds, "request_steps": sum(x.steps for x in s),
