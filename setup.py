@@ -8,7 +8,7 @@ import warnings
 
 from setuptools import setup
 
-PACKAGES = ["tempspec_engine", "tempspec_engine.models", "tempspec_engine.kernels"]
+PACKAGES = ["tempspec_engine", "tempspec_engine.models", "tempspec_engine.kernels", "tempspec_trainer"]
 PACKAGE_DIR = {"tempspec_engine": "tempspec_engine", "tempspec_engine.kernels": "kernels"}
 
 
@@ -63,7 +63,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "transformers>=4.45", "safetensors", "gguf", "accelerate", "tqdm"],
     extras_require={"triton": ["triton"], "plots": ["matplotlib"], "test": ["pytest", "scipy", "triton", "matplotlib"]},
-    entry_points={"console_scripts": ["tempspec=tempspec_engine.cli:main"]},
+    package_data={"tempspec_engine": ["drafts/*/*.json", "drafts/*/*.safetensors", "drafts/*/*.md"]},
+    entry_points={"console_scripts": ["tempspec=tempspec_engine.cli:main", "tempspec-train=tempspec_trainer.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

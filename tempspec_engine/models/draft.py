@@ -1,4 +1,5 @@
-"""Drafts that need no training: a subset of the target's layers (sharing its weights), or a random small model.
+"""Drafts: trained ones (shipped, or saved by tempspec_trainer) and ones that need no training: a subset of the
+target's layers (sharing its weights), n-gram lookup, or a random small model.
 
 Draft specs (CLI `--draft` and SpeculativeEngine(draft=...)):
   "layers:0,14,29"             the target's layers 0, 14 and 29 with its embeddings, final norm and head
@@ -7,6 +8,8 @@ Draft specs (CLI `--draft` and SpeculativeEngine(draft=...)):
                                order, so this keeps the common tokens and cuts the head's cost; still lossless)
   "random" / "random:2"        a randomly initialized 2-layer model with the target's vocabulary (tests only)
   "lookup" / "lookup:4"        no model: n-gram lookup in the request's own tokens (models/lookup_draft.py)
+  "distilled:0.5"              the shipped draft distilled at KD temperature 0.5 (tempspec_engine/drafts/)
+  a tempspec draft directory   a draft saved by tempspec_trainer (models/draft_checkpoint.py)
   anything else                a Hugging Face model path or hub name (checked for the same tokenizer)
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from tempspec_engine.models.config import ModelConfig
+from tempspec_engine.models.draft_checkpoint import is_draft_dir, load_draft, shipped_draft
 from tempspec_engine.models.llama import Transformer
 from tempspec_engine.models.loading import LoadedModel, check_tokenizers, load_hf
 
@@ -52,15 +56,21 @@ def random_draft(target_config: ModelConfig, n_layers: int = 1, seed: int = 0, d
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _parse_layers(text: str) -> list:
+def parse_layer_ids(text: str, n_layers: int) -> list:
+    """'0,14,29' or '0-3,29' (inclusive ranges) -> layer ids; ValueError unless a non-empty subset of 0..n-1."""
     ids = []
-    for part in text.split(","):
-        part = part.strip()
-        if "-" in part:
-            lo, hi = part.split("-")
-            ids.extend(range(int(lo), int(hi) + 1))
-        elif part:
-            ids.append(int(part))
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = part.split("-")
+                ids.extend(range(int(lo), int(hi) + 1))
+            elif part:
+                ids.append(int(part))
+    except ValueError:
+        raise ValueError(f"layer list {text!r}: use comma-separated ids and inclusive ranges, e.g. '0-3,29'") from None
+    if not ids or any(i < 0 or i >= n_layers for i in ids):
+        raise ValueError(f"layer ids {ids} must be a non-empty subset of 0..{n_layers - 1}")
     return ids
 
 
@@ -77,7 +87,7 @@ def make_draft(spec, target: LoadedModel, device, dtype) -> LoadedModel:
             raise ValueError("layer-subset drafts need a Llama-family target")
         body, _, vocab = spec[len("layers:"):].partition("/vocab:")
         limit = int(vocab) if vocab else None
-        model = layer_subset_draft(target.model, _parse_layers(body), limit)
+        model = layer_subset_draft(target.model, parse_layer_ids(body, target.model.n_layers), limit)
         return LoadedModel(model, target.tokenizer, target.eos_ids, spec)
     if spec == "lookup" or spec.startswith("lookup:"):
         from tempspec_engine.models.lookup_draft import LookupDraft
@@ -87,6 +97,12 @@ def make_draft(spec, target: LoadedModel, device, dtype) -> LoadedModel:
     if spec == "random" or spec.startswith("random:"):
         n_layers = int(spec.split(":")[1]) if ":" in spec else 1
         model = random_draft(target.model.config, n_layers, device=device, dtype=dtype)
+        return LoadedModel(model, target.tokenizer, target.eos_ids, spec)
+    if spec.startswith("distilled:") or is_draft_dir(spec):
+        if not isinstance(target.model, Transformer):
+            raise ValueError("trained tempspec drafts need a Llama-family target")
+        directory = shipped_draft(float(spec.split(":", 1)[1])) if spec.startswith("distilled:") else spec
+        model = load_draft(directory, target.model, device, dtype)
         return LoadedModel(model, target.tokenizer, target.eos_ids, spec)
     draft = load_hf(spec, device, dtype)
     check_tokenizers(target, draft)

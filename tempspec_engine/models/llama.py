@@ -72,6 +72,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if cache is None:  # training / scoring a whole sequence: causal attention within it, nothing stored
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         cache.write(layer, k, v, positions)
         keys, values = cache.k[layer][:, :, :kv_len], cache.v[layer][:, :, :kv_len]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
@@ -137,7 +140,7 @@ class Transformer(nn.Module):
         c = self.config
         return KVCache(self.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, dtype or p.dtype, device or p.device)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Optional[KVCache],
                 kv_len: Optional[int] = None, logits_index: Optional[torch.Tensor] = None,
                 compute_logits: bool = True, last_query: bool = False) -> Optional[torch.Tensor]:
         """tokens, positions: [B, T] int64 (row b's token t sits at positions[b, t]; keys at positions <= it are
@@ -145,8 +148,12 @@ class Transformer(nn.Module):
         over cache positions [0, kv_len) (default: the whole cache). logits_index [B] picks one position per row.
         last_query=True promises a single query per row at position kv_len - 1: attention then needs no mask
         (CPU SDPA is much faster without one).
+        cache=None (training, scoring): plain causal attention over the T given tokens (positions 0..T-1 in order,
+        right padding only); differentiable.
         Returns logits [B, T or 1, V] in the model dtype, or None when compute_logits is False.
         """
+        if cache is None:
+            kv_len, last_query = tokens.shape[1], True  # no explicit mask: attention is causal
         kv_len = cache.max_len if kv_len is None else kv_len
         x = self.embed_tokens(tokens)
         if self._inv_freq.device != tokens.device:

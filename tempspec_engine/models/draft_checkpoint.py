@@ -1,0 +1,113 @@
+"""Trained draft checkpoints: a directory with `model.safetensors` and `tempspec_draft.json`.
+
+A draft may share the target's token embeddings (and output head): those are not stored, and loading takes them
+from the target, so a 2-layer draft of a 135M target is ~10 MB instead of ~70 MB. The JSON holds the draft's
+ModelConfig, whether it shares the target's embeddings, the target it was made for (name, vocab size, width) and
+free-form metadata (the trainer writes its recipe and measured acceptance there).
+
+Drafts shipped with the package live in tempspec_engine/drafts/<name>/; `distilled:<tau>` picks the one distilled
+at KD temperature tau for the default target.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from tempspec_engine.models.config import ModelConfig
+from tempspec_engine.models.llama import Transformer
+
+DRAFT_FILE = "tempspec_draft.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "tempspec-draft/1"
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "drafts"
+SHARED_KEYS = ("embed_tokens.weight", "lm_head.weight")
+
+
+def is_draft_dir(path) -> bool:
+    return (Path(path) / DRAFT_FILE).is_file()
+
+
+def save_draft(model: Transformer, directory, *, shares_target_embeddings: bool, target_name: str,
+               target_vocab: int, metadata: Optional[dict] = None, dtype: Optional[torch.dtype] = None) -> Path:
+    """Writes `model` (weights cast to `dtype`, default their own; shared embeddings left out) and its JSON
+    description."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to(dtype=dtype or v.dtype, device="cpu").contiguous() for k, v in model.state_dict().items()
+             if not (shares_target_embeddings and k in SHARED_KEYS)}
+    save_file(state, str(out / WEIGHTS_FILE))
+    info = {"format": FORMAT, "config": dataclasses.asdict(model.config),
+            "shares_target_embeddings": bool(shares_target_embeddings),
+            "target": {"name": target_name, "vocab_size": int(target_vocab)},
+            "metadata": metadata or {}}
+    (out / DRAFT_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return out
+
+
+def read_draft_info(directory) -> dict:
+    path = Path(directory) / DRAFT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a tempspec draft directory (no {DRAFT_FILE})")
+    info = json.loads(path.read_text())
+    if info.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown draft format {info.get('format')!r} (expected {FORMAT})")
+    return info
+
+
+def load_draft(directory, target: Optional[Transformer] = None, device=None, dtype=None) -> Transformer:
+    """Builds the draft saved in `directory`. A draft that shares the target's embeddings needs `target` (the same
+    vocabulary and width); its embedding and head are then the target's own tensors (no copy)."""
+    from safetensors.torch import load_file
+
+    info = read_draft_info(directory)
+    config = ModelConfig(**info["config"])
+    shared = info["shares_target_embeddings"]
+    if shared:
+        if target is None:
+            raise ValueError(f"draft {directory} shares the target's embeddings: pass the target model")
+        tc = target.config
+        if (tc.vocab_size, tc.dim) != (config.vocab_size, config.dim):
+            raise ValueError(f"draft {directory} was made for a target with vocab {config.vocab_size} and width "
+                             f"{config.dim}; this target has vocab {tc.vocab_size} and width {tc.dim}")
+        device, dtype = target.embed_tokens.weight.device, target.embed_tokens.weight.dtype
+    with torch.device("meta"):
+        model = Transformer(config)
+    state = load_file(str(Path(directory) / WEIGHTS_FILE))
+    own = {k for k in model.state_dict() if not (shared and k in SHARED_KEYS)}
+    missing, unexpected = own - set(state), set(state) - own
+    if missing or unexpected:
+        raise ValueError(f"{directory}: weights do not match the config (missing {sorted(missing)[:4]}, "
+                         f"unexpected {sorted(unexpected)[:4]})")
+    model.load_state_dict(state, strict=False, assign=True)
+    if shared:  # attach the target's own modules after the cast, so the target is never modified
+        model.embed_tokens, model.lm_head = torch.nn.Identity(), None
+        model = model.to(device=device, dtype=dtype)
+        model.embed_tokens, model.lm_head = target.embed_tokens, target.lm_head
+        return model.eval()
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def shipped_drafts() -> Dict[float, Path]:
+    """{tau_kd: directory} of the drafts shipped in tempspec_engine/drafts/ (empty when none)."""
+    found = {}
+    if SHIPPED_DIR.is_dir():
+        for d in sorted(SHIPPED_DIR.iterdir()):
+            if is_draft_dir(d):
+                tau = read_draft_info(d).get("metadata", {}).get("recipe", {}).get("tau_kd")
+                if tau is not None:
+                    found[float(tau)] = d
+    return found
+
+
+def shipped_draft(tau: float) -> Path:
+    """The shipped draft distilled at KD temperature `tau`; ValueError listing the ones that exist otherwise."""
+    drafts = shipped_drafts()
+    if float(tau) not in drafts:
+        raise ValueError(f"no shipped draft distilled at tau_kd={tau}; shipped: {sorted(drafts) or 'none'}")
+    return drafts[float(tau)]

@@ -1,0 +1,184 @@
+"""Distillation data: prompt files in, generated responses out (JSONL, one row per prompt), resumable.
+
+Prompt files are JSONL; each row's prompt is Spec-Bench `turns[0]`, Alpaca `instruction` (+ `input`), GSM8K
+`question` or `prompt` (tempspec_engine.sweep.prompt_text). Generated rows are
+
+    {"index": i, "source": "<prompt file>", "prompt": str, "prompt_ids": [int], "response_ids": [int],
+     "response": str, "temperature": tau, "finish_reason": "eos"|"length"|"stop", "generator": "<model name>"}
+
+`index` is the prompt's row number in the source file: a restart skips the indices already written, and each chunk
+of prompts is sampled with a seed derived from its first index, so an interrupted run that is resumed writes the
+same rows as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+from tempspec_engine.sweep import prompt_text
+
+
+def read_prompt_file(path: str, limit: Optional[int] = None, offset: int = 0) -> List[Tuple[int, str]]:
+    """(row index, prompt text) for rows [offset, offset + limit) of a JSONL prompt file.
+
+    Raises ValueError naming the file and line for a row that is not JSON or has no prompt field.
+    """
+    if offset < 0 or (limit is not None and limit < 1):
+        raise ValueError(f"offset must be >= 0 and limit >= 1, got offset={offset}, limit={limit}")
+    out = []
+    with open(path) as f:
+        for line_no, line in enumerate(f):
+            if not line.strip():
+                continue
+            if line_no < offset:
+                continue
+            if limit is not None and len(out) >= limit:
+                break
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_no + 1}: not a JSON object ({exc})") from exc
+            try:
+                text = prompt_text(row)
+            except ValueError as exc:
+                raise ValueError(f"{path}:{line_no + 1}: {exc}") from exc
+            out.append((line_no, text))
+    if not out:
+        raise ValueError(f"{path} holds no prompts in rows [{offset}, {offset + (limit or 0)})")
+    return out
+
+
+def read_rows(path: str) -> List[dict]:
+    """Rows of a generated JSONL file; a truncated last line (an interrupted write) is ignored."""
+    rows = []
+    p = Path(path)
+    if not p.exists():
+        return rows
+    with open(p) as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # the write of the last row was cut short; it is generated again
+            raise ValueError(f"{path}:{i + 1}: corrupt row in the middle of the file")
+    return rows
+
+
+def _drop_partial_tail(path: Path, n_good: int) -> None:
+    """Rewrites `path` with its first n_good complete rows (removes a half-written last line)."""
+    with open(path) as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    if len(lines) != n_good:
+        with open(path, "w") as f:
+            f.write("".join(line + "\n" for line in lines[:n_good]))
+
+
+def generate_dataset(engine, prompt_file: str, out_path: str, temperature: float, *, limit: Optional[int] = None,
+                     offset: int = 0, max_new_tokens: int = 128, batch_size: int = 16, chunk: int = 64,
+                     seed: int = 0, chat_template: bool = True, progress: bool = True) -> dict:
+    """Samples one response per prompt from `engine`'s target (target-only decoding) at `temperature` and appends
+    the rows to `out_path`, skipping prompts already there. Returns {"written", "skipped", "path"}.
+
+    engine: a tempspec_engine SpeculativeEngine (its target is the generator: pass the draft as the target for
+    on-policy data). chunk: prompts per flush to disk (the unit of work lost on interruption).
+    """
+    if not (temperature >= 0.0):
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if chunk < 1 or batch_size < 1:
+        raise ValueError(f"chunk and batch_size must be >= 1, got chunk={chunk}, batch_size={batch_size}")
+    prompts = read_prompt_file(prompt_file, limit, offset)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    existing = read_rows(str(out))
+    _drop_partial_tail(out, len(existing)) if out.exists() else None
+    for row in existing:
+        if float(row.get("temperature", -1)) != float(temperature):
+            raise ValueError(f"{out} already holds rows at temperature {row.get('temperature')}, not {temperature}: "
+                             "write each temperature to its own file and combine them with `mix`")
+    done = {int(r["index"]) for r in existing}
+    # chunks sit at fixed positions of the prompt list and are sampled with a seed from their first index, so a
+    # chunk cut short by an interruption is sampled again whole and only its missing rows are written
+    chunks = [prompts[i:i + chunk] for i in range(0, len(prompts), chunk)]
+    todo = sum(1 for i, _ in prompts if i not in done)
+    written = 0
+    bar = _progress(todo, f"gen-data T={temperature:g}", progress)
+    with open(out, "a") as f:
+        for part in chunks:
+            if all(i in done for i, _ in part):
+                continue
+            outputs = engine.generate([p for _, p in part], temperature=temperature, max_new_tokens=max_new_tokens,
+                                      chat_template=chat_template, speculative=False, batch_size=batch_size,
+                                      seed=seed * 1_000_003 + part[0][0])
+            missing = [(i, p, o) for (i, p), o in zip(part, outputs) if i not in done]
+            for index, prompt, o in missing:
+                row = {"index": index, "source": str(prompt_file), "prompt": prompt, "prompt_ids": o.prompt_ids,
+                       "response_ids": o.token_ids, "response": o.text, "temperature": float(temperature),
+                       "finish_reason": o.finish_reason, "generator": engine.target.name}
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            written += len(missing)
+            bar.update(len(missing))
+    bar.close()
+    return {"written": written, "skipped": len(prompts) - todo, "path": str(out)}
+
+
+def mix_datasets(sources: Sequence[Tuple[str, float]], out_path: str, total: Optional[int] = None,
+                 seed: int = 0) -> Dict[str, int]:
+    """Writes a mixture of generated files: `sources` = [(path, proportion), ...] (proportions are normalized).
+
+    total: rows in the mixture (default: the largest total that every source can supply at its proportion).
+    Rows are drawn without replacement from each source and shuffled; each keeps its own `temperature`.
+    Returns rows taken per source.
+    """
+    if not sources:
+        raise ValueError("mix needs at least one source")
+    weights = [float(w) for _, w in sources]
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"proportions must be >= 0 with a positive sum, got {weights}")
+    shares = [w / sum(weights) for w in weights]
+    tables = [read_rows(p) for p, _ in sources]
+    for (p, _), rows in zip(sources, tables):
+        if not rows:
+            raise ValueError(f"{p} holds no generated rows")
+    feasible = min(int(len(rows) / s) for rows, s in zip(tables, shares) if s > 0)
+    total = feasible if total is None else total
+    if total > feasible:
+        raise ValueError(f"a mixture of {total} rows needs more rows than the sources hold (at most {feasible})")
+    rng = random.Random(seed)
+    counts = [round(total * s) for s in shares]
+    mixed, taken = [], {}
+    for (p, _), rows, n in zip(sources, tables, counts):
+        picked = rng.sample(rows, min(n, len(rows)))
+        mixed.extend(picked)
+        taken[p] = len(picked)
+    rng.shuffle(mixed)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        for row in mixed:
+            f.write(json.dumps(row) + "\n")
+    return taken
+
+
+def token_sequences(rows: Sequence[dict], max_len: int) -> Iterator[Tuple[List[int], int]]:
+    """(prompt_ids + response_ids truncated to max_len, number of prompt tokens) per row with a response."""
+    for row in rows:
+        for key in ("prompt_ids", "response_ids"):
+            if key not in row:
+                raise ValueError(f"generated row {row.get('index')} has no {key!r}: is this a gen-data file?")
+        ids = list(row["prompt_ids"]) + list(row["response_ids"])
+        n_prompt = len(row["prompt_ids"])
+        if row["response_ids"] and n_prompt < max_len:
+            yield ids[:max_len], n_prompt
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True)

@@ -1,0 +1,84 @@
+"""Initial drafts for distillation, built from the target (a Llama-family tempspec Transformer).
+
+Init specs:
+  "layers:0,29"            copies of the target's layers 0 and 29 (trainable), its final norm (trainable) and its
+                           token embeddings / head (frozen, shared: not saved with the draft)
+  "layers:0,29/mlp:1024"   the same with each MLP pruned to its 1024 strongest channels (smaller, faster)
+  "fresh:dim=256,layers=4" a fresh small model with its own tied embeddings (other keys: heads, kv_heads, mlp)
+Returns (draft in fp32, shares_target_embeddings).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Tuple
+
+import torch
+
+from tempspec_engine.models.config import ModelConfig
+from tempspec_engine.models.draft import parse_layer_ids
+from tempspec_engine.models.llama import Block, Transformer
+
+
+def prune_mlp(block: Block, keep: int) -> None:
+    """Keeps the `keep` intermediate channels of block.mlp with the largest |gate| * |up| * |down| norms."""
+    mlp = block.mlp
+    n = mlp.gate_proj.weight.shape[0]
+    if not 1 <= keep <= n:
+        raise ValueError(f"mlp width {keep} must lie in [1, {n}]")
+    score = mlp.gate_proj.weight.norm(dim=1) * mlp.up_proj.weight.norm(dim=1) * mlp.down_proj.weight.norm(dim=0)
+    idx = score.topk(keep).indices.sort().values
+    for lin, dim in ((mlp.gate_proj, 0), (mlp.up_proj, 0), (mlp.down_proj, 1)):
+        w = lin.weight.detach().index_select(dim, idx).clone()
+        lin.weight = torch.nn.Parameter(w)
+        lin.in_features, lin.out_features = w.shape[1], w.shape[0]
+
+
+def _fresh(target_config: ModelConfig, options: str, seed: int) -> Transformer:
+    opts = {"dim": 256, "layers": 4, "heads": 4, "kv_heads": 2, "mlp": 688}
+    for part in filter(None, options.split(",")):
+        key, _, value = part.partition("=")
+        if key not in opts or not value.isdigit():
+            raise ValueError(f"fresh draft option {part!r}: use key=int with keys {sorted(opts)}")
+        opts[key] = int(value)
+    if opts["dim"] % opts["heads"] or opts["heads"] % opts["kv_heads"]:
+        raise ValueError(f"dim must be a multiple of heads and heads of kv_heads, got {opts}")
+    config = ModelConfig(vocab_size=target_config.vocab_size, dim=opts["dim"], n_layers=opts["layers"],
+                         n_heads=opts["heads"], n_kv_heads=opts["kv_heads"], head_dim=opts["dim"] // opts["heads"],
+                         intermediate_size=opts["mlp"], rms_eps=target_config.rms_eps,
+                         rope_theta=target_config.rope_theta, tie_embeddings=True,
+                         max_position=target_config.max_position)
+    torch.manual_seed(seed)
+    model = Transformer(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02)
+    return model
+
+
+def init_draft(target: Transformer, spec: str, seed: int = 0) -> Tuple[Transformer, bool]:
+    """A trainable fp32 draft from the target per `spec` (module docstring); the target is left untouched."""
+    if not isinstance(target, Transformer):
+        raise ValueError("drafts are initialized from a Llama-family target (a tempspec Transformer)")
+    if spec.startswith("fresh"):
+        return _fresh(target.config, spec.partition(":")[2], seed), False
+    if not spec.startswith("layers:"):
+        raise ValueError(f"unknown draft init {spec!r}: use 'layers:0,29', 'layers:0,29/mlp:1024' or "
+                         "'fresh:dim=256,layers=4'")
+    body, _, mlp = spec[len("layers:"):].partition("/mlp:")
+    ids = parse_layer_ids(body, target.n_layers)
+    blocks = [copy.deepcopy(target.layers[i]).float() for i in ids]
+    if mlp:
+        for b in blocks:
+            prune_mlp(b, int(mlp))
+    width = int(mlp) if mlp else target.config.intermediate_size
+    config = dataclasses.replace(target.config, n_layers=len(ids), intermediate_size=width)
+    embed = copy.deepcopy(target.embed_tokens).float().requires_grad_(False)
+    head = copy.deepcopy(target.lm_head).float().requires_grad_(False) if target.lm_head is not None else None
+    norm = copy.deepcopy(target.norm).float()
+    draft = Transformer(config, embed_tokens=embed, layers=blocks, norm=norm, lm_head=head)
+    for p in draft.parameters():
+        if p is not embed.weight and (head is None or p is not head.weight):
+            p.requires_grad_(True)
+    return draft, True

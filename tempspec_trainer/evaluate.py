@@ -1,0 +1,54 @@
+"""Evaluating drafts: expected acceptance on data (no decoding) and measured acceptance / speedup by decoding.
+
+expected_acceptance_on_data: teacher-forced over generated rows, per temperature, the mean of 1 - TVD(p, q)
+    (argmax agreement at T = 0): what alpha would be if the draft saw the target's own contexts.
+measure_drafts: decodes a prompt set with the target alone and with each draft at each temperature through the
+    engine (tempspec_engine.sweep.run_sweep) and returns its results dict (alpha, tokens/s, speedup).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from tempspec_engine.models.draft import make_draft
+from tempspec_engine.models.loading import LoadedModel
+from tempspec_trainer.data import read_rows, token_sequences
+from tempspec_trainer.divergences import expected_acceptance
+
+
+@torch.no_grad()
+def expected_acceptance_on_data(target: LoadedModel, draft_spec: str, data_file: str,
+                                temperatures: Sequence[float], n_rows: Optional[int] = 64, seq_len: int = 256,
+                                batch_size: int = 8) -> Dict[str, float]:
+    """{"alpha@T": mean expected acceptance over the response tokens of the first n_rows rows} for each T."""
+    device = target.model.embed_tokens.weight.device
+    dtype = target.model.embed_tokens.weight.dtype
+    draft = make_draft(draft_spec, target, device, dtype).model
+    seqs = list(token_sequences(read_rows(data_file)[:n_rows], seq_len))
+    if not seqs:
+        raise ValueError(f"{data_file} holds no rows with a response")
+    from tempspec_trainer.train import make_batch
+
+    sums, n = {t: 0.0 for t in temperatures}, 0
+    for i in range(0, len(seqs), batch_size):
+        tokens, mask = make_batch(seqs[i:i + batch_size], device)
+        positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
+        p = target.model(tokens, positions, None)[mask].float()
+        q = draft(tokens, positions, None)[mask].float()
+        for t in temperatures:
+            sums[t] += float(expected_acceptance(q, p, t).sum())
+        n += int(mask.sum())
+    return {f"alpha@{t:g}": s / n for t, s in sums.items()}
+
+
+def measure_drafts(target, drafts: Sequence[str], prompts: Sequence[str], temperatures: Sequence[float], *,
+                   max_new_tokens: int = 64, batch_size: int = 1, device=None, dtype=None, k="auto", seed: int = 0,
+                   progress: bool = True) -> dict:
+    """Decoding measurement of each draft against the target alone (see tempspec_engine.sweep.run_sweep)."""
+    from tempspec_engine.sweep import collect_meta, run_sweep
+
+    results = run_sweep(target, list(drafts), list(prompts), list(temperatures), max_new_tokens, device=device,
+                        dtype=dtype, k=k, batch_size=batch_size, seed=seed, progress=progress)
+    results["meta"].update(collect_meta(torch.device(results["meta"].get("device", "cpu"))))
+    return results

@@ -1,0 +1,90 @@
+"""Model cards (README.md) for distilled drafts, written from what the trainer and the evaluation recorded.
+
+write_card: after training: the exact command, teacher, data (files, rows, temperatures), recipe, steps, and the
+    expected acceptance on held-out rows before and after training.
+add_measured: after `tempspec-train eval --update-cards`: a table of measured alpha and speedup per decoding
+    temperature (replacing an earlier one).
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+from tempspec_engine.models.draft_checkpoint import read_draft_info
+
+CARD = "README.md"
+MEASURED = "## Measured by decoding"
+
+
+def _size_mb(directory: Path) -> float:
+    return sum(f.stat().st_size for f in directory.iterdir() if f.is_file()) / 2**20
+
+
+def _data_summary(paths) -> list:
+    lines = []
+    for p in paths:
+        rows = [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()]
+        temps = sorted({r.get("temperature") for r in rows})
+        sources = sorted({Path(r.get("source", "?")).name for r in rows})
+        tokens = sum(len(r.get("response_ids", [])) for r in rows)
+        lines.append(f"- `{Path(p).name}`: {len(rows)} rows, {tokens} response tokens, sampled at T={temps} "
+                     f"from prompts of {', '.join(sources)} by {rows[0].get('generator', '?') if rows else '?'}")
+    return lines
+
+
+def write_card(directory, command: Optional[str] = None) -> Path:
+    """Writes <directory>/README.md from its tempspec_draft.json (recipe and training history)."""
+    directory = Path(directory)
+    info = read_draft_info(directory)
+    meta, cfg = info["metadata"], info["config"]
+    recipe = meta["recipe"]
+    command = command or " ".join(shlex.quote(a) for a in ["tempspec-train"] + sys.argv[1:])
+    hist = [h for h in meta.get("history", []) if any(k.startswith("alpha@") for k in h)]
+    lines = [f"# tempspec draft: {recipe['mode']} KD at tau_kd = {recipe['tau_kd']:g} ({recipe['divergence']})", "",
+             f"A {cfg['n_layers']}-layer draft (width {cfg['dim']}, MLP {cfg['intermediate_size']}) for "
+             f"`{info['target']['name']}`, distilled by tempspec_trainer. "
+             + ("It shares the target's token embeddings and output head (not stored here), so it loads only "
+                "together with that target. " if info["shares_target_embeddings"] else "")
+             + f"Files: {_size_mb(directory):.1f} MB.", "",
+             "## How it was made", "", "```bash", command, "```", "",
+             f"- teacher: `{meta.get('teacher', info['target']['name'])}`; initialization: `{recipe['init']}`",
+             f"- {meta['step']} optimizer steps of {recipe['batch_size']} x {recipe['grad_accum']} sequences "
+             f"(<= {recipe['seq_len']} tokens), AdamW lr {recipe['lr']:g}, warmup {recipe['warmup_steps']}, cosine to "
+             f"{recipe['min_lr_ratio']:g}x, precision {recipe['precision']}, seed {recipe['seed']}",
+             "- data:"] + ["  " + line for line in _data_summary(recipe["data"])]
+    if hist:
+        temps = [k for k in hist[0] if k.startswith("alpha@")]
+        lines += ["", f"## Expected acceptance on {recipe['eval_rows']} held-out rows (1 - TVD; argmax agreement at "
+                      "T = 0)", "", "| step | " + " | ".join(t.replace("alpha@", "T=") for t in temps) + " |",
+                  "| --- |" + " --- |" * len(temps)]
+        for h in (hist[0], hist[-1]):
+            lines.append(f"| {h['step']} | " + " | ".join(f"{h[t]:.3f}" for t in temps) + " |")
+    (directory / CARD).write_text("\n".join(lines) + "\n")
+    return directory / CARD
+
+
+def add_measured(directory, results: dict, source: str) -> Path:
+    """Adds (or replaces) the measured table of this draft from a run_sweep results dict."""
+    directory = Path(directory)
+    card = directory / CARD
+    text = card.read_text() if card.exists() else ""
+    text = text.split(MEASURED)[0].rstrip() + "\n\n"
+    meta = results["meta"]
+    rows = [r for r in results["results"] if Path(r["draft"]).resolve() == directory.resolve()]
+    base = {b["temperature"]: b for b in results["baseline"]}
+    lines = [MEASURED, "",
+             f"{meta.get('n_prompts')} prompts of `{meta.get('prompts_file', '?')}` (not used in training), "
+             f"{meta.get('max_new_tokens')} new tokens, batch {meta.get('batch_size')}, k {meta.get('k')}, "
+             f"{str(meta.get('dtype')).replace('torch.', '')} on {meta.get('device_name', meta.get('device'))}; "
+             f"results: `{source}`.", "",
+             "| decoding T | alpha | accepted / step | SD tokens/s | target tokens/s | speedup |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        b = base.get(r["temperature"], {})
+        lines.append(f"| {r['temperature']:g} | {r['alpha']:.3f} | {r['mean_accepted']:.2f} | "
+                     f"{r['sd_tokens_per_s']:.1f} | {b.get('tokens_per_s') or 0:.1f} | {r['speedup']:.2f} |")
+    card.write_text(text + "\n".join(lines) + "\n")
+    return card

@@ -1,0 +1,371 @@
+"""The distillation loop: one draft, one target (the teacher), generated data, a divergence at tau_kd.
+
+online:  loss = divergence(softmax(target/tau), softmax(draft/tau)) per response token (teacher forward each step)
+offline: loss = cross-entropy of the generated response tokens (sequence-level KD: the data carries the teacher)
+
+AdamW with linear warmup and cosine decay, gradient accumulation, bf16 autocast over fp32 weights, checkpoints
+(draft in safetensors + optimizer state) that `resume=True` continues from exactly, a progress bar with loss and
+tokens/s, and periodic expected acceptance (1 - TVD; argmax agreement at tau 0) on held-out rows. Under torchrun
+(WORLD_SIZE > 1) the draft is wrapped in DistributedDataParallel (nccl on GPUs, gloo on CPUs); each rank takes every
+world-th micro-batch and rank 0 evaluates and writes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from tempspec_engine.models.draft_checkpoint import save_draft
+from tempspec_engine.models.loading import LoadedModel, load_target
+from tempspec_trainer.data import read_rows, token_sequences
+from tempspec_trainer.divergences import expected_acceptance, get_divergence, masked_mean
+from tempspec_trainer.draft_init import init_draft
+
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+INIT = "init"  # the draft before training, saved for comparisons
+STATE_FILE = "trainer_state.pt"
+# config fields that must not change between a run and its resume
+RESUME_KEYS = ("data", "tau_kd", "mode", "divergence", "jsd_beta", "init", "target", "batch_size", "grad_accum",
+               "seq_len", "lr", "warmup_steps", "min_lr_ratio", "seed", "eval_rows")
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """One distillation run. `data`: generated JSONL files (gen-data / mix); rows keep their own temperature."""
+
+    data: List[str]
+    out_dir: str
+    tau_kd: float = 1.0
+    mode: str = "online"  # "online" (token-level divergence at tau_kd) or "offline" (cross-entropy on the data)
+    divergence: str = "fkl"  # fkl | rkl | jsd | tvd (online only)
+    jsd_beta: float = 0.5
+    init: str = "layers:0,29/mlp:1024"  # see draft_init.py
+    target: str = "default"
+    steps: int = 300
+    batch_size: int = 8  # sequences per micro-batch (per rank)
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 3e-4
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    precision: str = "bf16"  # bf16 autocast (and a bf16 teacher) or fp32
+    eval_rows: int = 32  # rows held out of `data` for the periodic acceptance estimate (0: none)
+    eval_every: int = 50
+    eval_temperatures: Tuple[float, ...] = (0.0, 0.5, 1.0)
+    save_every: int = 100
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ValueError("no data files given")
+        for path in self.data:
+            if not Path(path).is_file():
+                raise ValueError(f"data file {path} does not exist (make it with `tempspec-train gen-data`)")
+        if not (self.tau_kd >= 0.0) or not math.isfinite(self.tau_kd):
+            raise ValueError(f"tau_kd must be a finite number >= 0, got {self.tau_kd!r}")
+        if self.mode not in ("online", "offline"):
+            raise ValueError(f"mode must be 'online' or 'offline', got {self.mode!r}")
+        get_divergence(self.divergence)
+        if self.mode == "online" and self.divergence == "rkl" and self.tau_kd == 0.0:
+            raise ValueError("reverse KL against a greedy (tau_kd = 0) target is infinite: use fkl, jsd or tvd")
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if any(t < 0 for t in self.eval_temperatures):
+            raise ValueError(f"eval temperatures must be >= 0, got {self.eval_temperatures}")
+
+    def recipe(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------- batches
+def make_batch(seqs: Sequence[Tuple[List[int], int]], device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """tokens [B, T] int64 (right-padded with 0) and mask [B, T] bool: position t is trained iff token t+1 exists and
+    belongs to the response (so logits[t] predicts a generated token)."""
+    T = max(len(ids) for ids, _ in seqs)
+    tokens = torch.zeros(len(seqs), T, dtype=torch.int64)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for b, (ids, n_prompt) in enumerate(seqs):
+        tokens[b, : len(ids)] = torch.tensor(ids)
+        mask[b, max(n_prompt - 1, 0): len(ids) - 1] = True
+    return tokens.to(device), mask.to(device)
+
+
+class BatchSchedule:
+    """Micro-batch g (global index, all ranks) -> rows: epoch e = g // per_epoch shuffles the rows with seed + e.
+    A pure function of g, so a resumed run sees exactly the batches the uninterrupted run would have."""
+
+    def __init__(self, seqs: list, batch_size: int, seed: int):
+        if len(seqs) < batch_size:
+            raise ValueError(f"{len(seqs)} training sequences are fewer than batch_size {batch_size}")
+        self.seqs, self.batch_size, self.seed = seqs, batch_size, seed
+        self.per_epoch = len(seqs) // batch_size
+
+    def __call__(self, g: int) -> list:
+        epoch, j = divmod(g, self.per_epoch)
+        order = list(range(len(self.seqs)))
+        random.Random(self.seed * 7919 + epoch).shuffle(order)
+        return [self.seqs[i] for i in order[j * self.batch_size:(j + 1) * self.batch_size]]
+
+
+def lr_factor(step: int, cfg: DistillConfig) -> float:
+    """Linear warmup to 1, then cosine down to min_lr_ratio at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def load_sequences(cfg: DistillConfig, vocab_size: int) -> Tuple[list, list]:
+    """(train, held-out) token sequences from cfg.data; ValueError for ids outside the target's vocabulary."""
+    rows = [r for path in cfg.data for r in read_rows(path)]
+    if not rows:
+        raise ValueError(f"no rows in {cfg.data}")
+    seqs = list(token_sequences(rows, cfg.seq_len))
+    if not seqs:
+        raise ValueError(f"no row of {cfg.data} has a response that fits seq_len {cfg.seq_len} after its prompt")
+    top = max(max(ids) for ids, _ in seqs)
+    if min(min(ids) for ids, _ in seqs) < 0:
+        raise ValueError("the data holds negative token ids")
+    if top >= vocab_size:
+        raise ValueError(f"the data holds token id {top}, outside the target's vocabulary of {vocab_size}: it was "
+                         "generated with another tokenizer")
+    random.Random(cfg.seed).shuffle(seqs)
+    n_eval = min(cfg.eval_rows, len(seqs) // 4)
+    return seqs[n_eval:], seqs[:n_eval]
+
+
+# -------------------------------------------------------------------------------------------------- the loop
+class Distiller:
+    """Holds the target, the draft, the optimizer and the data of one run; `run()` trains to cfg.steps."""
+
+    def __init__(self, cfg: DistillConfig, target: Optional[LoadedModel] = None, progress: bool = True):
+        cfg.validate()
+        self.cfg, self.progress = cfg, progress
+        self.rank, self.world, self.device = _distributed_setup(cfg.device)
+        teacher_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        self.target = target or load_target(cfg.target, self.device, teacher_dtype)
+        self.teacher = self.target.model.eval().requires_grad_(False)
+        torch.manual_seed(cfg.seed)
+        self.draft, self.shared = init_draft(self.teacher, cfg.init, cfg.seed)
+        self.draft.to(self.device).train()
+        self.model = self.draft
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.draft, device_ids=ids)
+        params = [p for p in self.draft.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        train, self.eval_seqs = load_sequences(cfg, self.teacher.config.vocab_size)
+        self.schedule = BatchSchedule(train, cfg.batch_size, cfg.seed)
+        self.step, self.history = 0, []
+        self.out = Path(cfg.out_dir)
+
+    # ------------------------------------------------------------------ pieces
+    def _autocast(self):
+        enabled = self.cfg.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _logits(self, model, tokens) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        return model(tokens, positions, None)
+
+    def loss(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the masked positions of one micro-batch."""
+        with self._autocast():
+            student = self._logits(self.model, tokens)[mask]
+        if self.cfg.mode == "offline":
+            targets = tokens[:, 1:][mask[:, :-1]]
+            return F.cross_entropy(student.float(), targets)
+        with torch.no_grad():
+            teacher = self._logits(self.teacher, tokens)[mask]
+        fn = get_divergence(self.cfg.divergence)
+        kwargs = {"beta": self.cfg.jsd_beta} if self.cfg.divergence == "jsd" else {}
+        return masked_mean(fn(student, teacher, self.cfg.tau_kd, **kwargs), None)
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Expected acceptance per eval temperature on the held-out rows (token-weighted), plus the loss there."""
+        if not self.eval_seqs:
+            return {}
+        self.draft.eval()
+        sums = {t: 0.0 for t in self.cfg.eval_temperatures}
+        n_tokens = 0
+        for i in range(0, len(self.eval_seqs), self.cfg.batch_size):
+            tokens, mask = make_batch(self.eval_seqs[i:i + self.cfg.batch_size], self.device)
+            with self._autocast():
+                student = self._logits(self.draft, tokens)[mask].float()
+            teacher = self._logits(self.teacher, tokens)[mask].float()
+            for t in sums:
+                sums[t] += float(expected_acceptance(student, teacher, t).sum())
+            n_tokens += int(mask.sum())
+        self.draft.train()
+        return {f"alpha@{t:g}": s / n_tokens for t, s in sums.items()}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _metadata(self, final: bool) -> dict:
+        return {"recipe": self.cfg.recipe(), "step": self.step, "final": final, "history": self.history,
+                "teacher": self.target.name}
+
+    def save_checkpoint(self) -> Path:
+        directory = self.out / CHECKPOINTS / f"step-{self.step:06d}"
+        save_draft(self.draft, directory, shares_target_embeddings=self.shared, target_name=self.target.name,
+                   target_vocab=self.teacher.config.vocab_size, metadata=self._metadata(False))
+        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "history": self.history,
+                    "config": self.cfg.recipe(), "torch_rng": torch.get_rng_state()}, directory / STATE_FILE)
+        for old in sorted((self.out / CHECKPOINTS).glob("step-*"))[:-2]:  # keep the two newest
+            shutil.rmtree(old)
+        return directory
+
+    def resume(self) -> bool:
+        """Loads the newest checkpoint under out_dir; False when there is none."""
+        ckpts = sorted((self.out / CHECKPOINTS).glob("step-*"))
+        ckpts = [c for c in ckpts if (c / STATE_FILE).is_file()]
+        if not ckpts:
+            return False
+        from safetensors.torch import load_file
+
+        state = torch.load(ckpts[-1] / STATE_FILE, map_location="cpu", weights_only=False)
+        saved, now = state["config"], self.cfg.recipe()
+        changed = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+        if changed:
+            raise ValueError(f"cannot resume {ckpts[-1]}: the run's {changed} differ from the checkpoint's "
+                             f"({[saved.get(k) for k in changed]}); use another out_dir")
+        weights = load_file(str(ckpts[-1] / "model.safetensors"))
+        self.draft.load_state_dict(weights, strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.history = state["step"], state["history"]
+        torch.set_rng_state(state["torch_rng"])
+        return True
+
+    def save_final(self) -> Path:
+        directory = self.out / FINAL
+        save_draft(self.draft, directory, shares_target_embeddings=self.shared, target_name=self.target.name,
+                   target_vocab=self.teacher.config.vocab_size, metadata=self._metadata(True), dtype=torch.bfloat16)
+        (self.out / "train_log.json").write_text(json.dumps(self._metadata(True), indent=2) + "\n")
+        return directory
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> Path:
+        """Trains from the current step to cfg.steps; returns the final draft directory (on rank 0)."""
+        cfg = self.cfg
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"distill {cfg.mode} {cfg.divergence} tau={cfg.tau_kd:g}",
+                   disable=not self.progress or self.rank != 0, dynamic_ncols=True)
+        if self.step == 0 and self.rank == 0:  # the undistilled draft: the baseline every result is compared with
+            self.history.append({"step": 0, **self.evaluate()})
+            save_draft(self.draft, self.out / INIT, shares_target_embeddings=self.shared, target_name=self.target.name,
+                       target_vocab=self.teacher.config.vocab_size, metadata=self._metadata(False),
+                       dtype=torch.bfloat16)
+        t0, tokens_seen = time.perf_counter(), 0
+        try:
+            self._train_until_done(bar, t0, tokens_seen)
+        except KeyboardInterrupt:  # never lose the work done: checkpoint, then stop
+            if self.rank == 0 and self.step > 0:
+                bar.write(f"interrupted: saved {self.save_checkpoint()} (continue with --resume)")
+            raise
+        bar.close()
+        final = self.save_final() if self.rank == 0 else self.out / FINAL
+        _barrier(self.world)
+        return final
+
+    def _train_until_done(self, bar, t0: float, tokens_seen: int) -> None:
+        cfg = self.cfg
+        while self.step < cfg.steps:
+            total = 0.0
+            for a in range(cfg.grad_accum):
+                g = (self.step * cfg.grad_accum + a) * self.world + self.rank
+                tokens, mask = make_batch(self.schedule(g), self.device)
+                sync = a == cfg.grad_accum - 1 or self.world == 1
+                ctx = self.model.no_sync() if not sync else _null()
+                with ctx:
+                    loss = self.loss(tokens, mask) / cfg.grad_accum
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step}; lower the lr")
+                    loss.backward()
+                total += float(loss.detach())
+                tokens_seen += int(mask.sum()) * self.world
+            torch.nn.utils.clip_grad_norm_([p for p in self.draft.parameters() if p.requires_grad], cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            rate = tokens_seen / (time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{rate:.0f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+            if self.rank == 0:
+                entry = {"step": self.step, "loss": total, "train_tokens_per_s": rate}
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    entry.update(self.evaluate())
+                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in entry.items()
+                                                                 if k != "step"))
+                self.history.append(entry)
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:  # the last one: runs can be extended
+                    self.save_checkpoint()
+            _barrier(self.world)
+
+
+def distill(cfg: DistillConfig, resume: bool = False, target: Optional[LoadedModel] = None,
+            progress: bool = True) -> Path:
+    """Runs (or resumes) one distillation; returns the directory of the final draft."""
+    d = Distiller(cfg, target=target, progress=progress)
+    if resume:
+        if not d.resume() and (d.out / FINAL).exists():
+            raise ValueError(f"{d.out} holds a final draft but no checkpoint to resume from")
+    elif (d.out / CHECKPOINTS).exists() or (d.out / FINAL).exists():
+        raise ValueError(f"{d.out} already holds a run: pass resume=True (--resume) or choose another out_dir")
+    return d.run()
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _distributed_setup(device: str):
+    """(rank, world, device). Under torchrun (WORLD_SIZE > 1) joins the process group; else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if world > 1:
+        import torch.distributed as dist
+
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if cuda else "gloo")
+        if cuda:
+            torch.cuda.set_device(local)
+        return dist.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu")
+    if device == "auto":
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    return 0, 1, torch.device(device)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()

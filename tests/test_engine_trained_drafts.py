@@ -1,0 +1,100 @@
+"""Trained-draft checkpoints in the engine: save/load round trip (with and without the target's shared embeddings),
+clear errors, the `distilled:<tau>` spec, and the drafts shipped with the package (size, model cards, loading)."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from tempspec_engine.models.config import ModelConfig
+from tempspec_engine.models.draft_checkpoint import (DRAFT_FILE, SHIPPED_DIR, is_draft_dir, load_draft,
+                                                     read_draft_info, save_draft, shipped_draft, shipped_drafts)
+from tempspec_engine.models.llama import Transformer
+
+TINY = ModelConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, intermediate_size=64,
+                   tie_embeddings=True)
+
+
+def _model(config=TINY, seed=0, **kw):
+    torch.manual_seed(seed)
+    m = Transformer(config, **kw)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    return m.eval()
+
+
+def _logits(model, tokens):
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with torch.no_grad():
+        return model(tokens, positions, None)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_round_trip_gives_identical_logits(tmp_path, shared):
+    target = _model(seed=1)
+    config = dataclasses.replace(TINY, n_layers=1, intermediate_size=48)
+    kw = {"embed_tokens": target.embed_tokens} if shared else {}
+    draft = _model(config, seed=2, **kw)
+    save_draft(draft, tmp_path / "d", shares_target_embeddings=shared, target_name="tiny", target_vocab=96,
+               metadata={"recipe": {"tau_kd": 0.5}})
+    assert is_draft_dir(tmp_path / "d")
+    loaded = load_draft(tmp_path / "d", target)
+    tokens = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_logits(loaded, tokens), _logits(draft, tokens))
+    if shared:  # the shared tensors are the target's own, not copies, and were not saved
+        assert loaded.embed_tokens is target.embed_tokens
+        from safetensors.torch import load_file
+
+        assert "embed_tokens.weight" not in load_file(str(tmp_path / "d" / "model.safetensors"))
+
+
+def test_shared_draft_needs_a_matching_target(tmp_path):
+    target = _model(seed=1)
+    draft = _model(dataclasses.replace(TINY, n_layers=1), seed=2, embed_tokens=target.embed_tokens)
+    save_draft(draft, tmp_path / "d", shares_target_embeddings=True, target_name="tiny", target_vocab=96)
+    with pytest.raises(ValueError, match="pass the target"):
+        load_draft(tmp_path / "d")
+    other = _model(dataclasses.replace(TINY, vocab_size=128), seed=3)
+    with pytest.raises(ValueError, match="vocab 96"):
+        load_draft(tmp_path / "d", other)
+
+
+def test_bad_directories(tmp_path):
+    with pytest.raises(FileNotFoundError, match=DRAFT_FILE):
+        read_draft_info(tmp_path)
+    (tmp_path / DRAFT_FILE).write_text(json.dumps({"format": "other/9"}))
+    with pytest.raises(ValueError, match="unknown draft format"):
+        read_draft_info(tmp_path)
+    with pytest.raises(ValueError, match="no shipped draft distilled at tau_kd=9.5"):
+        shipped_draft(9.5)
+
+
+SHIPPED = shipped_drafts()
+
+
+def test_shipped_drafts_are_small_and_documented():
+    """Issue 4: distilled drafts for tau_kd 0, 0.5, 1.0 ship with the package, <= 40 MB in all, each with a card."""
+    assert sorted(SHIPPED) == [0.0, 0.5, 1.0]
+    total = sum(f.stat().st_size for f in SHIPPED_DIR.rglob("*") if f.is_file())
+    assert total <= 40 * 2**20, f"shipped drafts take {total / 2**20:.1f} MiB"
+    for tau, d in SHIPPED.items():
+        card = (d / "README.md").read_text()
+        assert "tempspec-train distill" in card and "alpha" in card
+        info = read_draft_info(d)
+        assert info["shares_target_embeddings"] and info["metadata"]["recipe"]["tau_kd"] == tau
+        assert info["metadata"]["final"] is True
+
+
+def test_distilled_spec_loads_on_the_target_shape():
+    """The shipped weights load onto a target of the default's shape (random weights: no download needed)."""
+    info = read_draft_info(SHIPPED[0.5])
+    c = ModelConfig(**info["config"])
+    target = Transformer(dataclasses.replace(c, n_layers=2, intermediate_size=64)).to(torch.bfloat16)
+    from tempspec_engine.models.draft import make_draft
+    from tempspec_engine.models.loading import LoadedModel
+
+    draft = make_draft("distilled:0.5", LoadedModel(target, None, (), "t"), "cpu", torch.bfloat16).model
+    assert draft.embed_tokens is target.embed_tokens and draft.n_layers == c.n_layers
+    logits = _logits(draft, torch.tensor([[1, 2, 3]]))
+    assert logits.shape == (1, 3, c.vocab_size) and torch.isfinite(logits).all()
