@@ -18,7 +18,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -28,13 +28,13 @@ from tempspec_engine.models.loading import best_device, load_target, resolve_dty
 from tempspec_engine.sweep import collect_meta, format_table, read_prompts, run_sweep  # noqa: E402
 
 
-def parse_draft(text: str) -> Tuple[str, float, str]:
-    """'online:0.5=DIR' -> ('online', 0.5, DIR); 'none=DIR' (the undistilled draft) -> ('none', nan, DIR)."""
+def parse_draft(text: str) -> Tuple[str, Optional[float], str]:
+    """'online:0.5=DIR' -> ('online', 0.5, DIR); 'none=DIR' (the undistilled draft) -> ('none', None, DIR)."""
     label, sep, path = text.partition("=")
     if not sep or not path:
         raise ValueError(f"--draft {text!r}: use MODE:TAU=DIR (e.g. online:0.5=runs/kd/final) or none=DIR")
     mode, _, tau = label.partition(":")
-    return mode, float(tau) if tau else float("nan"), path
+    return mode, float(tau) if tau else None, path
 
 
 def build_grids(results: dict, drafts: List[Tuple[str, float, str]]) -> Dict[str, dict]:
@@ -43,7 +43,7 @@ def build_grids(results: dict, drafts: List[Tuple[str, float, str]]) -> Dict[str
     temps = results["temperatures"]
     grids = {}
     for mode in sorted({m for m, _, _ in drafts}):
-        rows = sorted((tau, path) for m, tau, path in drafts if m == mode)
+        rows = sorted(((tau, path) for m, tau, path in drafts if m == mode), key=lambda r: (r[0] is None, r[0] or 0))
         grid = {"tau_kd": [tau for tau, _ in rows], "tau_dec": temps, "drafts": [p for _, p in rows]}
         for metric in ("alpha", "speedup", "mean_accepted"):
             grid[metric] = [[by_key[(p, t)].get(metric) for t in temps] for _, p in rows]
@@ -67,7 +67,7 @@ def plot_grids(grids: Dict[str, dict], title: str, out_stem: Path) -> List[str]:
             values = [[float("nan") if v is None else v for v in row] for row in g[metric]]
             im = ax.imshow(values, cmap="viridis", aspect="auto", origin="lower")
             ax.set_xticks(range(len(g["tau_dec"])), [f"{t:g}" for t in g["tau_dec"]])
-            ax.set_yticks(range(len(g["tau_kd"])), [f"{t:g}" for t in g["tau_kd"]])
+            ax.set_yticks(range(len(g["tau_kd"])), [f"{t:g}" if t is not None else "-" for t in g["tau_kd"]])
             ax.set_xlabel("decoding temperature")
             ax.set_ylabel("KD temperature")
             ax.set_title(f"{mode}: {metric}")

@@ -130,6 +130,15 @@ def _eager(model, static: bool):
     return forward
 
 
+NONFINITE_MESSAGE = ("a model produced NaN or +inf logits during generation (overflow in this dtype? try "
+                     "dtype=fp32): the outputs would be invalid")
+
+
+def _has_nan_or_posinf(logits: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor on the logits' device (no host synchronization); -inf (masked tokens) is allowed."""
+    return (logits.isnan() | logits.isposinf()).any()
+
+
 class SpeculativeEngine:
     """Loads a target and a draft, owns both KV caches and generates losslessly.
 
@@ -275,41 +284,51 @@ class SpeculativeEngine:
         caches, forwards = self._forwards(batch, models)
         queue = collections.deque(reqs)
         slots = [queue.popleft() for _ in range(batch)]
+        # the op runs with validate=False in the loop; this flag (checked after the loop, or when it fails) refuses to
+        # return text sampled from NaN or +inf logits
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self._prefill(slots, models, [c.rows(0, batch) for c in caches])
-        while any(s is not None for s in slots):
-            n = len(slots)
-            views = [c.rows(0, n) for c in caches] if n < caches[0].batch else caches
-            if speculative:
-                new_tokens = self._spec_step(slots, views, forwards, gen)
-            else:
-                new_tokens = self._ar_step(slots, views, forwards, gen)
-            finished = []
-            for i, (req, toks) in enumerate(zip(slots, new_tokens)):
-                if req is None:
+        try:
+            while any(s is not None for s in slots):
+                n = len(slots)
+                views = [c.rows(0, n) for c in caches] if n < caches[0].batch else caches
+                if speculative:
+                    new_tokens = self._spec_step(slots, views, forwards, gen)
+                else:
+                    new_tokens = self._ar_step(slots, views, forwards, gen)
+                finished = []
+                for i, (req, toks) in enumerate(zip(slots, new_tokens)):
+                    if req is None:
+                        continue
+                    self._append(req, toks, stops, on_tokens)
+                    if req.finish is not None:
+                        req.stats.wall_time_s = time.perf_counter() - req.start
+                        finished.append(i)
+                if not finished:
                     continue
-                self._append(req, toks, stops, on_tokens)
-                if req.finish is not None:
-                    req.stats.wall_time_s = time.perf_counter() - req.start
-                    finished.append(i)
-            if not finished:
-                continue
-            if self.static_shapes:  # rows keep their slots; queued requests take freed ones
-                for i in finished:
-                    slots[i] = queue.popleft() if queue else None
-                    if slots[i] is not None:
-                        self._prefill([slots[i]], models, [c.rows(i, i + 1) for c in caches])
-                continue
-            keep = [i for i, s in enumerate(slots) if s.finish is None]
-            if keep != list(range(len(keep))):
-                idx = torch.tensor(keep, device=self.device)
-                for c in caches:
-                    c.rows(0, n).compact(idx)
-            slots = [slots[i] for i in keep]
-            fresh = [queue.popleft() for _ in range(min(len(queue), batch - len(slots)))]
-            if fresh:  # queued requests take the freed slots, prefilled together
-                a, b = len(slots), len(slots) + len(fresh)
-                self._prefill(fresh, models, [c.rows(a, b) for c in caches])
-                slots += fresh
+                if self.static_shapes:  # rows keep their slots; queued requests take freed ones
+                    for i in finished:
+                        slots[i] = queue.popleft() if queue else None
+                        if slots[i] is not None:
+                            self._prefill([slots[i]], models, [c.rows(i, i + 1) for c in caches])
+                    continue
+                keep = [i for i, s in enumerate(slots) if s.finish is None]
+                if keep != list(range(len(keep))):
+                    idx = torch.tensor(keep, device=self.device)
+                    for c in caches:
+                        c.rows(0, n).compact(idx)
+                slots = [slots[i] for i in keep]
+                fresh = [queue.popleft() for _ in range(min(len(queue), batch - len(slots)))]
+                if fresh:  # queued requests take the freed slots, prefilled together
+                    a, b = len(slots), len(slots) + len(fresh)
+                    self._prefill(fresh, models, [c.rows(a, b) for c in caches])
+                    slots += fresh
+        except (IndexError, RuntimeError) as exc:  # e.g. a token sampled from NaN logits indexes out of range
+            if bool(self._nonfinite):
+                raise FloatingPointError(NONFINITE_MESSAGE) from exc
+            raise
+        if bool(self._nonfinite):
+            raise FloatingPointError(NONFINITE_MESSAGE)
 
     def _prefill(self, reqs, models, caches):
         """Runs prompt[:-1] of each request through every model (right-padded batch; padding keys land beyond the
@@ -368,6 +387,7 @@ class SpeculativeEngine:
         timer.mark()
         if isinstance(draft_logits, list):
             draft_logits = torch.stack(draft_logits, dim=1)
+        self._nonfinite |= _has_nan_or_posinf(target_logits) | _has_nan_or_posinf(draft_logits)
         out = speculative_sample(draft_logits, target_logits, dtoks, temps, generator=gen,
                                  backend=self.backend, validate=False)
         accepted = out.accepted.tolist()  # the step's one host synchronization
@@ -421,6 +441,7 @@ class SpeculativeEngine:
         timer.mark()
         logits = fwd_t(tokens, positions, cache_t, max(L_host), None)
         timer.mark()
+        self._nonfinite |= _has_nan_or_posinf(logits)
         out = sample(logits[:, 0], temps, generator=gen, backend=self.backend, validate=False).tolist()
         (t_target,) = timer.seconds()
         cache_t.rollback(torch.tensor(L_host, device=dev))

@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
-        kind = _floats if isinstance(value, tuple) else type(value)
+        kind = _floats if isinstance(value, tuple) else str if value is None else type(value)
         d.add_argument(flag, type=kind, default=None, help=f"default {value}")
     d.set_defaults(func=_distill)
 

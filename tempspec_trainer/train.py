@@ -5,12 +5,14 @@ offline: loss = cross-entropy of the generated response tokens (sequence-level K
 
 AdamW with linear warmup and cosine decay, gradient accumulation, bf16 autocast over fp32 weights, checkpoints
 (draft in safetensors + optimizer state) that `resume=True` continues from exactly, a progress bar with loss and
-tokens/s, and periodic expected acceptance (1 - TVD; argmax agreement at tau 0) on held-out rows. Under torchrun
+tokens/s, and periodic expected acceptance (1 - TVD; argmax agreement at tau 0) on held-out rows, plus, with
+`eval_prompts`, the acceptance measured by decoding a few prompts through the engine. Under torchrun
 (WORLD_SIZE > 1) the draft is wrapped in DistributedDataParallel (nccl on GPUs, gloo on CPUs); each rank takes every
 world-th micro-batch and rank 0 evaluates and writes.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 from tempspec_engine.models.draft_checkpoint import save_draft
 from tempspec_engine.models.loading import LoadedModel, load_target
-from tempspec_trainer.data import read_rows, token_sequences
+from tempspec_trainer.data import read_prompt_file, read_rows, token_sequences
 from tempspec_trainer.divergences import expected_acceptance, get_divergence, masked_mean
 from tempspec_trainer.draft_init import init_draft
 
@@ -64,6 +66,9 @@ class DistillConfig:
     eval_rows: int = 32  # rows held out of `data` for the periodic acceptance estimate (0: none)
     eval_every: int = 50
     eval_temperatures: Tuple[float, ...] = (0.0, 0.5, 1.0)
+    eval_prompts: Optional[str] = None  # JSONL prompts: also measure alpha by decoding them at each evaluation
+    eval_decode_prompts: int = 4  # how many of them
+    eval_decode_tokens: int = 32  # new tokens per prompt
     save_every: int = 100
     seed: int = 0
     device: str = "auto"
@@ -86,6 +91,8 @@ class DistillConfig:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_prompts is not None and not Path(self.eval_prompts).is_file():
+            raise ValueError(f"eval prompt file {self.eval_prompts} does not exist")
         if any(t < 0 for t in self.eval_temperatures):
             raise ValueError(f"eval temperatures must be >= 0, got {self.eval_temperatures}")
 
@@ -175,6 +182,8 @@ class Distiller:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         train, self.eval_seqs = load_sequences(cfg, self.teacher.config.vocab_size)
         self.schedule = BatchSchedule(train, cfg.batch_size, cfg.seed)
+        self.decode_prompts = ([p for _, p in read_prompt_file(cfg.eval_prompts, cfg.eval_decode_prompts)]
+                               if cfg.eval_prompts else [])
         self.step, self.history = 0, []
         self.out = Path(cfg.out_dir)
 
@@ -216,8 +225,30 @@ class Distiller:
             for t in sums:
                 sums[t] += float(expected_acceptance(student, teacher, t).sum())
             n_tokens += int(mask.sum())
+        result = {f"alpha@{t:g}": s / n_tokens for t, s in sums.items()}
+        if self.decode_prompts:
+            result.update(self.measure_by_decoding())
         self.draft.train()
-        return {f"alpha@{t:g}": s / n_tokens for t, s in sums.items()}
+        return result
+
+    @torch.no_grad()
+    def measure_by_decoding(self) -> Dict[str, Optional[float]]:
+        """Measured acceptance {"measured_alpha@T": accepted / (accepted + rejections)} of the current draft (cast to
+        the target's dtype) decoding the eval prompts with the engine, k = 4, at each eval temperature."""
+        from tempspec_engine.engine import SpeculativeEngine
+
+        dtype = self.teacher.embed_tokens.weight.dtype
+        draft = copy.deepcopy(self.draft).to(dtype).eval()
+        engine = SpeculativeEngine(self.target, draft, device=self.device, dtype=dtype, k=4,
+                                   max_batch_size=len(self.decode_prompts))
+        chat = self.target.tokenizer is not None and getattr(self.target.tokenizer, "chat_template", None) is not None
+        out = {}
+        for t in self.cfg.eval_temperatures:
+            stats = [o.stats for o in engine.generate(self.decode_prompts, t, self.cfg.eval_decode_tokens,
+                                                      chat_template=chat, seed=self.cfg.seed)]
+            n = sum(s.accepted + s.rejections for s in stats)
+            out[f"measured_alpha@{t:g}"] = sum(s.accepted for s in stats) / n if n else None
+        return out
 
     # ------------------------------------------------------------------ checkpoints
     def _metadata(self, final: bool) -> dict:
@@ -317,8 +348,8 @@ class Distiller:
                 entry = {"step": self.step, "loss": total, "train_tokens_per_s": rate}
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     entry.update(self.evaluate())
-                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in entry.items()
-                                                                 if k != "step"))
+                    bar.write(f"step {self.step}: " + ", ".join(
+                        f"{k} {'n/a' if v is None else format(v, '.4f')}" for k, v in entry.items() if k != "step"))
                 self.history.append(entry)
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:  # the last one: runs can be extended
                     self.save_checkpoint()

@@ -82,10 +82,15 @@ def test_gen_data_rows_and_mix(tiny_hf, data, tmp_path):
 
 def test_distill_then_eval(tiny_hf, data, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["distill", "--target", str(tiny_hf / "model"), "--data", str(data), "--out-dir", str(out)]
-                + DISTILL) == 0
+    assert main(["distill", "--target", str(tiny_hf / "model"), "--data", str(data), "--out-dir", str(out),
+                 "--eval-prompts", str(tiny_hf / "prompts.jsonl"), "--eval-decode-prompts", "3",
+                 "--eval-decode-tokens", "6", "--eval-temperatures", "0,1"] + DISTILL) == 0
     log = json.loads((out / "train_log.json").read_text())
     assert log["step"] == 4 and log["recipe"]["tau_kd"] == 1.0
+    measured = [h for h in log["history"] if "measured_alpha@0" in h]
+    assert [h["step"] for h in measured] == [0, 2, 4]  # measured by decoding at every evaluation
+    assert all(0.0 <= h["measured_alpha@1"] <= 1.0 for h in measured)
+    assert measured[-1]["measured_alpha@0"] > measured[0]["measured_alpha@0"]
     res = tmp_path / "eval.json"
     assert main(["eval", "--target", str(tiny_hf / "model"), "--drafts", str(out / "init"), str(out / "final"),
                  "--data", str(data), "--n-rows", "16", "--temperatures", "0,1", "--out", str(res),
