@@ -51,6 +51,17 @@ def build_grids(results: dict, drafts: List[Tuple[str, float, str]]) -> Dict[str
     return grids
 
 
+def format_grids(grids: Dict[str, dict], metric: str) -> str:
+    """A Markdown table of `metric`: one row per (mode, tau_kd), one column per decoding temperature."""
+    temps = next(iter(grids.values()))["tau_dec"]
+    lines = ["| draft | " + " | ".join(f"T={t:g}" for t in temps) + " |", "| --- |" + " --- |" * len(temps)]
+    for mode, g in grids.items():
+        for tau, row in zip(g["tau_kd"], g[metric]):
+            label = "undistilled" if mode == "none" else f"{mode}, tau_kd={tau:g}"
+            lines.append(f"| {label} | " + " | ".join("n/a" if v is None else f"{v:.2f}" for v in row) + " |")
+    return "\n".join(lines)
+
+
 def plot_grids(grids: Dict[str, dict], title: str, out_stem: Path) -> List[str]:
     """One PNG per metric: a heatmap panel per mode (rows tau_kd, columns tau_dec, values annotated)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -85,8 +96,8 @@ def plot_grids(grids: Dict[str, dict], title: str, out_stem: Path) -> List[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--draft", action="append", required=True, help="MODE:TAU=DIR or none=DIR, repeatable")
-    ap.add_argument("--prompts", action="append", required=True, help="NAME=JSONL prompt file, repeatable")
+    ap.add_argument("--draft", action="append", default=[], help="MODE:TAU=DIR or none=DIR, repeatable")
+    ap.add_argument("--prompts", action="append", default=[], help="NAME=JSONL prompt file, repeatable")
     ap.add_argument("--n-prompts", type=int, default=12)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperatures", default="0,0.5,1")
@@ -97,8 +108,18 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", required=True, help="results JSON; heatmaps <out>_<set>_{alpha,speedup}.png beside it")
+    ap.add_argument("--report", action="store_true",
+                    help="decode nothing: print the Markdown grids of an existing --out JSON")
     args = ap.parse_args(argv)
+    if args.report:
+        report = json.loads(Path(args.out).read_text())
+        for name, entry in report["sets"].items():
+            for metric in ("alpha", "speedup"):
+                print(f"### {name}: {metric}\n\n{format_grids(entry['grids'], metric)}\n")
+        return 0
     try:
+        if not args.draft or not args.prompts:
+            raise ValueError("give at least one --draft and one --prompts")
         drafts = [parse_draft(d) for d in args.draft]
         sets = [p.partition("=")[::2] for p in args.prompts]
         if any(not name or not path for name, path in sets):

@@ -7,8 +7,7 @@ Every function takes logits [N, V] (any float dtype; reduced in fp32) and return
   tvd         0.5 sum |p - q|                             (speculative acceptance: alpha = 1 - TVD)
 tau = 0 is greedy decoding: p is one-hot on the target's first argmax and q = softmax(draft) at temperature 1, so
 forward KL is the cross-entropy of the target's greedy token and 1 - TVD is q's mass on it; reverse KL is infinite
-there and raises. `masked_mean` averages per-token values over a mask. Tokens that a logit of -inf excludes from p
-contribute 0 log 0 = 0.
+there and raises. Tokens that a logit of -inf excludes from p contribute 0 log 0 = 0.
 """
 from __future__ import annotations
 
@@ -76,16 +75,6 @@ def get_divergence(name: str) -> Callable[..., torch.Tensor]:
     if name not in DIVERGENCES:
         raise ValueError(f"unknown divergence {name!r}; choose one of {sorted(DIVERGENCES)}")
     return DIVERGENCES[name]
-
-
-def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Mean of values [N] over mask [N] (bool); all values when mask is None. Raises on an empty mask."""
-    if mask is None:
-        return values.mean()
-    n = mask.sum()
-    if int(n) == 0:
-        raise ValueError("the mask selects no tokens")
-    return (values * mask).sum() / n
 
 
 def expected_acceptance(draft_logits, target_logits, tau: float) -> torch.Tensor:

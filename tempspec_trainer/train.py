@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tempspec_engine.models.draft_checkpoint import save_draft
 from tempspec_engine.models.loading import LoadedModel, load_target
 from tempspec_trainer.data import read_prompt_file, read_rows, token_sequences
-from tempspec_trainer.divergences import expected_acceptance, get_divergence, masked_mean
+from tempspec_trainer.divergences import expected_acceptance, get_divergence
 from tempspec_trainer.draft_init import init_draft
 
 CHECKPOINTS = "checkpoints"
@@ -207,11 +207,12 @@ class Distiller:
             teacher = self._logits(self.teacher, tokens)[mask]
         fn = get_divergence(self.cfg.divergence)
         kwargs = {"beta": self.cfg.jsd_beta} if self.cfg.divergence == "jsd" else {}
-        return masked_mean(fn(student, teacher, self.cfg.tau_kd, **kwargs), None)
+        return fn(student, teacher, self.cfg.tau_kd, **kwargs).mean()
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
-        """Expected acceptance per eval temperature on the held-out rows (token-weighted), plus the loss there."""
+        """Expected acceptance per eval temperature on the held-out rows (token-weighted); with eval_prompts, also
+        the acceptance measured by decoding."""
         if not self.eval_seqs:
             return {}
         self.draft.eval()

@@ -37,3 +37,12 @@ def test_grids_and_heatmaps(tmp_path):
     for p in paths:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_markdown_grid():
+    drafts = [("online", 0.0, "a"), ("none", None, "b")]
+    grids = kd_grid.build_grids(_results(drafts, [0.0, 1.0]), drafts)
+    table = kd_grid.format_grids(grids, "alpha").splitlines()
+    assert table[0] == "| draft | T=0 | T=1 |"
+    assert "| none" not in table[2] and table[2] == "| undistilled | 0.10 | 1.10 |"
+    assert table[3] == "| online, tau_kd=0 | 0.00 | 1.00 |"

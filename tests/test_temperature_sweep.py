@@ -122,4 +122,4 @@ def test_prompt_formats_and_temperatures(tmp_path):
     for bad in ("-0.1", "0,2.01", "", "0:1:0"):
         with pytest.raises(ValueError):
             sweep.parse_temperatures(bad)
-    assert sweep.QUICK_TEMPERATURES == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert sweep.QUICK_TEMPERATURES == sweep.parse_temperatures("0:1:0.25") == [0.0, 0.25, 0.5, 0.75, 1.0]

@@ -7,7 +7,7 @@ import torch
 
 import trainer_fixtures as tf
 from tempspec_trainer.divergences import (DIVERGENCES, expected_acceptance, forward_kl, get_divergence, jsd,
-                                          masked_mean, reverse_kl, tvd)
+                                          reverse_kl, tvd)
 
 N, V = 5, 7
 TAUS = [0.0, 0.5, 1.0, 2.0]
@@ -256,15 +256,6 @@ def test_jsd_gradient_finite_with_masked_target_only():
     draft.requires_grad_(True)
     jsd(draft, target, 1.0, beta=0.3).sum().backward()
     assert bool(torch.isfinite(draft.grad).all())
-
-
-# ------------------------------------------------------------------------------------ masked_mean
-def test_masked_mean():
-    values = torch.tensor([1.0, 2.0, 3.0, 10.0])
-    assert masked_mean(values, torch.tensor([True, False, True, False])).item() == 2.0
-    assert masked_mean(values, None).item() == 4.0
-    with pytest.raises(ValueError, match="no tokens"):
-        masked_mean(values, torch.zeros(4, dtype=torch.bool))
 
 
 # ------------------------------------------------------------------------------------ bad input

@@ -62,7 +62,8 @@ def read_draft_info(directory) -> dict:
 
 def load_draft(directory, target: Optional[Transformer] = None, device=None, dtype=None) -> Transformer:
     """Builds the draft saved in `directory`. A draft that shares the target's embeddings needs `target` (the same
-    vocabulary and width); its embedding and head are then the target's own tensors (no copy)."""
+    vocabulary and width); its embedding and head are then the target's own tensors (no copy), and it takes the
+    target's device and dtype. Other drafts are cast to `device` / `dtype` (default: as saved)."""
     from safetensors.torch import load_file
 
     info = read_draft_info(directory)
