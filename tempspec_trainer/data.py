@@ -96,7 +96,8 @@ def generate_dataset(engine, prompt_file: str, out_path: str, temperature: float
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     existing = read_rows(str(out))
-    _drop_partial_tail(out, len(existing)) if out.exists() else None
+    if out.exists():
+        _drop_partial_tail(out, len(existing))
     for row in existing:
         if float(row.get("temperature", -1)) != float(temperature):
             raise ValueError(f"{out} already holds rows at temperature {row.get('temperature')}, not {temperature}: "
