@@ -83,16 +83,13 @@ def _distill(args) -> int:
 def _eval(args) -> int:
     import torch
 
-    from tempspec_engine.models.loading import load_target, resolve_dtype
+    from tempspec_engine.models.loading import best_device, load_target, resolve_dtype
     from tempspec_engine.sweep import format_table, read_prompts, write_results
     from tempspec_trainer.evaluate import expected_acceptance_on_data, measure_drafts
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device) if args.device else None
-    from tempspec_engine.models.loading import best_device
-
-    device = device or best_device()
+    device = torch.device(args.device) if args.device else best_device()
     target = load_target(args.target, device, resolve_dtype(args.dtype))
     report = {"drafts": args.drafts, "temperatures": list(args.temperatures)}
     if args.data:
@@ -119,16 +116,9 @@ def _eval(args) -> int:
     if not (args.data or args.prompts):
         raise ValueError("give --data (expected acceptance on generated rows) and/or --prompts (decoding)")
     if args.out:
-        written = write_results(report, args.out, plots=bool(args.prompts) and not args.no_plots) \
-            if args.prompts else [_write_json(report, args.out)]
+        written = write_results(report, args.out, plots=bool(args.prompts) and not args.no_plots)
         print("wrote " + ", ".join(written))
     return 0
-
-
-def _write_json(obj: dict, path: str) -> str:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=1) + "\n")
-    return path
 
 
 def build_parser() -> argparse.ArgumentParser:

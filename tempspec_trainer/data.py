@@ -17,6 +17,8 @@ import random
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+import torch
+
 from tempspec_engine.sweep import prompt_text
 
 
@@ -177,6 +179,18 @@ def token_sequences(rows: Sequence[dict], max_len: int) -> Iterator[Tuple[List[i
         n_prompt = len(row["prompt_ids"])
         if row["response_ids"] and n_prompt < max_len:
             yield ids[:max_len], n_prompt
+
+
+def make_batch(seqs: Sequence[Tuple[List[int], int]], device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """tokens [B, T] int64 (right-padded with 0) and mask [B, T] bool: position t is trained iff token t+1 exists and
+    belongs to the response (so logits[t] predicts a generated token)."""
+    T = max(len(ids) for ids, _ in seqs)
+    tokens = torch.zeros(len(seqs), T, dtype=torch.int64)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for b, (ids, n_prompt) in enumerate(seqs):
+        tokens[b, : len(ids)] = torch.tensor(ids)
+        mask[b, max(n_prompt - 1, 0): len(ids) - 1] = True
+    return tokens.to(device), mask.to(device)
 
 
 def _progress(total: int, desc: str, enabled: bool):

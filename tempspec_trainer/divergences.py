@@ -12,7 +12,7 @@ there and raises. Tokens that a logit of -inf excludes from p contribute 0 log 0
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import torch
 import torch.nn.functional as F

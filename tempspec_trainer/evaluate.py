@@ -7,13 +7,15 @@ measure_drafts: decodes a prompt set with the target alone and with each draft a
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Dict, Optional, Sequence
 
 import torch
 
 from tempspec_engine.models.draft import make_draft
 from tempspec_engine.models.loading import LoadedModel
-from tempspec_trainer.data import read_rows, token_sequences
+from tempspec_trainer.data import make_batch, read_rows, token_sequences
 from tempspec_trainer.divergences import expected_acceptance
 
 
@@ -28,14 +30,21 @@ def expected_acceptance_on_data(target: LoadedModel, draft_spec: str, data_file:
     seqs = list(token_sequences(read_rows(data_file)[:n_rows], seq_len))
     if not seqs:
         raise ValueError(f"{data_file} holds no rows with a response")
-    from tempspec_trainer.train import make_batch
+    return expected_acceptance_over(draft, target.model, seqs, temperatures, batch_size, device)
 
+
+@torch.no_grad()
+def expected_acceptance_over(draft, target, seqs, temperatures: Sequence[float], batch_size: int, device,
+                             draft_context=contextlib.nullcontext) -> Dict[str, float]:
+    """{"alpha@T": expected acceptance averaged over the response tokens of `seqs`} (see make_batch), teacher-forced:
+    1 - TVD at T (argmax agreement at T = 0). draft_context() wraps the draft's forwards (e.g. autocast)."""
     sums, n = {t: 0.0 for t in temperatures}, 0
     for i in range(0, len(seqs), batch_size):
         tokens, mask = make_batch(seqs[i:i + batch_size], device)
         positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
-        p = target.model(tokens, positions, None)[mask].float()
-        q = draft(tokens, positions, None)[mask].float()
+        with draft_context():
+            q = draft(tokens, positions, None)[mask].float()
+        p = target(tokens, positions, None)[mask].float()
         for t in temperatures:
             sums[t] += float(expected_acceptance(q, p, t).sum())
         n += int(mask.sum())

@@ -7,13 +7,13 @@ add_measured: after `tempspec-train eval --update-cards`: a table of measured al
 """
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from pathlib import Path
 from typing import Optional
 
 from tempspec_engine.models.draft_checkpoint import read_draft_info
+from tempspec_trainer.data import read_rows
 
 CARD = "README.md"
 MEASURED = "## Measured by decoding"
@@ -26,7 +26,7 @@ def _size_mb(directory: Path) -> float:
 def _data_summary(paths) -> list:
     lines = []
     for p in paths:
-        rows = [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()]
+        rows = read_rows(p)
         temps = sorted({r.get("temperature") for r in rows})
         sources = sorted({Path(r.get("source", "?")).name for r in rows})
         tokens = sum(len(r.get("response_ids", [])) for r in rows)

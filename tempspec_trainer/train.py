@@ -12,6 +12,7 @@ world-th micro-batch and rank 0 evaluates and writes.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -21,15 +22,16 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from tempspec_engine.models.draft_checkpoint import save_draft
 from tempspec_engine.models.loading import LoadedModel, load_target
-from tempspec_trainer.data import read_prompt_file, read_rows, token_sequences
-from tempspec_trainer.divergences import expected_acceptance, get_divergence
+from tempspec_trainer.data import make_batch, read_prompt_file, read_rows, token_sequences
+from tempspec_trainer.divergences import get_divergence
+from tempspec_trainer.evaluate import expected_acceptance_over
 from tempspec_trainer.draft_init import init_draft
 
 CHECKPOINTS = "checkpoints"
@@ -101,18 +103,6 @@ class DistillConfig:
 
 
 # ----------------------------------------------------------------------------------------------------- batches
-def make_batch(seqs: Sequence[Tuple[List[int], int]], device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """tokens [B, T] int64 (right-padded with 0) and mask [B, T] bool: position t is trained iff token t+1 exists and
-    belongs to the response (so logits[t] predicts a generated token)."""
-    T = max(len(ids) for ids, _ in seqs)
-    tokens = torch.zeros(len(seqs), T, dtype=torch.int64)
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for b, (ids, n_prompt) in enumerate(seqs):
-        tokens[b, : len(ids)] = torch.tensor(ids)
-        mask[b, max(n_prompt - 1, 0): len(ids) - 1] = True
-    return tokens.to(device), mask.to(device)
-
-
 class BatchSchedule:
     """Micro-batch g (global index, all ranks) -> rows: epoch e = g // per_epoch shuffles the rows with seed + e.
     A pure function of g, so a resumed run sees exactly the batches the uninterrupted run would have."""
@@ -216,17 +206,8 @@ class Distiller:
         if not self.eval_seqs:
             return {}
         self.draft.eval()
-        sums = {t: 0.0 for t in self.cfg.eval_temperatures}
-        n_tokens = 0
-        for i in range(0, len(self.eval_seqs), self.cfg.batch_size):
-            tokens, mask = make_batch(self.eval_seqs[i:i + self.cfg.batch_size], self.device)
-            with self._autocast():
-                student = self._logits(self.draft, tokens)[mask].float()
-            teacher = self._logits(self.teacher, tokens)[mask].float()
-            for t in sums:
-                sums[t] += float(expected_acceptance(student, teacher, t).sum())
-            n_tokens += int(mask.sum())
-        result = {f"alpha@{t:g}": s / n_tokens for t, s in sums.items()}
+        result = expected_acceptance_over(self.draft, self.teacher, self.eval_seqs, self.cfg.eval_temperatures,
+                                          self.cfg.batch_size, self.device, draft_context=self._autocast)
         if self.decode_prompts:
             result.update(self.measure_by_decoding())
         self.draft.train()
@@ -329,7 +310,7 @@ class Distiller:
                 g = (self.step * cfg.grad_accum + a) * self.world + self.rank
                 tokens, mask = make_batch(self.schedule(g), self.device)
                 sync = a == cfg.grad_accum - 1 or self.world == 1
-                ctx = self.model.no_sync() if not sync else _null()
+                ctx = self.model.no_sync() if not sync else contextlib.nullcontext()
                 with ctx:
                     loss = self.loss(tokens, mask) / cfg.grad_accum
                     if not torch.isfinite(loss):
@@ -370,14 +351,6 @@ def distill(cfg: DistillConfig, resume: bool = False, target: Optional[LoadedMod
 
 
 # ------------------------------------------------------------------------------------------------ distributed
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _distributed_setup(device: str):
     """(rank, world, device). Under torchrun (WORLD_SIZE > 1) joins the process group; else a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
