@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -136,6 +137,9 @@ def load_sequences(cfg: DistillConfig, vocab_size: int) -> Tuple[list, list]:
     seqs = list(token_sequences(rows, cfg.seq_len))
     if not seqs:
         raise ValueError(f"no row of {cfg.data} has a response that fits seq_len {cfg.seq_len} after its prompt")
+    if len(seqs) < len(rows):  # said, not silently dropped
+        warnings.warn(f"{len(rows) - len(seqs)} of {len(rows)} rows are not trained on: their response is empty or "
+                      f"their prompt fills seq_len {cfg.seq_len}")
     top = max(max(ids) for ids, _ in seqs)
     if min(min(ids) for ids, _ in seqs) < 0:
         raise ValueError("the data holds negative token ids")

@@ -331,3 +331,11 @@ def test_too_little_data_raises(target, tmp_path):
     path = tf.write_jsonl(tmp_path / "small.jsonl", tf.sampled_rows(target, 3, seed=0))
     with pytest.raises(ValueError, match="fewer than batch_size"):
         Distiller(config(str(path), tmp_path / "out"), target=target, progress=False)
+
+
+def test_rows_not_trained_on_are_reported(target, data_file, tmp_path):
+    rows = [json.loads(line) for line in open(data_file)]
+    rows += [dict(rows[0], index=10_000, response_ids=[]), dict(rows[1], index=10_001, prompt_ids=[1] * 64)]
+    path = tf.write_jsonl(tmp_path / "with_unusable.jsonl", rows)
+    with pytest.warns(UserWarning, match=f"2 of {len(rows)} rows are not trained on"):
+        Distiller(config(str(path), tmp_path / "out"), target=target, progress=False)
