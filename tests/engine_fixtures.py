@@ -38,3 +38,33 @@ def word_tokenizer(words):
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=words[0]))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0], eos_token=words[1])
+
+
+def exact_first_two(model, prompt, temperature):
+    """Exact target probabilities of the first two generated tokens after `prompt`: [V, V] fp64 on CPU."""
+    V = model.config.vocab_size
+    with torch.no_grad():
+        seqs = torch.tensor([prompt + [x] for x in range(V)])
+        n = len(prompt) + 1
+        cache = model.new_cache(V, n)
+        logits = model(seqs, torch.arange(n).expand(V, n), cache).double()
+    p1 = torch.softmax(logits[0, n - 2] / temperature, -1)
+    p2 = torch.softmax(logits[:, n - 1] / temperature, -1)
+    return p1.unsqueeze(1) * p2
+
+
+def first_two_chi_square(outputs, joint) -> float:
+    """p-value of the chi-square goodness of fit of the outputs' first two tokens against `joint` [V, V] (bins with
+    expected count < 5 merged into one)."""
+    from scipy import stats
+
+    V = joint.shape[0]
+    counts = torch.zeros(V * V, dtype=torch.float64)
+    for o in outputs:
+        counts[o.token_ids[0] * V + o.token_ids[1]] += 1
+    expected = joint.flatten().cpu() * len(outputs)
+    order = torch.argsort(expected)
+    small = expected[order] < 5
+    obs = torch.cat([counts[order][~small], counts[order][small].sum().view(1)])
+    exp = torch.cat([expected[order][~small], expected[order][small].sum().view(1)])
+    return stats.chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue

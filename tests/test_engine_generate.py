@@ -3,11 +3,11 @@ import dataclasses
 
 import pytest
 import torch
-from scipy import stats
 
 pytest.importorskip("transformers")
 
-from engine_fixtures import tiny_llama_hf, tiny_target, word_tokenizer  # noqa: E402
+from conftest import DEVICES  # noqa: E402
+from engine_fixtures import exact_first_two, first_two_chi_square, tiny_llama_hf, tiny_target, word_tokenizer  # noqa: E402,E501
 from tempspec_engine.engine import SpeculativeEngine  # noqa: E402
 from tempspec_engine.models.loading import LoadedModel, TokenizerMismatchError, from_hf_model  # noqa: E402
 
@@ -86,19 +86,6 @@ def test_more_requests_than_slots_and_eos(target):
         assert o.finish_reason == ("eos" if eos in ids else "length")
 
 
-def _exact_first_two(model, prompt, temperature):
-    """Exact target probabilities of the first two generated tokens: [V, V] fp64."""
-    V = model.config.vocab_size
-    with torch.no_grad():
-        seqs = torch.tensor([prompt + [x] for x in range(V)])
-        n = len(prompt) + 1
-        cache = model.new_cache(V, n)
-        logits = model(seqs, torch.arange(n).expand(V, n), cache).double()
-    p1 = torch.softmax(logits[0, n - 2] / temperature, -1)
-    p2 = torch.softmax(logits[:, n - 1] / temperature, -1)
-    return p1.unsqueeze(1) * p2
-
-
 @pytest.mark.parametrize("temperature", [0.5, 1.0])
 @pytest.mark.parametrize("draft", ["random", "layers:0", "lookup"])
 def test_sampled_sd_is_lossless(temperature, draft):
@@ -112,17 +99,9 @@ def test_sampled_sd_is_lossless(temperature, draft):
     prompt = [3, 1, 4, 1]  # the lookup draft proposes 4, 1, ... after the repeated 1
     engine = SpeculativeEngine(target, draft, device="cpu", dtype=torch.float32, k=3, max_len=16,
                                max_batch_size=2000)
-    n = 4000
-    out = engine.generate([prompt] * n, temperature, 2, seed=1234)
-    counts = torch.zeros(V * V, dtype=torch.float64)
-    for o in out:
-        counts[o.token_ids[0] * V + o.token_ids[1]] += 1
-    expected = _exact_first_two(target.model, prompt, temperature).flatten() * n
-    order = torch.argsort(expected)
-    small = expected[order] < 5
-    obs = torch.cat([counts[order][~small], counts[order][small].sum().view(1)])
-    exp = torch.cat([expected[order][~small], expected[order][small].sum().view(1)])
-    p_value = stats.chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue
+    expected = exact_first_two(target.model, prompt, temperature)
+    out = engine.generate([prompt] * 4000, temperature, 2, seed=1234)
+    p_value = first_two_chi_square(out, expected)
     assert p_value > 1e-3, p_value
     assert sum(o.stats.accepted for o in out) > 0  # the draft was used
 
@@ -216,3 +195,19 @@ def test_other_architecture_through_hf_cache():
     hf = target.hf_model.generate(torch.tensor([prompts[0]]), max_new_tokens=20, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)
     assert base[0].token_ids == hf[0, 3:].tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_model_objects_move_to_the_engine_device_and_dtype(device):
+    """A LoadedModel built on CPU in fp32 keeps its place with device/dtype None, and is moved and cast in place when
+    they are given (as nn.Module.to does), its drafts with it."""
+    t = tiny_target(vocab=128, layers=2, seed=1)
+    kept = SpeculativeEngine(t, "layers:0", max_len=64)
+    assert kept.device.type == "cpu" and kept.dtype == torch.float32
+    engine = SpeculativeEngine(t, LoadedModel(tiny_target(vocab=128, layers=1, seed=2).model, None, (), "d"),
+                               device=device, dtype=torch.bfloat16, max_len=64)
+    for model in (t.model, engine.draft.model):
+        p = next(model.parameters())
+        assert p.device.type == device and p.dtype == torch.bfloat16
+    out = engine.generate([[1, 2, 3]], 0.0, 5)[0]
+    assert len(out.token_ids) == 5 and out.stats.steps >= 1

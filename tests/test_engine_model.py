@@ -79,7 +79,7 @@ def test_rollback_equals_fresh_forward():
         n = len(committed[b])
         assert int(cache.lengths[b]) == n
         fresh = model.new_cache(1, 48)
-        logits = model(torch.tensor([committed[b]]), torch.arange(n).unsqueeze(0), fresh)
+        model(torch.tensor([committed[b]]), torch.arange(n).unsqueeze(0), fresh)  # fills the fresh cache
         for layer in range(model.n_layers):
             torch.testing.assert_close(cache.k[layer][b, :, :n], fresh.k[layer][0, :, :n], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(cache.v[layer][b, :, :n], fresh.v[layer][0, :, :n], atol=1e-5, rtol=1e-5)

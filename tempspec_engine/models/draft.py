@@ -22,7 +22,7 @@ import torch
 from tempspec_engine.models.config import ModelConfig
 from tempspec_engine.models.draft_checkpoint import is_draft_dir, load_draft, shipped_draft
 from tempspec_engine.models.llama import Transformer
-from tempspec_engine.models.loading import LoadedModel, check_tokenizers, load_hf
+from tempspec_engine.models.loading import LoadedModel, check_tokenizers, load_hf, place
 
 # Layer subsets of SmolLM2-135M are accepted almost never unless nearly all layers are kept (teacher-forced greedy
 # agreement: layers 0-14 4%, 0-24 34%, 0-28 59%; see benchmarks/draft_search.py), so the default is n-gram lookup.
@@ -75,12 +75,13 @@ def parse_layer_ids(text: str, n_layers: int) -> list:
 
 
 def make_draft(spec, target: LoadedModel, device, dtype) -> LoadedModel:
-    """Builds a draft from a spec string (see module docstring), a LoadedModel or a Transformer."""
+    """Builds a draft from a spec string (see module docstring), a LoadedModel or a Transformer (these two are moved
+    to `device` and `dtype` in place)."""
     if isinstance(spec, LoadedModel):
         check_tokenizers(target, spec)
-        return spec
+        return place(spec, device, dtype)
     if isinstance(spec, torch.nn.Module):
-        return LoadedModel(spec, target.tokenizer, target.eos_ids, "custom draft")
+        return place(LoadedModel(spec, target.tokenizer, target.eos_ids, "custom draft"), device, dtype)
     spec = DEFAULT_DRAFT if spec in (None, "default") else str(spec)
     if spec.startswith("layers:"):
         if not isinstance(target.model, Transformer):

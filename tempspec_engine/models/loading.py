@@ -34,6 +34,24 @@ class LoadedModel:
         return self.model.config.vocab_size
 
 
+def place(loaded: LoadedModel, device, dtype: Optional[torch.dtype] = None) -> LoadedModel:
+    """Moves a loaded model's weights to `device` (and casts them to `dtype` when given) in place, as nn.Module.to
+    does: a model built elsewhere (e.g. on CPU) then runs where the engine or the trainer runs."""
+    if isinstance(loaded.model, nn.Module):
+        loaded.model.to(device=device, dtype=dtype)
+    return loaded
+
+
+def own_device_and_dtype(model) -> tuple:
+    """(device, dtype) of a model object's first floating-point parameter; (None, None) for anything else."""
+    module = model.model if isinstance(model, LoadedModel) else model
+    if isinstance(module, nn.Module):
+        for p in module.parameters():
+            if p.is_floating_point():
+                return p.device, p.dtype
+    return None, None
+
+
 def best_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -137,9 +155,9 @@ def resolve_dtype(dtype) -> Optional[torch.dtype]:
 
 
 def load_target(spec, device, dtype) -> LoadedModel:
-    """spec: None/"default" (the offline default), a LoadedModel, a path or hub name."""
+    """spec: None/"default" (the offline default), a LoadedModel (moved to device and dtype), a path or hub name."""
     if isinstance(spec, LoadedModel):
-        return spec
+        return place(spec, device, dtype)
     if spec is None or spec == "default":
         return load_default_target(device, dtype)
     if isinstance(spec, (str, Path)):

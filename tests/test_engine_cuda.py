@@ -1,0 +1,62 @@
+"""The engine on CUDA (skipped without a GPU): static shapes and CUDA-graph replay give the same tokens as eager
+forwards, greedy SD equals greedy target-only, a draft equal to the target is always accepted, and sampled SD is
+lossless (the CPU versions of these tests are in test_engine_generate.py)."""
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+from engine_fixtures import exact_first_two, first_two_chi_square, tiny_target  # noqa: E402
+from tempspec_engine.engine import SpeculativeEngine  # noqa: E402
+from test_engine_generate import PROMPTS  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target(vocab=128, layers=4, seed=0)
+
+
+def cuda_engine(target, draft, k="auto", graphs=True, **kw):
+    return SpeculativeEngine(target, draft, device="cuda", dtype=torch.float32, k=k, max_len=128,
+                             cuda_graphs=graphs, **kw)
+
+
+@pytest.mark.parametrize("draft", ["layers:0,3", "random", "lookup"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_greedy_sd_with_graphs_equals_greedy_target(target, draft, batch):
+    engine = cuda_engine(target, draft)
+    assert engine.cuda_graphs and engine.static_shapes
+    base = engine.generate(PROMPTS, 0.0, 40, speculative=False, batch_size=batch)
+    eager = cuda_engine(target, draft, graphs=False).generate(PROMPTS, 0.0, 40, speculative=False, batch_size=batch)
+    assert [b.token_ids for b in base] == [e.token_ids for e in eager]
+    for _ in range(2):  # the second call replays the graphs captured by the first
+        spec = engine.generate(PROMPTS, 0.0, [40, 7, 40, 25], batch_size=batch)
+        for b, s in zip(base, spec):
+            assert s.token_ids == b.token_ids[: len(s.token_ids)]
+        assert [len(s.token_ids) for s in spec] == [40, 7, 40, 25]
+    fixed = cuda_engine(target, draft, k=3).generate(PROMPTS, 0.0, 40, batch_size=batch)
+    assert [f.token_ids for f in fixed] == [b.token_ids for b in base]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_draft_equal_to_target_accepts_everything(target, temperature):
+    out = cuda_engine(target, "layers:0-3", k=3).generate(PROMPTS, temperature, 30, batch_size=4, seed=0)
+    for o in out:
+        assert o.stats.rejections == 0 and o.stats.alpha == 1.0
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+@pytest.mark.parametrize("draft", ["random", "layers:0"])
+def test_sampled_sd_with_graphs_is_lossless(temperature, draft):
+    """Chi-square of the first two tokens against the target's exact joint distribution (as on CPU)."""
+    target = tiny_target(vocab=16, layers=2, seed=5, scale=3.0)
+    prompt = [3, 1, 4, 1]
+    expected = exact_first_two(target.model, prompt, temperature)  # before the engine moves the model to the GPU
+    engine = SpeculativeEngine(target, draft, device="cuda", dtype=torch.float32, k=3, max_len=16,
+                               max_batch_size=4000)
+    out = engine.generate([prompt] * 4000, temperature, 2, seed=1234)
+    p_value = first_two_chi_square(out, expected)
+    assert p_value > 1e-3, p_value
+    assert sum(o.stats.accepted for o in out) > 0
