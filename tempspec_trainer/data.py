@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -85,7 +86,8 @@ def generate_dataset(engine, prompt_file: str, out_path: str, temperature: float
                      offset: int = 0, max_new_tokens: int = 128, batch_size: int = 16, chunk: int = 64,
                      seed: int = 0, chat_template: bool = True, progress: bool = True) -> dict:
     """Samples one response per prompt from `engine`'s target (target-only decoding) at `temperature` and appends
-    the rows to `out_path`, skipping prompts already there. Returns {"written", "skipped", "path"}.
+    the rows to `out_path`, skipping prompts already there and prompts too long for the engine's KV cache (with a
+    warning). Returns {"written", "skipped" (already there), "too_long", "path"}.
 
     engine: a tempspec_engine SpeculativeEngine (its target is the generator: pass the draft as the target for
     on-policy data). chunk: prompts per flush to disk (the unit of work lost on interruption).
@@ -105,19 +107,27 @@ def generate_dataset(engine, prompt_file: str, out_path: str, temperature: float
             raise ValueError(f"{out} already holds rows at temperature {row.get('temperature')}, not {temperature}: "
                              "write each temperature to its own file and combine them with `mix`")
     done = {int(r["index"]) for r in existing}
+    # a prompt that cannot fit the engine's KV cache with its response is skipped (and counted), not fatal
+    room = engine.max_len - max_new_tokens - engine.k_max - 1
+    too_long = {i for i, p in prompts if len(engine.encode(p, chat_template)) > room}
+    if too_long - done:
+        warnings.warn(f"{len(too_long - done)} of {len(prompts)} prompts of {prompt_file} are longer than the {room} "
+                      f"tokens that the KV cache (max_len {engine.max_len}) leaves beside {max_new_tokens} new "
+                      "tokens: skipped (raise --max-len to keep them)")
     # chunks sit at fixed positions of the prompt list and are sampled with a seed from their first index, so a
     # chunk cut short by an interruption is sampled again whole and only its missing rows are written
-    chunks = [prompts[i:i + chunk] for i in range(0, len(prompts), chunk)]
-    todo = sum(1 for i, _ in prompts if i not in done)
+    chunks = [(prompts[c][0], [(i, p) for i, p in prompts[c:c + chunk] if i not in too_long])
+              for c in range(0, len(prompts), chunk)]
+    todo = sum(1 for i, _ in prompts if i not in done and i not in too_long)
     written = 0
     bar = _progress(todo, f"gen-data T={temperature:g}", progress)
     with open(out, "a") as f:
-        for part in chunks:
-            if all(i in done for i, _ in part):
+        for first, part in chunks:
+            if all(i in done for i, _ in part):  # also an empty chunk (all its prompts too long)
                 continue
             outputs = engine.generate([p for _, p in part], temperature=temperature, max_new_tokens=max_new_tokens,
                                       chat_template=chat_template, speculative=False, batch_size=batch_size,
-                                      seed=seed * 1_000_003 + part[0][0])
+                                      seed=seed * 1_000_003 + first)
             missing = [(i, p, o) for (i, p), o in zip(part, outputs) if i not in done]
             for index, prompt, o in missing:
                 row = {"index": index, "source": str(prompt_file), "prompt": prompt, "prompt_ids": o.prompt_ids,
@@ -128,7 +138,8 @@ def generate_dataset(engine, prompt_file: str, out_path: str, temperature: float
             written += len(missing)
             bar.update(len(missing))
     bar.close()
-    return {"written": written, "skipped": len(prompts) - todo, "path": str(out)}
+    return {"written": written, "skipped": sum(1 for i, _ in prompts if i in done),
+            "too_long": len(too_long - done), "path": str(out)}
 
 
 def mix_datasets(sources: Sequence[Tuple[str, float]], out_path: str, total: Optional[int] = None,

@@ -36,7 +36,7 @@ def prompt_file(tmp_path):
 def test_one_row_per_prompt_with_documented_fields(engine, prompt_file, tmp_path):
     out = tmp_path / "gen" / "t07.jsonl"  # the parent directory does not exist yet
     summary = generate_dataset(engine, prompt_file, str(out), 0.7, seed=1, **GEN)
-    assert summary == {"written": 5, "skipped": 0, "path": str(out)}
+    assert summary == {"written": 5, "skipped": 0, "too_long": 0, "path": str(out)}
     rows = tf.read_jsonl(out)
     assert [r["index"] for r in rows] == [0, 1, 2, 3, 4]
     tok = engine.tokenizer
@@ -72,7 +72,7 @@ def test_second_call_writes_nothing(engine, prompt_file, tmp_path):
     generate_dataset(engine, prompt_file, str(out), 1.0, seed=0, **GEN)
     before = out.read_bytes()
     assert generate_dataset(engine, prompt_file, str(out), 1.0, seed=0, **GEN) == {
-        "written": 0, "skipped": 5, "path": str(out)}
+        "written": 0, "skipped": 5, "too_long": 0, "path": str(out)}
     assert out.read_bytes() == before
 
 
@@ -80,8 +80,30 @@ def test_limit_then_all_appends_only_the_rest(engine, prompt_file, tmp_path):
     out = tmp_path / "t1.jsonl"
     assert generate_dataset(engine, prompt_file, str(out), 1.0, limit=2, **GEN)["written"] == 2
     assert generate_dataset(engine, prompt_file, str(out), 1.0, **GEN) == {"written": 3, "skipped": 2,
-                                                                            "path": str(out)}
+                                                                            "too_long": 0, "path": str(out)}
     assert [r["index"] for r in tf.read_jsonl(out)] == [0, 1, 2, 3, 4]
+
+
+def test_prompts_too_long_for_the_cache_are_skipped_with_a_warning(engine, prompt_file, tmp_path):
+    """A prompt that cannot fit the KV cache beside max_new_tokens is skipped and counted. Chunks keep their
+    positions and seeds, so a chunk without such a prompt holds the rows that a cache large enough writes."""
+    lengths = [len(engine.encode(p, chat_template=True)) for p in tf.PROMPTS[:5]]
+    longest = max(lengths)
+    small = SpeculativeEngine(tf.tiny_target(), "none", device="cpu", dtype=torch.float32,
+                              max_len=longest - 1 + MAX_NEW + engine.k_max + 1)  # every prompt but the longest
+    out, ref = tmp_path / "small.jsonl", tmp_path / "ref.jsonl"
+    with pytest.warns(UserWarning, match="longer than"):
+        summary = generate_dataset(small, prompt_file, str(out), 1.0, seed=2, **GEN)
+    long_ids = {i for i, n in enumerate(lengths) if n == longest}
+    assert summary == {"written": 5 - len(long_ids), "skipped": 0, "too_long": len(long_ids), "path": str(out)}
+    rows = tf.read_jsonl(out)
+    assert [r["index"] for r in rows] == [i for i in range(5) if i not in long_ids]
+    generate_dataset(engine, prompt_file, str(ref), 1.0, seed=2, **GEN)
+    chunk_of = lambda i: i // GEN["chunk"]  # noqa: E731
+    clean = {chunk_of(i) for i in range(5)} - {chunk_of(i) for i in long_ids}
+    assert clean  # the comparison below is not empty
+    assert [r for r in rows if chunk_of(r["index"]) in clean] == \
+        [r for r in tf.read_jsonl(ref) if chunk_of(r["index"]) in clean]
 
 
 def test_seed_changes_sampled_rows(engine, prompt_file, tmp_path):
@@ -105,7 +127,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(engine, prompt_file,
     interrupt(cut, keep=2)  # the first chunk (2 prompts) was flushed, the second one was being written
     assert [r["index"] for r in read_rows(str(cut))] == [0, 1]  # the half-written line is ignored
     assert generate_dataset(engine, prompt_file, str(cut), 1.0, seed=3, **GEN) == {
-        "written": 3, "skipped": 2, "path": str(cut)}
+        "written": 3, "skipped": 2, "too_long": 0, "path": str(cut)}
     rows = tf.read_jsonl(cut)  # every line parses: the partial line was removed, not appended to
     assert [r["index"] for r in rows] == [0, 1, 2, 3, 4]
     assert rows == tf.read_jsonl(full)
