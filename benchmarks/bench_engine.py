@@ -17,9 +17,11 @@ step, and the speedup over target_only at the same batch size.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -28,7 +30,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from tempspec_engine.engine import SpeculativeEngine  # noqa: E402
-from tempspec_engine.models.draft import DEFAULT_DRAFT, make_draft  # noqa: E402
+from tempspec_engine.models.draft import DEFAULT_DRAFT  # noqa: E402
+from tempspec_engine.models.llama import Transformer  # noqa: E402
 from tempspec_engine.models.loading import load_default_target, resolve_dtype  # noqa: E402
 from tempspec_engine.sweep import read_prompts, sync_device  # noqa: E402
 
@@ -51,6 +54,24 @@ def to_hf_llama(model):
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected and all("rotary" in m or m == "lm_head.weight" for m in missing), (missing, unexpected)
     return hf
+
+
+K_MAX = 8  # the engine's largest lookahead
+
+
+def _version(package: str):
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _nvidia_driver():
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def run_engine(engine, prompts, temperature, max_new, batch, speculative, seed) -> dict:
@@ -121,6 +142,8 @@ def main(argv=None):
     ap.add_argument("--batch-sizes", default="1")
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baselines")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-len", type=int, default=0,
+                    help="KV-cache length per request (0: the longest prompt + max-new-tokens + lookahead)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: eager forwards (static shapes kept)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--out", required=True, help="results JSON path")
@@ -141,30 +164,34 @@ def main(argv=None):
     target = load_default_target(device, dtype)
     load_s = time.perf_counter() - t0
     drafts = [d for d in args.drafts.split(";") if d]
-    graphs = False if args.no_cuda_graphs else None
-    engines = {f"tempspec_sd[{d}]": SpeculativeEngine(target, d, device, dtype, k=k, max_len=2048,
-                                                      max_batch_size=max(batches), cuda_graphs=graphs)
-               for d in drafts}
-    base = next(iter(engines.values()))
     if args.prompt_ids:
         with open(args.prompt_ids) as f:
             prompt_ids = json.load(f)[: args.n_prompts]
     else:
-        prompt_ids = [base.encode(p, chat_template=True) for p in prompts]
+        encoder = SpeculativeEngine(target, "none", device, dtype)  # the tokenizer and chat template; no caches
+        prompt_ids = [encoder.encode(p, chat_template=True) for p in prompts]
     if args.dump_prompt_ids:
         with open(args.dump_prompt_ids, "w") as f:
             json.dump(prompt_ids, f)
         print(f"wrote {len(prompt_ids)} prompts to {args.dump_prompt_ids}")
         return
     prompts = prompt_ids  # the engine takes ids directly: same prompts for every method
+    # KV-cache length: what the longest prompt needs (static shapes attend over the whole cache), in steps of 64
+    max_len = args.max_len or -(-(max(map(len, prompts)) + args.max_new_tokens + K_MAX + 1) // 64) * 64
+    graphs = False if args.no_cuda_graphs else None
+    engines = {f"tempspec_sd[{d}]": SpeculativeEngine(target, d, device, dtype, k=k, max_len=max_len, k_max=K_MAX,
+                                                      max_batch_size=max(batches), cuda_graphs=graphs)
+               for d in drafts}
+    base = next(iter(engines.values()))
     hf_target, hf_drafts = None, {}
     if not args.no_hf:
         hf_target = to_hf_llama(target.model)
         for d in drafts:
+            model = engines[f"tempspec_sd[{d}]"].draft.model
             if d.startswith("lookup"):
                 hf_drafts[f"hf_assisted[{d}]"] = "lookup"
-            elif d.startswith("layers:") and "/vocab:" not in d:
-                hf_drafts[f"hf_assisted[{d}]"] = to_hf_llama(make_draft(d, target, device, dtype).model)
+            elif isinstance(model, Transformer) and model.vocab_limit is None:  # layer subsets and trained drafts
+                hf_drafts[f"hf_assisted[{d}]"] = to_hf_llama(model)
 
     # Warm-up (allocations, lazy weight pages, CUDA kernels), not timed.
     for eng in engines.values():
@@ -173,14 +200,31 @@ def main(argv=None):
             eng.generate(prompts[:batch], 0.0, 8, batch_size=batch, speculative=False)
     rows = []
 
+    meta = {"device": str(device), "device_name": torch.cuda.get_device_name() if device.type == "cuda"
+            else platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": _version("transformers"), "dtype": str(dtype),
+            "target": target.name, "drafts": drafts, "k": args.k, "hf_num_assistant_tokens": args.hf_k,
+            "hf_schedule": "heuristic", "prompts_file": os.path.basename(args.prompts), "n_prompts": len(prompts),
+            "max_new_tokens": args.max_new_tokens, "model_load_s": load_s, "seed": args.seed,
+            "loadavg_before": os.getloadavg(), "max_len": max_len, "cuda_graphs": base.cuda_graphs, "complete": False}
+    if device.type == "cuda":
+        meta.update(cuda=torch.version.cuda, driver=_nvidia_driver())
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def write():
+        """The JSON so far, atomically: a run cut short keeps every finished row."""
+        with open(args.out + ".tmp", "w") as f:
+            json.dump({"meta": meta, "results": rows}, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+
     def record(method, T, batch, res):
         res.update(method=method, temperature=T, batch=batch)
         rows.append(res)
         print(json.dumps({k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in res.items()}), flush=True)
+        write()
 
     # Methods are interleaved chunk by chunk (a chunk: one batch of prompts), so that load from other processes
     # on a shared machine falls on every method alike.
-    load_before = os.getloadavg()
     for T in temps:
         for batch in batches:
             methods = [("target_only", lambda c, b=batch: run_engine(base, c, T, args.max_new_tokens, b, False,
@@ -204,18 +248,8 @@ def main(argv=None):
                 res["speedup_vs_target_only"] = res["tokens_per_s"] / ar["tokens_per_s"]
                 record(name, T, batch, res)
 
-    meta = {"device": str(device), "device_name": torch.cuda.get_device_name() if device.type == "cuda"
-            else platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "dtype": str(dtype), "target": target.name, "drafts": drafts,
-            "k": args.k, "hf_num_assistant_tokens": args.hf_k,
-            "hf_schedule": "heuristic", "prompts_file": os.path.basename(args.prompts), "n_prompts": len(prompts),
-            "max_new_tokens": args.max_new_tokens, "model_load_s": load_s, "seed": args.seed,
-            "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-            "cuda_graphs": base.cuda_graphs}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump({"meta": meta, "results": rows}, f, indent=1)
-    os.replace(args.out + ".tmp", args.out)
+    meta.update(loadavg_after=os.getloadavg(), complete=True)
+    write()
     print(f"wrote {args.out}")
 
 
