@@ -84,6 +84,7 @@ def test_shipped_drafts_are_small_and_documented():
         info = read_draft_info(d)
         assert info["shares_target_embeddings"] and info["metadata"]["recipe"]["tau_kd"] == tau
         assert info["metadata"]["final"] is True
+        assert info["metadata"]["recipe"]["divergence"] == "jsd"  # the divergence that won the comparison
 
 
 def test_distilled_spec_loads_on_the_target_shape():
