@@ -87,7 +87,7 @@ def test_more_requests_than_slots_and_eos(target):
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0])
-@pytest.mark.parametrize("draft", ["random", "layers:0", "lookup"])
+@pytest.mark.parametrize("draft", ["random", "layers:0", "layers:0/vocab:8", "lookup"])
 def test_sampled_sd_is_lossless(temperature, draft):
     """Chi-square goodness of fit of the first two SD tokens against the target's exact joint distribution.
 

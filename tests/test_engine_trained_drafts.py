@@ -49,6 +49,24 @@ def test_round_trip_gives_identical_logits(tmp_path, shared):
         assert "embed_tokens.weight" not in load_file(str(tmp_path / "d" / "model.safetensors"))
 
 
+def test_trained_draft_with_a_restricted_head(tmp_path):
+    """'<draft>/vocab:N' keeps the draft's logits for ids < N exactly and makes the others -inf; bad N is refused."""
+    from tempspec_engine.models.draft import make_draft
+    from tempspec_engine.models.loading import LoadedModel
+
+    target = LoadedModel(_model(seed=1), None, (), "tiny")
+    draft = _model(dataclasses.replace(TINY, n_layers=1), seed=2, embed_tokens=target.model.embed_tokens)
+    save_draft(draft, tmp_path / "d", shares_target_embeddings=True, target_name="tiny", target_vocab=96)
+    tokens = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(0))
+    full = _logits(make_draft(str(tmp_path / "d"), target, "cpu", torch.float32).model, tokens)
+    cut = _logits(make_draft(f"{tmp_path / 'd'}/vocab:40", target, "cpu", torch.float32).model, tokens)
+    torch.testing.assert_close(cut[..., :40], full[..., :40])
+    assert torch.isneginf(cut[..., 40:]).all()
+    for bad in ("0", "97", "x"):
+        with pytest.raises(ValueError, match="vocab:"):
+            make_draft(f"{tmp_path / 'd'}/vocab:{bad}", target, "cpu", torch.float32)
+
+
 def test_shared_draft_needs_a_matching_target(tmp_path):
     target = _model(seed=1)
     draft = _model(dataclasses.replace(TINY, n_layers=1), seed=2, embed_tokens=target.embed_tokens)

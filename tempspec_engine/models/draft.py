@@ -10,6 +10,7 @@ Draft specs (CLI `--draft` and SpeculativeEngine(draft=...)):
   "lookup" / "lookup:4"        no model: n-gram lookup in the request's own tokens (models/lookup_draft.py)
   "distilled:0.5"              the shipped draft distilled at KD temperature 0.5 (tempspec_engine/drafts/)
   a tempspec draft directory   a draft saved by tempspec_trainer (models/draft_checkpoint.py)
+  "distilled:1/vocab:8192"     any of the two above with its head restricted likewise
   anything else                a Hugging Face model path or hub name (checked for the same tokenizer)
 """
 from __future__ import annotations
@@ -74,6 +75,17 @@ def parse_layer_ids(text: str, n_layers: int) -> list:
     return ids
 
 
+def _vocab_limit(text: str, vocab_size: int) -> int:
+    """The N of a '/vocab:N' suffix: the draft's head covers token ids [0, N) only."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"'/vocab:{text}': N must be an integer") from None
+    if not 1 <= n <= vocab_size:
+        raise ValueError(f"'/vocab:{n}' must lie in 1..{vocab_size} (the vocabulary size)")
+    return n
+
+
 def make_draft(spec, target: LoadedModel, device, dtype) -> LoadedModel:
     """Builds a draft from a spec string (see module docstring), a LoadedModel or a Transformer (these two are moved
     to `device` and `dtype` in place)."""
@@ -87,7 +99,7 @@ def make_draft(spec, target: LoadedModel, device, dtype) -> LoadedModel:
         if not isinstance(target.model, Transformer):
             raise ValueError("layer-subset drafts need a Llama-family target")
         body, _, vocab = spec[len("layers:"):].partition("/vocab:")
-        limit = int(vocab) if vocab else None
+        limit = _vocab_limit(vocab, target.model.config.vocab_size) if vocab else None
         model = layer_subset_draft(target.model, parse_layer_ids(body, target.model.n_layers), limit)
         return LoadedModel(model, target.tokenizer, target.eos_ids, spec)
     if spec == "lookup" or spec.startswith("lookup:"):
@@ -99,11 +111,13 @@ def make_draft(spec, target: LoadedModel, device, dtype) -> LoadedModel:
         n_layers = int(spec.split(":")[1]) if ":" in spec else 1
         model = random_draft(target.model.config, n_layers, device=device, dtype=dtype)
         return LoadedModel(model, target.tokenizer, target.eos_ids, spec)
-    if spec.startswith("distilled:") or is_draft_dir(spec):
+    body, _, vocab = spec.rpartition("/vocab:") if "/vocab:" in spec else (spec, "", "")
+    if body.startswith("distilled:") or is_draft_dir(body):
         if not isinstance(target.model, Transformer):
             raise ValueError("trained tempspec drafts need a Llama-family target")
-        directory = shipped_draft(float(spec.split(":", 1)[1])) if spec.startswith("distilled:") else spec
+        directory = shipped_draft(float(body.split(":", 1)[1])) if body.startswith("distilled:") else body
         model = load_draft(directory, target.model, device, dtype)
+        model.vocab_limit = _vocab_limit(vocab, model.config.vocab_size) if vocab else None
         return LoadedModel(model, target.tokenizer, target.eos_ids, spec)
     draft = load_hf(spec, device, dtype)
     check_tokenizers(target, draft)
