@@ -56,9 +56,6 @@ def to_hf_llama(model):
     return hf
 
 
-K_MAX = 8  # the engine's largest lookahead
-
-
 def _version(package: str):
     try:
         return importlib.metadata.version(package)
@@ -164,11 +161,11 @@ def main(argv=None):
     target = load_default_target(device, dtype)
     load_s = time.perf_counter() - t0
     drafts = [d for d in args.drafts.split(";") if d]
+    encoder = SpeculativeEngine(target, "none", device, dtype, k=k)  # tokenizer, chat template, k_max; no caches
     if args.prompt_ids:
         with open(args.prompt_ids) as f:
             prompt_ids = json.load(f)[: args.n_prompts]
     else:
-        encoder = SpeculativeEngine(target, "none", device, dtype)  # the tokenizer and chat template; no caches
         prompt_ids = [encoder.encode(p, chat_template=True) for p in prompts]
     if args.dump_prompt_ids:
         with open(args.dump_prompt_ids, "w") as f:
@@ -177,9 +174,9 @@ def main(argv=None):
         return
     prompts = prompt_ids  # the engine takes ids directly: same prompts for every method
     # KV-cache length: what the longest prompt needs (static shapes attend over the whole cache), in steps of 64
-    max_len = args.max_len or -(-(max(map(len, prompts)) + args.max_new_tokens + K_MAX + 1) // 64) * 64
+    max_len = args.max_len or -(-(max(map(len, prompts)) + args.max_new_tokens + encoder.k_max + 1) // 64) * 64
     graphs = False if args.no_cuda_graphs else None
-    engines = {f"tempspec_sd[{d}]": SpeculativeEngine(target, d, device, dtype, k=k, max_len=max_len, k_max=K_MAX,
+    engines = {f"tempspec_sd[{d}]": SpeculativeEngine(target, d, device, dtype, k=k, max_len=max_len,
                                                       max_batch_size=max(batches), cuda_graphs=graphs)
                for d in drafts}
     base = next(iter(engines.values()))

@@ -109,7 +109,8 @@ def generate_dataset(engine, prompt_file: str, out_path: str, temperature: float
     done = {int(r["index"]) for r in existing}
     # a prompt that cannot fit the engine's KV cache with its response is skipped (and counted), not fatal
     room = engine.max_len - max_new_tokens - engine.k_max - 1
-    too_long = {i for i, p in prompts if len(engine.encode(p, chat_template)) > room}
+    prompt_ids = {i: engine.encode(p, chat_template) for i, p in prompts}  # tokenized once: checked, then generated
+    too_long = {i for i, ids in prompt_ids.items() if len(ids) > room}
     if too_long - done:
         warnings.warn(f"{len(too_long - done)} of {len(prompts)} prompts of {prompt_file} are longer than the {room} "
                       f"tokens that the KV cache (max_len {engine.max_len}) leaves beside {max_new_tokens} new "
@@ -125,8 +126,8 @@ def generate_dataset(engine, prompt_file: str, out_path: str, temperature: float
         for first, part in chunks:
             if all(i in done for i, _ in part):  # also an empty chunk (all its prompts too long)
                 continue
-            outputs = engine.generate([p for _, p in part], temperature=temperature, max_new_tokens=max_new_tokens,
-                                      chat_template=chat_template, speculative=False, batch_size=batch_size,
+            outputs = engine.generate([prompt_ids[i] for i, _ in part], temperature=temperature,
+                                      max_new_tokens=max_new_tokens, speculative=False, batch_size=batch_size,
                                       seed=seed * 1_000_003 + first)
             missing = [(i, p, o) for (i, p), o in zip(part, outputs) if i not in done]
             for index, prompt, o in missing:

@@ -8,7 +8,6 @@ measure_drafts: decodes a prompt set with the target alone and with each draft a
 from __future__ import annotations
 
 import contextlib
-
 from typing import Dict, Optional, Sequence
 
 import torch
