@@ -4,8 +4,9 @@ For each temperature, on the first N prompts of a Spec-Bench style JSONL file (f
   target_only   SpeculativeEngine(speculative=False): the target alone, same code and sampler
   tempspec_sd[<draft>]   SpeculativeEngine with each draft of --drafts (k adaptive unless --k)
   hf_assisted[<draft>]   transformers generate with the same draft, batch 1 only: assistant_model= (its settings
-                on the draft's generation_config) for a layer-subset draft, prompt_lookup_num_tokens= for "lookup";
-                and hf_target_only (plain generate); unless --no-hf
+                on the draft's generation_config) for a layer-subset or trained draft, prompt_lookup_num_tokens= for
+                "lookup" (none for a lookup+model hybrid: HF has no such mode); and hf_target_only (plain generate);
+                unless --no-hf
 Each row reports tokens/s (generated tokens over wall seconds of the whole set), alpha and mean accepted drafts per
 step, and the speedup over target_only at the same batch size.
 
@@ -80,6 +81,8 @@ def run_engine(engine, prompts, temperature, max_new, batch, speculative, seed) 
     return {"tokens": sum(o.stats.new_tokens for o in outs), "seconds": time.perf_counter() - t0,
             "steps": sum(o.stats.steps for o in outs), "accepted": sum(o.stats.accepted for o in outs),
             "rejections": sum(o.stats.rejections for o in outs),
+            "lookup_steps": sum(o.stats.lookup_steps for o in outs),
+            "plain_steps": sum(o.stats.plain_steps for o in outs),
             "draft_time_s": outs[0].stats.draft_time_s if batch > 1 else sum(o.stats.draft_time_s for o in outs),
             "target_time_s": outs[0].stats.target_time_s if batch > 1 else sum(o.stats.target_time_s for o in outs)}
 
@@ -119,6 +122,9 @@ def summarize(sums: dict, speculative: bool) -> dict:
                    mean_accepted=sums["accepted"] / sums["steps"] if speculative else None,
                    tokens_per_step=sums["tokens"] / sums["steps"], draft_time_s=sums["draft_time_s"],
                    target_time_s=sums["target_time_s"])
+        if speculative:  # where the proposals came from (lookup drafts), and steps without any
+            out.update(lookup_step_share=sums["lookup_steps"] / sums["steps"],
+                       plain_step_share=sums["plain_steps"] / sums["steps"])
     return out
 
 
@@ -184,8 +190,11 @@ def main(argv=None):
     if not args.no_hf:
         hf_target = to_hf_llama(target.model)
         for d in drafts:
-            model = engines[f"tempspec_sd[{d}]"].draft.model
-            if d.startswith("lookup"):
+            engine = engines[f"tempspec_sd[{d}]"]
+            model = engine.draft.model
+            if engine.lookup is not None and engine.draft_model is not None:
+                continue  # HF has no lookup-then-model hybrid
+            if engine.lookup is not None:
                 hf_drafts[f"hf_assisted[{d}]"] = "lookup"
             elif isinstance(model, Transformer) and model.vocab_limit is None:  # layer subsets and trained drafts
                 hf_drafts[f"hf_assisted[{d}]"] = to_hf_llama(model)

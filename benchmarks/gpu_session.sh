@@ -7,7 +7,8 @@
 #   2. temperature-matched KD on the GPU: gen-data at tau 0, 0.5, 1 (GPTeacher rows 0-1999), then online JSD(0.5)
 #      distillation of a 2-layer draft per tau
 # Every stage writes under $OUT as it goes, in at most 8 files (the device tool's limit); DEADLINE (seconds, default
-# 450) bounds the whole script, stages that would start too late are skipped.
+# 450) bounds the whole script, stages that would start too late are skipped. TEMPS picks the temperatures of stage 1
+# (default 0,0.5,1); BATCHES=none skips its batch 8 and 32 part.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 START=$(date +%s); DEADLINE=${DEADLINE:-450}; DEV=${DEV:-cuda}  # the knobs below are for a dry run on CPU
@@ -40,17 +41,18 @@ want() { [[ " $STAGES " == *" $1 "* ]]; }
 RESERVE=0; want train && RESERVE=${TRAIN_RESERVE:-220}
 SPEC=$B/prompts/spec_bench_question.jsonl
 if want bench; then
-  t=$(( $(left) - RESERVE - 90 ))  # batch 1 takes what batches 8 and 32 (90 s at most) and stage 2 leave
+  TEMPS=${TEMPS:-0,0.5,1}; BATCHES=${BATCHES:-8,32}; LATER=90; [ "$BATCHES" = none ] && LATER=0
+  t=$(( $(left) - RESERVE - LATER ))  # batch 1 takes what batches 8 and 32 (90 s at most) and stage 2 leave
   if [ $t -gt 30 ]; then
     timeout $t python3 benchmarks/bench_engine.py --prompts $SPEC --n-prompts ${NB1:-20} --max-new-tokens ${NEWTOK:-64} \
-      --batch-sizes 1 --device $DEV --drafts "lookup;$B/draft_t0" --out $OUT/engine_gpu_batch1.json \
+      --batch-sizes 1 --temperatures $TEMPS --device $DEV --drafts "lookup;$B/draft_t0" --out $OUT/engine_gpu_batch1.json \
       > $W/logs/engine_batch1.log 2>&1
     log "engine batch 1: exit $?"
   fi
   t=$(( $(left) - RESERVE )); [ $t -gt 90 ] && t=90
-  if [ $t -gt 20 ]; then
+  if [ "$BATCHES" != none ] && [ $t -gt 20 ]; then
     timeout $t python3 benchmarks/bench_engine.py --prompts $SPEC --n-prompts ${NB8:-32} --max-new-tokens ${NEWTOK:-64} \
-      --batch-sizes ${BATCHES:-8,32} --device $DEV --no-hf --drafts "lookup;$B/draft_t0" \
+      --batch-sizes $BATCHES --temperatures $TEMPS --device $DEV --no-hf --drafts "lookup;$B/draft_t0" \
       --out $OUT/engine_gpu_batch8_32.json > $W/logs/engine_batch8_32.log 2>&1
     log "engine batch 8, 32: exit $?"
   fi

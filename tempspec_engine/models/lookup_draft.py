@@ -1,10 +1,11 @@
 """A model-free draft: n-gram lookup in the request's own tokens (prompt lookup decoding).
 
-For each row, the last n tokens (n = max_ngram down to 1) are searched for in the row's earlier tokens (latest
-occurrence first); the k tokens that followed become the proposal. The draft distribution q is one-hot on the
-proposed token, so speculative sampling stays exact: a proposal x is accepted with probability p(x) and a rejection
-draws from p with x removed. Rows without a match propose a repetition of their last token (almost free to verify:
-a bf16 verification of k+1 tokens costs about one forward on CPU).
+For each row, the last n tokens (n = max_ngram down to min_ngram) are searched for in the row's earlier tokens (latest
+occurrence first); up to k tokens that followed become the proposal. A row without a match proposes nothing: the
+engine then runs a plain target step for it (or, with a model draft behind the lookup, drafts with that model)
+instead of verifying guesses that are almost never accepted. The draft distribution q is one-hot on the proposed
+token, so speculative sampling stays exact: a proposal x is accepted with probability p(x) and a rejection draws from
+p with x removed.
 """
 from __future__ import annotations
 
@@ -21,29 +22,28 @@ class _LookupConfig:
 
 
 class LookupDraft:
-    """Proposes k tokens per row from the row's history; `draft_logits` gives the matching one-hot logits."""
+    """Proposes up to k tokens per row from the row's history; `draft_logits` gives the matching one-hot logits."""
 
     is_lookup = True
 
-    def __init__(self, vocab_size: int, max_ngram: int = 3):
-        if max_ngram < 1:
-            raise ValueError("max_ngram must be >= 1")
+    def __init__(self, vocab_size: int, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram} and {max_ngram}")
         self.config = _LookupConfig(vocab_size)
-        self.max_ngram = max_ngram
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
     def propose_row(self, seq: Sequence[int], k: int) -> List[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the longest matching tail; [] if none."""
         n_tokens = len(seq)
-        for n in range(min(self.max_ngram, n_tokens - 1), 0, -1):
+        for n in range(min(self.max_ngram, n_tokens - 1), self.min_ngram - 1, -1):
             tail = list(seq[n_tokens - n:])
             for start in range(n_tokens - n - 1, -1, -1):  # latest earlier occurrence first
                 if list(seq[start:start + n]) == tail:
-                    follow = list(seq[start + n:start + n + k])
-                    if follow:
-                        return (follow + [follow[-1]] * k)[:k]
-        return [seq[-1]] * k
+                    return list(seq[start + n:start + n + k])  # never empty: start + n < n_tokens
+        return []
 
     def propose(self, seqs: Sequence[Sequence[int]], k: int) -> List[List[int]]:
-        """Proposals [B][k] (python ints)."""
+        """Proposals per row, each of 0 to k python ints."""
         return [self.propose_row(s, k) for s in seqs]
 
     @staticmethod

@@ -1,0 +1,42 @@
+"""Adaptive lookahead: expected tokens per step, per-position acceptance estimates, and the choice of k."""
+import random
+
+import pytest
+
+from tempspec_engine.adaptive_k import AdaptiveK, expected_tokens
+
+
+def test_expected_tokens():
+    assert expected_tokens(0.5, 3) == pytest.approx((1 - 0.5 ** 4) / (1 - 0.5))  # Leviathan et al.
+    assert expected_tokens(0.0, 5) == 1.0 and expected_tokens(1.0, 5) == 6.0
+    assert expected_tokens([0.5, 1.0, 1.0], 3) == pytest.approx(1 + 0.5 * 3)  # a copied span: all or nothing
+    assert expected_tokens([0.5, 1.0, 1.0], 1) == pytest.approx(1.5)
+
+
+def simulate(chance_first: float, chance_next: float, draft_s: float, verify_s, steps=400, seed=0) -> AdaptiveK:
+    """Runs AdaptiveK on a synthetic draft: draft 1 accepted with chance_first, each later one (after accepted
+    ones) with chance_next; verify_s(k) seconds per verification."""
+    est, rng = AdaptiveK(k_max=8), random.Random(seed)
+    for _ in range(steps):
+        k = est.choose([0.0])
+        a = 0
+        while a < k and rng.random() < (chance_first if a == 0 else chance_next):
+            a += 1
+        est.update(k, [0.0], [a], draft_s * k, verify_s(k))
+    return est
+
+
+def test_per_position_estimates_and_choice():
+    # n-gram lookup: a coin flip for the first token, then the copied span holds; drafting is free and
+    # verification nearly flat in k: the longest lookahead pays
+    lookup = simulate(0.5, 0.95, 1e-5, lambda k: 0.05 * (1 + 0.01 * k))
+    alphas = lookup.acceptance(0.0)
+    assert abs(alphas[0] - 0.5) < 0.1 and min(alphas[1:4]) > 0.85
+    assert lookup.choose([0.0]) >= 6
+    # a model draft with i.i.d. acceptance 0.3 and a draft step costing 20% of a verification: short lookahead
+    model = simulate(0.3, 0.3, 0.01, lambda k: 0.05 * (1 + 0.02 * k))
+    assert abs(model.acceptance(0.0)[0] - 0.3) < 0.1
+    assert model.choose([0.0]) <= 2
+    # unmeasured temperatures fall back to the prior; the first steps use initial_k
+    assert model.acceptance(1.0) == pytest.approx([0.6] * 8)
+    assert AdaptiveK(initial_k=3).choose([0.0]) == 3
