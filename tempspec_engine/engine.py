@@ -458,8 +458,8 @@ class SpeculativeEngine:
     def _draft_tokens(self, reqs, fwd_d, cache_d, L_host, temps, k, kv_len, gen):
         """Catches the draft cache up, then drafts k tokens with the fused sampler.
 
-        Every row re-reads a window of W >= 2 committed tokens ending at its pending token: the draft cache lacks
-        the last one or two after a model step (two when all drafts were accepted) and more after lookup steps.
+        Every row re-reads a window of W >= 2 committed tokens ending at its pending token, covering what the draft
+        cache lacks: its last two tokens after a model step (the draft_len kept), more after lookup steps.
         A row shorter than W is padded at its end (keys beyond a row's length are overwritten before anything
         attends to them). Returns draft logits [B, k, V] and draft tokens [B, k] int64.
         """
