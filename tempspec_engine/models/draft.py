@@ -8,8 +8,8 @@ Draft specs (CLI `--draft` and SpeculativeEngine(draft=...)):
                                order, so this keeps the common tokens and cuts the head's cost; still lossless)
   "random" / "random:2"        a randomly initialized 2-layer model with the target's vocabulary (tests only)
   "lookup" / "lookup:4"        no model: n-gram lookup in the request's own tokens (models/lookup_draft.py)
-  "lookup+distilled:1"         hybrid: a step takes the lookup's proposals when every row has a match of 2+ tokens,
-                               else the model draft after the "+" (any spec below) drafts; lossless either way
+  "lookup+distilled:1"         hybrid: lookup proposes for a row whose last 2-3 tokens occurred earlier, the model
+                               after the "+" (any spec below) for the others (it runs only when some row needs it)
   "distilled:0.5"              the shipped draft distilled at KD temperature 0.5 (tempspec_engine/drafts/)
   a tempspec draft directory   a draft saved by tempspec_trainer (models/draft_checkpoint.py)
   "distilled:1/vocab:8192"     any of the two above with its head restricted likewise
