@@ -180,8 +180,10 @@ class SpeculativeEngine:
         # self.lookup: the n-gram proposer, alone ("lookup") or in front of a model draft ("lookup+...": then it only
         # answers for n-grams of 2+ tokens, where it beats a small model); self.draft_model: that model, if any
         self.draft_model = None if self.draft is None or getattr(self.draft.model, "is_lookup", False) else self.draft
-        self.lookup = (make_lookup(lookup_spec, self.target.vocab_size, min_ngram=2) if lookup_spec
-                       else None if self.draft_model or self.draft is None else self.draft.model)
+        if lookup_spec:
+            self.lookup = make_lookup(lookup_spec, self.target.vocab_size, min_ngram=2)
+        else:
+            self.lookup = self.draft.model if self.draft is not None and self.draft_model is None else None
         if k != "auto" and (not isinstance(k, int) or k < 1):
             raise ValueError(f"k must be 'auto' or a positive int, got {k!r}")
         self.k = k
@@ -465,8 +467,9 @@ class SpeculativeEngine:
         """
         dev = self.device
         W = max(2, max(l - r.draft_len for r, l in zip(reqs, L_host)))
-        if self.static_shapes and 1 << (W - 1).bit_length() <= max(L_host):
-            W = 1 << (W - 1).bit_length()  # few distinct shapes (one captured graph each)
+        rounded = 1 << (W - 1).bit_length()  # the next power of two
+        if self.static_shapes and rounded <= max(L_host):
+            W = rounded  # few distinct shapes (one captured graph each)
         starts = [max(l - W, 0) for l in L_host]
         window = torch.tensor([(r.seq[s:l] + [0] * W)[:W] for r, s, l in zip(reqs, starts, L_host)], device=dev)
         positions = torch.tensor(starts, device=dev).unsqueeze(1) + torch.arange(W, device=dev)

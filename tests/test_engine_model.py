@@ -10,7 +10,7 @@ from engine_fixtures import tiny_llama_hf  # noqa: E402
 from tempspec_engine.models.config import ModelConfig  # noqa: E402
 from tempspec_engine.models.draft import layer_subset_draft, make_draft  # noqa: E402
 from tempspec_engine.models.llama import Transformer  # noqa: E402
-from tempspec_engine.models.loading import from_hf_model  # noqa: E402
+from tempspec_engine.models.loading import LoadedModel, from_hf_model  # noqa: E402
 
 
 def _ours(hf):
@@ -152,5 +152,15 @@ def test_hybrid_and_lookup_specs():
     d = make_lookup("lookup:4", vocab_size=10, min_ngram=2)
     assert (d.max_ngram, d.min_ngram) == (4, 2)
     assert make_lookup("lookup:1", 10, min_ngram=2).min_ngram == 1  # never above max_ngram
-    with pytest.raises(ValueError, match="integer N"):
-        make_lookup("lookup:x", 10)
+    for bad in ("lookup:x", "lookup:0"):
+        with pytest.raises(ValueError, match=f"draft '{bad}'.*integer N >= 1"):
+            make_lookup(bad, 10)
+
+
+@pytest.mark.parametrize("spec, expected", [("random:x", "random:N"), ("random:0", "random:N"),
+                                            ("distilled:abc", "distilled:T"), ("distilled:", "distilled:T")])
+def test_malformed_numbered_specs_name_the_spec(spec, expected):
+    target = _ours(tiny_llama_hf(vocab=16, layers=1))
+    loaded = LoadedModel(target, None, (), "tiny")
+    with pytest.raises(ValueError, match=f"draft '{spec}'.*{expected}"):
+        make_draft(spec, loaded, "cpu", torch.float32)

@@ -88,15 +88,25 @@ def _vocab_limit(text: str, vocab_size: int) -> int:
     return n
 
 
+def _spec_number(spec: str, default, cast=int, minimum=1, usage: str = ""):
+    """The number after the ':' of a spec like "lookup:4" (default without one); a ValueError naming the spec."""
+    _, colon, text = spec.partition(":")
+    if not colon:
+        return default
+    try:
+        value = cast(text)
+    except ValueError:
+        value = None
+    if value is None or (minimum is not None and value < minimum):
+        raise ValueError(f"draft {spec!r}: {usage}")
+    return value
+
+
 def make_lookup(spec: str, vocab_size: int, min_ngram: int = 1):
     """A LookupDraft from "lookup" or "lookup:N" (N: the longest n-gram matched, default 3)."""
     from tempspec_engine.models.lookup_draft import LookupDraft
 
-    _, colon, n = spec.partition(":")
-    try:
-        max_ngram = int(n) if colon else 3
-    except ValueError:
-        raise ValueError(f"draft {spec!r}: use 'lookup' or 'lookup:N' with an integer N") from None
+    max_ngram = _spec_number(spec, 3, usage="use 'lookup' or 'lookup:N' with an integer N >= 1")
     return LookupDraft(vocab_size, max_ngram, min(min_ngram, max_ngram))
 
 
@@ -129,14 +139,15 @@ def make_draft(spec, target: LoadedModel, device, dtype) -> LoadedModel:
     if spec == "lookup" or spec.startswith("lookup:"):
         return LoadedModel(make_lookup(spec, target.vocab_size), target.tokenizer, target.eos_ids, spec)
     if spec == "random" or spec.startswith("random:"):
-        n_layers = int(spec.split(":")[1]) if ":" in spec else 1
+        n_layers = _spec_number(spec, 1, usage="use 'random' or 'random:N' with an integer N >= 1 (layers)")
         model = random_draft(target.model.config, n_layers, device=device, dtype=dtype)
         return LoadedModel(model, target.tokenizer, target.eos_ids, spec)
     body, _, vocab = spec.rpartition("/vocab:") if "/vocab:" in spec else (spec, "", "")
     if body.startswith("distilled:") or is_draft_dir(body):
         if not isinstance(target.model, Transformer):
             raise ValueError("trained tempspec drafts need a Llama-family target")
-        directory = shipped_draft(float(body.split(":", 1)[1])) if body.startswith("distilled:") else body
+        directory = (shipped_draft(_spec_number(body, None, float, None, "use 'distilled:T' with a number T, e.g. "
+                                                "distilled:0.5")) if body.startswith("distilled:") else body)
         model = load_draft(directory, target.model, device, dtype)
         model.vocab_limit = _vocab_limit(vocab, model.config.vocab_size) if vocab else None
         return LoadedModel(model, target.tokenizer, target.eos_ids, spec)
