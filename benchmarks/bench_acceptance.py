@@ -6,7 +6,8 @@ time. On a GPU it also measures the card's copy bandwidth, to express results as
 
     python benchmarks/bench_acceptance.py --quick                 # CPU-sized grid
     python benchmarks/bench_acceptance.py --device cuda --dtype bfloat16
-Results: benchmarks/results/acceptance_<device>_<dtype>.json (device, dtype, versions, one row per config/backend).
+Results: a new runs/results/acceptance_<device>_<dtype>-<time>.json unless --output names one (device, dtype,
+versions, one row per config/backend); the committed ones live in benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -22,27 +23,37 @@ from pathlib import Path
 
 import torch
 
-from tempspec_engine import available_backends, speculative_sample
+from tempspec_engine import BACKEND_NAMES, available_backends, speculative_sample
+from tempspec_engine.cli_args import positive_int
+from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command
+from tempspec_engine.models.loading import resolve_device
+from tempspec_engine.results import RUNS_DIR, fresh_results_path
 from tempspec_engine.torch_backend import speculative_sample_torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = OneLineParser(prog="bench_acceptance", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64], help="B values")
-    p.add_argument("--lookahead", type=int, nargs="+", default=[1, 4, 8], help="k values")
-    p.add_argument("--vocab", type=int, nargs="+", default=[32000, 49152, 128256], help="V values")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--backends", nargs="+", default=None, help="default: every available backend plus torch.compile")
+    p.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8, 64], help="B values (default: 1 8 64)")
+    p.add_argument("--lookahead", type=positive_int, nargs="+", default=[1, 4, 8], help="k values (default: 1 4 8)")
+    p.add_argument("--vocab", type=positive_int, nargs="+", default=[32000, 49152, 128256],
+                   help="V values (default: 32000 49152 128256)")
+    p.add_argument("--temperature", type=float, default=1.0, help="(default: %(default)s)")
+    p.add_argument("--backends", nargs="+", default=None, choices=list(BACKEND_NAMES),
+                   help="default: every available backend plus torch.compile")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--quick", action="store_true", help="small grid for a CPU: B 1 8, k 1 4, V 32000 49152 "
                    "(replaces --batch/--lookahead/--vocab)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repetitions (default: 100 on GPU, 5 on CPU)")
-    p.add_argument("--output", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
+    p.add_argument("--repeats", type=positive_int, default=None,
+                   help="timed repetitions (default: 100 on GPU, 5 on CPU)")
+    p.add_argument("--output", type=Path, default=None,
+                   help=f"JSON path (default: a new file {RUNS_DIR}/acceptance_<device>_<dtype>-<time>.json)")
+    add_debug_flag(p)
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.lookahead, args.vocab = [1, 8], [1, 4], [32000, 49152]
@@ -136,9 +147,13 @@ def environment(device):
     return info
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
+    return run_command("bench_acceptance", lambda: run(args), getattr(args, "debug", False))
+
+
+def run(args) -> int:
+    device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
     repeats = args.repeats or (100 if device.type == "cuda" else 5)
     backends = args.backends or available_backends(device)
@@ -186,7 +201,7 @@ def main(argv=None):
               "temperature": args.temperature, "environment": env, "copy_bandwidth_gbs": ceiling,
               "timing": "median ms per call; validate=False; uniforms given", "results": rows}
     slug = re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-") or device.type
-    out = args.output or RESULTS_DIR / f"acceptance_{slug}_{args.dtype}.json"
+    out = args.output or fresh_results_path(f"acceptance_{slug}_{args.dtype}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"{'B':>4} {'k':>2} {'V':>7} {'backend':>14} {'ms':>9} {'GB/s':>8} {'x eager':>8}")
@@ -199,8 +214,8 @@ def main(argv=None):
     if ceiling:
         print(f"copy bandwidth (read+write): {ceiling:.0f} GB/s")
     print(f"wrote {out}")
-    return result
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

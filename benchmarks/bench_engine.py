@@ -30,11 +30,16 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from tempspec_engine.cli_args import lookahead, positive_int  # noqa: E402
+from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command  # noqa: E402
 from tempspec_engine.engine import SpeculativeEngine  # noqa: E402
 from tempspec_engine.models.draft import DEFAULT_DRAFT  # noqa: E402
 from tempspec_engine.models.llama import Transformer  # noqa: E402
-from tempspec_engine.models.loading import load_default_target, resolve_dtype  # noqa: E402
-from tempspec_engine.sweep import read_prompts, sync_device  # noqa: E402
+from tempspec_engine.models.loading import load_default_target, resolve_device, resolve_dtype  # noqa: E402
+from tempspec_engine.prompts import read_prompts  # noqa: E402
+from tempspec_engine.results import RUNS_DIR, fresh_results_path  # noqa: E402
+from tempspec_engine.sweep import sync_device  # noqa: E402
+from tempspec_engine.threads import set_threads  # noqa: E402
 
 
 def to_hf_llama(model):
@@ -128,39 +133,54 @@ def summarize(sums: dict, speculative: bool) -> dict:
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    ap = OneLineParser(prog="bench_engine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", required=True,
                     help="JSONL with `turns` (Spec-Bench), `question` or `instruction`; '-' with --prompt-ids")
-    ap.add_argument("--n-prompts", type=int, default=20)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--temperatures", default="0,0.5,1.0")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--n-prompts", type=positive_int, default=20, help="(default: %(default)s)")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=64, help="(default: %(default)s)")
+    ap.add_argument("--temperatures", default="0,0.5,1.0", help="comma list (default: %(default)s)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu, cuda or cuda:N (default: %(default)s)")
+    ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="(default: %(default)s)")
     ap.add_argument("--drafts", default=f"{DEFAULT_DRAFT};layers:0-3",
-                    help="';'-separated draft specs (models/draft.py)")
-    ap.add_argument("--k", default="auto", help="'auto' or a fixed lookahead")
-    ap.add_argument("--hf-k", type=int, default=5,
-                    help="num_assistant_tokens (heuristic schedule) / prompt_lookup_num_tokens for HF")
-    ap.add_argument("--batch-sizes", default="1")
+                    help="';'-separated draft specs (models/draft.py; default: %(default)s)")
+    ap.add_argument("--k", type=lookahead, default="auto", help="'auto' or a fixed lookahead (default: %(default)s)")
+    ap.add_argument("--hf-k", type=positive_int, default=5,
+                    help="num_assistant_tokens (heuristic schedule) / prompt_lookup_num_tokens for HF "
+                         "(default: %(default)s)")
+    ap.add_argument("--batch-sizes", default="1", help="comma list (default: %(default)s)")
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baselines")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     ap.add_argument("--max-len", type=int, default=0,
-                    help="KV-cache length per request (0: the longest prompt + max-new-tokens + lookahead)")
+                    help="KV-cache length per request (default: 0, the longest prompt + max-new-tokens + lookahead)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: eager forwards (static shapes kept)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--out", required=True, help="results JSON path")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (default: 0, the cores other processes leave free)")
+    ap.add_argument("--out", default=None,
+                    help=f"results JSON path (default: a new file {RUNS_DIR}/engine_<device>_<dtype>-<time>.json)")
     ap.add_argument("--dump-prompt-ids", default=None,
                     help="write the chat-templated prompt ids (JSON) for a machine without transformers, and exit")
     ap.add_argument("--prompt-ids", default=None, help="read prompt ids written by --dump-prompt-ids")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
+    return run_command("bench_engine", lambda: run(args), getattr(args, "debug", False))
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), resolve_dtype(args.dtype)
-    k = args.k if args.k == "auto" else int(args.k)
-    temps = [float(t) for t in args.temperatures.split(",")]
-    batches = [int(b) for b in args.batch_sizes.split(",")]
+
+def _numbers(flag: str, text: str, cast) -> list:
+    try:
+        return [cast(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected a comma list of numbers") from None
+
+
+def run(args) -> int:
+    set_threads(args.threads)
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    k = args.k
+    temps = _numbers("--temperatures", args.temperatures, float)
+    batches = _numbers("--batch-sizes", args.batch_sizes, int)
+    args.out = args.out or str(fresh_results_path(f"engine_{device.type}_{args.dtype}"))
     prompts = read_prompts(args.prompts, args.n_prompts) if args.prompts != "-" else None
 
     t0 = time.perf_counter()
@@ -177,7 +197,7 @@ def main(argv=None):
         with open(args.dump_prompt_ids, "w") as f:
             json.dump(prompt_ids, f)
         print(f"wrote {len(prompt_ids)} prompts to {args.dump_prompt_ids}")
-        return
+        return 0
     prompts = prompt_ids  # the engine takes ids directly: same prompts for every method
     # KV-cache length: what the longest prompt needs (static shapes attend over the whole cache), in steps of 64
     max_len = args.max_len or -(-(max(map(len, prompts)) + args.max_new_tokens + encoder.k_max + 1) // 64) * 64
@@ -257,7 +277,8 @@ def main(argv=None):
     meta.update(loadavg_after=os.getloadavg(), complete=True)
     write()
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

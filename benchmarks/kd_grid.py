@@ -20,12 +20,15 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tempspec_engine.models.loading import best_device, load_target, resolve_dtype  # noqa: E402
-from tempspec_engine.sweep import collect_meta, format_table, read_prompts, run_sweep  # noqa: E402
+from tempspec_engine.cli_args import lookahead, positive_int  # noqa: E402
+from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command  # noqa: E402
+from tempspec_engine.models.loading import load_target, resolve_device, resolve_dtype  # noqa: E402
+from tempspec_engine.results import RUNS_DIR, fresh_results_path  # noqa: E402
+from tempspec_engine.sweep import (collect_meta, format_table, parse_temperatures, read_prompts,  # noqa: E402
+                                   run_sweep)
+from tempspec_engine.threads import set_threads  # noqa: E402
 
 
 def parse_draft(text: str) -> Tuple[str, Optional[float], str]:
@@ -95,48 +98,54 @@ def plot_grids(grids: Dict[str, dict], title: str, out_stem: Path) -> List[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(prog="kd_grid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--draft", action="append", default=[], help="MODE:TAU=DIR or none=DIR, repeatable")
     ap.add_argument("--prompts", action="append", default=[], help="NAME=JSONL prompt file, repeatable")
-    ap.add_argument("--n-prompts", type=int, default=12)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--temperatures", default="0,0.5,1")
-    ap.add_argument("--target", default="default")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--k", default="auto")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--out", required=True, help="results JSON; heatmaps <out>_<set>_{alpha,speedup}.png beside it")
+    ap.add_argument("--n-prompts", type=positive_int, default=12, help="(default: %(default)s)")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=64, help="(default: %(default)s)")
+    ap.add_argument("--temperatures", default="0,0.5,1", help="comma list (default: %(default)s)")
+    ap.add_argument("--target", default="default", help="(default: %(default)s)")
+    ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the best available)")
+    ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="(default: %(default)s)")
+    ap.add_argument("--k", type=lookahead, default="auto", help="(default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (default: 0, the cores other processes leave free)")
+    ap.add_argument("--out", default=None,
+                    help=f"results JSON; heatmaps <out>_<set>_{{alpha,speedup}}.png beside it (default: a new file "
+                         f"{RUNS_DIR}/kd_grid-<time>.json)")
     ap.add_argument("--report", action="store_true",
                     help="decode nothing: print the Markdown grids of an existing --out JSON")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
+    return run_command("kd_grid", lambda: run(args), getattr(args, "debug", False))
+
+
+def run(args) -> int:
     if args.report:
+        if not args.out:
+            raise ValueError("--report reads the JSON that --out names")
         report = json.loads(Path(args.out).read_text())
         for name, entry in report["sets"].items():
             for metric in ("alpha", "speedup"):
                 print(f"### {name}: {metric}\n\n{format_grids(entry['grids'], metric)}\n")
         return 0
-    try:
-        if not args.draft or not args.prompts:
-            raise ValueError("give at least one --draft and one --prompts")
-        drafts = [parse_draft(d) for d in args.draft]
-        sets = [p.partition("=")[::2] for p in args.prompts]
-        if any(not name or not path for name, path in sets):
-            raise ValueError("--prompts takes NAME=PATH")
-        for _, _, path in drafts:
-            if not (Path(path) / "tempspec_draft.json").is_file():
-                raise ValueError(f"{path} is not a draft directory (no tempspec_draft.json)")
-    except ValueError as exc:
-        ap.error(str(exc))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device) if args.device else best_device()
+    if not args.draft or not args.prompts:
+        raise ValueError("give at least one --draft and one --prompts")
+    drafts = [parse_draft(d) for d in args.draft]
+    sets = [p.partition("=")[::2] for p in args.prompts]
+    if any(not name or not path for name, path in sets):
+        raise ValueError("--prompts takes NAME=PATH")
+    for _, _, path in drafts:
+        if not (Path(path) / "tempspec_draft.json").is_file():
+            raise ValueError(f"{path} is not a draft directory (no tempspec_draft.json)")
+    set_threads(args.threads)
+    device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype)
-    temps = [float(t) for t in args.temperatures.split(",")]
-    k = args.k if args.k == "auto" else int(args.k)
+    temps = parse_temperatures(args.temperatures)
+    k = args.k
     target = load_target(args.target, device, dtype)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else fresh_results_path("kd_grid")
     report = {"meta": {**collect_meta(device), "target": target.name, "dtype": str(dtype), "k": k,
                        "n_prompts": args.n_prompts, "max_new_tokens": args.max_new_tokens},
               "drafts": [{"mode": m, "tau_kd": t, "path": p} for m, t, p in drafts], "sets": {}}

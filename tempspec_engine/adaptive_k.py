@@ -7,10 +7,15 @@ a coin flip, but once a copied span is accepted the next tokens almost always ar
 position and per temperature (rounded to 0.05) from decayed counts (accepted / reached), each shrunk toward the
 position before it with two pseudo-observations. The step's cost is k draft forwards plus one verification of k+1
 tokens, both measured; we pick the k in [k_min, k_max] that maximizes the batch's expected tokens per second.
+
+Measured timings carry noise, so two runs with the same seed could pick different k and so sample different text.
+With `fixed_costs` the costs come from a model instead (the engine passes the weights each forward multiplies a token
+by, draft against target, and the verification of k+1 tokens costs (1 + verify_slope_prior * k) times one): the
+choices then depend on the accepted counts alone, and a seeded run repeats token for token.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 
 def expected_tokens(alpha: Union[float, Sequence[float]], k: int) -> float:
@@ -28,12 +33,17 @@ class AdaptiveK:
     """Running estimates of alpha_j (per temperature) and of step costs; `choose` returns the best k."""
 
     def __init__(self, k_min: int = 1, k_max: int = 8, initial_k: int = 4, prior_alpha: float = 0.6,
-                 decay: float = 0.98, verify_slope_prior: float = 0.05):
+                 decay: float = 0.98, verify_slope_prior: float = 0.05,
+                 fixed_costs: Optional[Tuple[float, float]] = None):
+        """fixed_costs: (cost of one draft forward, cost of verifying one token) in any common unit; then the
+        timings given to update() are not used (see the module docstring)."""
         self.k_min, self.k_max, self.initial_k = k_min, k_max, initial_k
         self.prior_alpha, self.decay, self.verify_slope_prior = prior_alpha, decay, verify_slope_prior
         # temperature bucket -> [accepted, reached] per draft position 1..k_max (decayed)
         self.counts: Dict[float, List[List[float]]] = {}
-        self.draft_time = None  # seconds per draft forward (EMA)
+        self.fixed = fixed_costs is not None
+        self.draft_time = fixed_costs[0] if self.fixed else None  # seconds per draft forward (EMA)
+        self.verify_base = fixed_costs[1] if self.fixed else None
         self.verify_time: Dict[int, float] = {}  # k -> seconds per verification of k+1 tokens (EMA)
 
     @staticmethod
@@ -61,6 +71,8 @@ class AdaptiveK:
                 if j < k and j <= a:  # draft j+1 was reached (all before it accepted); accepted if j < a
                     c[1] += 1.0
                     c[0] += float(j < a)
+        if self.fixed:
+            return
         if k > 0:
             per = draft_seconds / k
             self.draft_time = per if self.draft_time is None else 0.9 * self.draft_time + 0.1 * per
@@ -69,6 +81,8 @@ class AdaptiveK:
 
     def verify_cost(self, k: int) -> float:
         """Verification seconds for k: measured, else a line through the measured points (or a prior slope)."""
+        if self.fixed:
+            return self.verify_base * (1 + self.verify_slope_prior * k)
         if k in self.verify_time:
             return self.verify_time[k]
         ks = sorted(self.verify_time)
@@ -86,7 +100,7 @@ class AdaptiveK:
 
     def choose(self, temperatures: Sequence[float]) -> int:
         """The k maximizing sum over rows of expected tokens, divided by the step's expected time."""
-        if self.draft_time is None or not self.verify_time:
+        if not self.fixed and (self.draft_time is None or not self.verify_time):
             return self.initial_k
         per_bucket = {}
         alphas = [per_bucket.setdefault(self._bucket(t), self.acceptance(t)) for t in temperatures]

@@ -2,73 +2,91 @@
 `tempspec sweep --quick` (the temperature study, see tempspec_engine/sweep.py).
 
 With one prompt the text streams as it is accepted; with several, each is printed when all are done. Prompts go
-through the model's chat template unless --no-chat.
+through the model's chat template unless --no-chat. Errors end in one line (tempspec_engine/cli_errors.py).
 """
 from __future__ import annotations
 
-import argparse
 import sys
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
+from tempspec_engine import __version__
+from tempspec_engine.cli_args import DRAFT_FORMS, add_model_arguments, positive_int
+from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command
 from tempspec_engine.sweep import add_sweep_parser, sweep_command
 
-
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tempspec", description="Lossless speculative decoding at any temperature.")
-    sub = ap.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate text for one or more prompts")
+def _parser() -> OneLineParser:
+    ap = OneLineParser(prog="tempspec", description="Lossless speculative decoding at any temperature.")
+    ap.add_argument("--version", action="version", version=f"tempspec {__version__}")
+    add_debug_flag(ap)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{generate,sweep}")
+    g = sub.add_parser("generate", help="generate text for one or more prompts",
+                       description="Generate text with lossless speculative decoding (the text streams to stdout, "
+                                   "figures go to stderr).")
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
-    g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--target", default="default", help="'default' (SmolLM2-135M-Instruct) or a HF path/hub name")
-    g.add_argument("--draft", default="default",
-                   help="'default' (lookup), a spec like distilled:1, distilled:1/vocab:8192 or layers:0,14,29, "
-                        "lookup+distilled:1 (lookup where it matches, else the model), a draft directory, 'none', "
-                        "or a HF model (see tempspec_engine/models/draft.py)")
-    g.add_argument("--k", default="auto", help="lookahead: 'auto' or an int")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: the best available)")
-    g.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default bf16)")
+    g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=256, help="(default: %(default)s)")
+    g.add_argument("--draft", default="default", help=DRAFT_FORMS + " (default: %(default)s)")
+    g.add_argument("--max-len", type=positive_int, default=None,
+                   help="KV-cache capacity per request, prompt + new tokens, up to the model's limit (default: "
+                        "the smaller of 2048 and that limit)")
+    add_model_arguments(g)
     g.add_argument("--no-chat", action="store_true", help="use the prompt as raw text (no chat template)")
-    g.add_argument("--system", default=None, help="system prompt for the chat template")
-    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--no-speculative", action="store_true", help="target alone (autoregressive baseline)")
-    g.add_argument("--quiet", action="store_true", help="no stats on stderr")
+    g.add_argument("--system", default=None, help="system prompt for the chat template (default: none)")
+    g.add_argument("--stop", action="append", default=None,
+                   help="stop string, not included in the output (repeatable; default: none)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="the same seed, prompt and settings give the same text (default: a random seed)")
+    g.add_argument("--no-speculative", action="store_true", help="the target alone (the autoregressive baseline)")
+    g.add_argument("--quiet", action="store_true", help="no figures on stderr")
+    add_debug_flag(g)
     add_sweep_parser(sub)
     return ap
 
 
-class _Streamer:
-    """Prints the decoded text of one request as tokens arrive (decodes the whole prefix: safe for multi-byte)."""
+class StopAwareStreamer:
+    """Prints one request's text as tokens arrive, never past a stop string: the text is decoded whole each time
+    (safe for multi-byte characters), and the last len(longest stop) - 1 characters are held back until the request
+    ends, since they may begin a stop string. `finish(text)` prints what is left of the final text."""
 
-    def __init__(self, tokenizer, out):
+    def __init__(self, tokenizer, out, stops: Sequence[str] = ()):
         self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], ""
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
 
     def __call__(self, index: int, new_ids: List[int]) -> None:
         self.ids.extend(new_ids)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return
-        self.out.write(text[len(self.printed):] if text.startswith(self.printed) else "")
-        self.out.flush()
-        self.printed = text
+        cut = min([text.find(s) for s in self.stops if s in text] + [len(text) - self.hold])
+        self._write(text[:cut])
+
+    def finish(self, text: str) -> None:
+        self._write(text)
+
+    def _write(self, text: str) -> None:
+        if len(text) > len(self.printed) and text.startswith(self.printed):
+            self.out.write(text[len(self.printed):])
+            self.out.flush()
+            self.printed = text
 
 
 def generate_command(args, out=None, err=None) -> int:
     from tempspec_engine.engine import SpeculativeEngine
+    from tempspec_engine.threads import set_threads
 
     out, err = out or sys.stdout, err or sys.stderr
-    k = args.k if args.k == "auto" else int(args.k)
-    engine = SpeculativeEngine(args.target, args.draft, device=args.device, dtype=args.dtype, k=k)
+    set_threads(args.threads)
+    engine = SpeculativeEngine(args.target, args.draft, device=args.device, dtype=args.dtype, k=args.k,
+                               max_len=args.max_len, allow_download=args.allow_download)
     stream = len(args.prompt) == 1
-    streamer = _Streamer(engine.tokenizer, out) if stream else None
+    streamer = StopAwareStreamer(engine.tokenizer, out, args.stop or ()) if stream else None
     outputs = engine.generate(args.prompt, args.temperature, args.max_new_tokens, stop=args.stop,
                               chat_template=not args.no_chat, system_prompt=args.system,
                               speculative=not args.no_speculative, seed=args.seed, on_tokens=streamer)
     for i, o in enumerate(outputs):
         if stream:
-            if o.text != streamer.printed:  # a stop string cut the streamed text: show the final text
-                out.write("\n[final] " + o.text)
+            streamer.finish(o.text)
             out.write("\n")
         else:
             out.write(f"=== {i} ===\n{o.text}\n")
@@ -82,15 +100,9 @@ def generate_command(args, out=None, err=None) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "generate":
-            return generate_command(args)
-        if args.command == "sweep":
-            return sweep_command(args)
-    except (ValueError, FileNotFoundError) as exc:
-        sys.stderr.write(f"tempspec: error: {exc}\n")
-        return 2
-    return 1
+    prog = f"tempspec {args.command}"
+    body = {"generate": generate_command, "sweep": sweep_command}[args.command]
+    return run_command(prog, lambda: body(args), getattr(args, "debug", False))
 
 
 if __name__ == "__main__":

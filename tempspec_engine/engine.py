@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
+import operator
 import time
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from tempspec_engine.adaptive_k import AdaptiveK
-from tempspec_engine.models.draft import make_draft, make_lookup, split_hybrid
+from tempspec_engine.checks import check_positive_int, is_int, per_prompt, real_number
+from tempspec_engine.models.draft import check_spec_form, make_draft, make_lookup, split_hybrid
 from tempspec_engine.models.llama import Transformer
 from tempspec_engine.models.loading import (LoadedModel, best_device, default_dtype, load_target, own_device_and_dtype,
-                                            resolve_dtype)
+                                            resolve_device, resolve_dtype)
 from tempspec_engine.ops import sample, speculative_sample
 
 
@@ -135,6 +136,16 @@ def _eager(model, static: bool):
     return forward
 
 
+def matmul_weights(model) -> int:
+    """The weights one forward multiplies each token by: decoder layers and the (possibly restricted) output head,
+    not the embedding lookup; 0 for n-gram lookup. The unit of the seeded adaptive k's cost model."""
+    if getattr(model, "is_lookup", False):
+        return 0
+    if isinstance(model, Transformer):
+        return sum(p.numel() for layer in model.layers for p in layer.parameters()) + model.output_weight().numel()
+    return sum(p.numel() for p in model.parameters())
+
+
 NONFINITE_MESSAGE = ("a model produced NaN or +inf logits during generation (overflow in this dtype? try "
                      "dtype=fp32): the outputs would be invalid")
 
@@ -155,8 +166,12 @@ class SpeculativeEngine:
     draft: None/"default" (n-gram lookup, see models/draft.py), a draft spec such as "distilled:1",
         "layers:0,14,29", "lookup+distilled:1" (hybrid) or "random", a path/hub name, a LoadedModel or a
         Transformer; "none" for target-only.
-    k: "auto" (adaptive, see adaptive_k.py) or a fixed lookahead.
-    max_len: KV-cache capacity per request (prompt + max_new_tokens + k must fit).
+    k: "auto" (adaptive, see adaptive_k.py; with a seed, chosen without timings so that the text repeats) or a
+        fixed lookahead.
+    max_len: KV-cache capacity per request (prompt + max_new_tokens + k must fit), at most the model's limit
+        (default: the smaller of 2048 and that limit).
+    allow_download: let target/draft name a Hugging Face hub id (never with HF_HUB_OFFLINE); by default only the
+        shipped models, draft specs and local directories are accepted, and nothing waits on the network.
     static_shapes (default: on CUDA): batch rows keep their slots (finished rows idle until a queued request takes
         them) and attention spans the whole cache, so every forward has a fixed shape; with cuda_graphs (default: on
         CUDA for Llama-family models) the draft steps and the verification replay captured CUDA graphs. The caches
@@ -166,17 +181,26 @@ class SpeculativeEngine:
 
     def __init__(self, target=None, draft=None, device=None, dtype=None, k: Union[int, str] = "auto",
                  max_len: Optional[int] = None, max_batch_size: int = 8, k_max: int = 8, tokenizer=None,
-                 backend: str = "auto", static_shapes: Optional[bool] = None, cuda_graphs: Optional[bool] = None):
+                 backend: str = "auto", static_shapes: Optional[bool] = None, cuda_graphs: Optional[bool] = None,
+                 allow_download: bool = False):
+        check_positive_int("max_batch_size", max_batch_size)
+        check_positive_int("k_max", k_max)
+        if not (isinstance(k, str) and k == "auto" or is_int(k) and k >= 1):
+            raise ValueError(f"k must be 'auto' or a positive int, got {k!r}")
+        if max_len is not None:
+            check_positive_int("max_len", max_len)
+        check_spec_form(draft, allow_download)  # a mistyped draft is refused before the target loads
         if isinstance(target, torch.nn.Module):
             target = LoadedModel(target, tokenizer, (), "custom target")
         own_device, own_dtype = own_device_and_dtype(target)  # a model object stays where it is unless told
-        self.device = torch.device(device) if device is not None else (own_device or best_device())
+        self.device = resolve_device(device) if device is not None else (own_device or best_device())
         self.dtype = resolve_dtype(dtype) or own_dtype or default_dtype(self.device)
-        self.target = load_target(target, self.device, self.dtype)
+        self.target = load_target(target, self.device, self.dtype, allow_download)
         if tokenizer is not None:
             self.target.tokenizer = tokenizer
         lookup_spec, draft = split_hybrid(draft)
-        self.draft = None if draft in ("none", False) else make_draft(draft, self.target, self.device, self.dtype)
+        self.draft = None if draft in ("none", False) else make_draft(draft, self.target, self.device, self.dtype,
+                                                                      allow_download)
         # self.lookup: the n-gram proposer, alone ("lookup") or in front of a model draft ("lookup+...": then it only
         # answers for n-grams of 2+ tokens, where it beats a small model); self.draft_model: that model, if any
         self.draft_model = None if self.draft is None or getattr(self.draft.model, "is_lookup", False) else self.draft
@@ -184,16 +208,20 @@ class SpeculativeEngine:
             self.lookup = make_lookup(lookup_spec, self.target.vocab_size, min_ngram=2)
         else:
             self.lookup = self.draft.model if self.draft is not None and self.draft_model is None else None
-        if k != "auto" and (not isinstance(k, int) or k < 1):
-            raise ValueError(f"k must be 'auto' or a positive int, got {k!r}")
         self.k = k
         self.k_max = k_max if k == "auto" else k
-        # acceptance differs between lookup and model proposals: each source keeps its own estimates
-        self.adaptive = AdaptiveK(k_max=k_max) if k == "auto" else None
-        self.adaptive_lookup = AdaptiveK(k_max=k_max) if k == "auto" and lookup_spec else self.adaptive
+        self._hybrid = bool(lookup_spec)
+        # acceptance differs between lookup and model proposals: each source keeps its own estimates. Unseeded
+        # generate() calls share these, learned from measured timings; self.adaptive / self.adaptive_lookup are the
+        # ones the latest call used (a seeded call starts fresh ones on a cost model: see _new_estimators)
+        self._measured = self._new_estimators(None)
+        self.adaptive, self.adaptive_lookup = self._measured
         self.backend = backend
         self.max_batch_size = max_batch_size
-        limit = getattr(self.target.model.config, "max_position", 2048)
+        limit = min(getattr(m.model.config, "max_position", 2048) for m in (self.target, self.draft)
+                    if m is not None and not getattr(m.model, "is_lookup", False))
+        if max_len is not None and max_len > limit:
+            raise ValueError(f"max_len {max_len} exceeds the models' limit of {limit} positions")
         self.max_len = max_len or min(2048, limit)
         self.vocab = max(self.target.vocab_size, self.draft.vocab_size if self.draft else 0)
         self.batch_limit = min(getattr(m.model, "batch_limit", max_batch_size)
@@ -211,12 +239,35 @@ class SpeculativeEngine:
     def tokenizer(self):
         return self.target.tokenizer
 
+    def _new_estimators(self, seed: Optional[int]):
+        """(model, lookup) AdaptiveK estimators, or (None, None) with a fixed k. Unseeded: measured timings. Seeded:
+        the cost model of adaptive_k.py (a draft forward against a verified token: the weights each multiplies a
+        token by), so that the choice of k, and with it the text, depends on the seed and inputs alone."""
+        if self.k != "auto" or self.draft is None:
+            return None, None
+
+        def estimator(draft_model):
+            costs = None
+            if seed is not None:
+                costs = (matmul_weights(draft_model) / matmul_weights(self.target.model), 1.0)
+            return AdaptiveK(k_max=self.k_max, fixed_costs=costs)
+
+        model = estimator(self.draft_model.model if self.draft_model is not None else self.draft.model)
+        lookup = estimator(self.lookup) if self._hybrid else model
+        return model, lookup
+
     # ---------------------------------------------------------------- inputs
     def encode(self, prompt: Union[str, Sequence[int]], chat_template: bool = False,
                system_prompt: Optional[str] = None) -> List[int]:
         """Token ids of a prompt (ids pass through; text goes through the tokenizer, or its chat template)."""
         if not isinstance(prompt, str):
-            return [int(t) for t in prompt]
+            if isinstance(prompt, torch.Tensor):
+                prompt = prompt.reshape(-1) if prompt.dim() <= 1 else prompt
+            ids = list(prompt)
+            bad = next((t for t in ids if not is_int(t)), None)
+            if bad is not None:
+                raise ValueError(f"token ids must be integers, got {type(bad).__name__} {bad!r}")
+            return [operator.index(t) for t in ids]
         if self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer (pass token ids, or tokenizer=...)")
         if chat_template:
@@ -234,16 +285,14 @@ class SpeculativeEngine:
         if len(prompts) == 0:
             raise ValueError("prompts is empty: pass at least one prompt")
         n = len(prompts)
-        temps = list(temperature) if isinstance(temperature, (list, tuple)) else [temperature] * n
-        max_new = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
+        temps, max_new = per_prompt(temperature, n), per_prompt(max_new_tokens, n)
         if len(temps) != n or len(max_new) != n:
             raise ValueError(f"temperature and max_new_tokens lists must have one entry per prompt ({n})")
         reqs = []
         for i, (p, t, m) in enumerate(zip(prompts, temps, max_new)):
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-                raise ValueError(f"temperature must be a finite number >= 0, got {t!r} for prompt {i}")
-            if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-                raise ValueError(f"max_new_tokens must be a positive int, got {m!r} for prompt {i}")
+            t = real_number(t, f"temperature (prompt {i})")
+            check_positive_int(f"max_new_tokens (prompt {i})", m)
+            m = operator.index(m)
             ids = self.encode(p, chat_template, system_prompt)
             if not ids:
                 raise ValueError(f"prompt {i} is empty after tokenization")
@@ -270,11 +319,16 @@ class SpeculativeEngine:
         its text). speculative=False runs the target alone (the autoregressive baseline, same code and sampler).
         on_tokens(index, new_ids) is called after every step with the tokens a request just received (streaming).
         """
+        if batch_size is not None:
+            check_positive_int("batch_size", batch_size)
+        if seed is not None and not is_int(seed):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
         reqs = self._requests(prompts, temperature, max_new_tokens, chat_template, system_prompt)
         speculative = speculative and self.draft is not None
         batch = min(batch_size or self.max_batch_size, len(reqs), self.batch_limit)
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
+        gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,))))
+        self.adaptive, self.adaptive_lookup = self._measured if seed is None else self._new_estimators(seed)
         self._run(reqs, batch, speculative, gen, list(stop or ()), on_tokens)
         return [self._output(r) for r in reqs]
 
@@ -302,51 +356,44 @@ class SpeculativeEngine:
         caches, forwards = self._forwards(batch, models)
         queue = collections.deque(reqs)
         slots = [queue.popleft() for _ in range(batch)]
-        # the op runs with validate=False in the loop; this flag (checked after the loop, or when it fails) refuses to
-        # return text sampled from NaN or +inf logits
+        # the op runs with validate=False in the loop; this flag, read with each step's results (_to_host), refuses to
+        # go on with tokens sampled from NaN or +inf logits
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self._prefill(slots, models, [c.rows(0, batch) for c in caches])
-        try:
-            while any(s is not None for s in slots):
-                n = len(slots)
-                views = [c.rows(0, n) for c in caches] if n < caches[0].batch else caches
-                if speculative:
-                    new_tokens = self._spec_step(slots, views, forwards, gen)
-                else:
-                    new_tokens = self._ar_step(slots, views, forwards, gen)
-                finished = []
-                for i, (req, toks) in enumerate(zip(slots, new_tokens)):
-                    if req is None:
-                        continue
-                    self._append(req, toks, stops, on_tokens)
-                    if req.finish is not None:
-                        req.stats.wall_time_s = time.perf_counter() - req.start
-                        finished.append(i)
-                if not finished:
+        while any(s is not None for s in slots):
+            n = len(slots)
+            views = [c.rows(0, n) for c in caches] if n < caches[0].batch else caches
+            if speculative:
+                new_tokens = self._spec_step(slots, views, forwards, gen)
+            else:
+                new_tokens = self._ar_step(slots, views, forwards, gen)
+            finished = []
+            for i, (req, toks) in enumerate(zip(slots, new_tokens)):
+                if req is None:
                     continue
-                if self.static_shapes:  # rows keep their slots; queued requests take freed ones
-                    for i in finished:
-                        slots[i] = queue.popleft() if queue else None
-                        if slots[i] is not None:
-                            self._prefill([slots[i]], models, [c.rows(i, i + 1) for c in caches])
-                    continue
-                keep = [i for i, s in enumerate(slots) if s.finish is None]
-                if keep != list(range(len(keep))):
-                    idx = torch.tensor(keep, device=self.device)
-                    for c in caches:
-                        c.rows(0, n).compact(idx)
-                slots = [slots[i] for i in keep]
-                fresh = [queue.popleft() for _ in range(min(len(queue), batch - len(slots)))]
-                if fresh:  # queued requests take the freed slots, prefilled together
-                    a, b = len(slots), len(slots) + len(fresh)
-                    self._prefill(fresh, models, [c.rows(a, b) for c in caches])
-                    slots += fresh
-        except (IndexError, RuntimeError) as exc:  # e.g. a token sampled from NaN logits indexes out of range
-            if bool(self._nonfinite):
-                raise FloatingPointError(NONFINITE_MESSAGE) from exc
-            raise
-        if bool(self._nonfinite):
-            raise FloatingPointError(NONFINITE_MESSAGE)
+                self._append(req, toks, stops, on_tokens)
+                if req.finish is not None:
+                    req.stats.wall_time_s = time.perf_counter() - req.start
+                    finished.append(i)
+            if not finished:
+                continue
+            if self.static_shapes:  # rows keep their slots; queued requests take freed ones
+                for i in finished:
+                    slots[i] = queue.popleft() if queue else None
+                    if slots[i] is not None:
+                        self._prefill([slots[i]], models, [c.rows(i, i + 1) for c in caches])
+                continue
+            keep = [i for i, s in enumerate(slots) if s.finish is None]
+            if keep != list(range(len(keep))):
+                idx = torch.tensor(keep, device=self.device)
+                for c in caches:
+                    c.rows(0, n).compact(idx)
+            slots = [slots[i] for i in keep]
+            fresh = [queue.popleft() for _ in range(min(len(queue), batch - len(slots)))]
+            if fresh:  # queued requests take the freed slots, prefilled together
+                a, b = len(slots), len(slots) + len(fresh)
+                self._prefill(fresh, models, [c.rows(a, b) for c in caches])
+                slots += fresh
 
     def _prefill(self, reqs, models, caches):
         """Runs prompt[:-1] of each request through every model (right-padded batch; padding keys land beyond the
@@ -365,6 +412,19 @@ class SpeculativeEngine:
         lengths = torch.tensor(lens, device=self.device)
         for cache in caches:
             cache.rollback(lengths)
+
+    def _to_host(self, *results: torch.Tensor) -> list:
+        """Copies a step's int64 results ([B] or [B, n]) to the host as lists, together with the non-finite flag, in
+        one transfer; raises FloatingPointError when a model produced NaN or +inf logits in this step, so that tokens
+        sampled from them never reach a request or a forward."""
+        flat = torch.cat([r.reshape(-1) for r in results] + [self._nonfinite.reshape(1).to(torch.int64)]).tolist()
+        if flat[-1]:
+            raise FloatingPointError(NONFINITE_MESSAGE)
+        out, at = [], 0
+        for r in results:
+            values, at = flat[at:at + r.numel()], at + r.numel()
+            out.append(values if r.dim() == 1 else [values[i:i + r.shape[1]] for i in range(0, len(values), r.shape[1])])
+        return out
 
     def _pad(self, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Logits [..., V_model] -> [..., self.vocab] of `dtype`, padding with -inf (tokens the model lacks)."""
@@ -421,13 +481,10 @@ class SpeculativeEngine:
         positions = (L - 1).unsqueeze(1) + torch.arange(k + 1, device=dev)
         target_logits = self._pad(fwd_t(verify, positions, cache_t, kv_len, None), self.dtype)
         timer.mark()
-        self._nonfinite |= _has_nan_or_posinf(target_logits)
-        if run_model:  # lookup logits are built here: 0 or -inf
-            self._nonfinite |= _has_nan_or_posinf(draft_logits)
+        self._nonfinite |= _has_nan_or_posinf(target_logits)  # (the draft's logits were checked as they came)
         out = speculative_sample(draft_logits, target_logits, dtoks, temps, generator=gen,
                                  backend=self.backend, validate=False)
-        accepted = out.accepted.tolist()  # the step's one host synchronization
-        tokens = out.tokens.tolist()
+        accepted, tokens = self._to_host(out.accepted, out.tokens)  # the step's one host synchronization
         t_draft, t_target = timer.seconds()
         new_L = L + out.accepted + 1
         cache_t.rollback(new_L - 1)
@@ -479,7 +536,10 @@ class SpeculativeEngine:
         draft_logits, draft_tokens = [], []
         for i in range(k):
             q = self._pad(logits[:, 0], self.dtype)
-            d = sample(q, temps, generator=gen, backend=self.backend, validate=False)
+            self._nonfinite |= _has_nan_or_posinf(q)
+            # a row of NaN logits samples an arbitrary id (the step then raises FloatingPointError): keep it in range
+            # so that the next draft forward cannot index outside the embedding
+            d = sample(q, temps, generator=gen, backend=self.backend, validate=False).clamp_(0, q.shape[-1] - 1)
             draft_logits.append(q)
             draft_tokens.append(d)
             if i < k - 1:
@@ -499,7 +559,7 @@ class SpeculativeEngine:
         logits = fwd_t(tokens, positions, cache_t, max(L_host), None)
         timer.mark()
         self._nonfinite |= _has_nan_or_posinf(logits)
-        out = sample(logits[:, 0], temps, generator=gen, backend=self.backend, validate=False).tolist()
+        (out,) = self._to_host(sample(logits[:, 0], temps, generator=gen, backend=self.backend, validate=False))
         (t_target,) = timer.seconds()
         cache_t.rollback(torch.tensor(L_host, device=dev))
         for r in slots:

@@ -30,6 +30,11 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from tempspec_engine.cli_args import DRAFT_FORMS, add_model_arguments, positive_int
+from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command
+from tempspec_engine.prompts import read_prompts
+from tempspec_engine.results import RUNS_DIR, fresh_results_path
+
 FULL_TEMPERATURES = [round(0.1 * i, 1) for i in range(11)]  # 0, 0.1, ..., 1.0
 QUICK_TEMPERATURES = [0.0, 0.25, 0.5, 0.75, 1.0]
 MAX_TEMPERATURE = 2.0
@@ -40,70 +45,24 @@ DEFAULT_DRAFTS = ["lookup", "distilled:0", "distilled:0.5", "distilled:1", "look
 QUICK = dict(n_prompts=6, max_new_tokens=64)
 FULL = dict(n_prompts=32, max_new_tokens=128)
 
-# Shipped so that a default run needs no external data: short instructions of the kinds Spec-Bench covers
-# (writing, roleplay, reasoning, math, coding, extraction, STEM, humanities, translation, summarization, QA).
-BUILTIN_PROMPTS = [
-    "Write a short poem about the sea at night.",
-    "Explain in simple terms how a rainbow forms.",
-    "Give three tips for staying focused while studying.",
-    "A train travels 60 km in 45 minutes. What is its average speed in km per hour?",
-    "Write a Python function that checks whether a string is a palindrome.",
-    "Summarize the plot of Romeo and Juliet in two sentences.",
-    "Translate into French: 'The library opens at nine in the morning.'",
-    "What are the main differences between a virus and a bacterium?",
-    "Pretend you are a tour guide in Rome and welcome a group of visitors.",
-    "List the planets of the solar system in order from the Sun.",
-    "Tom has 12 apples. He gives a third of them to Anna and eats two. How many apples are left?",
-    "Write a polite email asking a colleague to review a report by Friday.",
-    "Why did the Roman Empire decline? Give two reasons.",
-    "Extract the names of the people in this sentence: 'Maria met John and Priya at the station.'",
-    "Describe the water cycle step by step.",
-    "Suggest a healthy breakfast that takes less than ten minutes to prepare.",
-]
-
-
-# ------------------------------------------------------------------------------------------------ inputs
-def prompt_text(row: dict) -> str:
-    """The prompt of one JSONL row: Spec-Bench `turns` (first turn), Alpaca `instruction` (+ `input`), GSM8K
-    `question`, or `prompt`."""
-    if row.get("turns"):
-        return str(row["turns"][0])
-    if row.get("instruction"):
-        extra = row.get("input") or ""
-        return f"{row['instruction']}\n\n{extra}" if extra else str(row["instruction"])
-    for key in ("question", "prompt"):
-        if row.get(key):
-            return str(row[key])
-    raise ValueError(f"prompt row has none of turns/instruction/question/prompt: keys {sorted(row)}")
-
-
-def read_prompts(path: Optional[str], n: Optional[int]) -> List[str]:
-    """n prompts evenly spaced over a JSONL file (Spec-Bench is sorted by category: this spans all of them), or the
-    first n built-in prompts when path is None. n None: all of them."""
-    if path is None:
-        rows = [{"prompt": p} for p in BUILTIN_PROMPTS]
-    else:
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        if not rows:
-            raise ValueError(f"{path} holds no prompts")
-    n = len(rows) if n is None else n
-    if n < 1:
-        raise ValueError(f"n_prompts must be >= 1, got {n}")
-    picked = rows[:: max(1, len(rows) // n)][:n]
-    return [prompt_text(r) for r in picked]
-
 
 def parse_temperatures(text: str) -> List[float]:
     """'0,0.5,1' or a range 'start:stop:step' (stop included) -> sorted unique temperatures in [0, 2]."""
     text = text.strip()
+    try:
+        values = [float(x) for x in text.replace(":", ",").split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--temperatures {text!r}: use numbers, as a comma list (0,0.5,1) or start:stop:step "
+                         "(0:1:0.25)") from None
     if text.count(":") == 2:
-        start, stop, step = (float(x) for x in text.split(":"))
+        if len(values) != 3:
+            raise ValueError(f"--temperatures {text!r}: start:stop:step needs three numbers")
+        start, stop, step = values
         if step <= 0:
             raise ValueError(f"temperature step must be > 0, got {step}")
         temps = [round(start + i * step, 6) for i in range(int(math.floor((stop - start) / step + 1e-9)) + 1)]
     else:
-        temps = [float(x) for x in text.split(",") if x.strip()]
+        temps = values
     if not temps:
         raise ValueError("no temperatures given")
     bad = [t for t in temps if not (0.0 <= t <= MAX_TEMPERATURE)]
@@ -184,7 +143,8 @@ def _progress(total: int, enabled: bool):
 def run_sweep(target, drafts: Sequence[str], prompts: Sequence[Union[str, Sequence[int]]],
               temperatures: Sequence[float], max_new_tokens: int = 48, *, device=None, dtype=None,
               k: Union[int, str] = "auto", batch_size: int = 1, seed: int = 0, chat_template: bool = True,
-              max_len: Optional[int] = None, progress: bool = True, warmup: bool = True) -> dict:
+              max_len: Optional[int] = None, progress: bool = True, warmup: bool = True,
+              allow_download: bool = False) -> dict:
     """Decodes `prompts` at every temperature with the target alone and with each draft; returns the results dict
     (see the module docstring; `meta` holds the run's settings, not yet the hardware: see `collect_meta`).
 
@@ -193,18 +153,18 @@ def run_sweep(target, drafts: Sequence[str], prompts: Sequence[Union[str, Sequen
     KV cache (prompt + max_new_tokens + k_max + 1 > max_len) are skipped and counted in meta.
     """
     from tempspec_engine.engine import SpeculativeEngine
-    from tempspec_engine.models.loading import LoadedModel, best_device, load_target, resolve_dtype
+    from tempspec_engine.models.loading import LoadedModel, load_target, resolve_device, resolve_dtype
 
     if not drafts:
         raise ValueError("give at least one draft")
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
-    device = torch.device(device) if device is not None else best_device()
+    device = resolve_device(device)
     dtype = resolve_dtype(dtype) or torch.bfloat16
     t0 = time.perf_counter()
     if not isinstance(target, (LoadedModel, torch.nn.Module)):
-        target = load_target(target, device, dtype)
-    kw = dict(device=device, dtype=dtype, max_batch_size=batch_size, max_len=max_len)
+        target = load_target(target, device, dtype, allow_download)
+    kw = dict(device=device, dtype=dtype, max_batch_size=batch_size, max_len=max_len, allow_download=allow_download)
     baseline = SpeculativeEngine(target, "none", **kw)
     engines = {d: SpeculativeEngine(baseline.target, d, k=k, **kw) for d in drafts}
     load_s = time.perf_counter() - t0
@@ -351,31 +311,30 @@ def format_table(results: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------ command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="default", help="'default' (SmolLM2-135M-Instruct) or a HF path/hub name")
     p.add_argument("--drafts", default=";".join(DEFAULT_DRAFTS),
-                   help=f"';'-separated draft specs (see models/draft.py; default {';'.join(DEFAULT_DRAFTS)!r})")
+                   help=f"';'-separated draft specs, each {DRAFT_FORMS} (default: %(default)s)")
     p.add_argument("--prompts", default=None,
-                   help="JSONL prompt file (Spec-Bench `turns`, Alpaca `instruction`/`input`, GSM8K `question`); "
-                        "default: the built-in prompt list")
-    p.add_argument("--n-prompts", type=int, default=None,
-                   help=f"prompts to use, evenly spaced over the file (default {FULL['n_prompts']}, "
-                        f"--quick {QUICK['n_prompts']})")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help=f"default {FULL['max_new_tokens']}, --quick {QUICK['max_new_tokens']}")
+                   help="JSONL prompt file (Spec-Bench `turns`, Alpaca `instruction`/`input`, GSM8K `question`, or "
+                        "`prompt`; default: the 16 built-in prompts)")
+    p.add_argument("--n-prompts", type=positive_int, default=None,
+                   help=f"prompts to use, evenly spaced over the file (default: {FULL['n_prompts']}; --quick: "
+                        f"{QUICK['n_prompts']})")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help=f"new tokens per prompt (default: {FULL['max_new_tokens']}; --quick: "
+                        f"{QUICK['max_new_tokens']})")
     p.add_argument("--temperatures", default=None,
-                   help="comma list or start:stop:step, each in [0, 2] (default 0:1:0.1; --quick 0:1:0.25)")
+                   help=f"comma list or start:stop:step, each in [0, {MAX_TEMPERATURE:g}] (default: 0:1:0.1; "
+                        "--quick: 0:1:0.25)")
     p.add_argument("--quick", action="store_true",
                    help="fewer temperatures, prompts and tokens: minutes on a laptop CPU")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: the best available)")
-    p.add_argument("--dtype", default="bf16", help="fp32, bf16 or fp16 (default bf16)")
-    p.add_argument("--k", default="auto", help="lookahead: 'auto' (adaptive) or an int")
-    p.add_argument("--batch-size", type=int, default=1, help="requests decoded together (default 1)")
-    p.add_argument("--seed", type=int, default=0)
+    add_model_arguments(p)
+    p.add_argument("--batch-size", type=positive_int, default=1, help="requests decoded together (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--no-chat", action="store_true", help="use prompts as raw text (no chat template)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", default=None,
-                   help="results JSON (default benchmarks/results/sweep_<device>_<dtype>[_quick].json); "
-                        "PNGs <out>_speedup.png and <out>_alpha.png beside it")
+                   help=f"results JSON (default: a new file {RUNS_DIR}/sweep_<device>_<dtype>[_quick]-<time>.json, "
+                        "so that no earlier result is overwritten); PNGs <out>_speedup.png and <out>_alpha.png beside "
+                        "it")
     p.add_argument("--no-plots", action="store_true", help="write the JSON only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -385,48 +344,51 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("sweep", help="measure acceptance and speedup against temperature",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
+    add_debug_flag(p)
     return p
 
 
-def default_out(device: torch.device, dtype: torch.dtype, quick: bool, results_dir="benchmarks/results") -> str:
-    name = f"sweep_{device.type}_{str(dtype).replace('torch.', '')}{'_quick' if quick else ''}.json"
-    return os.path.join(results_dir, name)
+def default_out(device: torch.device, dtype: torch.dtype, quick: bool, results_dir: str = RUNS_DIR) -> str:
+    """A fresh results path for this sweep (see tempspec_engine/results.py)."""
+    stem = f"sweep_{device.type}_{str(dtype).replace('torch.', '')}{'_quick' if quick else ''}"
+    return str(fresh_results_path(stem, results_dir))
 
 
-def sweep_command(args, results_dir: str = "benchmarks/results", out=None) -> int:
+def sweep_command(args, results_dir: str = RUNS_DIR, out=None) -> int:
     """Runs the sweep for parsed arguments, writes JSON and PNGs, prints the table; returns the exit status."""
-    from tempspec_engine.models.loading import best_device, resolve_dtype
+    from tempspec_engine.models.loading import resolve_device, resolve_dtype
+    from tempspec_engine.threads import set_threads
 
     out = out or sys.stdout
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     preset = QUICK if args.quick else FULL
     temps = parse_temperatures(args.temperatures) if args.temperatures else (
         QUICK_TEMPERATURES if args.quick else FULL_TEMPERATURES)
-    device = torch.device(args.device) if args.device else best_device()
+    device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype) or torch.bfloat16
-    k = args.k if args.k == "auto" else int(args.k)
     drafts = [d.strip() for d in args.drafts.split(";") if d.strip()]
+    if not drafts:
+        raise ValueError(f"--drafts {args.drafts!r} names no draft")
+    path = args.out or default_out(device, dtype, args.quick, results_dir)
+    if Path(path).is_dir():
+        raise ValueError(f"--out {path} is a directory: name the JSON file to write")
     prompts = read_prompts(args.prompts, args.n_prompts or preset["n_prompts"])
     results = run_sweep(args.target, drafts, prompts, temps, args.max_new_tokens or preset["max_new_tokens"],
-                        device=device, dtype=dtype, k=k, batch_size=args.batch_size, seed=args.seed,
-                        chat_template=not args.no_chat, progress=not args.no_progress)
+                        device=device, dtype=dtype, k=args.k, batch_size=args.batch_size, seed=args.seed,
+                        chat_template=not args.no_chat, progress=not args.no_progress,
+                        allow_download=args.allow_download)
     results["meta"].update(collect_meta(device), quick=args.quick,
                            prompts_file=os.path.basename(args.prompts) if args.prompts else "built-in")
-    path = args.out or default_out(device, dtype, args.quick, results_dir)
     written = write_results(results, path, plots=not args.no_plots)
     out.write(format_table(results) + "\n")
     out.write("wrote " + ", ".join(written) + "\n")
     return 0
 
 
-def main(argv: Optional[List[str]] = None, results_dir: str = "benchmarks/results") -> int:
-    ap = argparse.ArgumentParser(prog="temperature_sweep", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Optional[List[str]] = None, results_dir: str = RUNS_DIR) -> int:
+    ap = OneLineParser(prog="temperature_sweep", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
-    try:
-        return sweep_command(args, results_dir)
-    except (ValueError, FileNotFoundError) as exc:
-        sys.stderr.write(f"temperature_sweep: error: {exc}\n")
-        return 2
+    return run_command("temperature_sweep", lambda: sweep_command(args, results_dir), getattr(args, "debug", False))

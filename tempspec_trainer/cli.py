@@ -18,26 +18,43 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from tempspec_engine import __version__
+from tempspec_engine.cli_args import positive_int
+from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command
+from tempspec_engine.threads import set_threads
 from tempspec_trainer.train import DistillConfig
 
 
 def _floats(text: str) -> tuple:
-    return tuple(float(x) for x in text.split(",") if x.strip())
+    """'0,0.5,1' -> (0.0, 0.5, 1.0) (argparse type)."""
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _check_output_file(path: str) -> None:
+    if Path(path).is_dir():
+        raise ValueError(f"--out {path} is a directory: name the file to write")
+
+
+GEN_DATA_MAX_LEN = 512  # the default KV-cache length of gen-data (capped at the model's limit)
 
 
 def _gen_data(args) -> int:
-    import torch
-
     from tempspec_engine.engine import SpeculativeEngine
     from tempspec_engine.models.draft import make_draft
+    from tempspec_engine.models.loading import load_target, resolve_device, resolve_dtype
     from tempspec_trainer.data import generate_dataset
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    kw = dict(device=args.device, dtype=args.dtype, max_len=args.max_len, max_batch_size=args.batch_size)
-    engine = SpeculativeEngine(args.target, "none", **kw)
+    set_threads(args.threads)
+    _check_output_file(args.out)
+    target = load_target(args.target, resolve_device(args.device), resolve_dtype(args.dtype), args.allow_download)
+    max_len = args.max_len or min(GEN_DATA_MAX_LEN, target.model.config.max_position)
+    kw = dict(device=args.device, dtype=args.dtype, max_len=max_len, max_batch_size=args.batch_size)
+    engine = SpeculativeEngine(target, "none", **kw)
     if args.generator != "target":  # on-policy data: the draft samples, the target's tokenizer encodes
-        draft = make_draft(args.generator, engine.target, engine.device, engine.dtype)
+        draft = make_draft(args.generator, engine.target, engine.device, engine.dtype, args.allow_download)
         draft.name = args.generator
         engine = SpeculativeEngine(draft, "none", tokenizer=engine.tokenizer, **kw)
     info = generate_dataset(engine, args.prompts, args.out, args.temperature, limit=args.limit, offset=args.offset,
@@ -50,23 +67,24 @@ def _gen_data(args) -> int:
 def _mix(args) -> int:
     from tempspec_trainer.data import mix_datasets
 
+    _check_output_file(args.out)
     sources = []
     for item in args.source:
         path, sep, share = item.rpartition(":")
         if not sep:
             raise ValueError(f"--source {item!r}: use PATH:PROPORTION")
-        sources.append((path, float(share)))
+        try:
+            sources.append((path, float(share)))
+        except ValueError:
+            raise ValueError(f"--source {item!r}: PROPORTION must be a number") from None
     print(json.dumps(mix_datasets(sources, args.out, args.total, args.seed)))
     return 0
 
 
 def _distill(args) -> int:
-    import torch
-
     from tempspec_trainer.train import distill
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     cfg = DistillConfig(**values)
@@ -80,16 +98,17 @@ def _distill(args) -> int:
 
 
 def _eval(args) -> int:
-    import torch
-
-    from tempspec_engine.models.loading import best_device, load_target, resolve_dtype
+    from tempspec_engine.models.loading import load_target, resolve_device, resolve_dtype
     from tempspec_engine.sweep import format_table, read_prompts, write_results
     from tempspec_trainer.evaluate import expected_acceptance_on_data, measure_drafts
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device) if args.device else best_device()
-    target = load_target(args.target, device, resolve_dtype(args.dtype))
+    set_threads(args.threads)
+    if args.out:
+        _check_output_file(args.out)
+    if not (args.data or args.prompts):
+        raise ValueError("give --data (expected acceptance on generated rows) and/or --prompts (decoding)")
+    device = resolve_device(args.device)
+    target = load_target(args.target, device, resolve_dtype(args.dtype), args.allow_download)
     report = {"drafts": args.drafts, "temperatures": list(args.temperatures)}
     if args.data:
         report["expected"] = {d: expected_acceptance_on_data(target, d, args.data, args.temperatures, args.n_rows)
@@ -112,49 +131,90 @@ def _eval(args) -> int:
             for d in args.drafts:
                 if is_draft_dir(d):
                     print(f"updated {add_measured(d, results, args.out or '(not saved)')}")
-    if not (args.data or args.prompts):
-        raise ValueError("give --data (expected acceptance on generated rows) and/or --prompts (decoding)")
     if args.out:
         written = write_results(report, args.out, plots=bool(args.prompts) and not args.no_plots)
         print("wrote " + ", ".join(written))
     return 0
 
 
+# `distill` flags: one per DistillConfig field (tempspec_trainer/train.py)
+DISTILL_HELP = {
+    "tau_kd": "KD temperature: the decoding temperature the draft is trained for (0 = greedy)",
+    "mode": "online: token-level divergence at tau_kd against the target; offline: cross-entropy on the data",
+    "divergence": "online divergence between target and draft at tau_kd",
+    "jsd_beta": "mixture weight of the JSD",
+    "init": "initial draft: layers:<ids>[/mlp:N] (the target's layers, MLPs pruned to N channels) or "
+            "fresh:dim=D,layers=L[,heads=H,kv_heads=K,mlp=M]",
+    "steps": "optimizer steps",
+    "batch_size": "sequences per micro-batch (per rank)",
+    "grad_accum": "micro-batches per optimizer step",
+    "seq_len": "tokens per training sequence (prompt + response)",
+    "lr": "peak AdamW learning rate",
+    "warmup_steps": "linear warmup steps before the cosine decay",
+    "min_lr_ratio": "final learning rate as a fraction of --lr",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "gradient-norm clip",
+    "precision": "bf16 autocast over fp32 weights (and a bf16 teacher), or fp32",
+    "eval_rows": "rows held out of the data for the expected acceptance (at most a quarter of them; 0: none)",
+    "eval_every": "steps between evaluations",
+    "eval_temperatures": "comma list of temperatures the evaluation reports",
+    "eval_prompts": "JSONL prompts: also measure alpha by decoding them at each evaluation",
+    "eval_decode_prompts": "how many of --eval-prompts to decode",
+    "eval_decode_tokens": "new tokens per decoded prompt",
+    "save_every": "steps between checkpoints (the two newest are kept)",
+}
+DISTILL_CHOICES = {"mode": ["online", "offline"], "divergence": ["fkl", "rkl", "jsd", "tvd"],
+                   "precision": ["bf16", "fp32"]}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tempspec-train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = OneLineParser(prog="tempspec-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"tempspec-train {__version__}")
+    add_debug_flag(ap)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{gen-data,mix,distill,eval}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--target", default="default", help="'default' (SmolLM2-135M-Instruct) or a HF path/hub name")
-    common.add_argument("--device", default=None, help="cpu or cuda (default: the best available)")
-    common.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--target", default="default",
+                        help="'default' (SmolLM2-135M-Instruct, shipped offline) or a Hugging Face model directory; a "
+                             "hub id only with --allow-download (default: %(default)s)")
+    common.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
+    common.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads; 0 picks the cores other processes leave free (default: %(default)s)")
+    common.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    common.add_argument("--allow-download", action="store_true",
+                        help="let --target or a draft name a Hugging Face hub id (default: off)")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_debug_flag(common)
+    dtype = dict(default="bf16", choices=["fp32", "bf16", "fp16"], help="(default: %(default)s)")
 
     g = sub.add_parser("gen-data", parents=[common], help="sample responses to a prompt file (resumable JSONL)")
     g.add_argument("--prompts", required=True, help="JSONL: Alpaca instruction/input, Spec-Bench turns, GSM8K question")
     g.add_argument("--out", required=True, help="output JSONL (appended to; prompts already there are skipped)")
     g.add_argument("--temperature", type=float, required=True, help="the KD temperature tau_kd (0 = greedy)")
     g.add_argument("--generator", default="target",
-                   help="'target' (sequence-level KD data) or a draft spec/directory (on-policy data)")
-    g.add_argument("--limit", type=int, default=None, help="prompts to use (default all)")
-    g.add_argument("--offset", type=int, default=0, help="first prompt row")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--chunk", type=int, default=64, help="prompts per write to disk")
-    g.add_argument("--max-len", type=int, default=512, help="KV-cache length (prompt + response)")
-    g.add_argument("--dtype", default="bf16")
+                   help="'target' (sequence-level KD data) or a draft spec/directory (on-policy data; default: "
+                        "%(default)s)")
+    g.add_argument("--limit", type=positive_int, default=None, help="prompts to use (default: all)")
+    g.add_argument("--offset", type=int, default=0, help="first prompt row (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=128, help="(default: %(default)s)")
+    g.add_argument("--batch-size", type=positive_int, default=32, help="(default: %(default)s)")
+    g.add_argument("--chunk", type=positive_int, default=64, help="prompts per write to disk (default: %(default)s)")
+    g.add_argument("--max-len", type=positive_int, default=None,
+                   help=f"KV-cache length, prompt + response, up to the model's limit (default: {GEN_DATA_MAX_LEN}, "
+                        "or that limit when smaller)")
+    g.add_argument("--dtype", **dtype)
     g.add_argument("--no-chat", action="store_true", help="raw prompts, no chat template")
     g.set_defaults(func=_gen_data)
 
     m = sub.add_parser("mix", help="mix generated files by proportions (multi-temperature data)")
     m.add_argument("--source", action="append", required=True, help="PATH:PROPORTION, repeatable")
-    m.add_argument("--out", required=True)
-    m.add_argument("--total", type=int, default=None, help="rows in the mixture (default: as many as possible)")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out", required=True, help="output JSONL")
+    m.add_argument("--total", type=positive_int, default=None, help="rows in the mixture (default: as many as possible)")
+    m.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    add_debug_flag(m)
     m.set_defaults(func=_mix)
 
-    d = sub.add_parser("distill", parents=[common], help="distill a draft from the target at tau_kd")
+    d = sub.add_parser("distill", parents=[common], help="distill a draft from the target at tau_kd",
+                       description="Distill a draft at tau_kd. The defaults are the recipe of the shipped drafts.")
     d.add_argument("--data", nargs="+", required=True, help="generated JSONL files (gen-data / mix)")
     d.add_argument("--out-dir", required=True, help="checkpoints/, init/, final/ and train_log.json go here")
     d.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint")
@@ -165,21 +225,23 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
         kind = _floats if isinstance(value, tuple) else str if value is None else type(value)
-        d.add_argument(flag, type=kind, default=None, help=f"default {value}")
+        shown = ",".join(f"{x:g}" for x in value) if isinstance(value, tuple) else value
+        d.add_argument(flag, type=kind, default=None, choices=DISTILL_CHOICES.get(f.name),
+                       help=f"{DISTILL_HELP[f.name]} (default: {shown})")
     d.set_defaults(func=_distill)
 
     e = sub.add_parser("eval", parents=[common], help="expected and measured acceptance of drafts")
     e.add_argument("--drafts", nargs="+", required=True, help="draft specs or directories (e.g. runs/x/init runs/x/final)")
-    e.add_argument("--temperatures", type=_floats, default=(0.0, 0.5, 1.0), help="comma list (default 0,0.5,1)")
-    e.add_argument("--data", default=None, help="generated JSONL: expected acceptance (1 - TVD) on its responses")
-    e.add_argument("--n-rows", type=int, default=64, help="rows of --data to score")
-    e.add_argument("--prompts", default=None, help="JSONL prompts: decode and measure alpha, tokens/s, speedup")
-    e.add_argument("--n-prompts", type=int, default=20)
-    e.add_argument("--max-new-tokens", type=int, default=64)
-    e.add_argument("--batch-size", type=int, default=1)
-    e.add_argument("--dtype", default="bf16")
-    e.add_argument("--out", default=None, help="results JSON (PNGs beside it when decoding)")
-    e.add_argument("--no-plots", action="store_true")
+    e.add_argument("--temperatures", type=_floats, default=(0.0, 0.5, 1.0), help="comma list (default: 0,0.5,1)")
+    e.add_argument("--data", default=None, help="generated JSONL: expected acceptance (1 - TVD) on its responses (default: none)")
+    e.add_argument("--n-rows", type=positive_int, default=64, help="rows of --data to score (default: %(default)s)")
+    e.add_argument("--prompts", default=None, help="JSONL prompts: decode and measure alpha, tokens/s, speedup (default: none)")
+    e.add_argument("--n-prompts", type=positive_int, default=20, help="(default: %(default)s)")
+    e.add_argument("--max-new-tokens", type=positive_int, default=64, help="(default: %(default)s)")
+    e.add_argument("--batch-size", type=positive_int, default=1, help="(default: %(default)s)")
+    e.add_argument("--dtype", **dtype)
+    e.add_argument("--out", default=None, help="results JSON, PNGs beside it when decoding (default: not saved)")
+    e.add_argument("--no-plots", action="store_true", help="write the JSON only")
     e.add_argument("--update-cards", action="store_true",
                    help="add the measured table to the README.md model card of each draft directory")
     e.set_defaults(func=_eval)
@@ -189,11 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        sys.stderr.write(f"tempspec-train {args.command}: error: {exc}\n")
-        return 2
+    return run_command(f"tempspec-train {args.command}", lambda: args.func(args), getattr(args, "debug", False))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Distillation data: prompt files in, generated responses out (JSONL, one row per prompt), resumable.
 
 Prompt files are JSONL; each row's prompt is Spec-Bench `turns[0]`, Alpaca `instruction` (+ `input`), GSM8K
-`question` or `prompt` (tempspec_engine.sweep.prompt_text). Generated rows are
+`question` or `prompt` (tempspec_engine.prompts). Generated rows are
 
     {"index": i, "source": "<prompt file>", "prompt": str, "prompt_ids": [int], "response_ids": [int],
      "response": str, "temperature": tau, "finish_reason": "eos"|"length"|"stop", "generator": "<model name>"}
@@ -20,34 +20,15 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from tempspec_engine.sweep import prompt_text
+from tempspec_engine.prompts import read_prompt_rows
 
 
 def read_prompt_file(path: str, limit: Optional[int] = None, offset: int = 0) -> List[Tuple[int, str]]:
-    """(row index, prompt text) for rows [offset, offset + limit) of a JSONL prompt file.
-
-    Raises ValueError naming the file and line for a row that is not JSON or has no prompt field.
-    """
+    """(row index, prompt text) for rows [offset, offset + limit) of a JSONL prompt file (the engine's reader,
+    tempspec_engine.prompts: a ValueError names the file and line of a broken row)."""
     if offset < 0 or (limit is not None and limit < 1):
         raise ValueError(f"offset must be >= 0 and limit >= 1, got offset={offset}, limit={limit}")
-    out = []
-    with open(path) as f:
-        for line_no, line in enumerate(f):
-            if not line.strip():
-                continue
-            if line_no < offset:
-                continue
-            if limit is not None and len(out) >= limit:
-                break
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no + 1}: not a JSON object ({exc})") from exc
-            try:
-                text = prompt_text(row)
-            except ValueError as exc:
-                raise ValueError(f"{path}:{line_no + 1}: {exc}") from exc
-            out.append((line_no, text))
+    out = [(i, text) for i, text in read_prompt_rows(path) if i >= offset][:limit]
     if not out:
         raise ValueError(f"{path} holds no prompts in rows [{offset}, {offset + (limit or 0)})")
     return out

@@ -57,7 +57,7 @@ def write_card(directory, command: Optional[str] = None) -> Path:
              "- data:"] + ["  " + line for line in _data_summary(recipe["data"])]
     if hist:
         temps = [k for k in hist[0] if k.startswith("alpha@")]
-        lines += ["", f"## Expected acceptance on {recipe['eval_rows']} held-out rows (1 - TVD; argmax agreement at "
+        lines += ["", f"## Expected acceptance on {meta.get('eval_rows_held_out', recipe['eval_rows'])} held-out rows (1 - TVD; argmax agreement at "
                       "T = 0)", "", "| step | " + " | ".join(t.replace("alpha@", "T=") for t in temps) + " |",
                   "| --- |" + " --- |" * len(temps)]
         for h in (hist[0], hist[-1]):

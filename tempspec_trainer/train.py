@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from tempspec_engine.models.draft_checkpoint import save_draft
-from tempspec_engine.models.loading import LoadedModel, load_target, place
+from tempspec_engine.models.loading import LoadedModel, load_target, place, resolve_device
 from tempspec_trainer.data import make_batch, read_prompt_file, read_rows, token_sequences
 from tempspec_trainer.divergences import get_divergence
 from tempspec_trainer.evaluate import expected_acceptance_over
@@ -50,29 +50,31 @@ class DistillConfig:
 
     data: List[str]
     out_dir: str
+    # The defaults are the recipe of the shipped drafts (README, "The trainer"; their model cards): online JSD(0.5)
+    # from the target's layers 0 and 1 with MLPs pruned to 1024 channels, 800 steps of 16 sequences, lr 1e-3.
     tau_kd: float = 1.0
     mode: str = "online"  # "online" (token-level divergence at tau_kd) or "offline" (cross-entropy on the data)
-    divergence: str = "fkl"  # fkl | rkl | jsd | tvd (online only)
+    divergence: str = "jsd"  # fkl | rkl | jsd | tvd (online only)
     jsd_beta: float = 0.5
-    init: str = "layers:0,29/mlp:1024"  # see draft_init.py
+    init: str = "layers:0,1/mlp:1024"  # see draft_init.py
     target: str = "default"
-    steps: int = 300
-    batch_size: int = 8  # sequences per micro-batch (per rank)
+    steps: int = 800
+    batch_size: int = 16  # sequences per micro-batch (per rank)
     grad_accum: int = 1
     seq_len: int = 256
-    lr: float = 3e-4
-    warmup_steps: int = 20
+    lr: float = 1e-3
+    warmup_steps: int = 40
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     precision: str = "bf16"  # bf16 autocast (and a bf16 teacher) or fp32
-    eval_rows: int = 32  # rows held out of `data` for the periodic acceptance estimate (0: none)
-    eval_every: int = 50
+    eval_rows: int = 64  # rows held out of `data` for the periodic acceptance estimate (at most a quarter; 0: none)
+    eval_every: int = 200
     eval_temperatures: Tuple[float, ...] = (0.0, 0.5, 1.0)
     eval_prompts: Optional[str] = None  # JSONL prompts: also measure alpha by decoding them at each evaluation
     eval_decode_prompts: int = 4  # how many of them
     eval_decode_tokens: int = 32  # new tokens per prompt
-    save_every: int = 100
+    save_every: int = 200
     seed: int = 0
     device: str = "auto"
 
@@ -98,6 +100,11 @@ class DistillConfig:
             raise ValueError(f"eval prompt file {self.eval_prompts} does not exist")
         if any(t < 0 for t in self.eval_temperatures):
             raise ValueError(f"eval temperatures must be >= 0, got {self.eval_temperatures}")
+        if self.warmup_steps < 0 or self.eval_rows < 0:
+            raise ValueError(f"warmup_steps and eval_rows must be >= 0, got {self.warmup_steps}, {self.eval_rows}")
+        if self.warmup_steps >= self.steps:
+            warnings.warn(f"warmup_steps {self.warmup_steps} covers all {self.steps} steps: the learning rate never "
+                          "reaches its cosine decay (lower --warmup-steps)")
 
     def recipe(self) -> dict:
         return dataclasses.asdict(self)
@@ -241,7 +248,7 @@ class Distiller:
     # ------------------------------------------------------------------ checkpoints
     def _metadata(self, final: bool) -> dict:
         return {"recipe": self.cfg.recipe(), "step": self.step, "final": final, "history": self.history,
-                "teacher": self.target.name}
+                "teacher": self.target.name, "eval_rows_held_out": len(self.eval_seqs)}
 
     def save_checkpoint(self) -> Path:
         directory = self.out / CHECKPOINTS / f"step-{self.step:06d}"
@@ -299,9 +306,11 @@ class Distiller:
         t0, tokens_seen = time.perf_counter(), 0
         try:
             self._train_until_done(bar, t0, tokens_seen)
-        except KeyboardInterrupt:  # never lose the work done: checkpoint, then stop
+        except KeyboardInterrupt:  # never lose the work done: checkpoint, then stop, saying where it is
+            bar.close()
             if self.rank == 0 and self.step > 0:
-                bar.write(f"interrupted: saved {self.save_checkpoint()} (continue with --resume)")
+                raise KeyboardInterrupt(f"saved {self.save_checkpoint()} at step {self.step}; continue with "
+                                        "--resume") from None
             raise
         bar.close()
         final = self.save_final() if self.rank == 0 else self.out / FINAL
@@ -349,8 +358,9 @@ def distill(cfg: DistillConfig, resume: bool = False, target: Optional[LoadedMod
     """Runs (or resumes) one distillation; returns the directory of the final draft."""
     d = Distiller(cfg, target=target, progress=progress)
     if resume:
-        if not d.resume() and (d.out / FINAL).exists():
-            raise ValueError(f"{d.out} holds a final draft but no checkpoint to resume from")
+        if not d.resume():
+            what = "a final draft but no checkpoint" if (d.out / FINAL).exists() else "no checkpoint"
+            raise ValueError(f"nothing to resume: {d.out} holds {what} (run without --resume to start)")
     elif (d.out / CHECKPOINTS).exists() or (d.out / FINAL).exists():
         raise ValueError(f"{d.out} already holds a run: pass resume=True (--resume) or choose another out_dir")
     return d.run()
@@ -372,7 +382,7 @@ def _distributed_setup(device: str):
         return dist.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu")
     if device == "auto":
         return 0, 1, torch.device("cuda" if cuda else "cpu")
-    return 0, 1, torch.device(device)
+    return 0, 1, resolve_device(device)
 
 
 def _barrier(world: int) -> None:

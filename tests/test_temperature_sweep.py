@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 from engine_fixtures import tiny_llama_hf, tiny_target, word_tokenizer  # noqa: E402
-from tempspec_engine import sweep  # noqa: E402
+from tempspec_engine import prompts, sweep  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RESULT_KEYS = {"draft", "temperature", "alpha", "mean_accepted", "tokens_per_step", "sd_tokens_per_s",
@@ -108,15 +108,15 @@ def test_sweep_command_line(tmp_path, capsys):
 
 
 def test_prompt_formats_and_temperatures(tmp_path):
-    assert sweep.prompt_text({"turns": ["first", "second"]}) == "first"
-    assert sweep.prompt_text({"instruction": "Do it", "input": "data"}) == "Do it\n\ndata"
-    assert sweep.prompt_text({"instruction": "Do it", "input": ""}) == "Do it"
-    assert sweep.prompt_text({"question": "2+2?", "answer": "4"}) == "2+2?"
+    assert prompts.prompt_text({"turns": ["first", "second"]}) == "first"
+    assert prompts.prompt_text({"instruction": "Do it", "input": "data"}) == "Do it\n\ndata"
+    assert prompts.prompt_text({"instruction": "Do it", "input": ""}) == "Do it"
+    assert prompts.prompt_text({"question": "2+2?", "answer": "4"}) == "2+2?"
     with pytest.raises(ValueError, match="turns"):
-        sweep.prompt_text({"text": "x"})
-    builtin = sweep.read_prompts(None, 4)
+        prompts.prompt_text({"text": "x"})
+    builtin = prompts.read_prompts(None, 4)
     assert len(builtin) == 4 and all(isinstance(p, str) and p for p in builtin)
-    assert sweep.read_prompts(None, None) == sweep.BUILTIN_PROMPTS
+    assert prompts.read_prompts(None, None) == prompts.BUILTIN_PROMPTS
     assert sweep.parse_temperatures("0:1:0.1") == sweep.FULL_TEMPERATURES
     assert sweep.parse_temperatures("1.0,0,2") == [0.0, 1.0, 2.0]
     for bad in ("-0.1", "0,2.01", "", "0:1:0"):

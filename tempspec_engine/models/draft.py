@@ -13,7 +13,9 @@ Draft specs (CLI `--draft` and SpeculativeEngine(draft=...)):
   "distilled:0.5"              the shipped draft distilled at KD temperature 0.5 (tempspec_engine/drafts/)
   a tempspec draft directory   a draft saved by tempspec_trainer (models/draft_checkpoint.py)
   "distilled:1/vocab:8192"     any of the two above with its head restricted likewise
-  anything else                a Hugging Face model path or hub name (checked for the same tokenizer)
+  a Hugging Face model directory  (checked for the same tokenizer)
+  a hub id                     only with allow_download=True (CLI --allow-download) and HF_HUB_OFFLINE unset
+Anything else is refused at once with the list of these forms (models/loading.py:model_source).
 """
 from __future__ import annotations
 
@@ -25,11 +27,14 @@ import torch
 from tempspec_engine.models.config import ModelConfig
 from tempspec_engine.models.draft_checkpoint import is_draft_dir, load_draft, shipped_draft
 from tempspec_engine.models.llama import Transformer
-from tempspec_engine.models.loading import LoadedModel, check_tokenizers, load_hf, place
+from tempspec_engine.models.loading import LoadedModel, check_tokenizers, load_hf, model_source, place
 
 # Layer subsets of SmolLM2-135M are accepted almost never unless nearly all layers are kept (teacher-forced greedy
 # agreement: layers 0-14 4%, 0-24 34%, 0-28 59%; see benchmarks/draft_search.py), so the default is n-gram lookup.
 DEFAULT_DRAFT = "lookup"
+# the forms of a draft spec that are not paths, for error messages
+SPEC_FORMS = ("a draft spec (default, none, lookup[:N], lookup+<model spec>, layers:<ids>[/vocab:N], "
+              "distilled:<T>[/vocab:N], random[:N]) nor a tempspec draft directory[/vocab:N]")
 
 
 def layer_subset_draft(target: Transformer, layer_ids: Sequence[int], vocab_limit: Optional[int] = None) -> Transformer:
@@ -120,9 +125,21 @@ def split_hybrid(spec):
     return None, spec
 
 
-def make_draft(spec, target: LoadedModel, device, dtype) -> LoadedModel:
+def check_spec_form(spec, allow_download: bool = False) -> None:
+    """Refuses a draft string that is none of the forms of the module docstring, before any model is loaded."""
+    if not isinstance(spec, str) or spec in ("default", "none"):
+        return
+    _, spec = split_hybrid(spec)
+    body = spec.partition("/vocab:")[0]
+    if body in ("lookup", "random") or body.split(":")[0] in ("lookup", "random", "layers", "distilled"):
+        return
+    if not is_draft_dir(body):
+        model_source(body, "draft", SPEC_FORMS, allow_download)
+
+
+def make_draft(spec, target: LoadedModel, device, dtype, allow_download: bool = False) -> LoadedModel:
     """Builds a draft from a spec string (see module docstring), a LoadedModel or a Transformer (these two are moved
-    to `device` and `dtype` in place)."""
+    to `device` and `dtype` in place). A string that is none of the forms is refused at once (ValueError)."""
     if isinstance(spec, LoadedModel):
         check_tokenizers(target, spec)
         return place(spec, device, dtype)
@@ -151,6 +168,10 @@ def make_draft(spec, target: LoadedModel, device, dtype) -> LoadedModel:
         model = load_draft(directory, target.model, device, dtype)
         model.vocab_limit = _vocab_limit(vocab, model.config.vocab_size) if vocab else None
         return LoadedModel(model, target.tokenizer, target.eos_ids, spec)
-    draft = load_hf(spec, device, dtype)
+    if vocab:
+        raise ValueError(f"draft {spec!r}: '/vocab:N' follows a layer subset, distilled:T or a tempspec draft "
+                         f"directory, and {body!r} is none of them")
+    draft = load_hf(model_source(spec, "draft", SPEC_FORMS, allow_download), device, dtype,
+                    allow_download=allow_download)
     check_tokenizers(target, draft)
     return draft

@@ -51,23 +51,50 @@ def save_draft(model: Transformer, directory, *, shares_target_embeddings: bool,
 
 
 def read_draft_info(directory) -> dict:
+    """The parsed tempspec_draft.json of a draft directory; ValueError naming the file when it is broken."""
     path = Path(directory) / DRAFT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a tempspec draft directory (no {DRAFT_FILE})")
-    info = json.loads(path.read_text())
-    if info.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown draft format {info.get('format')!r} (expected {FORMAT})")
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        found = info.get("format") if isinstance(info, dict) else type(info).__name__
+        raise ValueError(f"{path}: unknown draft format {found!r} (expected {FORMAT})")
+    for key, kind in (("config", dict), ("shares_target_embeddings", bool)):
+        if not isinstance(info.get(key), kind):
+            raise ValueError(f"{path}: '{key}' must be a JSON {'object' if kind is dict else 'boolean'}")
     return info
+
+
+def _config(info: dict, directory) -> ModelConfig:
+    try:
+        return ModelConfig(**info["config"])
+    except TypeError as exc:
+        raise ValueError(f"{Path(directory) / DRAFT_FILE}: 'config' does not describe a model ({exc})") from None
+
+
+def _read_weights(directory) -> Dict[str, torch.Tensor]:
+    """The tensors of model.safetensors; ValueError naming the file when it is missing, empty or truncated."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: the draft directory is incomplete")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own SafetensorError for empty or truncated files
+        raise ValueError(f"{path}: cannot read the weights ({' '.join(str(exc).split())}); the file is empty, "
+                         "truncated or not safetensors") from None
 
 
 def load_draft(directory, target: Optional[Transformer] = None, device=None, dtype=None) -> Transformer:
     """Builds the draft saved in `directory`. A draft that shares the target's embeddings needs `target` (the same
     vocabulary and width); its embedding and head are then the target's own tensors (no copy), and it takes the
     target's device and dtype. Other drafts are cast to `device` / `dtype` (default: as saved)."""
-    from safetensors.torch import load_file
-
     info = read_draft_info(directory)
-    config = ModelConfig(**info["config"])
+    config = _config(info, directory)
     shared = info["shares_target_embeddings"]
     if shared:
         if target is None:
@@ -79,12 +106,14 @@ def load_draft(directory, target: Optional[Transformer] = None, device=None, dty
         device, dtype = target.embed_tokens.weight.device, target.embed_tokens.weight.dtype
     with torch.device("meta"):
         model = Transformer(config)
-    state = load_file(str(Path(directory) / WEIGHTS_FILE))
-    own = {k for k in model.state_dict() if not (shared and k in SHARED_KEYS)}
-    missing, unexpected = own - set(state), set(state) - own
-    if missing or unexpected:
-        raise ValueError(f"{directory}: weights do not match the config (missing {sorted(missing)[:4]}, "
-                         f"unexpected {sorted(unexpected)[:4]})")
+    state = _read_weights(directory)
+    expected = {k: v.shape for k, v in model.state_dict().items() if not (shared and k in SHARED_KEYS)}
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    wrong = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k])
+    if missing or unexpected or wrong:
+        shapes = [f"{k} {tuple(state[k].shape)} instead of {tuple(expected[k])}" for k in wrong[:2]]
+        raise ValueError(f"{Path(directory) / WEIGHTS_FILE}: the weights do not fit the config in {DRAFT_FILE} "
+                         f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}, shapes {shapes})")
     model.load_state_dict(state, strict=False, assign=True)
     if shared:  # attach the target's own modules after the cast, so the target is never modified
         model.embed_tokens, model.lm_head = torch.nn.Identity(), None

@@ -56,6 +56,56 @@ def best_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device) -> torch.device:
+    """None -> best_device(); "cpu", "cuda", "cuda:N" or a torch.device -> that device, checked to exist here.
+    ValueError naming the accepted forms, or saying that no GPU is visible."""
+    if device is None:
+        return best_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
+            raise ValueError(f"device {str(device)!r}: torch {torch.__version__} ({built}) sees no CUDA GPU on this "
+                             "machine; use 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return dev
+
+
+def downloads_allowed(allow_download: bool) -> bool:
+    """A hub id may be fetched only when the caller allows it and HF_HUB_OFFLINE is not set."""
+    import os
+
+    return bool(allow_download) and os.environ.get("HF_HUB_OFFLINE", "0") in ("", "0", "false", "False")
+
+
+def model_source(spec: str, what: str, forms: str, allow_download: bool = False) -> str:
+    """The Hugging Face model directory (or, when downloads are allowed, hub id) that `spec` names.
+
+    what: "target" or "draft", for the message; forms: the specs that are not paths, listed when `spec` is none of
+    them. A path that exists must be a directory holding config.json; anything else is refused at once, without
+    touching the network, unless allow_download (and not HF_HUB_OFFLINE)."""
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{what} {spec!r}: the directory holds neither config.json (a Hugging Face model) nor "
+                             "tempspec_draft.json (a tempspec draft)")
+        return str(path)
+    if path.exists():
+        raise ValueError(f"{what} {spec!r} is a file: pass the directory that holds the model (config.json and "
+                         "its weights)")
+    if downloads_allowed(allow_download):
+        return spec
+    hint = ("HF_HUB_OFFLINE is set, so hub ids are not fetched" if allow_download else
+            "a Hugging Face hub id is fetched only with --allow-download (allow_download=True)")
+    raise ValueError(f"unknown {what} {spec!r}: it is not {forms}, and no directory of that name exists; {hint}")
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA and on CPU (where verifying several tokens in bf16 costs about as much as one)."""
     return torch.bfloat16
@@ -95,14 +145,28 @@ def _eos_ids(hf_config, tokenizer, generation_config=None) -> tuple:
     return tuple(sorted(ids))
 
 
-def load_hf(name_or_path: str, device, dtype, tokenizer: Any = None) -> LoadedModel:
-    """Any Hugging Face causal LM by local path or hub name (the hub only when the user has access to it)."""
+def load_hf(name_or_path: str, device, dtype, tokenizer: Any = None, allow_download: bool = False) -> LoadedModel:
+    """Any Hugging Face causal LM by local directory, or by hub id when allow_download (see model_source).
+    A directory that cannot be loaded (a broken config, truncated or empty weights, weights that do not fit the
+    config) raises one ValueError naming it."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    hf_config = AutoConfig.from_pretrained(name_or_path)
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    hf_model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
+    from transformers.utils import logging as hf_logging
+
+    local = {"local_files_only": not downloads_allowed(allow_download)}
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per load of a small model is noise on stderr
+    try:
+        hf_config = AutoConfig.from_pretrained(name_or_path, **local)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, **local)
+        hf_model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **local).to(device).eval()
+    except Exception as exc:  # transformers and safetensors raise many kinds; all mean "this model is broken"
+        first = " ".join(str(exc).strip().split("\n")[0].split())[:300]
+        raise ValueError(f"cannot load the model in {name_or_path}: {type(exc).__name__}: {first}") from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     eos = _eos_ids(hf_config, tokenizer, getattr(hf_model, "generation_config", None))
     return from_hf_model(hf_model, tokenizer, eos_ids=eos, name=str(name_or_path))
 
@@ -154,12 +218,15 @@ def resolve_dtype(dtype) -> Optional[torch.dtype]:
     return table[str(dtype)]
 
 
-def load_target(spec, device, dtype) -> LoadedModel:
-    """spec: None/"default" (the offline default), a LoadedModel (moved to device and dtype), a path or hub name."""
+def load_target(spec, device, dtype, allow_download: bool = False) -> LoadedModel:
+    """spec: None/"default" (the offline default), a LoadedModel (moved to device and dtype), a Hugging Face model
+    directory, or a hub id when allow_download."""
     if isinstance(spec, LoadedModel):
         return place(spec, device, dtype)
     if spec is None or spec == "default":
         return load_default_target(device, dtype)
     if isinstance(spec, (str, Path)):
-        return load_hf(str(spec), device, dtype)
-    raise TypeError(f"cannot load a target from {type(spec).__name__}")
+        source = model_source(str(spec), "target", "'default'", allow_download)
+        return load_hf(source, device, dtype, allow_download=allow_download)
+    raise ValueError(f"cannot load a target from a {type(spec).__name__}: pass 'default', a model directory, a "
+                     "LoadedModel or a Transformer")

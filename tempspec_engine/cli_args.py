@@ -1,0 +1,54 @@
+"""Arguments that several command lines share (`tempspec generate`, `tempspec sweep`, the benchmark scripts), with
+one help text each that states the default and the accepted forms."""
+from __future__ import annotations
+
+import argparse
+
+DRAFT_FORMS = ("'default' (= lookup), 'none' (the target alone), lookup[:N], lookup+<model spec>, layers:0,14,29 or "
+               "layers:0-3, distilled:0 / distilled:0.5 / distilled:1 (shipped), random[:N] (tests), with '/vocab:N' "
+               "after a layer subset, distilled:T or a draft directory; a tempspec draft directory or a Hugging Face "
+               "model directory; a hub id only with --allow-download")
+
+
+def lookahead(text: str):
+    """--k: 'auto' or an integer >= 1."""
+    if text == "auto":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 1, got {text!r}") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 1, got {k}")
+    return k
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (argparse type)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {n}")
+    return n
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--target, --device, --dtype, --k, --threads, --allow-download."""
+    p.add_argument("--target", default="default",
+                   help="'default' (SmolLM2-135M-Instruct, shipped offline) or a Hugging Face model directory; a hub "
+                        "id only with --allow-download (default: %(default)s)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"],
+                   help="weights and activations (default: %(default)s)")
+    p.add_argument("--k", type=lookahead, default="auto",
+                   help="lookahead: 'auto' (adaptive; with a seed it does not depend on timings) or an integer >= 1 "
+                        "(default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads; 0 picks the cores that other processes leave free "
+                        "(tempspec_engine/threads.py; default: %(default)s)")
+    p.add_argument("--allow-download", action="store_true",
+                   help="let --target/--draft name a Hugging Face hub id, fetched over the network unless "
+                        "HF_HUB_OFFLINE=1 (default: off: nothing waits on the network)")
