@@ -414,3 +414,10 @@ def test_benchmarks_write_fresh_files(tmp_path, model_dir):
     assert code == 0, err
     written = list((tmp_path / "runs" / "results").glob("sweep_cpu_bfloat16-*.json"))
     assert len(written) == 1 and f"wrote {written[0].relative_to(tmp_path)}" in out
+
+
+def test_broken_default_target_cache(tmp_path):
+    (tmp_path / "tempspec_config.json").write_text("{")
+    res = run("tempspec_engine.cli", ["generate", "--prompt", "hi", "--device", "cpu"],
+              env={**OFFLINE_ENV, "TEMPSPEC_MODEL_DIR": str(tmp_path)})
+    assert_one_line_error(res, f"the model cache {tmp_path} is broken", "TEMPSPEC_MODEL_DIR")

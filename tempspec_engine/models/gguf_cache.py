@@ -175,10 +175,15 @@ def load_cached(directory: Path, device, dtype: torch.dtype):
     from tempspec_engine.models.llama import Transformer
 
     directory = Path(directory)
-    meta = json.loads((directory / "tempspec_config.json").read_text())
-    config = ModelConfig(**meta["model"])
-    with torch.device("meta"):
-        model = Transformer(config)
-    state = load_file(str(_weights_file(directory, dtype)), device=str(device))
-    model.load_hf_state_dict(state, assign=True)
-    return model.to(device=device, dtype=dtype).eval(), config, meta["eos_ids"]
+    try:
+        meta = json.loads((directory / "tempspec_config.json").read_text())
+        config = ModelConfig(**meta["model"])
+        with torch.device("meta"):
+            model = Transformer(config)
+        state = load_file(str(_weights_file(directory, dtype)), device=str(device))
+        model.load_hf_state_dict(state, assign=True)
+        eos_ids = meta["eos_ids"]
+    except Exception as exc:  # a broken cache: JSON, config keys, safetensors or shapes; say which directory
+        raise ValueError(f"the model cache {directory} is broken ({type(exc).__name__}: {' '.join(str(exc).split())}"
+                         f"); delete it to rebuild it from the GGUF file, or fix $TEMPSPEC_MODEL_DIR") from exc
+    return model.to(device=device, dtype=dtype).eval(), config, eos_ids
