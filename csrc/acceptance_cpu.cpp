@@ -9,6 +9,10 @@
 //   one pass over V that writes its own block sums.
 // Rows run in parallel; with fewer rows than threads, the blocks of each row run in parallel instead.
 // Arithmetic is fp32 as in the reference (logits read in their own dtype); sums of weights are accumulated in double.
+// Sampling filters (the *_filtered ops): the reference's keep rule is two thresholds per row, l >= logit_min and
+// w >= weight_min (Keep). logit_min (top-k) comes from std::nth_element on a copy of the row's logits; the top-p
+// threshold from a quickselect on the mass of the candidate weights (expected O(V), no sort); min-p is w >= min_p.
+// The kept weights then replace the weights everywhere (fill_weights / weight_at), as in the reference.
 #include "acceptance.h"
 
 #include <ATen/Dispatch.h>
@@ -16,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -97,12 +102,18 @@ TEMPSPEC_SIMD_CLONES void exp_weights(const float* l, int64_t n, float m, float 
   for (int64_t i = 0; i < n; ++i) out[i] = exp_nonpos((l[i] - m) / t);
 }
 
-// Residual weights in place: wp[i] = max(0, wp[i] / sp - wq[i] / sq), from target and draft weights.
-TEMPSPEC_SIMD_CLONES void residual_weights(float* wp, const float* wq, int64_t n, float sp, float sq) {
+// Residual weights in place: wp[i] = max(0, wp[i] / sp - eps * (wq[i] / sq)), from target and draft weights
+// (eps = 1: lossless, the same rounding as without the product).
+TEMPSPEC_SIMD_CLONES void residual_weights(float* wp, const float* wq, int64_t n, float sp, float sq, float eps) {
   for (int64_t i = 0; i < n; ++i) {
-    const float d = wp[i] / sp - wq[i] / sq;
+    const float d = wp[i] / sp - eps * (wq[i] / sq);
     wp[i] = d > 0.0f ? d : 0.0f;
   }
+}
+
+// The filters' keep rule on weights w of logits l: w[i] = 0 unless l[i] >= logit_min and w[i] >= weight_min.
+TEMPSPEC_SIMD_CLONES void mask_weights(const float* l, int64_t n, float logit_min, float weight_min, float* w) {
+  for (int64_t i = 0; i < n; ++i) w[i] = (l[i] >= logit_min && w[i] >= weight_min) ? w[i] : 0.0f;
 }
 
 // bfloat16 / float16 -> float32 of n values, exact (as c10's conversions), in integer arithmetic that vectorizes.
@@ -169,21 +180,45 @@ float row_max(const scalar_t* row, int64_t V, float* blk_m, bool parallel) {
   return m;
 }
 
-// Writes block j's softmax weights exp((l - m) / T) of the row [V] into w.
+// Which tokens of a row the filters keep (reference.filter_thresholds): l >= logit_min and w >= weight_min.
+// The default keeps every token.
+struct Keep {
+  float logit_min = kNegInf;
+  float weight_min = 0.0f;
+  bool active() const { return logit_min > kNegInf || weight_min > 0.0f; }
+};
+
+// Writes block j's softmax weights exp((l - m) / T) of the row [V] into w, zero where `keep` drops the token.
 template <typename scalar_t>
-void fill_weights(const scalar_t* row, int64_t V, float m, float t, int64_t j, float* w) {
+void fill_weights(const scalar_t* row, int64_t V, float m, float t, int64_t j, float* w, const Keep& keep = Keep()) {
   const int64_t n = block_len(j, V);
-  exp_weights(as_float(row + j * kBlock, n, w), n, m, t, w);
+  if (!keep.active()) {
+    exp_weights(as_float(row + j * kBlock, n, w), n, m, t, w);
+    return;
+  }
+  float buf[kBlock];
+  const float* l = as_float(row + j * kBlock, n, buf);
+  exp_weights(l, n, m, t, w);
+  mask_weights(l, n, keep.logit_min, keep.weight_min, w);
+}
+
+// The (kept) weight of token x of the row, as fill_weights writes it.
+template <typename scalar_t>
+float weight_at(const scalar_t* row, int64_t x, float m, float t, const Keep& keep) {
+  const float l = static_cast<float>(row[x]);
+  const float w = exp_nonpos((l - m) / t);
+  return (l >= keep.logit_min && w >= keep.weight_min) ? w : 0.0f;
 }
 
 // Softmax pass over one row [V] with its max m: part[j] = sum of block j's weights exp((l - m) / T).
 // Returns the row sum s (fp32, as the reference's weights.sum()).
 template <typename scalar_t>
-float row_weights(const scalar_t* row, int64_t V, float m, float t, double* part, bool parallel) {
+float row_weights(const scalar_t* row, int64_t V, float m, float t, double* part, bool parallel,
+                  const Keep& keep = Keep()) {
   const int64_t nblk = num_blocks(V);
   for_each_block(nblk, parallel, [&](int64_t j) {
     float w[kBlock];
-    fill_weights(row, V, m, t, j, w);
+    fill_weights(row, V, m, t, j, w, keep);
     part[j] = sum_of(w, block_len(j, V));
   });
   double total = 0.0;
@@ -241,31 +276,130 @@ int64_t draw_blocked(const double* part, int64_t V, float u, const Fill& fill) {
   return sel * kBlock + last;
 }
 
-// Scratch buffers of one row's work, sized by the number of blocks.
+// Per-row sampling settings of the filtered ops (reference.py); the defaults are all off and lossless.
+struct RowSettings {
+  int64_t top_k = 0;     // 0: off
+  float top_p = 1.0f;    // 1: off
+  float min_p = 0.0f;    // 0: off
+  float lenience = 1.0f; // 1: lossless
+  bool filtered() const { return top_k > 0 || top_p < 1.0f || min_p > 0.0f; }
+};
+
+// Scratch buffers of one row's work, sized by the number of blocks (cand grows to V when filters need it).
 struct Scratch {
   std::vector<float> blk_m;          // block maxima of the row at hand
   std::vector<double> tpart, rpart;  // block sums of the target weights; of the draft weights, then the residual
+  std::vector<float> cand;           // the filters' selection buffer: logits for top-k, candidate weights for top-p
   explicit Scratch(int64_t nblk) : blk_m(nblk), tpart(nblk), rpart(nblk) {}
 };
 
-// Token for a target row: argmax when T == 0, else an inverse-CDF draw from exp((l - m) / T) with u.
+// Top-k's logit_min: the k-th largest fp32 logit of the row [V] counting repeats (-inf when top_k is 0 or >= V),
+// by a partial selection (std::nth_element, expected O(V)).
 template <typename scalar_t>
-int64_t sample_row(const scalar_t* row, int64_t V, float t, float u, Scratch& sc, bool parallel) {
+float top_k_logit_min(const scalar_t* row, int64_t V, int64_t top_k, std::vector<float>& buf) {
+  if (top_k <= 0 || top_k >= V) return kNegInf;
+  buf.resize(V);
+  for (int64_t j = 0; j < num_blocks(V); ++j) {
+    const int64_t n = block_len(j, V);
+    const float* l = as_float(row + j * kBlock, n, buf.data() + j * kBlock);
+    if (l != buf.data() + j * kBlock) std::copy(l, l + n, buf.data() + j * kBlock);
+  }
+  std::nth_element(buf.begin(), buf.begin() + (top_k - 1), buf.end(), std::greater<float>());
+  return buf[top_k - 1];
+}
+
+// The largest value v among the candidate weights c[0, n) (all > 0) whose mass, the fp64 sum of the candidates
+// >= v, reaches goal. A quickselect on the mass: three-way partitions around a median-of-three pivot keep the side
+// that holds v (the mass of the larger side carried in `above`), expected O(n). If rounding never reaches goal, the
+// smallest candidate (everything is kept).
+float mass_threshold(float* c, int64_t n, double goal) {
+  double above = 0.0;  // mass of the candidates set aside as larger than every remaining one
+  float smallest = 0.0f;
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const float a = c[lo], b = c[lo + (hi - lo) / 2], d = c[hi - 1];
+    const float pivot = std::max(std::min(a, b), std::min(std::max(a, b), d));
+    int64_t gt = lo, i = lo, lt = hi;  // c[lo, gt) > pivot, c[gt, i) == pivot, c[lt, hi) < pivot
+    double sum_gt = 0.0, sum_eq = 0.0;
+    while (i < lt) {
+      const float v = c[i];
+      if (v > pivot) {
+        sum_gt += v;
+        std::swap(c[gt++], c[i++]);
+      } else if (v < pivot) {
+        std::swap(c[i], c[--lt]);
+      } else {
+        sum_eq += v;
+        ++i;
+      }
+    }
+    if (above + sum_gt >= goal) {
+      hi = gt;  // v > pivot
+    } else if (above + sum_gt + sum_eq >= goal) {
+      return pivot;
+    } else {
+      above += sum_gt + sum_eq;
+      smallest = pivot;
+      lo = lt;
+    }
+  }
+  return smallest;
+}
+
+// Top-p's v* over the row's weights that survive top-k (l >= logit_min), 0 when top_p >= 1 (off).
+template <typename scalar_t>
+float top_p_weight_min(const scalar_t* row, int64_t V, float m, float t, float logit_min, float top_p,
+                       std::vector<float>& buf) {
+  if (!(top_p < 1.0f)) return 0.0f;
+  buf.clear();
+  double total = 0.0;
+  Keep top_k_only;
+  top_k_only.logit_min = logit_min;
+  for (int64_t j = 0; j < num_blocks(V); ++j) {
+    float w[kBlock];
+    fill_weights(row, V, m, t, j, w, top_k_only);
+    for (int64_t i = 0; i < block_len(j, V); ++i) {
+      if (w[i] > 0.0f) {
+        buf.push_back(w[i]);
+        total += w[i];
+      }
+    }
+  }
+  return mass_threshold(buf.data(), static_cast<int64_t>(buf.size()), static_cast<double>(top_p) * total);
+}
+
+// The keep rule of one row at T > 0 with max m (reference.filter_thresholds): top-k, then top-p, then min-p.
+template <typename scalar_t>
+Keep row_keep(const scalar_t* row, int64_t V, float m, float t, const RowSettings& rs, Scratch& sc) {
+  Keep keep;
+  if (!rs.filtered()) return keep;
+  keep.logit_min = top_k_logit_min(row, V, rs.top_k, sc.cand);
+  keep.weight_min = std::max(top_p_weight_min(row, V, m, t, keep.logit_min, rs.top_p, sc.cand), rs.min_p);
+  return keep;
+}
+
+// Token for a target row: argmax when T == 0, else an inverse-CDF draw from the kept exp((l - m) / T) with u.
+template <typename scalar_t>
+int64_t sample_row(const scalar_t* row, int64_t V, float t, float u, const RowSettings& rs, Scratch& sc,
+                   bool parallel) {
   const float m = row_max(row, V, sc.blk_m.data(), parallel);
   if (t == 0.0f) return row_argmax(row, V, sc.blk_m.data(), m);
-  row_weights(row, V, m, t, sc.tpart.data(), parallel);
+  const Keep keep = row_keep(row, V, m, t, rs, sc);
+  row_weights(row, V, m, t, sc.tpart.data(), parallel, keep);
   return draw_blocked(sc.tpart.data(), V, u,
-                      [&](int64_t j, float* w) { fill_weights(row, V, m, t, j, w); });
+                      [&](int64_t j, float* w) { fill_weights(row, V, m, t, j, w, keep); });
 }
 
 // One batch row of the acceptance op. draft [k, V], target [k+1, V], tokens [k], uniforms [k+1];
 // writes out_tokens[0..n] (the caller filled -1) and returns the number n of accepted draft tokens.
 template <typename scalar_t>
 int64_t speculate_row(const scalar_t* draft, const scalar_t* target, const int64_t* draft_tokens, float t,
-                      const float* uniforms, int64_t k, int64_t V, int64_t* out_tokens, bool parallel) {
+                      const float* uniforms, const RowSettings& rs, int64_t k, int64_t V, int64_t* out_tokens,
+                      bool parallel) {
   const int64_t nblk = num_blocks(V);
   Scratch sc(nblk);
   const float u_draw = uniforms[k];
+  const float eps = rs.lenience;
   for (int64_t i = 0; i < k; ++i) {
     const scalar_t* lt = target + i * V;
     const scalar_t* lq = draft + i * V;
@@ -280,17 +414,19 @@ int64_t speculate_row(const scalar_t* draft, const scalar_t* target, const int64
     } else {
       const float mp = row_max(lt, V, sc.blk_m.data(), parallel);
       const float mq = row_max(lq, V, sc.blk_m.data(), parallel);
-      const float sp = row_weights(lt, V, mp, t, sc.tpart.data(), parallel);
-      const float sq = row_weights(lq, V, mq, t, sc.rpart.data(), parallel);
-      const float px = exp_nonpos((static_cast<float>(lt[x]) - mp) / t) / sp;
-      const float qx = exp_nonpos((static_cast<float>(lq[x]) - mq) / t) / sq;
-      if (!(px > 0.0f && uniforms[i] * qx <= px)) {
-        // Rejected: draw from the residual weights max(0, p - q), or from p when they are all zero (p == q).
+      const Keep keep_p = row_keep(lt, V, mp, t, rs, sc);
+      const Keep keep_q = row_keep(lq, V, mq, t, rs, sc);
+      const float sp = row_weights(lt, V, mp, t, sc.tpart.data(), parallel, keep_p);
+      const float sq = row_weights(lq, V, mq, t, sc.rpart.data(), parallel, keep_q);
+      const float px = weight_at(lt, x, mp, t, keep_p) / sp;
+      const float qx = weight_at(lq, x, mq, t, keep_q) / sq;
+      if (!(px > 0.0f && uniforms[i] * (eps * qx) <= px)) {
+        // Rejected: draw from the residual weights max(0, p - eps q), or from p when they are all zero.
         auto residual = [&](int64_t j, float* w) {
           float wq[kBlock];
-          fill_weights(lt, V, mp, t, j, w);
-          fill_weights(lq, V, mq, t, j, wq);
-          residual_weights(w, wq, block_len(j, V), sp, sq);
+          fill_weights(lt, V, mp, t, j, w, keep_p);
+          fill_weights(lq, V, mq, t, j, wq, keep_q);
+          residual_weights(w, wq, block_len(j, V), sp, sq, eps);
         };
         double* rpart = sc.rpart.data();
         for_each_block(nblk, parallel, [&](int64_t j) {
@@ -301,14 +437,14 @@ int64_t speculate_row(const scalar_t* draft, const scalar_t* target, const int64
         int64_t drawn = draw_blocked(rpart, V, u_draw, residual);
         if (drawn < 0)
           drawn = draw_blocked(sc.tpart.data(), V, u_draw,
-                               [&](int64_t j, float* w) { fill_weights(lt, V, mp, t, j, w); });
+                               [&](int64_t j, float* w) { fill_weights(lt, V, mp, t, j, w, keep_p); });
         out_tokens[i] = drawn;
         return i;
       }
     }
     out_tokens[i] = x;
   }
-  out_tokens[k] = sample_row(target + k * V, V, t, u_draw, sc, parallel);  // all accepted: the bonus token
+  out_tokens[k] = sample_row(target + k * V, V, t, u_draw, rs, sc, parallel);  // all accepted: the bonus token
   return k;
 }
 
@@ -346,13 +482,32 @@ void check_aux(const at::Tensor& t, const char* name, at::ScalarType dtype, at::
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-}  // namespace
+// The per-row settings tensors of a filtered op (undefined tensors: the temperature-only op, everything off).
+struct SettingsTensors {
+  at::Tensor top_k, top_p, min_p, lenience;
 
-std::tuple<at::Tensor, at::Tensor> speculative_sample_cpu(const at::Tensor& draft_logits,
-                                                          const at::Tensor& target_logits,
-                                                          const at::Tensor& draft_tokens,
-                                                          const at::Tensor& temperature,
-                                                          const at::Tensor& uniforms) {
+  void check(int64_t B) const {
+    if (top_k.defined()) check_aux(top_k, "top_k", at::kLong, {B});
+    if (top_p.defined()) check_aux(top_p, "top_p", at::kFloat, {B});
+    if (min_p.defined()) check_aux(min_p, "min_p", at::kFloat, {B});
+    if (lenience.defined()) check_aux(lenience, "lenience", at::kFloat, {B});
+  }
+
+  RowSettings row(int64_t b) const {
+    RowSettings rs;
+    if (top_k.defined()) rs.top_k = top_k.data_ptr<int64_t>()[b];
+    if (top_p.defined()) rs.top_p = top_p.data_ptr<float>()[b];
+    if (min_p.defined()) rs.min_p = min_p.data_ptr<float>()[b];
+    if (lenience.defined()) rs.lenience = lenience.data_ptr<float>()[b];
+    return rs;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> speculative_sample_impl(const at::Tensor& draft_logits,
+                                                           const at::Tensor& target_logits,
+                                                           const at::Tensor& draft_tokens,
+                                                           const at::Tensor& temperature, const at::Tensor& uniforms,
+                                                           const SettingsTensors& settings) {
   check_logits(draft_logits, "draft_logits", 3);
   check_logits(target_logits, "target_logits", 3);
   TORCH_CHECK(draft_logits.scalar_type() == target_logits.scalar_type(),
@@ -364,6 +519,7 @@ std::tuple<at::Tensor, at::Tensor> speculative_sample_cpu(const at::Tensor& draf
   check_aux(draft_tokens, "draft_tokens", at::kLong, {B, k});
   check_aux(temperature, "temperature", at::kFloat, {B});
   check_aux(uniforms, "uniforms", at::kFloat, {B, k + 1});
+  settings.check(B);
   const int64_t* tok = draft_tokens.data_ptr<int64_t>();
   for (int64_t i = 0; i < B * k; ++i)
     TORCH_CHECK(tok[i] >= 0 && tok[i] < V, "draft_tokens must lie in [0, ", V, "), got ", tok[i]);
@@ -378,19 +534,21 @@ std::tuple<at::Tensor, at::Tensor> speculative_sample_cpu(const at::Tensor& draf
     const scalar_t* draft = draft_logits.data_ptr<scalar_t>();
     const scalar_t* target = target_logits.data_ptr<scalar_t>();
     for_each_row(B, [&](int64_t b, bool parallel) {
-      acc[b] = speculate_row(draft + b * k * V, target + b * (k + 1) * V, tok + b * k, temp[b], uni + b * (k + 1), k,
-                             V, out + b * (k + 1), parallel);
+      acc[b] = speculate_row(draft + b * k * V, target + b * (k + 1) * V, tok + b * k, temp[b], uni + b * (k + 1),
+                             settings.row(b), k, V, out + b * (k + 1), parallel);
     });
   });
   return {accepted, tokens};
 }
 
-at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& uniforms) {
+at::Tensor sample_impl(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& uniforms,
+                       const SettingsTensors& settings) {
   check_logits(logits, "logits", 2);
   const int64_t B = logits.size(0), V = logits.size(1);
   TORCH_CHECK(V > 0, "the vocabulary must not be empty");
   check_aux(temperature, "temperature", at::kFloat, {B});
   check_aux(uniforms, "uniforms", at::kFloat, {B});
+  settings.check(B);
 
   at::Tensor out = at::empty({B}, logits.options().dtype(at::kLong));
   const float* temp = temperature.data_ptr<float>();
@@ -400,10 +558,38 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, c
     const scalar_t* data = logits.data_ptr<scalar_t>();
     for_each_row(B, [&](int64_t b, bool parallel) {
       Scratch sc(num_blocks(V));
-      o[b] = sample_row(data + b * V, V, temp[b], uni[b], sc, parallel);
+      o[b] = sample_row(data + b * V, V, temp[b], uni[b], settings.row(b), sc, parallel);
     });
   });
   return out;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> speculative_sample_cpu(const at::Tensor& draft_logits,
+                                                          const at::Tensor& target_logits,
+                                                          const at::Tensor& draft_tokens,
+                                                          const at::Tensor& temperature,
+                                                          const at::Tensor& uniforms) {
+  return speculative_sample_impl(draft_logits, target_logits, draft_tokens, temperature, uniforms,
+                                 SettingsTensors());
+}
+
+std::tuple<at::Tensor, at::Tensor> speculative_sample_filtered_cpu(
+    const at::Tensor& draft_logits, const at::Tensor& target_logits, const at::Tensor& draft_tokens,
+    const at::Tensor& temperature, const at::Tensor& uniforms, const at::Tensor& top_k, const at::Tensor& top_p,
+    const at::Tensor& min_p, const at::Tensor& lenience) {
+  return speculative_sample_impl(draft_logits, target_logits, draft_tokens, temperature, uniforms,
+                                 SettingsTensors{top_k, top_p, min_p, lenience});
+}
+
+at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& uniforms) {
+  return sample_impl(logits, temperature, uniforms, SettingsTensors());
+}
+
+at::Tensor sample_filtered_cpu(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& uniforms,
+                               const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p) {
+  return sample_impl(logits, temperature, uniforms, SettingsTensors{top_k, top_p, min_p, at::Tensor()});
 }
 
 }  // namespace tempspec

@@ -19,6 +19,13 @@
 // values that decide "weight > 0" and the draw itself (weights with gradual underflow, p, q, the residual, the
 // acceptance comparison, the running sums) use explicit IEEE PTX instructions: results do not depend on the flags.
 // Running sums of the inverse-CDF draw are kept in fp64; only the softmax normalizers are plain fp32 sums.
+//
+// Sampling filters and lenience (the *_filtered ops, semantics in reference.py): a first launch,
+// filter_thresholds_kernel, gives each logit row of a T > 0 batch row its max M and keep thresholds (logit_min,
+// weight_min) by threshold search without sorting (bisection on the bit patterns of fp32 values, one CTA per row,
+// fp64 masses for top-p). The fused kernel is then instantiated with traits WithFilters<Tr>: stats items sum the
+// kept weights against M (so the chunk merge rescales by exactly 1), and every weight of the acceptance test and of
+// the draw is zero unless kept; eps scales q in the test and the residual. Without filters nothing of this is compiled.
 // torch/python.h (through torch/extension.h) trips nvcc's C++20 "module" keyword diagnostic: torch's, harmless.
 #pragma nv_diag_suppress 3189
 #include "acceptance.h"
@@ -122,22 +129,38 @@ struct Slot {
 };
 
 struct F32 {
+  static constexpr bool kFiltered = false;
   using Bits = uint32_t;
   static constexpr Bits kNegInf = 0xff800000u;
   static __device__ __forceinline__ float to_float(uint32_t b) { return __uint_as_float(b); }
 };
 struct BF16 {
+  static constexpr bool kFiltered = false;
   using Bits = uint16_t;
   static constexpr Bits kNegInf = 0xff80u;
   static __device__ __forceinline__ float to_float(uint32_t b) { return __uint_as_float(b << 16); }
 };
 struct F16 {
+  static constexpr bool kFiltered = false;
   using Bits = uint16_t;
   static constexpr Bits kNegInf = 0xfc00u;
   static __device__ __forceinline__ float to_float(uint32_t b) {
     return __half2float(__ushort_as_half(static_cast<unsigned short>(b)));
   }
 };
+// The same dtype, for the filtered ops: the fused kernel reads Params::thr and Params::lenience.
+template <class Tr>
+struct WithFilters : Tr {
+  static constexpr bool kFiltered = true;
+};
+
+// The keep rule (reference.filter_thresholds): weight w of logit l counts iff l >= logit_min and w >= weight_min.
+struct Keep {
+  float logit_min, weight_min;
+};
+__device__ __forceinline__ float kept(float w, float l, Keep keep) {
+  return (ieee::ge(l, keep.logit_min) && ieee::ge(w, keep.weight_min)) ? w : 0.f;
+}
 
 // One chunk of a logit row: kSlots vectors per thread; warp w covers the contiguous segment [w*kSegment,
 // (w+1)*kSegment) of the chunk. kVec: 16-byte loads (rows 16-byte aligned), vector u*32 + lane of the segment;
@@ -240,6 +263,17 @@ __device__ __forceinline__ DrawSums shfl_xor(DrawSums v, int o) {
   return {__shfl_xor_sync(kFullMask, v.residual, o), __shfl_xor_sync(kFullMask, v.target, o)};
 }
 
+struct AddOp {
+  template <class T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+__device__ __forceinline__ double shfl_xor(double v, int o) { return __shfl_xor_sync(kFullMask, v, o); }
+__device__ __forceinline__ float shfl_xor(float v, int o) { return __shfl_xor_sync(kFullMask, v, o); }
+__device__ __forceinline__ int shfl_xor(int v, int o) { return __shfl_xor_sync(kFullMask, v, o); }
+
 template <class V, class Op>
 __device__ __forceinline__ V warp_reduce(V v, Op op) {
 #pragma unroll
@@ -327,8 +361,16 @@ struct Params {
   int* stats_done;               // [B]                    } every launch
   int* sweep_done;               // [B]                    }
   int* ready;                    // [B]: decision published }
+  const float* thr;              // filtered only: [B, 2k+1, 4] per logit row (M, logit_min, weight_min, unused)
+  const float* lenience;         // filtered only: [B]
   int B, k, V, S, lag;
 };
+
+// Keep rule of logit row r of batch row b (filtered kernels only).
+__device__ __forceinline__ Keep row_keep(const Params& p, int b, int r) {
+  const float* t = p.thr + (static_cast<int64_t>(b) * (2 * p.k + 1) + r) * 4;
+  return Keep{t[1], t[2]};
+}
 
 template <class Tr>
 __device__ __forceinline__ const typename Tr::Bits* logit_row(const Params& p, int b, int r) {
@@ -347,7 +389,8 @@ __device__ __forceinline__ void write_outputs(const Params& p, int b, int n, int
   if (threadIdx.x == 0 && p.accepted != nullptr) p.accepted[b] = n;
 }
 
-// Acceptance test of draft position i: greedy x == argmax(target_i); else p(x) > 0 and u_i * q(x) <= p(x).
+// Acceptance test of draft position i: greedy x == argmax(target_i); else p(x) > 0 and u_i * q(x) <= p(x)
+// (filtered: p, q of the kept weights and u_i * (eps * q(x)) <= p(x)).
 template <class Tr>
 __device__ __forceinline__ bool accepts(const Params& p, int b, int i, bool greedy, float c) {
   const int64_t x = p.draft_tokens[static_cast<int64_t>(b) * p.k + i];
@@ -357,8 +400,14 @@ __device__ __forceinline__ bool accepts(const Params& p, int b, int i, bool gree
   const RowStat* rd = rs + p.k + 1;
   const float lt = Tr::to_float(__ldg(logit_row<Tr>(p, b, i) + x));
   const float ld = Tr::to_float(__ldg(logit_row<Tr>(p, b, p.k + 1 + i) + x));
-  const float px = ieee::mul(weight(lt, __ldcg(&rs[i].m), c), __ldcg(&rs[i].inv_s));
-  const float qx = ieee::mul(weight(ld, __ldcg(&rd[i].m), c), __ldcg(&rd[i].inv_s));
+  float wt = weight(lt, __ldcg(&rs[i].m), c), wd = weight(ld, __ldcg(&rd[i].m), c);
+  if constexpr (Tr::kFiltered) {
+    wt = kept(wt, lt, row_keep(p, b, i));
+    wd = kept(wd, ld, row_keep(p, b, p.k + 1 + i));
+  }
+  const float px = ieee::mul(wt, __ldcg(&rs[i].inv_s));
+  float qx = ieee::mul(wd, __ldcg(&rd[i].inv_s));
+  if constexpr (Tr::kFiltered) qx = ieee::mul(p.lenience[b], qx);  // u * (eps * q(x)) <= p(x)
   const float u = p.uniforms[static_cast<int64_t>(b) * (p.k + 1) + i];
   return ieee::positive(px) && ieee::ge(px, ieee::mul(u, qx));
 }
@@ -421,6 +470,13 @@ __device__ __forceinline__ void stats_item(const Params& p, int b, int item) {
     const float c = greedy ? 0.f : temp_scale(t);
     ArgMax a{neg_inf(), INT_MAX};
     SoftMax st{neg_inf(), 0.f};
+    Keep keep{neg_inf(), 0.f};
+    if constexpr (Tr::kFiltered) {
+      if (!greedy) {  // the row max M of the thresholds pass: every chunk sums its kept weights against it
+        st.m = p.thr[(static_cast<int64_t>(b) * R + r) * 4];
+        keep = row_keep(p, b, r);
+      }
+    }
 #pragma unroll 1
     for (int u0 = 0; u0 < kSlots; u0 += kBatch) {
       Slot s[kBatch];
@@ -433,6 +489,15 @@ __device__ __forceinline__ void stats_item(const Params& p, int b, int item) {
           for (int e = 0; e < C::kPerVec; ++e) {
             const float v = C::value(s[j], e);
             if (v > a.m) a = ArgMax{v, C::index(start, u0 + j, e)};
+          }
+        }
+      } else if constexpr (Tr::kFiltered) {
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {
+#pragma unroll
+          for (int e = 0; e < C::kPerVec; ++e) {
+            const float v = C::value(s[j], e);
+            st.s += kept(weight(v, st.m, c), v, keep);
           }
         }
       } else {
@@ -475,10 +540,14 @@ struct Draw {
   int n;
   bool residual;
   float c, mt, inv_st, md, inv_sd;
+  Keep kt, kd;  // filtered only: keep rules of target row n and draft row n
+  float eps;    // filtered only: lenience
 };
 
 __device__ __forceinline__ Draw load_draw(const Params& p, int b, float c) {
   Draw d;
+  d.kt = d.kd = Keep{neg_inf(), 0.f};
+  d.eps = 1.f;
   d.n = __ldcg(&p.decision[b]);
   d.residual = d.n < p.k;
   d.c = c;
@@ -487,14 +556,28 @@ __device__ __forceinline__ Draw load_draw(const Params& p, int b, float c) {
   d.inv_st = __ldcg(&rs[d.n].inv_s);
   d.md = d.residual ? __ldcg(&rs[p.k + 1 + d.n].m) : 0.f;
   d.inv_sd = d.residual ? __ldcg(&rs[p.k + 1 + d.n].inv_s) : 0.f;
+  if (p.thr != nullptr) {
+    d.kt = row_keep(p, b, d.n);
+    if (d.residual) d.kd = row_keep(p, b, p.k + 1 + d.n);
+    d.eps = p.lenience[b];
+  }
   return d;
 }
 
-__device__ __forceinline__ float target_weight(const Draw& d, float lt) { return weight(lt, d.mt, d.c); }
+template <bool kFiltered>
+__device__ __forceinline__ float target_weight(const Draw& d, float lt) {
+  const float w = weight(lt, d.mt, d.c);
+  return kFiltered ? kept(w, lt, d.kt) : w;
+}
 
-// max(0, p - q) with p = wt / s_t and q = exp((ld - m_d) / T) / s_d.
+// max(0, p - q) with p = wt / s_t and q = exp((ld - m_d) / T) / s_d (filtered: kept weights, max(0, p - eps q)).
+template <bool kFiltered>
 __device__ __forceinline__ float residual_weight(const Draw& d, float wt, float ld) {
-  const float r = ieee::sub(ieee::mul(wt, d.inv_st), ieee::mul(weight(ld, d.md, d.c), d.inv_sd));
+  float wd = weight(ld, d.md, d.c);
+  if (kFiltered) wd = kept(wd, ld, d.kd);
+  float q = ieee::mul(wd, d.inv_sd);
+  if (kFiltered) q = ieee::mul(d.eps, q);
+  const float r = ieee::sub(ieee::mul(wt, d.inv_st), q);
   return ieee::positive(r) ? r : 0.f;
 }
 
@@ -511,8 +594,8 @@ __device__ __forceinline__ void draw_weights(const Draw& d, const typename Tr::B
   }
 #pragma unroll
   for (int q = 0; q < N; ++q) {
-    const float wt = target_weight(d, Tr::to_float(tb[q]));
-    w[q] = kResidual ? residual_weight(d, wt, Tr::to_float(db[q])) : wt;
+    const float wt = target_weight<Tr::kFiltered>(d, Tr::to_float(tb[q]));
+    w[q] = kResidual ? residual_weight<Tr::kFiltered>(d, wt, Tr::to_float(db[q])) : wt;
   }
 }
 
@@ -638,9 +721,9 @@ __device__ __forceinline__ void chunk_draw_sums(const Params& p, const Draw& d, 
     for (int j = 0; j < kBatch; ++j) {
 #pragma unroll
       for (int e = 0; e < C::kPerVec; ++e) {
-        const float wt = target_weight(d, C::value(ts[j], e));
+        const float wt = target_weight<Tr::kFiltered>(d, C::value(ts[j], e));
         sum_t = ieee::add(sum_t, wt);
-        if (kResidual) sum_r = ieee::add(sum_r, residual_weight(d, wt, C::value(ds[j], e)));
+        if (kResidual) sum_r = ieee::add(sum_r, residual_weight<Tr::kFiltered>(d, wt, C::value(ds[j], e)));
       }
     }
   }
@@ -696,6 +779,103 @@ __global__ void __launch_bounds__(kThreads) fused_sampling_kernel(const Params p
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Filter thresholds (filtered ops only), one CTA per logit row: bisection on the bit patterns of fp32 values, each
+// step one pass over the row (at most 32 per filter; a multi-pivot search would need fewer: see the notes).
+
+struct Settings {  // per batch row, [B] each
+  const int64_t* top_k;
+  const float* top_p;
+  const float* min_p;
+};
+
+// fp32 (not NaN) -> int32 key of the same order, and back.
+__device__ __forceinline__ int ordered_key(float x) {
+  const int bits = __float_as_int(x);
+  return bits >= 0 ? bits : bits ^ 0x7fffffff;
+}
+__device__ __forceinline__ float from_key(int key) { return __int_as_float(key >= 0 ? key : key ^ 0x7fffffff); }
+
+// k-th largest logit (0 < top_k < V): the largest key whose count of logits >= it reaches top_k (the count changes
+// only at logit values, so it is a logit's key). Invariant: count(lo) >= top_k > count(hi).
+template <class Tr>
+__device__ float top_k_logit_min(const typename Tr::Bits* row, int V, int top_k, float M) {
+  long long lo = ordered_key(neg_inf()), hi = static_cast<long long>(ordered_key(M)) + 1;
+  while (hi - lo > 1) {
+    const long long mid = lo + (hi - lo) / 2;
+    int count = 0;
+    for (int i = threadIdx.x; i < V; i += kThreads) count += ordered_key(Tr::to_float(__ldg(row + i))) >= mid;
+    if (block_reduce(count, AddOp()) >= top_k) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return from_key(static_cast<int>(lo));
+}
+
+// v* of top-p over the weights that survive top-k: the largest weight value whose mass (fp64 sum of the weights >= it)
+// reaches top_p * total. Weights are >= 0, so their bit patterns are ordered. Invariant: mass(lo) >= goal > mass(hi).
+template <class Tr>
+__device__ float top_p_weight_min(const typename Tr::Bits* row, int V, float M, float c, float logit_min, float top_p) {
+  const Keep top_k_only{logit_min, 0.f};
+  double total = 0.0;
+  for (int i = threadIdx.x; i < V; i += kThreads) {
+    const float l = Tr::to_float(__ldg(row + i));
+    total += ieee::widen(kept(weight(l, M, c), l, top_k_only));
+  }
+  const double goal = ieee::widen(top_p) * block_reduce(total, AddOp());
+  int lo = 0, hi = 0x3f800001;  // bits of 1.0 (the largest weight) + 1
+  while (hi - lo > 1) {
+    const int mid = lo + (hi - lo) / 2;
+    double mass = 0.0;
+    for (int i = threadIdx.x; i < V; i += kThreads) {
+      const float l = Tr::to_float(__ldg(row + i));
+      const float w = kept(weight(l, M, c), l, top_k_only);
+      if (__float_as_int(w) >= mid) mass += ieee::widen(w);
+    }
+    if (block_reduce(mass, AddOp()) >= goal) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return __int_as_float(lo);
+}
+
+// Logit row r = blockIdx.x % (2k+1) of batch row b = blockIdx.x / (2k+1) (rows 0..k target, k+1..2k draft):
+// thr[b, r] = (M, logit_min, weight_min, 0); greedy rows get (0, -inf, 0, 0) and are not read.
+template <class Tr>
+__global__ void __launch_bounds__(kThreads) filter_thresholds_kernel(const void* draft, const void* target,
+                                                                     const float* temperature, Settings st, float* thr,
+                                                                     int k, int V) {
+  using Bits = typename Tr::Bits;
+  const int R = 2 * k + 1;
+  const int b = blockIdx.x / R, r = blockIdx.x % R;
+  const float t = temperature[b];
+  float* out = thr + static_cast<int64_t>(blockIdx.x) * 4;
+  float M = 0.f, logit_min = neg_inf(), weight_min = 0.f;
+  if (!is_greedy(t)) {
+    const Bits* row = r <= k ? static_cast<const Bits*>(target) + (static_cast<int64_t>(b) * (k + 1) + r) * V
+                             : static_cast<const Bits*>(draft) + (static_cast<int64_t>(b) * k + (r - k - 1)) * V;
+    float m = neg_inf();
+    for (int i = threadIdx.x; i < V; i += kThreads) m = fmaxf(m, Tr::to_float(__ldg(row + i)));
+    M = block_reduce(m, MaxOp());
+    const float c = temp_scale(t);
+    const int64_t top_k = st.top_k[b];
+    if (top_k > 0 && top_k < V) logit_min = top_k_logit_min<Tr>(row, V, static_cast<int>(top_k), M);
+    const float top_p = st.top_p[b], min_p = st.min_p[b];
+    if (top_p < 1.f) weight_min = top_p_weight_min<Tr>(row, V, M, c, logit_min, top_p);
+    if (!ieee::ge(weight_min, min_p)) weight_min = min_p;
+  }
+  if (threadIdx.x == 0) {
+    out[0] = M;
+    out[1] = logit_min;
+    out[2] = weight_min;
+    out[3] = 0.f;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Host side.
 
 struct Launch {
@@ -707,6 +887,8 @@ struct Launch {
   int64_t* accepted;
   int64_t* tokens;
   int64_t B, k, V;
+  const float* thr = nullptr;       // filtered calls: [B, 2k+1, 4] from filter_thresholds_kernel
+  const float* lenience = nullptr;  // filtered calls: [B]
 };
 
 inline int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
@@ -759,6 +941,8 @@ void launch_typed(const Launch& in) {
   p.stats_done = p.ticket + 1;
   p.sweep_done = p.stats_done + in.B;
   p.ready = p.sweep_done + in.B;
+  p.thr = in.thr;
+  p.lenience = in.lenience;
   p.B = static_cast<int>(in.B);
   p.k = static_cast<int>(in.k);
   p.V = static_cast<int>(in.V);
@@ -780,16 +964,25 @@ void launch_dtype(const Launch& in) {
   }
 }
 
+template <class Tr>
+void launch_filters(const Launch& in) {
+  if (in.thr != nullptr) {
+    launch_dtype<WithFilters<Tr>>(in);
+  } else {
+    launch_dtype<Tr>(in);
+  }
+}
+
 void launch(const Launch& in) {
   switch (in.target->scalar_type()) {
     case at::kFloat:
-      launch_dtype<F32>(in);
+      launch_filters<F32>(in);
       break;
     case at::kBFloat16:
-      launch_dtype<BF16>(in);
+      launch_filters<BF16>(in);
       break;
     case at::kHalf:
-      launch_dtype<F16>(in);
+      launch_filters<F16>(in);
       break;
     default:
       TORCH_CHECK(false, "logits must be float32, bfloat16 or float16, got ", in.target->scalar_type());
@@ -817,13 +1010,50 @@ void check_aux(const at::Tensor& t, const char* name, at::ScalarType dtype, at::
   TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
 }
 
-}  // namespace
+// The per-row settings of a filtered call (undefined tensors: the temperature-only op).
+struct SettingsTensors {
+  at::Tensor top_k, top_p, min_p, lenience;
+  bool defined() const { return top_k.defined(); }
+};
 
-std::tuple<at::Tensor, at::Tensor> speculative_sample_cuda(const at::Tensor& draft_logits,
+// Checks the settings and runs filter_thresholds_kernel over the B*(2k+1) logit rows; returns thr [B, 2k+1, 4].
+at::Tensor filter_thresholds(const void* draft, const at::Tensor& target, const at::Tensor& temperature,
+                             const SettingsTensors& st, int64_t B, int64_t k, int64_t V, const at::Device& device) {
+  check_aux(st.top_k, "top_k", at::kLong, {B}, device);
+  check_aux(st.top_p, "top_p", at::kFloat, {B}, device);
+  check_aux(st.min_p, "min_p", at::kFloat, {B}, device);
+  if (st.lenience.defined()) check_aux(st.lenience, "lenience", at::kFloat, {B}, device);
+  at::Tensor thr = at::empty({B, 2 * k + 1, 4}, temperature.options());
+  const Settings settings{st.top_k.data_ptr<int64_t>(), st.top_p.data_ptr<float>(), st.min_p.data_ptr<float>()};
+  const unsigned grid = static_cast<unsigned>(B * (2 * k + 1));
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const float* temp = temperature.data_ptr<float>();
+  float* out = thr.data_ptr<float>();
+  switch (target.scalar_type()) {
+    case at::kFloat:
+      filter_thresholds_kernel<F32><<<grid, kThreads, 0, stream>>>(draft, target.data_ptr(), temp, settings, out,
+                                                                   k, V);
+      break;
+    case at::kBFloat16:
+      filter_thresholds_kernel<BF16><<<grid, kThreads, 0, stream>>>(draft, target.data_ptr(), temp, settings, out,
+                                                                    k, V);
+      break;
+    case at::kHalf:
+      filter_thresholds_kernel<F16><<<grid, kThreads, 0, stream>>>(draft, target.data_ptr(), temp, settings, out,
+                                                                   k, V);
+      break;
+    default:
+      TORCH_CHECK(false, "logits must be float32, bfloat16 or float16, got ", target.scalar_type());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return thr;
+}
+
+std::tuple<at::Tensor, at::Tensor> speculative_sample_impl(const at::Tensor& draft_logits,
                                                            const at::Tensor& target_logits,
                                                            const at::Tensor& draft_tokens,
-                                                           const at::Tensor& temperature,
-                                                           const at::Tensor& uniforms) {
+                                                           const at::Tensor& temperature, const at::Tensor& uniforms,
+                                                           const SettingsTensors& settings) {
   const at::Device device = target_logits.device();
   check_logits(target_logits, "target_logits", 3, device);
   check_logits(draft_logits, "draft_logits", 3, device);
@@ -842,13 +1072,21 @@ std::tuple<at::Tensor, at::Tensor> speculative_sample_cuda(const at::Tensor& dra
   at::Tensor accepted = at::empty({B}, long_opts);
   at::Tensor tokens = at::empty({B, k + 1}, long_opts);
   if (B == 0) return {accepted, tokens};
-  launch(Launch{draft_logits.data_ptr(), &target_logits, draft_tokens.data_ptr<int64_t>(),
-                temperature.data_ptr<float>(), uniforms.data_ptr<float>(), accepted.data_ptr<int64_t>(),
-                tokens.data_ptr<int64_t>(), B, k, V});
+  Launch in{draft_logits.data_ptr(), &target_logits, draft_tokens.data_ptr<int64_t>(),
+            temperature.data_ptr<float>(), uniforms.data_ptr<float>(), accepted.data_ptr<int64_t>(),
+            tokens.data_ptr<int64_t>(), B, k, V};
+  at::Tensor thr;
+  if (settings.defined()) {
+    thr = filter_thresholds(draft_logits.data_ptr(), target_logits, temperature, settings, B, k, V, device);
+    in.thr = thr.data_ptr<float>();
+    in.lenience = settings.lenience.data_ptr<float>();
+  }
+  launch(in);
   return {accepted, tokens};
 }
 
-at::Tensor sample_cuda(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& uniforms) {
+at::Tensor sample_impl(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& uniforms,
+                       const SettingsTensors& settings) {
   const at::Device device = logits.device();
   check_logits(logits, "logits", 2, device);
   const int64_t B = logits.size(0), V = logits.size(1);
@@ -860,9 +1098,46 @@ at::Tensor sample_cuda(const at::Tensor& logits, const at::Tensor& temperature, 
   at::Tensor out = at::empty({B}, logits.options().dtype(at::kLong));
   if (B == 0) return out;
   // k = 0: no draft, the "bonus" draw from the only row is the sample.
-  launch(Launch{nullptr, &logits, nullptr, temperature.data_ptr<float>(), uniforms.data_ptr<float>(), nullptr,
-                out.data_ptr<int64_t>(), B, 0, V});
+  Launch in{nullptr, &logits, nullptr, temperature.data_ptr<float>(), uniforms.data_ptr<float>(), nullptr,
+            out.data_ptr<int64_t>(), B, 0, V};
+  at::Tensor thr, ones;
+  if (settings.defined()) {
+    thr = filter_thresholds(nullptr, logits, temperature, settings, B, 0, V, device);
+    ones = at::ones({B}, temperature.options());
+    in.thr = thr.data_ptr<float>();
+    in.lenience = ones.data_ptr<float>();
+  }
+  launch(in);
   return out;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> speculative_sample_cuda(const at::Tensor& draft_logits,
+                                                           const at::Tensor& target_logits,
+                                                           const at::Tensor& draft_tokens,
+                                                           const at::Tensor& temperature,
+                                                           const at::Tensor& uniforms) {
+  return speculative_sample_impl(draft_logits, target_logits, draft_tokens, temperature, uniforms,
+                                 SettingsTensors());
+}
+
+std::tuple<at::Tensor, at::Tensor> speculative_sample_filtered_cuda(
+    const at::Tensor& draft_logits, const at::Tensor& target_logits, const at::Tensor& draft_tokens,
+    const at::Tensor& temperature, const at::Tensor& uniforms, const at::Tensor& top_k, const at::Tensor& top_p,
+    const at::Tensor& min_p, const at::Tensor& lenience) {
+  TORCH_CHECK(lenience.defined(), "lenience must be given");
+  return speculative_sample_impl(draft_logits, target_logits, draft_tokens, temperature, uniforms,
+                                 SettingsTensors{top_k, top_p, min_p, lenience});
+}
+
+at::Tensor sample_cuda(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& uniforms) {
+  return sample_impl(logits, temperature, uniforms, SettingsTensors());
+}
+
+at::Tensor sample_filtered_cuda(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& uniforms,
+                                const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p) {
+  return sample_impl(logits, temperature, uniforms, SettingsTensors{top_k, top_p, min_p, at::Tensor()});
 }
 
 }  // namespace tempspec

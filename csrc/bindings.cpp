@@ -5,9 +5,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tempspec fused speculative-sampling ops (C++ CPU and CUDA)";
   m.def("speculative_sample_cpu", &tempspec::speculative_sample_cpu, "fused acceptance step (CPU)");
   m.def("sample_cpu", &tempspec::sample_cpu, "fused temperature sampler (CPU)");
+  m.def("speculative_sample_filtered_cpu", &tempspec::speculative_sample_filtered_cpu,
+        "fused acceptance step with top-k / top-p / min-p filters and lenience (CPU)");
+  m.def("sample_filtered_cpu", &tempspec::sample_filtered_cpu,
+        "fused sampler with top-k / top-p / min-p filters (CPU)");
 #ifdef TEMPSPEC_WITH_CUDA
   m.def("speculative_sample_cuda", &tempspec::speculative_sample_cuda, "fused acceptance step (CUDA)");
   m.def("sample_cuda", &tempspec::sample_cuda, "fused temperature sampler (CUDA)");
+  m.def("speculative_sample_filtered_cuda", &tempspec::speculative_sample_filtered_cuda,
+        "fused acceptance step with top-k / top-p / min-p filters and lenience (CUDA)");
+  m.def("sample_filtered_cuda", &tempspec::sample_filtered_cuda,
+        "fused sampler with top-k / top-p / min-p filters (CUDA)");
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

@@ -6,8 +6,10 @@ dispatch to a backend (tempspec_engine/backends.py). Exact semantics: tempspec_e
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+import numbers
+from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 
 from tempspec_engine.backends import resolve_backend
@@ -41,24 +43,108 @@ def _check_logits(name: str, logits: torch.Tensor, ndim: int, validate: bool) ->
             raise ValueError(f"{name} has a row whose logits are all -inf (no token can be sampled)")
 
 
+def _is_real_number(value) -> bool:
+    """Python / numpy real scalars (int, float, np.float32, np.int64, ...); bools and complex numbers are not."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _per_row_tensor(name: str, value, batch: int, device: torch.device, integer: bool) -> torch.Tensor:
+    """A 0-d or [B] tensor of per-row values -> contiguous [B] on `device` (int64 if `integer`, else fp32)."""
+    if value.dim() == 0:
+        value = value.reshape(1).expand(batch)
+    if value.shape != (batch,):
+        raise ValueError(f"{name} must be a number or a tensor of shape [{batch}], got {tuple(value.shape)}")
+    if integer and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        raise ValueError(f"{name} must be an integer tensor, got {value.dtype}")
+    if value.is_complex() or value.dtype == torch.bool:
+        raise ValueError(f"{name} must be a real number tensor, got {value.dtype}")
+    return value.to(device=device, dtype=torch.int64 if integer else torch.float32).contiguous()
+
+
 def _temperature_tensor(temperature, batch: int, device: torch.device, validate: bool) -> torch.Tensor:
-    """float or [B] / 0-d tensor -> contiguous fp32 [B] on `device`."""
+    """A real number (Python or numpy) or a [B] / 0-d tensor -> contiguous fp32 [B] on `device`."""
     if isinstance(temperature, torch.Tensor):
-        if temperature.dim() == 0:
-            temperature = temperature.reshape(1).expand(batch)
-        if temperature.shape != (batch,):
-            raise ValueError(f"temperature must be a float or a tensor of shape [{batch}], got {tuple(temperature.shape)}")
-        if temperature.is_complex() or not (temperature.is_floating_point() or temperature.dtype in (torch.int32, torch.int64)):
-            raise ValueError(f"temperature must be a real number tensor, got {temperature.dtype}")
-        temperature = temperature.to(device=device, dtype=torch.float32).contiguous()
+        temperature = _per_row_tensor("temperature", temperature, batch, device, integer=False)
         if validate and not bool(torch.all(torch.isfinite(temperature) & (temperature >= 0))):
             raise ValueError(f"temperature must be finite and >= 0, got {temperature.tolist()}")
         return temperature
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise ValueError(f"temperature must be a float or a tensor, got {type(temperature).__name__}")
+    if not _is_real_number(temperature):
+        raise ValueError(f"temperature must be a real number or a tensor, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
     return torch.full((batch,), float(temperature), dtype=torch.float32, device=device)
+
+
+class _RowArg(NamedTuple):
+    """How one per-row sampling argument is checked and when it is off."""
+
+    name: str
+    integer: bool
+    in_range: Callable  # value or tensor -> bool or bool tensor (False for NaN)
+    expected: str  # the range, for error messages
+    off: float
+
+
+_TOP_K = _RowArg("top_k", True, lambda v: v >= 0, "an integer >= 0 (0: off)", 0)
+_TOP_P = _RowArg("top_p", False, lambda v: (v > 0) & (v <= 1), "in (0, 1] (1: off)", 1.0)
+_MIN_P = _RowArg("min_p", False, lambda v: (v >= 0) & (v < 1), "in [0, 1) (0: off)", 0.0)
+_LENIENCE = _RowArg("lenience", False, lambda v: (v > 0) & (v <= 1), "in (0, 1] (1: lossless)", 1.0)
+
+
+def _row_arg_tensor(arg: _RowArg, value, batch: int, device: torch.device, validate: bool) -> torch.Tensor | None:
+    """None / number / 0-d or [B] tensor -> [B] tensor (int64 for top_k, else fp32), or None when known to be off.
+
+    Off is known without reading device memory for None and numbers; for tensors only when `validate` (which reads
+    them anyway): with validate=False a tensor is passed on as it is, even if every row is off.
+    """
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        tensor = _per_row_tensor(arg.name, value, batch, device, arg.integer)
+        if validate:
+            if not bool(torch.all(arg.in_range(tensor))):
+                raise ValueError(f"{arg.name} must be {arg.expected} in every row, got {tensor.tolist()}")
+            if bool(torch.all(tensor == arg.off)):
+                return None
+        return tensor
+    if not _is_real_number(value):
+        raise ValueError(f"{arg.name} must be a number or a tensor, got {type(value).__name__}")
+    if arg.integer and not isinstance(value, numbers.Integral):
+        raise ValueError(f"{arg.name} must be an integer, got {value!r}")
+    if not arg.integer:
+        with np.errstate(over="ignore"):
+            value = float(np.float32(value))  # checked as the kernels will see it (1e-50 rounds to 0)
+    if not arg.in_range(value):  # NaN fails every comparison
+        raise ValueError(f"{arg.name} must be {arg.expected}, got {value}")
+    if value == arg.off:
+        return None
+    dtype = torch.int64 if arg.integer else torch.float32
+    value = min(int(value), 2**63 - 1) if arg.integer else value  # any top_k >= V keeps every token
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+class Filters(NamedTuple):
+    """Per-row sampling settings as passed to the filter-capable backend ops (semantics: reference.py):
+    top_k int64 [B] (0: off), top_p fp32 [B] (1: off), min_p fp32 [B] (0: off)."""
+
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+
+
+def _filters(top_k, top_p, min_p, batch: int, device: torch.device, validate: bool) -> Filters | None:
+    """The checked filters, or None when every one is known to be off (then the temperature-only kernels run)."""
+    given = [_row_arg_tensor(arg, value, batch, device, validate)
+             for arg, value in ((_TOP_K, top_k), (_TOP_P, top_p), (_MIN_P, min_p))]
+    if all(t is None for t in given):
+        return None
+    return Filters(*[t if t is not None else off for t, off in zip(given, _off_filters(batch, device))])
+
+
+def _off_filters(batch: int, device: torch.device) -> Filters:
+    """Filters with every one off, for rows (or calls) that only use lenience."""
+    return Filters(*[torch.full((batch,), arg.off, dtype=torch.int64 if arg.integer else torch.float32, device=device)
+                     for arg in (_TOP_K, _TOP_P, _MIN_P)])
 
 
 def _uniforms_tensor(uniforms, shape: tuple[int, ...], device, generator, validate: bool) -> torch.Tensor:
@@ -87,6 +173,10 @@ def speculative_sample(
     uniforms: torch.Tensor | None = None,
     backend: str = "auto",
     validate: bool = True,
+    top_k=None,
+    top_p=None,
+    min_p=None,
+    lenience=None,
 ) -> SpecSampleOutput:
     """Verify k draft tokens against the target with lossless speculative sampling (Leviathan et al., Chen et al.).
 
@@ -95,6 +185,13 @@ def speculative_sample(
     [B] tensor >= 0 (0: greedy verification of that row), generator for the random draws, or uniforms [B, k+1] fp32 in
     [0, 1) to use instead (u_i for the acceptance tests, u_k for the one resampling draw). `validate=False` skips the
     checks that read tensor values (NaN logits, token ranges, uniforms range), which cost a host synchronization.
+
+    Sampling filters, each a number for every row or a [B] tensor (None: off), applied to the target and the draft
+    distributions alike (the draft tokens must be drawn from the filtered draft distribution, e.g. by `sample` with
+    the same settings): top_k integer >= 0 (0: off), top_p in (0, 1] (1: off), min_p in [0, 1) (0: off).
+    lenience in (0, 1] (1: lossless) makes the acceptance lossy (accept iff u * lenience * q(x) <= p(x)). Exact rules:
+    tempspec_engine/reference.py. With every filter off and lenience 1 known without reading device memory (numbers
+    or None, or tensors when validate=True) the temperature-only kernels run.
     """
     _check_logits("draft_logits", draft_logits, 3, validate)
     _check_logits("target_logits", target_logits, 3, validate)
@@ -122,13 +219,22 @@ def speculative_sample(
         raise ValueError(f"draft_tokens must lie in [0, {v_draft}), got values {draft_tokens.min().item()}..{draft_tokens.max().item()}")
     temperature = _temperature_tensor(temperature, B, device, validate)
     uniforms = _uniforms_tensor(uniforms, (B, k + 1), device, generator, validate)
-    impl = resolve_backend(backend, device)
+    filters = _filters(top_k, top_p, min_p, B, device, validate)
+    lenience = _row_arg_tensor(_LENIENCE, lenience, B, device, validate)
+    plain = filters is None and lenience is None
+    impl = resolve_backend(backend, device, filtered=not plain)
 
     if v_draft < v_target:
         draft_logits = torch.nn.functional.pad(draft_logits, (0, v_target - v_draft), value=float("-inf"))
-    accepted, tokens = impl.speculative_sample(
-        draft_logits.contiguous(), target_logits.contiguous(), draft_tokens, temperature, uniforms
-    )
+    args = (draft_logits.contiguous(), target_logits.contiguous(), draft_tokens, temperature, uniforms)
+    if plain:
+        accepted, tokens = impl.speculative_sample(*args)
+    else:
+        if filters is None:
+            filters = _off_filters(B, device)
+        if lenience is None:
+            lenience = torch.ones(B, dtype=torch.float32, device=device)
+        accepted, tokens = impl.speculative_sample_filtered(*args, *filters, lenience)
     return SpecSampleOutput(accepted, tokens)
 
 
@@ -139,15 +245,22 @@ def sample(
     uniforms: torch.Tensor | None = None,
     backend: str = "auto",
     validate: bool = True,
+    top_k=None,
+    top_p=None,
+    min_p=None,
 ) -> torch.Tensor:
-    """Draw one token per row from softmax(logits / T) by inverse CDF (argmax where T == 0).
+    """Draw one token per row from F(softmax(logits / T)) by inverse CDF (argmax where T == 0).
 
-    logits [B, V] float32 / bfloat16 / float16, temperature float or [B] tensor >= 0, uniforms [B] fp32 in [0, 1) or
-    None (drawn from `generator`). Returns [B] int64.
+    logits [B, V] float32 / bfloat16 / float16, temperature number or [B] tensor >= 0, uniforms [B] fp32 in [0, 1) or
+    None (drawn from `generator`), filters top_k / top_p / min_p as in `speculative_sample` (F: reference.py).
+    Returns [B] int64.
     """
     _check_logits("logits", logits, 2, validate)
     B = logits.shape[0]
     temperature = _temperature_tensor(temperature, B, logits.device, validate)
     uniforms = _uniforms_tensor(uniforms, (B,), logits.device, generator, validate)
-    impl = resolve_backend(backend, logits.device)
-    return impl.sample(logits.contiguous(), temperature, uniforms)
+    filters = _filters(top_k, top_p, min_p, B, logits.device, validate)
+    impl = resolve_backend(backend, logits.device, filtered=filters is not None)
+    if filters is None:
+        return impl.sample(logits.contiguous(), temperature, uniforms)
+    return impl.sample_filtered(logits.contiguous(), temperature, uniforms, *filters)
