@@ -28,6 +28,7 @@ from tempspec_engine.cli_args import positive_int
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command
 from tempspec_engine.models.loading import resolve_device
 from tempspec_engine.results import RUNS_DIR, fresh_results_path
+from tempspec_engine.sampling import filters_label, parse_filters
 from tempspec_engine.torch_backend import speculative_sample_torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=positive_int, nargs="+", default=[32000, 49152, 128256],
                    help="V values (default: 32000 49152 128256)")
     p.add_argument("--temperature", type=float, default=1.0, help="(default: %(default)s)")
+    p.add_argument("--filters", default="none",
+                   help="';'-separated filter presets timed in turn, each none or KEY=VALUE,... with keys top_k, "
+                        "top_p, min_p, e.g. 'none;top_p=0.9;top_k=50' (default: %(default)s)")
     p.add_argument("--backends", nargs="+", default=None, choices=list(BACKEND_NAMES),
                    help="default: every available backend plus torch.compile")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
@@ -147,6 +151,38 @@ def environment(device):
     return info
 
 
+def time_config(variants: dict, inputs: tuple, filters: dict, device, repeats: int, ceiling) -> list:
+    """One row per variant for one (B, k, V) and filter preset: median ms, bytes of logits read once, bandwidth,
+    speedup over the eager torch backend. torch.compile (of the temperature-only torch path) runs without filters
+    only."""
+    draft, target, tokens, temp, uniforms = inputs
+    B, k, V = draft.shape
+    nbytes = B * (2 * k + 1) * V * draft.element_size()
+    label, rows, eager_ms = filters_label(filters), [], None
+    for name, fn in variants.items():
+        if name == "torch.compile":
+            if filters:
+                continue
+            call = (lambda fn=fn: fn(*inputs))
+        else:
+            call = (lambda fn=fn: fn(draft, target, tokens, temp, None, uniforms, **filters))
+        try:
+            ms = time_fn(call, device, repeats)
+        except Exception as exc:  # noqa: BLE001 - a failing variant is reported, the others still run
+            rows.append({"B": B, "k": k, "V": V, "filters": label, "backend": name, "error": repr(exc)[:300]})
+            continue
+        eager_ms = ms if name == "torch" else eager_ms
+        row = {"B": B, "k": k, "V": V, "filters": label, "backend": name, "time_ms": ms, "bytes": nbytes,
+               "bandwidth_gbs": nbytes / (ms * 1e-3) / 1e9}
+        if ceiling:
+            row["fraction_of_copy_bandwidth"] = row["bandwidth_gbs"] / ceiling
+        rows.append(row)
+    for row in rows:
+        if eager_ms and "time_ms" in row:
+            row["speedup_vs_torch_eager"] = eager_ms / row["time_ms"]
+    return rows
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     return run_command("bench_acceptance", lambda: run(args), getattr(args, "debug", False))
@@ -159,7 +195,8 @@ def run(args) -> int:
     backends = args.backends or available_backends(device)
     if device.type == "cpu":
         backends = [b for b in backends if b != "triton"]  # the interpreter is not a benchmark
-    variants = {name: (lambda name=name: (lambda *a: speculative_sample(*a, backend=name, validate=False)))()
+    variants = {name: (lambda name=name: (lambda *a, **kw: speculative_sample(*a, backend=name, validate=False,
+                                                                             **kw)))()
                 for name in backends}
     if not args.no_compile:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)  # one graph per shape
@@ -175,27 +212,12 @@ def run(args) -> int:
         configs = tqdm(configs, desc="configs", file=sys.stderr)
     except ImportError:
         pass
+    presets = [parse_filters(f) for f in args.filters.split(";")]
     for B, k, V in configs:
         inputs = make_inputs(B, k, V, dtype, device, args.temperature)
         speculative_sample(*inputs[:4], uniforms=inputs[4], backend="torch")  # validates the inputs once
-        nbytes = B * (2 * k + 1) * V * inputs[0].element_size()
-        eager_ms = None
-        for name, fn in variants.items():
-            call = (lambda fn=fn: fn(*inputs)) if name == "torch.compile" else (lambda fn=fn: fn(*inputs[:4], None, inputs[4]))
-            try:
-                ms = time_fn(call, device, repeats)
-            except Exception as exc:  # noqa: BLE001 - a failing variant is reported, the others still run
-                rows.append({"B": B, "k": k, "V": V, "backend": name, "error": repr(exc)[:300]})
-                continue
-            eager_ms = ms if name == "torch" else eager_ms
-            row = {"B": B, "k": k, "V": V, "backend": name, "time_ms": ms, "bytes": nbytes,
-                   "bandwidth_gbs": nbytes / (ms * 1e-3) / 1e9}
-            if ceiling:
-                row["fraction_of_copy_bandwidth"] = row["bandwidth_gbs"] / ceiling
-            rows.append(row)
-        for row in rows:
-            if (row["B"], row["k"], row["V"]) == (B, k, V) and eager_ms and "time_ms" in row:
-                row["speedup_vs_torch_eager"] = eager_ms / row["time_ms"]
+        for preset in presets:
+            rows += time_config(variants, inputs, preset, device, repeats, ceiling)
 
     result = {"benchmark": "acceptance", "device": env["device_name"], "dtype": args.dtype,
               "temperature": args.temperature, "environment": env, "copy_bandwidth_gbs": ceiling,
@@ -204,13 +226,14 @@ def run(args) -> int:
     out = args.output or fresh_results_path(f"acceptance_{slug}_{args.dtype}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"{'B':>4} {'k':>2} {'V':>7} {'backend':>14} {'ms':>9} {'GB/s':>8} {'x eager':>8}")
+    print(f"{'B':>4} {'k':>2} {'V':>7} {'filters':>22} {'backend':>14} {'ms':>9} {'GB/s':>8} {'x eager':>8}")
     for r in rows:
+        head = f"{r['B']:>4} {r['k']:>2} {r['V']:>7} {r['filters']:>22} {r['backend']:>14}"
         if "time_ms" in r:
-            print(f"{r['B']:>4} {r['k']:>2} {r['V']:>7} {r['backend']:>14} {r['time_ms']:>9.4f} "
-                  f"{r['bandwidth_gbs']:>8.1f} {r.get('speedup_vs_torch_eager', float('nan')):>8.2f}")
+            print(f"{head} {r['time_ms']:>9.4f} {r['bandwidth_gbs']:>8.1f} "
+                  f"{r.get('speedup_vs_torch_eager', float('nan')):>8.2f}")
         else:
-            print(f"{r['B']:>4} {r['k']:>2} {r['V']:>7} {r['backend']:>14} ERROR {r['error']}")
+            print(f"{head} ERROR {r['error']}")
     if ceiling:
         print(f"copy bandwidth (read+write): {ceiling:.0f} GB/s")
     print(f"wrote {out}")

@@ -10,6 +10,13 @@ For each temperature, on the first N prompts of a Spec-Bench style JSONL file (f
 Each row reports tokens/s (generated tokens over wall seconds of the whole set), alpha and mean accepted drafts per
 step, and the speedup over target_only at the same batch size.
 
+Generation settings beyond temperature (tempspec_engine/sampling.py): --settings runs every method under each preset
+(e.g. "none;top_p=0.9;top_k=50": the filters apply to the target and, in tempspec, to the draft);
+--compare-draft-filter adds tempspec_sd[<draft>]/target-only, the serving engines' way (draft unfiltered, target
+filtered); --lenience 1,0.8,0.5,0.3 adds tempspec_sd[<draft>]@<eps> (lossy acceptance) and scores every tempspec
+method's text by its mean negative log-likelihood per token under the target at T=1 ("target_nll", lower is closer
+to the target's own preferences), the quality side of the lenience trade-off.
+
   CPU:  python benchmarks/bench_engine.py --prompts ../shared/data/spec_bench_question.jsonl \
             --out benchmarks/results/engine_cpu.json
   CUDA: python benchmarks/bench_engine.py --prompts ... --device cuda --batch-sizes 1,8,32 --n-prompts 32 \
@@ -38,6 +45,7 @@ from tempspec_engine.models.llama import Transformer  # noqa: E402
 from tempspec_engine.models.loading import load_default_target, resolve_device, resolve_dtype  # noqa: E402
 from tempspec_engine.prompts import read_prompts  # noqa: E402
 from tempspec_engine.results import RUNS_DIR, fresh_results_path  # noqa: E402
+from tempspec_engine.sampling import filters_label, parse_filters  # noqa: E402
 from tempspec_engine.sweep import sync_device  # noqa: E402
 from tempspec_engine.threads import set_threads  # noqa: E402
 
@@ -77,13 +85,32 @@ def _nvidia_driver():
         return None
 
 
-def run_engine(engine, prompts, temperature, max_new, batch, speculative, seed) -> dict:
-    """Raw sums for one chunk of prompts through the engine."""
+@torch.inference_mode()
+def target_nll(model, prompt_ids, outputs) -> float:
+    """Summed negative log-likelihood of the generated tokens under the target at T=1 (teacher-forced)."""
+    total = 0.0
+    for ids, o in zip(prompt_ids, outputs):
+        if not o.token_ids:
+            continue
+        seq = torch.tensor([list(ids) + list(o.token_ids)], device=next(model.parameters()).device)
+        logits = model(seq, torch.arange(seq.shape[1], device=seq.device).unsqueeze(0), None).float()
+        logp = torch.log_softmax(logits[0, len(ids) - 1:-1], dim=-1)
+        total -= float(logp.gather(-1, seq[0, len(ids):].unsqueeze(-1)).sum())
+    return total
+
+
+def run_engine(engine, prompts, temperature, max_new, batch, speculative, seed, sampling=None,
+               score=None) -> dict:
+    """Raw sums for one chunk of prompts through the engine (`sampling`: generate()'s filter keywords; `score`: the
+    target model, to add the summed target_nll of the outputs)."""
     sync_device(engine.device)
     t0 = time.perf_counter()
-    outs = engine.generate(prompts, temperature, max_new, speculative=speculative, batch_size=batch, seed=seed)
+    outs = engine.generate(prompts, temperature, max_new, speculative=speculative, batch_size=batch, seed=seed,
+                           **(sampling or {}))
     sync_device(engine.device)
-    return {"tokens": sum(o.stats.new_tokens for o in outs), "seconds": time.perf_counter() - t0,
+    seconds = time.perf_counter() - t0
+    extra = {"nll": target_nll(score, prompts, outs)} if score is not None else {}
+    return {**extra, "tokens": sum(o.stats.new_tokens for o in outs), "seconds": seconds,
             "steps": sum(o.stats.steps for o in outs), "accepted": sum(o.stats.accepted for o in outs),
             "rejections": sum(o.stats.rejections for o in outs),
             "lookup_steps": sum(o.stats.lookup_steps for o in outs),
@@ -92,12 +119,14 @@ def run_engine(engine, prompts, temperature, max_new, batch, speculative, seed) 
             "target_time_s": outs[0].stats.target_time_s if batch > 1 else sum(o.stats.target_time_s for o in outs)}
 
 
-def run_hf(hf_target, hf_draft, prompt_ids, temperature, max_new, eos_ids, k) -> dict:
-    """transformers generate at batch 1: plain (hf_draft None), prompt lookup (hf_draft "lookup") or assisted.
-    HF does not expose accepted counts."""
+def run_hf(hf_target, hf_draft, prompt_ids, temperature, max_new, eos_ids, k, settings=None) -> dict:
+    """transformers generate at batch 1: plain (hf_draft None), prompt lookup (hf_draft "lookup") or assisted, with
+    HF's own top_k / top_p / min_p warpers for `settings`. HF does not expose accepted counts."""
     device = next(hf_target.parameters()).device
+    settings = settings or {}
     kwargs = dict(max_new_tokens=max_new, do_sample=temperature > 0, eos_token_id=list(eos_ids),
-                  pad_token_id=eos_ids[0], top_k=0, top_p=1.0)
+                  pad_token_id=eos_ids[0], top_k=settings.get("top_k", 0), top_p=settings.get("top_p", 1.0),
+                  min_p=settings.get("min_p"))
     if temperature > 0:
         kwargs["temperature"] = temperature
     if isinstance(hf_draft, str):
@@ -121,6 +150,8 @@ def run_hf(hf_target, hf_draft, prompt_ids, temperature, max_new, eos_ids, k) ->
 def summarize(sums: dict, speculative: bool) -> dict:
     """tokens/s over the whole set, alpha (accepted / (accepted + rejections)), accepted drafts per step."""
     out = {"tokens": sums["tokens"], "seconds": sums["seconds"], "tokens_per_s": sums["tokens"] / sums["seconds"]}
+    if "nll" in sums:
+        out["target_nll"] = sums["nll"] / max(sums["tokens"], 1)
     if "steps" in sums:
         n = sums["accepted"] + sums["rejections"]
         out.update(alpha=sums["accepted"] / n if speculative and n else None,
@@ -150,6 +181,14 @@ def main(argv=None) -> int:
                     help="num_assistant_tokens (heuristic schedule) / prompt_lookup_num_tokens for HF "
                          "(default: %(default)s)")
     ap.add_argument("--batch-sizes", default="1", help="comma list (default: %(default)s)")
+    ap.add_argument("--settings", default="none",
+                    help="';'-separated presets of filters, each none or KEY=VALUE,... with keys top_k, top_p, min_p "
+                         "(default: %(default)s)")
+    ap.add_argument("--compare-draft-filter", action="store_true",
+                    help="also run each draft unfiltered with only the target filtered (the serving engines' way)")
+    ap.add_argument("--lenience", default="1",
+                    help="comma list of leniences in (0, 1]; each below 1 adds lossy methods and target_nll scores "
+                         "(default: %(default)s)")
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baselines")
     ap.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     ap.add_argument("--max-len", type=int, default=0,
@@ -180,6 +219,10 @@ def run(args) -> int:
     k = args.k
     temps = _numbers("--temperatures", args.temperatures, float)
     batches = _numbers("--batch-sizes", args.batch_sizes, int)
+    presets = [parse_filters(p) for p in args.settings.split(";")]
+    lossy = [e for e in _numbers("--lenience", args.lenience, float) if e != 1]
+    if any(not 0 < e <= 1 for e in lossy):
+        raise ValueError(f"--lenience {args.lenience!r}: each value must lie in (0, 1]")
     args.out = args.out or str(fresh_results_path(f"engine_{device.type}_{args.dtype}"))
     prompts = read_prompts(args.prompts, args.n_prompts) if args.prompts != "-" else None
 
@@ -232,6 +275,7 @@ def run(args) -> int:
             "target": target.name, "drafts": drafts, "k": args.k, "hf_num_assistant_tokens": args.hf_k,
             "hf_schedule": "heuristic", "prompts_file": os.path.basename(args.prompts), "n_prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens, "model_load_s": load_s, "seed": args.seed,
+            "settings": args.settings, "lenience": args.lenience,
             "loadavg_before": os.getloadavg(), "max_len": max_len, "cuda_graphs": base.cuda_graphs, "complete": False}
     if device.type == "cuda":
         meta.update(cuda=torch.version.cuda, driver=_nvidia_driver())
@@ -251,28 +295,38 @@ def run(args) -> int:
 
     # Methods are interleaved chunk by chunk (a chunk: one batch of prompts), so that load from other processes
     # on a shared machine falls on every method alike.
-    for T in temps:
-        for batch in batches:
-            methods = [("target_only", lambda c, b=batch: run_engine(base, c, T, args.max_new_tokens, b, False,
-                                                                      args.seed), False)]
-            for name, eng in engines.items():
-                methods.append((name, lambda c, e=eng, b=batch: run_engine(e, c, T, args.max_new_tokens, b, True,
-                                                                           args.seed), True))
-            if batch == 1 and hf_target is not None:
-                for name, draft in [("hf_target_only", None)] + list(hf_drafts.items()):
-                    methods.append((name, lambda c, d=draft: run_hf(hf_target, d, c, T, args.max_new_tokens,
-                                                                    target.eos_ids, args.hf_k), False))
-            sums = {name: {} for name, _, _ in methods}
-            for start in range(0, len(prompts), batch):
-                chunk = prompts[start:start + batch]
-                for name, fn, _ in methods:
-                    for key, value in fn(chunk).items():
-                        sums[name][key] = sums[name].get(key, 0) + value
-            ar = summarize(sums["target_only"], False)
-            for name, _, speculative in methods:
-                res = summarize(sums[name], speculative)
-                res["speedup_vs_target_only"] = res["tokens_per_s"] / ar["tokens_per_s"]
-                record(name, T, batch, res)
+    score = target.model if lossy else None
+    for preset in presets:
+        label = filters_label(preset)
+        for T in temps:
+            for batch in batches:
+                def tempspec(eng, sampling, b=batch):
+                    return lambda c: run_engine(eng, c, T, args.max_new_tokens, b, True, args.seed, sampling, score)
+
+                methods = [("target_only", lambda c, b=batch: run_engine(base, c, T, args.max_new_tokens, b, False,
+                                                                          args.seed, preset, score), False)]
+                for name, eng in engines.items():
+                    methods.append((name, tempspec(eng, preset), True))
+                    if args.compare_draft_filter and preset:
+                        methods.append((name + "/target-only", tempspec(eng, {**preset, "filter_draft": False}), True))
+                    for eps in lossy:
+                        methods.append((f"{name}@{eps:g}", tempspec(eng, {**preset, "lenience": eps}), True))
+                if batch == 1 and hf_target is not None:
+                    for name, draft in [("hf_target_only", None)] + list(hf_drafts.items()):
+                        methods.append((name, lambda c, d=draft: run_hf(hf_target, d, c, T, args.max_new_tokens,
+                                                                        target.eos_ids, args.hf_k, preset), False))
+                sums = {name: {} for name, _, _ in methods}
+                for start in range(0, len(prompts), batch):
+                    chunk = prompts[start:start + batch]
+                    for name, fn, _ in methods:
+                        for key, value in fn(chunk).items():
+                            sums[name][key] = sums[name].get(key, 0) + value
+                ar = summarize(sums["target_only"], False)
+                for name, _, speculative in methods:
+                    res = summarize(sums[name], speculative)
+                    res["speedup_vs_target_only"] = res["tokens_per_s"] / ar["tokens_per_s"]
+                    res["settings"] = label
+                    record(name, T, batch, res)
 
     meta.update(loadavg_after=os.getloadavg(), complete=True)
     write()

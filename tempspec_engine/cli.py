@@ -10,7 +10,7 @@ import sys
 from typing import List, Optional, Sequence
 
 from tempspec_engine import __version__
-from tempspec_engine.cli_args import DRAFT_FORMS, add_model_arguments, positive_int
+from tempspec_engine.cli_args import DRAFT_FORMS, add_model_arguments, add_sampling_arguments, positive_int, sampling_kwargs
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command
 from tempspec_engine.sweep import add_sweep_parser, sweep_command
 
@@ -24,6 +24,7 @@ def _parser() -> OneLineParser:
                                    "figures go to stderr).")
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: %(default)s)")
+    add_sampling_arguments(g)
     g.add_argument("--max-new-tokens", type=positive_int, default=256, help="(default: %(default)s)")
     g.add_argument("--draft", default="default", help=DRAFT_FORMS + " (default: %(default)s)")
     g.add_argument("--max-len", type=positive_int, default=None,
@@ -83,7 +84,8 @@ def generate_command(args, out=None, err=None) -> int:
     streamer = StopAwareStreamer(engine.tokenizer, out, args.stop or ()) if stream else None
     outputs = engine.generate(args.prompt, args.temperature, args.max_new_tokens, stop=args.stop,
                               chat_template=not args.no_chat, system_prompt=args.system,
-                              speculative=not args.no_speculative, seed=args.seed, on_tokens=streamer)
+                              speculative=not args.no_speculative, seed=args.seed, on_tokens=streamer,
+                              **sampling_kwargs(args))
     for i, o in enumerate(outputs):
         if stream:
             streamer.finish(o.text)

@@ -5,22 +5,9 @@ from __future__ import annotations
 import argparse
 
 DRAFT_FORMS = ("'default' (= lookup), 'none' (the target alone), lookup[:N], lookup+<model spec>, layers:0,14,29 or "
-               "layers:0-3, distilled:0 / distilled:0.5 / distilled:1 (shipped), random[:N] (tests), with '/vocab:N' "
+               "layers:0-3, distilled:0 / distilled:0.5 / distilled:1 and feature:T (shipped), random[:N] (tests), with '/vocab:N' "
                "after a layer subset, distilled:T or a draft directory; a tempspec draft directory or a Hugging Face "
                "model directory; a hub id only with --allow-download")
-
-
-def lookahead(text: str):
-    """--k: 'auto' or an integer >= 1."""
-    if text == "auto":
-        return text
-    try:
-        k = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 1, got {text!r}") from None
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 1, got {k}")
-    return k
 
 
 def positive_int(text: str) -> int:
@@ -28,10 +15,20 @@ def positive_int(text: str) -> int:
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+        n = 0
     if n < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {n}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return n
+
+
+def lookahead(text: str):
+    """--k: 'auto' or an integer >= 1."""
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 1, got {text!r}") from None
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,3 +49,24 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-download", action="store_true",
                    help="let --target/--draft name a Hugging Face hub id, fetched over the network unless "
                         "HF_HUB_OFFLINE=1 (default: off: nothing waits on the network)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """--top-k, --top-p, --min-p, --lenience, --filter-target-only (semantics: tempspec_engine/reference.py)."""
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default: %(default)s = off)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="keep the most likely tokens holding this probability mass (default: %(default)s = off)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="keep tokens at least this fraction as likely as the most likely (default: %(default)s = off)")
+    p.add_argument("--lenience", type=float, default=1.0,
+                   help="lossy acceptance in (0, 1]: accept x when u * lenience * q(x) <= p(x) (default: %(default)s "
+                        "= lossless)")
+    p.add_argument("--filter-target-only", action="store_true",
+                   help="the serving engines' way: the draft samples unfiltered, only the target is filtered "
+                        "(default: both are)")
+
+
+def sampling_kwargs(args) -> dict:
+    """The generate() keyword arguments of add_sampling_arguments' flags."""
+    return dict(top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, lenience=args.lenience,
+                filter_draft=not args.filter_target_only)

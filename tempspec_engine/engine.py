@@ -1,13 +1,13 @@
-"""SpeculativeEngine: batched, lossless speculative decoding with a temperature per request.
+"""SpeculativeEngine: batched, lossless speculative decoding with generation settings per request.
 
-Cache bookkeeping per row (L = committed tokens: prompt plus generated; the last one, "pending", is not yet in the
-target cache):
-  target cache valid on [0, L-1); the draft model's cache valid on [0, draft_len) (L-2 after a model step, less
-  after lookup steps, which do not run the model).
-  One step: the draft re-reads a window of at least two tokens ending at seq[L-1] (filling what its cache lacks),
-  then drafts k tokens with the fused sampler (or the n-gram lookup proposes them, see models/lookup_draft.py);
-  the target verifies [pending, d1..dk] at positions L-1..L-1+k in one forward; `speculative_sample` accepts a
-  tokens and emits one more. Rolling back is only L += a + 1: keys beyond it are masked and later overwritten.
+One step of every row reads propose -> verify -> accept -> commit:
+  propose   the proposer (tempspec_engine/proposers.py: n-gram lookup, a draft model, or both) gives k tokens per row
+            and the distribution each was drawn from; none at all: a plain target step instead;
+  verify    the target reads [pending, d1..dk] at positions L-1..L-1+k in one forward (L = the row's committed tokens,
+            the one source of truth for its length; the last one, "pending", is not yet in the target cache);
+  accept    `speculative_sample` accepts a tokens and emits one more, lossless for the row's settings;
+  commit    the tokens join the request; the proposer updates its own state. Rolling back the target cache needs
+            nothing: keys beyond a row's length are masked and later overwritten.
 Rows that finish leave the batch: the live rows are compacted to the front of the caches and queued requests are
 prefilled into the freed slots behind them.
 """
@@ -20,15 +20,18 @@ import time
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 from tempspec_engine.adaptive_k import AdaptiveK
-from tempspec_engine.checks import check_positive_int, is_int, per_prompt, real_number
+from tempspec_engine.checks import check_positive_int, is_int, per_prompt
 from tempspec_engine.models.draft import check_spec_form, make_draft, make_lookup, split_hybrid
+from tempspec_engine.models.feature_draft import FeatureDraft
 from tempspec_engine.models.llama import Transformer
 from tempspec_engine.models.loading import (LoadedModel, best_device, default_dtype, load_target, own_device_and_dtype,
                                             resolve_device, resolve_dtype)
 from tempspec_engine.ops import sample, speculative_sample
+from tempspec_engine.proposers import (LOOKUP, MODEL, FeatureProposer, HybridProposer, LookupProposer, ModelProposer,
+                                       NonFiniteFlag, Proposal, StepContext, pad_logits)
+from tempspec_engine.sampling import SamplingSettings, StepSettings
 
 
 @dataclasses.dataclass
@@ -37,6 +40,13 @@ class RequestStats:
 
     prompt_tokens: int = 0
     new_tokens: int = 0
+    # the settings the request ran with (tempspec_engine/sampling.py)
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    lenience: float = 1.0
+    filter_draft: bool = True
     steps: int = 0
     accepted: int = 0  # draft tokens accepted, summed over steps
     rejections: int = 0  # steps that rejected a draft token
@@ -85,10 +95,9 @@ class GenerationOutput:
 class _Request:
     index: int
     prompt: List[int]
-    temperature: float
+    settings: SamplingSettings
     max_new: int
     seq: List[int] = dataclasses.field(default_factory=list)
-    draft_len: int = 0  # leading tokens of seq whose keys the draft model's cache holds
     stats: RequestStats = dataclasses.field(default_factory=RequestStats)
     start: float = 0.0
     finish: Optional[str] = None
@@ -97,6 +106,10 @@ class _Request:
     @property
     def generated(self) -> List[int]:
         return self.seq[len(self.prompt):]
+
+    @property
+    def temperature(self) -> float:
+        return self.settings.temperature
 
 
 class _Timer:
@@ -122,16 +135,17 @@ class _Timer:
 
 
 def _eager(model, static: bool):
-    """forward(tokens, positions, cache, kv_len, logits_index) running `model` eagerly (static: whole cache)."""
+    """forward(tokens, positions, cache, kv_len, logits_index, **kw) running `model` eagerly (static: whole cache);
+    kw: return_features=True for a feature draft's target."""
 
-    def forward(tokens, positions, cache, kv_len, logits_index):
+    def forward(tokens, positions, cache, kv_len, logits_index, **kw):
         if static:
-            return model(tokens, positions, cache, kv_len=None, logits_index=logits_index)
+            return model(tokens, positions, cache, kv_len=None, logits_index=logits_index, **kw)
         if tokens.shape == (1, 1) and tokens.device.type == "cpu" and isinstance(model, Transformer):
             # One row, one query: attend exactly to [0, position] without a mask.
             return model(tokens, positions, cache, kv_len=int(positions[0, 0]) + 1, logits_index=logits_index,
-                         last_query=True)
-        return model(tokens, positions, cache, kv_len=kv_len, logits_index=logits_index)
+                         last_query=True, **kw)
+        return model(tokens, positions, cache, kv_len=kv_len, logits_index=logits_index, **kw)
 
     return forward
 
@@ -143,18 +157,13 @@ def matmul_weights(model) -> int:
         return 0
     if isinstance(model, Transformer):
         return sum(p.numel() for layer in model.layers for p in layer.parameters()) + model.output_weight().numel()
+    if isinstance(model, FeatureDraft):  # its own weights, and the rows of the target's head it computes
+        return sum(p.numel() for p in model.parameters()) + model.head_rows().numel()
     return sum(p.numel() for p in model.parameters())
 
 
 NONFINITE_MESSAGE = ("a model produced NaN or +inf logits during generation (overflow in this dtype? try "
                      "dtype=fp32): the outputs would be invalid")
-
-
-def _has_nan_or_posinf(logits: torch.Tensor) -> torch.Tensor:
-    """0-dim bool tensor on the logits' device (no host synchronization); -inf (masked tokens) is allowed.
-    One reduction: the maximum is NaN if any logit is (max propagates NaN), else +inf if any logit is."""
-    top = logits.amax()
-    return top.isnan() | top.isposinf()
 
 
 class SpeculativeEngine:
@@ -208,6 +217,17 @@ class SpeculativeEngine:
             self.lookup = make_lookup(lookup_spec, self.target.vocab_size, min_ngram=2)
         else:
             self.lookup = self.draft.model if self.draft is not None and self.draft_model is None else None
+        self._flag = NonFiniteFlag(self.device)  # NaN / +inf in any model output; read with each step's results
+        self.proposer = None
+        if self.draft_model is not None and isinstance(self.draft_model.model, FeatureDraft):
+            if not isinstance(self.target.model, Transformer):
+                raise ValueError("feature drafts need a Llama-family target (run on tempspec's transformer)")
+            self.proposer = FeatureProposer(self.draft_model.model, self._flag)
+        elif self.draft_model is not None:
+            self.proposer = ModelProposer(self.draft_model, self._flag)
+        if self.lookup is not None:
+            lookup = LookupProposer(self.lookup)
+            self.proposer = HybridProposer(lookup, self.proposer) if self.proposer is not None else lookup
         self.k = k
         self.k_max = k_max if k == "auto" else k
         self._hybrid = bool(lookup_spec)
@@ -233,7 +253,7 @@ class SpeculativeEngine:
         if self.cuda_graphs and not (on_cuda and graphable and self.static_shapes):
             raise ValueError("cuda_graphs needs a CUDA device, Llama-family models and static_shapes")
         self._static_state = {}  # (batch, speculative) -> (caches, forwards): persistent for graph replay
-        self._dead = _Request(-1, [0], 0.0, 1, seq=[0])  # stands in for idle rows in static mode
+        self._dead = _Request(-1, [0], SamplingSettings(), 1, seq=[0])  # stands in for idle rows in static mode
 
     @property
     def tokenizer(self):
@@ -279,18 +299,23 @@ class SpeculativeEngine:
             return list(ids)
         return list(self.tokenizer.encode(prompt))
 
-    def _requests(self, prompts, temperature, max_new_tokens, chat_template, system_prompt) -> List[_Request]:
+    def _requests(self, prompts, temperature, max_new_tokens, chat_template, system_prompt, filters: dict,
+                  filter_draft: bool) -> List[_Request]:
         if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
             raise ValueError("prompts must be a non-empty list of strings or token-id lists")
         if len(prompts) == 0:
             raise ValueError("prompts is empty: pass at least one prompt")
         n = len(prompts)
-        temps, max_new = per_prompt(temperature, n), per_prompt(max_new_tokens, n)
-        if len(temps) != n or len(max_new) != n:
-            raise ValueError(f"temperature and max_new_tokens lists must have one entry per prompt ({n})")
+        columns = {name: per_prompt(value, n) for name, value in
+                   dict(temperature=temperature, max_new_tokens=max_new_tokens, **filters).items()}
+        wrong = [name for name, values in columns.items() if len(values) != n]
+        if wrong:
+            raise ValueError(f"{' and '.join(wrong)}: a list must have one entry per prompt ({n})")
         reqs = []
-        for i, (p, t, m) in enumerate(zip(prompts, temps, max_new)):
-            t = real_number(t, f"temperature (prompt {i})")
+        for i, p in enumerate(prompts):
+            row = {name: values[i] for name, values in columns.items()}
+            m = row.pop("max_new_tokens")
+            settings = SamplingSettings.checked(**row, where=f" (prompt {i})")
             check_positive_int(f"max_new_tokens (prompt {i})", m)
             m = operator.index(m)
             ids = self.encode(p, chat_template, system_prompt)
@@ -302,8 +327,8 @@ class SpeculativeEngine:
             if need > self.max_len:
                 raise ValueError(f"prompt {i}: {len(ids)} prompt tokens + max_new_tokens {m} + lookahead "
                                  f"{self.k_max} + 1 = {need} exceed the KV-cache capacity max_len={self.max_len}")
-            reqs.append(_Request(i, ids, float(t), m, seq=list(ids)))
-            reqs[-1].stats.prompt_tokens = len(ids)
+            stats = RequestStats(prompt_tokens=len(ids), filter_draft=filter_draft, **dataclasses.asdict(settings))
+            reqs.append(_Request(i, ids, settings, m, seq=list(ids), stats=stats))
         return reqs
 
     # ---------------------------------------------------------------- public API
@@ -312,18 +337,26 @@ class SpeculativeEngine:
                  max_new_tokens: Union[int, Sequence[int]] = 128, *, stop: Optional[Sequence[str]] = None,
                  chat_template: bool = False, system_prompt: Optional[str] = None, speculative: bool = True,
                  batch_size: Optional[int] = None, seed: Optional[int] = None,
-                 on_tokens: Optional[Callable[[int, List[int]], None]] = None) -> List[GenerationOutput]:
+                 on_tokens: Optional[Callable[[int, List[int]], None]] = None, top_k=None, top_p=None, min_p=None,
+                 lenience=None, filter_draft: bool = True) -> List[GenerationOutput]:
         """Generates a continuation per prompt; outputs in prompt order.
 
-        temperature: one value or one per prompt (0 = greedy). stop: strings that end a request (not included in
-        its text). speculative=False runs the target alone (the autoregressive baseline, same code and sampler).
-        on_tokens(index, new_ids) is called after every step with the tokens a request just received (streaming).
+        temperature, top_k (0/None: off), top_p (1/None: off), min_p (0/None: off), lenience (1/None: lossless):
+        one value or one per prompt, in any mix (tempspec_engine/sampling.py; semantics in reference.py). The output
+        preserves the filtered target distribution F(p) exactly unless lenience < 1. filter_draft=False samples the
+        draft unfiltered and filters the target only (the serving engines' way, for comparison).
+        stop: strings that end a request (not included in its text). speculative=False runs the target alone (the
+        autoregressive baseline, same code and sampler). on_tokens(index, new_ids) is called after every step with the
+        tokens a request just received (streaming).
         """
         if batch_size is not None:
             check_positive_int("batch_size", batch_size)
         if seed is not None and not is_int(seed):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
-        reqs = self._requests(prompts, temperature, max_new_tokens, chat_template, system_prompt)
+        filters = dict(top_k=top_k, top_p=top_p, min_p=min_p, lenience=lenience)
+        reqs = self._requests(prompts, temperature, max_new_tokens, chat_template, system_prompt, filters,
+                              bool(filter_draft))
+        self._filter_draft = bool(filter_draft)
         speculative = speculative and self.draft is not None
         batch = min(batch_size or self.max_batch_size, len(reqs), self.batch_limit)
         gen = torch.Generator(device=self.device)
@@ -352,21 +385,17 @@ class SpeculativeEngine:
         return self._static_state[key]
 
     def _run(self, reqs, batch, speculative, gen, stops, on_tokens):
-        models = [self.target.model] + ([self.draft_model.model] if speculative and self.draft_model else [])
+        proposer = self.proposer if speculative else None
+        models = [self.target.model] + list(proposer.models if proposer is not None else ())
         caches, forwards = self._forwards(batch, models)
         queue = collections.deque(reqs)
         slots = [queue.popleft() for _ in range(batch)]
-        # the op runs with validate=False in the loop; this flag, read with each step's results (_to_host), refuses to
-        # go on with tokens sampled from NaN or +inf logits
-        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
-        self._prefill(slots, models, [c.rows(0, batch) for c in caches])
+        self._flag.reset()
+        self._prefill(slots, models, [c.rows(0, batch) for c in caches], proposer)
         while any(s is not None for s in slots):
             n = len(slots)
             views = [c.rows(0, n) for c in caches] if n < caches[0].batch else caches
-            if speculative:
-                new_tokens = self._spec_step(slots, views, forwards, gen)
-            else:
-                new_tokens = self._ar_step(slots, views, forwards, gen)
+            new_tokens = self._step(slots, views, forwards, gen, proposer)
             finished = []
             for i, (req, toks) in enumerate(zip(slots, new_tokens)):
                 if req is None:
@@ -381,7 +410,7 @@ class SpeculativeEngine:
                 for i in finished:
                     slots[i] = queue.popleft() if queue else None
                     if slots[i] is not None:
-                        self._prefill([slots[i]], models, [c.rows(i, i + 1) for c in caches])
+                        self._prefill([slots[i]], models, [c.rows(i, i + 1) for c in caches], proposer)
                 continue
             keep = [i for i, s in enumerate(slots) if s.finish is None]
             if keep != list(range(len(keep))):
@@ -392,32 +421,37 @@ class SpeculativeEngine:
             fresh = [queue.popleft() for _ in range(min(len(queue), batch - len(slots)))]
             if fresh:  # queued requests take the freed slots, prefilled together
                 a, b = len(slots), len(slots) + len(fresh)
-                self._prefill(fresh, models, [c.rows(a, b) for c in caches])
+                self._prefill(fresh, models, [c.rows(a, b) for c in caches], proposer)
                 slots += fresh
 
-    def _prefill(self, reqs, models, caches):
+    def _prefill(self, reqs, models, caches, proposer):
         """Runs prompt[:-1] of each request through every model (right-padded batch; padding keys land beyond the
         row's length and are overwritten before anything attends to them)."""
         now = time.perf_counter()
         for r in reqs:
             r.start = now
-            r.draft_len = len(r.seq) - 1
         lens = [len(r.seq) - 1 for r in reqs]
         T = max(lens)
+        features = None
         if T > 0:
             tokens = torch.tensor([r.seq[:-1] + [0] * (T - l) for r, l in zip(reqs, lens)], device=self.device)
             positions = torch.arange(T, device=self.device).expand(len(reqs), T)
-            for model, cache in zip(models, caches):
+            decoders = list(zip(models, caches))
+            if proposer is not None and proposer.needs_features:
+                # the target hands its features to the feature draft, which reads them when it next proposes
+                _, features = models[0](tokens, positions, caches[0], kv_len=T, compute_logits=False,
+                                        return_features=True)
+                decoders = []
+            for model, cache in decoders:
                 model(tokens, positions, cache, kv_len=T, compute_logits=False)
-        lengths = torch.tensor(lens, device=self.device)
-        for cache in caches:
-            cache.rollback(lengths)
+        if proposer is not None:
+            proposer.start(reqs, features)
 
     def _to_host(self, *results: torch.Tensor) -> list:
         """Copies a step's int64 results ([B] or [B, n]) to the host as lists, together with the non-finite flag, in
         one transfer; raises FloatingPointError when a model produced NaN or +inf logits in this step, so that tokens
         sampled from them never reach a request or a forward."""
-        flat = torch.cat([r.reshape(-1) for r in results] + [self._nonfinite.reshape(1).to(torch.int64)]).tolist()
+        flat = torch.cat([r.reshape(-1) for r in results] + [self._flag.value.reshape(1).to(torch.int64)]).tolist()
         if flat[-1]:
             raise FloatingPointError(NONFINITE_MESSAGE)
         out, at = [], 0
@@ -426,87 +460,76 @@ class SpeculativeEngine:
             out.append(values if r.dim() == 1 else [values[i:i + r.shape[1]] for i in range(0, len(values), r.shape[1])])
         return out
 
-    def _pad(self, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Logits [..., V_model] -> [..., self.vocab] of `dtype`, padding with -inf (tokens the model lacks)."""
-        logits = logits.to(dtype)
-        if logits.shape[-1] < self.vocab:
-            logits = F.pad(logits, (0, self.vocab - logits.shape[-1]), value=float("-inf"))
-        return logits
-
-    def _spec_step(self, slots, caches, forwards, gen) -> List[List[int]]:
-        """One step of every row: proposals, one target forward verifying them, `speculative_sample`, rollback.
-
-        Proposals: with the lookup alone, its matches (unmatched rows repeat their last token; no match in any row:
-        a plain target step instead). With lookup + model: the lookup's matches where every row has one, else the
-        model drafts for all rows and matched rows take the lookup's proposals. Either way a row's q is the
-        distribution its proposal was drawn from (one-hot for lookup), so every row stays lossless."""
+    def _context(self, slots, gen) -> StepContext:
         reqs = [r if r is not None else self._dead for r in slots]
+        estimators = {MODEL: self.adaptive, LOOKUP: self.adaptive_lookup}
         live = [i for i, r in enumerate(slots) if r is not None]
         live_temps = [reqs[i].temperature for i in live]
+
+        def choose_k(source: str) -> int:
+            return estimators[source].choose(live_temps) if estimators[source] is not None else self.k
+
+        return StepContext(reqs, live, [len(r.seq) for r in reqs], StepSettings([r.settings for r in reqs], self.device),
+                           self._filter_draft, gen, choose_k, self.vocab, self.dtype, self.device, self.backend,
+                           self.static_shapes)
+
+    def _step(self, slots, caches, forwards, gen, proposer) -> List[List[int]]:
+        """One step of every row: propose -> verify -> accept -> commit. Returns the new tokens per slot."""
+        ctx = self._context(slots, gen)
         timer = _Timer(self.device)
         timer.mark()
-        found, matched = None, []
-        if self.lookup is not None:
-            found = self.lookup.propose([r.seq for r in reqs], self.k_max)
-            matched = [i for i in live if found[i]]
-            if not matched and self.draft_model is None:
-                return self._ar_step(slots, caches, forwards, gen)
-        run_model = self.draft_model is not None and len(matched) < len(live)
-        adaptive = self.adaptive if run_model else self.adaptive_lookup
-        k = adaptive.choose(live_temps) if adaptive else self.k
-        if not run_model:  # no longer than the longest match
-            k = min(k, max(len(found[i]) for i in matched))
-        cache_t, cache_d = (caches + [None])[:2]
-        fwd_t, fwd_d = (forwards + [None])[:2]
-        dev = self.device
-        L_host = [len(r.seq) for r in reqs]
-        L = torch.tensor(L_host, device=dev)
-        temps = torch.tensor([r.temperature for r in reqs], dtype=torch.float32, device=dev)
-        kv_len = max(L_host) + k
-        if run_model:
-            draft_logits, dtoks = self._draft_tokens(reqs, fwd_d, cache_d, L_host, temps, k, kv_len, gen)
-        if matched:  # shorter matches repeat their last proposed token
-            use = matched if run_model else range(len(reqs))
-            rows = [(found[i] + [found[i][-1] if found[i] else reqs[i].seq[-1]] * k)[:k] for i in use]
-            lookup_tokens = torch.tensor(rows, device=dev)
-            lookup_logits = self.lookup.draft_logits(lookup_tokens, self.vocab, self.dtype)
-            if run_model:
-                idx = torch.tensor(matched, device=dev)
-                dtoks[idx], draft_logits[idx] = lookup_tokens, lookup_logits
-            else:
-                dtoks, draft_logits = lookup_tokens, lookup_logits
+        proposal = None
+        if proposer is not None:
+            proposal = proposer.propose(ctx, caches[1:], forwards[1:], self.k_max)
+        if proposal is None:
+            return self._plain_step(ctx, caches[0], forwards[0])
         timer.mark()
-        pending = torch.tensor([[r.seq[-1]] for r in reqs], device=dev)
-        verify = torch.cat([pending, dtoks], dim=1)
-        positions = (L - 1).unsqueeze(1) + torch.arange(k + 1, device=dev)
-        target_logits = self._pad(fwd_t(verify, positions, cache_t, kv_len, None), self.dtype)
+        target_logits, features = self._verify(ctx, proposal, caches[0], forwards[0], proposer.needs_features)
         timer.mark()
-        self._nonfinite |= _has_nan_or_posinf(target_logits)  # (the draft's logits were checked as they came)
-        out = speculative_sample(draft_logits, target_logits, dtoks, temps, generator=gen,
-                                 backend=self.backend, validate=False)
-        accepted, tokens = self._to_host(out.accepted, out.tokens)  # the step's one host synchronization
+        accepted, tokens = self._accept(ctx, proposal, target_logits)
         t_draft, t_target = timer.seconds()
-        new_L = L + out.accepted + 1
-        cache_t.rollback(new_L - 1)
-        looked_up = set(matched)
-        drafted = [i for i in live if i not in looked_up] if run_model else []
-        if run_model:  # the model's keys: committed tokens up to the last two, or (lookup rows) its window
-            for i in live:
-                reqs[i].draft_len = L_host[i] if i in looked_up else max(L_host[i] + accepted[i] - 1, 0)
-            cache_d.rollback(torch.tensor([r.draft_len for r in reqs], device=dev))
-        if adaptive:  # each source learns from its own rows (unmatched rows padded by the lookup alone: neither)
-            for est, rows in ((self.adaptive, drafted), (self.adaptive_lookup, matched)):
-                if rows:
-                    est.update(k, [reqs[i].temperature for i in rows], [accepted[i] for i in rows],
-                               t_draft, t_target)
+        proposer.commit(ctx, proposal, accepted, features)
+        return self._commit(ctx, proposal, accepted, tokens, t_draft, t_target)
+
+    def _verify(self, ctx: StepContext, proposal: Proposal, cache, forward, features: bool):
+        """The target's logits [B, k+1, V] at [pending, d1..dk] in the engine dtype, and (features=True) its final
+        features there [B, k+1, dim] (else None)."""
+        dev, k = self.device, proposal.k
+        pending = torch.tensor([[r.seq[-1]] for r in ctx.reqs], device=dev)
+        positions = (torch.tensor(ctx.lengths, device=dev) - 1).unsqueeze(1) + torch.arange(k + 1, device=dev)
+        out = forward(torch.cat([pending, proposal.tokens], dim=1), positions, cache, max(ctx.lengths) + k, None,
+                      **({"return_features": True} if features else {}))
+        logits, feats = out if features else (out, None)
+        logits = pad_logits(logits, self.vocab, self.dtype)
+        self._flag.check(logits)  # (the draft's logits were checked as they came)
+        return logits, feats
+
+    def _accept(self, ctx: StepContext, proposal: Proposal, target_logits: torch.Tensor):
+        """`speculative_sample` for every row; (accepted [B], tokens [B, k+1]) as lists (the step's one host sync)."""
+        settings = ctx.settings
+        if not ctx.filter_draft:  # the serving engines' way: q unfiltered, the target's F(p) by masking
+            target_logits = settings.filter_target_only(target_logits)
+        out = speculative_sample(proposal.logits, target_logits, proposal.tokens, settings.temperature,
+                                 generator=ctx.generator, backend=self.backend, validate=False,
+                                 **ctx.draft_filters(), **settings.lenience)
+        return self._to_host(out.accepted, out.tokens)
+
+    def _commit(self, ctx: StepContext, proposal: Proposal, accepted, tokens, t_draft, t_target) -> List[List[int]]:
+        """Stats and acceptance estimates (each source learns from its own rows); the tokens each row receives."""
+        k = proposal.k
+        for source, est in ((MODEL, self.adaptive), (LOOKUP, self.adaptive_lookup)):
+            rows = [i for i in ctx.live if proposal.source[i] == source]
+            if est is not None and rows:
+                est.update(k, [ctx.reqs[i].temperature for i in rows], [accepted[i] for i in rows], t_draft, t_target)
+        live = set(ctx.live)
         result = []
-        for i, (r, a, row) in enumerate(zip(slots, accepted, tokens)):
-            if r is None:
+        for i, (r, a, row) in enumerate(zip(ctx.reqs, accepted, tokens)):
+            if i not in live:
                 result.append([])
                 continue
             s = r.stats
             s.steps += 1
-            s.lookup_steps += i in looked_up
+            s.lookup_steps += proposal.source[i] == LOOKUP
             s.accepted += a
             s.rejections += int(a < k)
             s.draft_time_s += t_draft
@@ -514,60 +537,29 @@ class SpeculativeEngine:
             result.append(row[: a + 1])
         return result
 
-    def _draft_tokens(self, reqs, fwd_d, cache_d, L_host, temps, k, kv_len, gen):
-        """Catches the draft cache up, then drafts k tokens with the fused sampler.
-
-        Every row re-reads a window of W >= 2 committed tokens ending at its pending token, covering what the draft
-        cache lacks: its last two tokens after a model step (the draft_len kept), more after lookup steps.
-        A row shorter than W is padded at its end (keys beyond a row's length are overwritten before anything
-        attends to them). Returns draft logits [B, k, V] and draft tokens [B, k] int64.
-        """
+    def _plain_step(self, ctx: StepContext, cache, forward) -> List[List[int]]:
+        """The target alone: one token per row (speculative=False, or nothing proposed)."""
         dev = self.device
-        W = max(2, max(l - r.draft_len for r, l in zip(reqs, L_host)))
-        rounded = 1 << (W - 1).bit_length()  # the next power of two
-        if self.static_shapes and rounded <= max(L_host):
-            W = rounded  # few distinct shapes (one captured graph each)
-        starts = [max(l - W, 0) for l in L_host]
-        window = torch.tensor([(r.seq[s:l] + [0] * W)[:W] for r, s, l in zip(reqs, starts, L_host)], device=dev)
-        positions = torch.tensor(starts, device=dev).unsqueeze(1) + torch.arange(W, device=dev)
-        last = torch.tensor([l - 1 - s for s, l in zip(starts, L_host)], device=dev)
-        logits = fwd_d(window, positions, cache_d, kv_len, last)
-        L = torch.tensor(L_host, device=dev)
-        draft_logits, draft_tokens = [], []
-        for i in range(k):
-            q = self._pad(logits[:, 0], self.dtype)
-            self._nonfinite |= _has_nan_or_posinf(q)
-            # a row of NaN logits samples an arbitrary id (the step then raises FloatingPointError): keep it in range
-            # so that the next draft forward cannot index outside the embedding
-            d = sample(q, temps, generator=gen, backend=self.backend, validate=False).clamp_(0, q.shape[-1] - 1)
-            draft_logits.append(q)
-            draft_tokens.append(d)
-            if i < k - 1:
-                logits = fwd_d(d.unsqueeze(1), (L + i).unsqueeze(1), cache_d, kv_len, None)
-        return torch.stack(draft_logits, dim=1), torch.stack(draft_tokens, dim=1)
-
-    def _ar_step(self, slots, caches, forwards, gen) -> List[List[int]]:
-        reqs = [r if r is not None else self._dead for r in slots]
-        cache_t, fwd_t = caches[0], forwards[0]
-        dev = self.device
-        L_host = [len(r.seq) for r in reqs]
-        temps = torch.tensor([r.temperature for r in reqs], dtype=torch.float32, device=dev)
-        tokens = torch.tensor([[r.seq[-1]] for r in reqs], device=dev)
-        positions = torch.tensor([[l - 1] for l in L_host], device=dev)
+        tokens = torch.tensor([[r.seq[-1]] for r in ctx.reqs], device=dev)
+        positions = torch.tensor([[n - 1] for n in ctx.lengths], device=dev)
         timer = _Timer(dev)
         timer.mark()
-        logits = fwd_t(tokens, positions, cache_t, max(L_host), None)
+        logits = forward(tokens, positions, cache, max(ctx.lengths), None)
         timer.mark()
-        self._nonfinite |= _has_nan_or_posinf(logits)
-        (out,) = self._to_host(sample(logits[:, 0], temps, generator=gen, backend=self.backend, validate=False))
+        self._flag.check(logits)
+        (out,) = self._to_host(sample(logits[:, 0], ctx.settings.temperature, generator=ctx.generator,
+                                      backend=self.backend, validate=False, **ctx.settings.filters))
         (t_target,) = timer.seconds()
-        cache_t.rollback(torch.tensor(L_host, device=dev))
-        for r in slots:
-            if r is not None:
-                r.stats.steps += 1
-                r.stats.plain_steps += 1
-                r.stats.target_time_s += t_target
-        return [[t] for t in out]
+        result = []
+        for i, (r, t) in enumerate(zip(ctx.reqs, out)):
+            if i not in ctx.live:
+                result.append([])
+                continue
+            r.stats.steps += 1
+            r.stats.plain_steps += 1
+            r.stats.target_time_s += t_target
+            result.append([t])
+        return result
 
     def _append(self, req: _Request, toks: List[int], stops: List[str], on_tokens) -> None:
         """Commits a step's tokens to a request, ending it at EOS, max_new_tokens or a stop string."""

@@ -30,7 +30,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from tempspec_engine.cli_args import DRAFT_FORMS, add_model_arguments, positive_int
+from tempspec_engine.cli_args import DRAFT_FORMS, add_model_arguments, add_sampling_arguments, positive_int, sampling_kwargs
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command
 from tempspec_engine.prompts import read_prompts
 from tempspec_engine.results import RUNS_DIR, fresh_results_path
@@ -78,13 +78,13 @@ def sync_device(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _run_chunk(engine, prompts, temperature, max_new, speculative, seed) -> dict:
+def _run_chunk(engine, prompts, temperature, max_new, speculative, seed, sampling: dict) -> dict:
     """Sums for one chunk of prompts decoded as one batch. The chunk's requests start together, so the one that ends
     last took part in every step: its draft/target times are the chunk's."""
     sync_device(engine.device)
     t0 = time.perf_counter()
     outs = engine.generate(prompts, temperature, max_new, speculative=speculative, batch_size=len(prompts),
-                           seed=seed)
+                           seed=seed, **sampling)
     sync_device(engine.device)
     seconds = time.perf_counter() - t0
     s = [o.stats for o in outs]
@@ -144,19 +144,21 @@ def run_sweep(target, drafts: Sequence[str], prompts: Sequence[Union[str, Sequen
               temperatures: Sequence[float], max_new_tokens: int = 48, *, device=None, dtype=None,
               k: Union[int, str] = "auto", batch_size: int = 1, seed: int = 0, chat_template: bool = True,
               max_len: Optional[int] = None, progress: bool = True, warmup: bool = True,
-              allow_download: bool = False) -> dict:
+              allow_download: bool = False, sampling: Optional[dict] = None) -> dict:
     """Decodes `prompts` at every temperature with the target alone and with each draft; returns the results dict
     (see the module docstring; `meta` holds the run's settings, not yet the hardware: see `collect_meta`).
 
     target: anything SpeculativeEngine accepts (a LoadedModel is loaded once and shared by all engines).
     prompts: text (chat template applied unless chat_template=False) or token-id lists. Prompts that do not fit the
     KV cache (prompt + max_new_tokens + k_max + 1 > max_len) are skipped and counted in meta.
+    sampling: generate()'s filter keywords (top_k, top_p, min_p, lenience, filter_draft) for every run.
     """
     from tempspec_engine.engine import SpeculativeEngine
     from tempspec_engine.models.loading import LoadedModel, load_target, resolve_device, resolve_dtype
 
     if not drafts:
         raise ValueError("give at least one draft")
+    sampling = dict(sampling or {})
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
     device = resolve_device(device)
@@ -190,10 +192,10 @@ def run_sweep(target, drafts: Sequence[str], prompts: Sequence[Union[str, Sequen
             base_sum, sd_sums = {}, {d: {} for d in engines}
             for c, chunk in enumerate(chunks):
                 chunk_seed = seed + 1000 * c
-                _add(base_sum, _run_chunk(baseline, chunk, T, max_new_tokens, False, chunk_seed))
+                _add(base_sum, _run_chunk(baseline, chunk, T, max_new_tokens, False, chunk_seed, sampling))
                 bar.update()
                 for d, eng in engines.items():
-                    _add(sd_sums[d], _run_chunk(eng, chunk, T, max_new_tokens, True, chunk_seed))
+                    _add(sd_sums[d], _run_chunk(eng, chunk, T, max_new_tokens, True, chunk_seed, sampling))
                     bar.update()
             baselines.append({"temperature": T, "tokens": base_sum["tokens"], "wall_time_s": base_sum["seconds"],
                               "tokens_per_s": _ratio(base_sum["tokens"], base_sum["seconds"])})
@@ -207,7 +209,7 @@ def run_sweep(target, drafts: Sequence[str], prompts: Sequence[Union[str, Sequen
             "k": k, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "seed": seed,
             "chat_template": chat_template, "n_prompts": len(fits), "n_prompts_skipped": len(ids) - len(fits),
             "prompt_tokens_mean": sum(map(len, fits)) / len(fits), "model_load_s": load_s,
-            "sweep_wall_time_s": time.perf_counter() - start}
+            "sweep_wall_time_s": time.perf_counter() - start, "sampling": sampling}
     return {"meta": meta, "temperatures": list(temperatures), "drafts": list(drafts), "baseline": baselines,
             "results": results}
 
@@ -327,6 +329,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--quick: 0:1:0.25)")
     p.add_argument("--quick", action="store_true",
                    help="fewer temperatures, prompts and tokens: minutes on a laptop CPU")
+    add_sampling_arguments(p)
     add_model_arguments(p)
     p.add_argument("--batch-size", type=positive_int, default=1, help="requests decoded together (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
@@ -376,7 +379,7 @@ def sweep_command(args, results_dir: str = RUNS_DIR, out=None) -> int:
     results = run_sweep(args.target, drafts, prompts, temps, args.max_new_tokens or preset["max_new_tokens"],
                         device=device, dtype=dtype, k=args.k, batch_size=args.batch_size, seed=args.seed,
                         chat_template=not args.no_chat, progress=not args.no_progress,
-                        allow_download=args.allow_download)
+                        allow_download=args.allow_download, sampling=sampling_kwargs(args))
     results["meta"].update(collect_meta(device), quick=args.quick,
                            prompts_file=os.path.basename(args.prompts) if args.prompts else "built-in")
     written = write_results(results, path, plots=not args.no_plots)

@@ -45,7 +45,7 @@ def _gen_data(args) -> int:
     from tempspec_engine.engine import SpeculativeEngine
     from tempspec_engine.models.draft import make_draft
     from tempspec_engine.models.loading import load_target, resolve_device, resolve_dtype
-    from tempspec_trainer.data import generate_dataset
+    from tempspec_trainer.data import dataset_responses, generate_dataset
 
     set_threads(args.threads)
     _check_output_file(args.out)
@@ -53,6 +53,10 @@ def _gen_data(args) -> int:
     max_len = args.max_len or min(GEN_DATA_MAX_LEN, target.model.config.max_position)
     kw = dict(device=args.device, dtype=args.dtype, max_len=max_len, max_batch_size=args.batch_size)
     engine = SpeculativeEngine(target, "none", **kw)
+    if args.generator == "data":  # fixed data: the prompt file's own responses
+        print(json.dumps(dataset_responses(engine, args.prompts, args.out, limit=args.limit, offset=args.offset,
+                                           max_new_tokens=args.max_new_tokens, chat_template=not args.no_chat)))
+        return 0
     if args.generator != "target":  # on-policy data: the draft samples, the target's tokenizer encodes
         draft = make_draft(args.generator, engine.target, engine.device, engine.dtype, args.allow_download)
         draft.name = args.generator
@@ -143,8 +147,10 @@ DISTILL_HELP = {
     "mode": "online: token-level divergence at tau_kd against the target; offline: cross-entropy on the data",
     "divergence": "online divergence between target and draft at tau_kd",
     "jsd_beta": "mixture weight of the JSD",
-    "init": "initial draft: layers:<ids>[/mlp:N] (the target's layers, MLPs pruned to N channels) or "
-            "fresh:dim=D,layers=L[,heads=H,kv_heads=K,mlp=M]",
+    "init": "initial draft: layers:<ids>[/mlp:N] (the target's layers, MLPs pruned to N channels), "
+            "fresh:dim=D,layers=L[,heads=H,kv_heads=K,mlp=M], or an EAGLE-style feature head "
+            "feature[:layers=L,mlp=M][/vocab:N | /vocab:first:N] (N: the draft vocabulary, the data's most frequent "
+            "response tokens or the first N ids)",
     "steps": "optimizer steps",
     "batch_size": "sequences per micro-batch (per rank)",
     "grad_accum": "micro-batches per optimizer step",
@@ -162,6 +168,8 @@ DISTILL_HELP = {
     "eval_decode_prompts": "how many of --eval-prompts to decode",
     "eval_decode_tokens": "new tokens per decoded prompt",
     "save_every": "steps between checkpoints (the two newest are kept)",
+    "feature_weight": "feature heads: weight of the smooth-L1 regression on the target's next feature (0: off)",
+    "unroll": "feature heads: training-time-test steps; step j > 1 feeds the head its own predictions",
 }
 DISTILL_CHOICES = {"mode": ["online", "offline"], "divergence": ["fkl", "rkl", "jsd", "tvd"],
                    "precision": ["bf16", "fp32"]}
@@ -191,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="output JSONL (appended to; prompts already there are skipped)")
     g.add_argument("--temperature", type=float, required=True, help="the KD temperature tau_kd (0 = greedy)")
     g.add_argument("--generator", default="target",
-                   help="'target' (sequence-level KD data) or a draft spec/directory (on-policy data; default: "
-                        "%(default)s)")
+                   help="'target' (sequence-level KD data), a draft spec/directory (on-policy data), or 'data' (the "
+                        "file's own responses, e.g. Alpaca `output`: fixed data; --temperature is then not used) "
+                        "(default: %(default)s)")
     g.add_argument("--limit", type=positive_int, default=None, help="prompts to use (default: all)")
     g.add_argument("--offset", type=int, default=0, help="first prompt row (default: %(default)s)")
     g.add_argument("--max-new-tokens", type=positive_int, default=128, help="(default: %(default)s)")

@@ -63,6 +63,37 @@ def _drop_partial_tail(path: Path, n_good: int) -> None:
             f.write("".join(line + "\n" for line in lines[:n_good]))
 
 
+def dataset_responses(engine, prompt_file: str, out_path: str, *, limit: Optional[int] = None, offset: int = 0,
+                      max_new_tokens: int = 128, chat_template: bool = True) -> dict:
+    """Fixed data (DistillSpec's third kind, beside target-generated and on-policy): the prompt file's own responses
+    (Alpaca `output`), tokenized and cut to max_new_tokens (an EOS ends the uncut ones), written as generated rows with
+    "temperature": null and "generator": "data". Rows without an output are skipped and counted.
+    Returns {"written", "no_output", "path"}."""
+    prompts = read_prompt_file(prompt_file, limit, offset)
+    with open(prompt_file) as f:
+        objects = {i: json.loads(line) for i, line in enumerate(f) if line.strip()}
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = missing = 0
+    with open(out, "w") as f:
+        for i, text in prompts:
+            answer = objects[i].get("output")
+            if not isinstance(answer, str) or not answer.strip():
+                missing += 1
+                continue
+            response = list(engine.tokenizer.encode(answer, add_special_tokens=False))[:max_new_tokens]
+            eos = list(engine.target.eos_ids[:1]) if len(response) < max_new_tokens else []
+            row = {"index": i, "source": Path(prompt_file).name, "prompt": text,
+                   "prompt_ids": engine.encode(text, chat_template), "response_ids": response + eos,
+                   "response": answer, "temperature": None, "finish_reason": "eos" if eos else "length",
+                   "generator": "data"}
+            f.write(json.dumps(row) + "\n")
+            written += 1
+    if missing:
+        warnings.warn(f"{missing} prompts of {prompt_file} have no output to use: skipped")
+    return {"written": written, "no_output": missing, "path": str(out)}
+
+
 def generate_dataset(engine, prompt_file: str, out_path: str, temperature: float, *, limit: Optional[int] = None,
                      offset: int = 0, max_new_tokens: int = 128, batch_size: int = 16, chunk: int = 64,
                      seed: int = 0, chat_template: bool = True, progress: bool = True) -> dict:

@@ -6,17 +6,25 @@ Init specs:
   "layers:0,29/mlp:1024"   the same with each MLP pruned to its 1024 strongest channels (smaller, faster)
   "fresh:dim=256,layers=4" a fresh small model with its own tied embeddings (other keys: heads, kv_heads, mlp)
 Returns (draft in fp32, shares_target_embeddings).
+
+Feature heads (EAGLE-style, tempspec_engine/models/feature_draft.py), built by init_feature_draft:
+  "feature"                      one decoder layer of the target's shapes on (target feature, next token embedding)
+  "feature:layers=2,mlp=512"     two layers, MLP width 512 (default: the target's)
+  "feature/vocab:8192"           a draft vocabulary of the 8192 most frequent response tokens of the training data
+  "feature/vocab:first:8192"     ... or of the first 8192 token ids
+The head shares the target's frozen embedding and output head (the same tensors, never stored with it).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from tempspec_engine.models.config import ModelConfig
 from tempspec_engine.models.draft import parse_layer_ids
+from tempspec_engine.models.feature_draft import FeatureDraft, FeatureDraftConfig, token_map_from_counts
 from tempspec_engine.models.llama import Block, Transformer
 
 
@@ -63,9 +71,11 @@ def init_draft(target: Transformer, spec: str, seed: int = 0) -> Tuple[Transform
         raise ValueError("drafts are initialized from a Llama-family target (a tempspec Transformer)")
     if spec.startswith("fresh"):
         return _fresh(target.config, spec.partition(":")[2], seed), False
+    if is_feature_init(spec):
+        raise ValueError(f"draft init {spec!r} is a feature head: build it with init_feature_draft")
     if not spec.startswith("layers:"):
-        raise ValueError(f"unknown draft init {spec!r}: use 'layers:0,29', 'layers:0,29/mlp:1024' or "
-                         "'fresh:dim=256,layers=4'")
+        raise ValueError(f"unknown draft init {spec!r}: use 'layers:0,29', 'layers:0,29/mlp:1024', "
+                         "'fresh:dim=256,layers=4' or 'feature[:layers=N,mlp=M][/vocab:N]'")
     body, _, mlp = spec[len("layers:"):].partition("/mlp:")
     ids = parse_layer_ids(body, target.n_layers)
     blocks = [copy.deepcopy(target.layers[i]).float() for i in ids]
@@ -82,3 +92,68 @@ def init_draft(target: Transformer, spec: str, seed: int = 0) -> Tuple[Transform
         if p is not embed.weight and (head is None or p is not head.weight):
             p.requires_grad_(True)
     return draft, True
+
+
+FEATURE_USAGE = "use 'feature', 'feature:layers=N,mlp=M', with '/vocab:N' or '/vocab:first:N' after it"
+
+
+def is_feature_init(spec: str) -> bool:
+    """Whether an init spec asks for an EAGLE-style feature head ("feature...")."""
+    return isinstance(spec, str) and (spec == "feature" or spec.startswith(("feature:", "feature/")))
+
+
+def parse_feature_init(spec: str, vocab_size: Optional[int] = None) -> dict:
+    """'feature:layers=2,mlp=512/vocab:8192' -> {"layers": 2, "mlp": 512 or None, "vocab": 8192 or None,
+    "vocab_from": "data" | "first"}; ValueError naming the spec for anything else (vocab checked against vocab_size
+    when given)."""
+    if not is_feature_init(spec):
+        raise ValueError(f"draft init {spec!r} is not a feature head: {FEATURE_USAGE}")
+    body, _, vocab = spec.partition("/vocab:")
+    if "/" in body:
+        raise ValueError(f"draft init {spec!r}: {FEATURE_USAGE}")
+    opts = {"layers": 1, "mlp": None, "vocab": None, "vocab_from": "data"}
+    for part in filter(None, body[len("feature"):].lstrip(":").split(",")):
+        key, _, value = part.partition("=")
+        if key not in ("layers", "mlp") or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"draft init {spec!r}: option {part!r} must be layers=N or mlp=N with N >= 1 "
+                             f"({FEATURE_USAGE})")
+        opts[key] = int(value)
+    if "/vocab:" in spec:
+        if vocab.startswith("first:"):
+            opts["vocab_from"], vocab = "first", vocab[len("first:"):]
+        if not vocab.isdigit() or int(vocab) < 1 or (vocab_size is not None and int(vocab) > vocab_size):
+            limit = f"1..{vocab_size}" if vocab_size is not None else ">= 1"
+            raise ValueError(f"draft init {spec!r}: the draft vocabulary N of '/vocab:N' must be an integer in "
+                             f"{limit}")
+        opts["vocab"] = int(vocab)
+    return opts
+
+
+def init_feature_draft(target: Transformer, spec: str, seed: int = 0,
+                       token_counts: Optional[torch.Tensor] = None) -> FeatureDraft:
+    """A trainable fp32 feature head for `target` per `spec` (module docstring), attached to the target's own
+    embedding and head (frozen, shared). token_counts [V]: response-token frequencies of the training data, from which
+    '/vocab:N' takes its N most frequent ids (required for it). fc and the block weights ~ N(0, 1/fan_in); the final
+    norm starts as the target's, so predicted features start on the target features' scale."""
+    if not isinstance(target, Transformer):
+        raise ValueError("feature heads are built for a Llama-family target (a tempspec Transformer)")
+    opts = parse_feature_init(spec, target.config.vocab_size)
+    d2t = None
+    if opts["vocab"] is not None:
+        if opts["vocab_from"] == "first":
+            d2t = torch.arange(opts["vocab"])
+        elif token_counts is None:
+            raise ValueError(f"draft init {spec!r}: a frequency token map needs the training data's token counts")
+        else:
+            d2t = token_map_from_counts(token_counts, opts["vocab"])
+    config = FeatureDraftConfig.for_target(target.config, n_layers=opts["layers"], intermediate_size=opts["mlp"],
+                                           draft_vocab=opts["vocab"])
+    torch.manual_seed(seed)
+    head = FeatureDraft(config, d2t=d2t)
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, p.shape[1] ** -0.5)
+        head.norm.weight.copy_(target.norm.weight.detach().float())
+    head.attach(target.embed_tokens, target.lm_head)
+    return head.float()

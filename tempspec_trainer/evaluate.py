@@ -1,7 +1,8 @@
 """Evaluating drafts: expected acceptance on data (no decoding) and measured acceptance / speedup by decoding.
 
 expected_acceptance_on_data: teacher-forced over generated rows, per temperature, the mean of 1 - TVD(p, q)
-    (argmax agreement at T = 0): what alpha would be if the draft saw the target's own contexts.
+    (argmax agreement at T = 0): what alpha would be if the draft saw the target's own contexts. A feature head
+    (EAGLE-style) is scored at its first draft position: fed the target's features and the data's tokens.
 measure_drafts: decodes a prompt set with the target alone and with each draft at each temperature through the
     engine (tempspec_engine.sweep.run_sweep) and returns its results dict (alpha, tokens/s, speedup).
 """
@@ -13,6 +14,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from tempspec_engine.models.draft import make_draft
+from tempspec_engine.models.feature_draft import FeatureDraft, is_feature_draft_dir, load_feature_draft
 from tempspec_engine.models.loading import LoadedModel
 from tempspec_trainer.data import make_batch, read_rows, token_sequences
 from tempspec_trainer.divergences import expected_acceptance
@@ -25,7 +27,10 @@ def expected_acceptance_on_data(target: LoadedModel, draft_spec: str, data_file:
     """{"alpha@T": mean expected acceptance over the response tokens of the first n_rows rows} for each T."""
     device = target.model.embed_tokens.weight.device
     dtype = target.model.embed_tokens.weight.dtype
-    draft = make_draft(draft_spec, target, device, dtype).model
+    if is_feature_draft_dir(draft_spec):
+        draft = load_feature_draft(draft_spec, target.model, device, dtype)
+    else:
+        draft = make_draft(draft_spec, target, device, dtype).model
     seqs = list(token_sequences(read_rows(data_file)[:n_rows], seq_len))
     if not seqs:
         raise ValueError(f"{data_file} holds no rows with a response")
@@ -36,7 +41,10 @@ def expected_acceptance_on_data(target: LoadedModel, draft_spec: str, data_file:
 def expected_acceptance_over(draft, target, seqs, temperatures: Sequence[float], batch_size: int, device,
                              draft_context=contextlib.nullcontext) -> Dict[str, float]:
     """{"alpha@T": expected acceptance averaged over the response tokens of `seqs`} (see make_batch), teacher-forced:
-    1 - TVD at T (argmax agreement at T = 0). draft_context() wraps the draft's forwards (e.g. autocast)."""
+    1 - TVD at T (argmax agreement at T = 0). draft_context() wraps the draft's forwards (e.g. autocast).
+    A FeatureDraft is scored by feature_acceptance_over."""
+    if isinstance(draft, FeatureDraft):
+        return feature_acceptance_over(draft, target, seqs, temperatures, batch_size, device, draft_context)
     sums, n = {t: 0.0 for t in temperatures}, 0
     for i in range(0, len(seqs), batch_size):
         tokens, mask = make_batch(seqs[i:i + batch_size], device)
@@ -47,6 +55,32 @@ def expected_acceptance_over(draft, target, seqs, temperatures: Sequence[float],
         for t in temperatures:
             sums[t] += float(expected_acceptance(q, p, t).sum())
         n += int(mask.sum())
+    return {f"alpha@{t:g}": s / n for t, s in sums.items()}
+
+
+@torch.no_grad()
+def feature_acceptance_over(head: FeatureDraft, target, seqs, temperatures: Sequence[float], batch_size: int, device,
+                            draft_context=contextlib.nullcontext) -> Dict[str, float]:
+    """Like expected_acceptance_over for a feature head at its first draft position, teacher-forced: one target
+    forward gives logits and features; head index t reads the target's feature at t and token t+1, and its logits
+    (full vocabulary, -inf outside a draft vocabulary) are compared with the target's at t+1 over the positions where
+    token t+2 is a response token."""
+    sums, n = {t: 0.0 for t in temperatures}, 0
+    for i in range(0, len(seqs), batch_size):
+        tokens, mask = make_batch(seqs[i:i + batch_size], device)
+        positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
+        logits, feats = target(tokens, positions, None, return_features=True)
+        m = mask[:, 1:]
+        if not bool(m.any()):
+            continue
+        with draft_context():
+            q = head.logits(head(feats[:, :-1], tokens[:, 1:], positions[:, :-1], None)[m]).float()
+        p = logits[:, 1:][m].float()
+        for t in temperatures:
+            sums[t] += float(expected_acceptance(q, p, t).sum())
+        n += int(m.sum())
+    if n == 0:
+        raise ValueError("no held-out position to score a feature head on: its responses need >= 2 tokens")
     return {f"alpha@{t:g}": s / n for t, s in sums.items()}
 
 

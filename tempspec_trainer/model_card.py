@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from tempspec_engine.models.draft_checkpoint import read_draft_info
+from tempspec_engine.models.feature_draft import is_feature_draft_dir, read_feature_draft_info
 from tempspec_trainer.data import read_rows
 
 CARD = "README.md"
@@ -38,27 +39,48 @@ def _data_summary(paths) -> list:
 def write_card(directory, command: Optional[str] = None) -> Path:
     """Writes <directory>/README.md from its tempspec_draft.json (recipe and training history)."""
     directory = Path(directory)
-    info = read_draft_info(directory)
+    feature = is_feature_draft_dir(directory)
+    info = read_feature_draft_info(directory) if feature else read_draft_info(directory)
     meta, cfg = info["metadata"], info["config"]
     recipe = meta["recipe"]
     command = command or " ".join(shlex.quote(a) for a in ["tempspec-train"] + sys.argv[1:])
     hist = [h for h in meta.get("history", []) if any(k.startswith("alpha@") for k in h)]
-    lines = [f"# tempspec draft: {recipe['mode']} KD at tau_kd = {recipe['tau_kd']:g} ({recipe['divergence']})", "",
-             f"A {cfg['n_layers']}-layer draft (width {cfg['dim']}, MLP {cfg['intermediate_size']}) for "
-             f"`{info['target']['name']}`, distilled by tempspec_trainer. "
-             + ("It shares the target's token embeddings and output head (not stored here), so it loads only "
-                "together with that target. " if info["shares_target_embeddings"] else "")
-             + f"Files: {_size_mb(directory):.1f} MB.", "",
+    if feature:
+        vocab = cfg.get("draft_vocab")
+        intro = [f"# tempspec feature draft head (EAGLE-style): {recipe['mode']} KD at tau_kd = "
+                 f"{recipe['tau_kd']:g} ({recipe['divergence']})", "",
+                 f"A {cfg['n_layers']}-layer feature head (width {cfg['dim']}, MLP {cfg['intermediate_size']}) for "
+                 f"`{info['target']['name']}`, distilled by tempspec_trainer. It is not a standalone model: it reads "
+                 "the target's final hidden states (after the final norm) and the next token's embedding, predicts "
+                 "the next hidden state, and the target's own output head turns that into the draft distribution. It "
+                 "shares the target's token embeddings and output head (not stored here), so it loads only together "
+                 "with that target (tempspec_engine.models.feature_draft.load_feature_draft). "
+                 + (f"Its head covers a draft vocabulary of {vocab} token ids (token map `d2t` in "
+                    "model.safetensors); the others get probability 0. " if vocab else "")
+                 + f"Files: {_size_mb(directory):.1f} MB.", ""]
+    else:
+        intro = [f"# tempspec draft: {recipe['mode']} KD at tau_kd = {recipe['tau_kd']:g} ({recipe['divergence']})",
+                 "", f"A {cfg['n_layers']}-layer draft (width {cfg['dim']}, MLP {cfg['intermediate_size']}) for "
+                 f"`{info['target']['name']}`, distilled by tempspec_trainer. "
+                 + ("It shares the target's token embeddings and output head (not stored here), so it loads only "
+                    "together with that target. " if info["shares_target_embeddings"] else "")
+                 + f"Files: {_size_mb(directory):.1f} MB.", ""]
+    lines = intro + [
              "## How it was made", "", "```bash", command, "```", "",
              f"- teacher: `{meta.get('teacher', info['target']['name'])}`; initialization: `{recipe['init']}`",
              f"- {meta['step']} optimizer steps of {recipe['batch_size']} x {recipe['grad_accum']} sequences "
              f"(<= {recipe['seq_len']} tokens), AdamW lr {recipe['lr']:g}, warmup {recipe['warmup_steps']}, cosine to "
              f"{recipe['min_lr_ratio']:g}x, precision {recipe['precision']}, seed {recipe['seed']}",
              "- data:"] + ["  " + line for line in _data_summary(recipe["data"])]
+    if feature:
+        lines.insert(len(intro) + 8, f"- feature head loss: the divergence on the token distributions + "
+                     f"{recipe.get('feature_weight', 0.1):g} x smooth L1 on the predicted features, averaged over "
+                     f"{recipe.get('unroll', 1)} unrolled steps (step j > 1 feeds the head its own predictions)")
     if hist:
         temps = [k for k in hist[0] if k.startswith("alpha@")]
+        first = " at the first draft position (the target's features, teacher-forced)" if feature else ""
         lines += ["", f"## Expected acceptance on {meta.get('eval_rows_held_out', recipe['eval_rows'])} held-out rows (1 - TVD; argmax agreement at "
-                      "T = 0)", "", "| step | " + " | ".join(t.replace("alpha@", "T=") for t in temps) + " |",
+                      f"T = 0){first}", "", "| step | " + " | ".join(t.replace("alpha@", "T=") for t in temps) + " |",
                   "| --- |" + " --- |" * len(temps)]
         for h in (hist[0], hist[-1]):
             lines.append(f"| {h['step']} | " + " | ".join(f"{h[t]:.3f}" for t in temps) + " |")

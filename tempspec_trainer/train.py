@@ -2,6 +2,13 @@
 
 online:  loss = divergence(softmax(target/tau), softmax(draft/tau)) per response token (teacher forward each step)
 offline: loss = cross-entropy of the generated response tokens (sequence-level KD: the data carries the teacher)
+feature heads (init "feature...", EAGLE-style, tempspec_engine/models/feature_draft.py): online only. One teacher
+    forward per batch gives the target's logits and final-norm features; the head, fed the target's feature at
+    position t and token t+1, predicts the feature of t+1: loss = divergence at tau_kd between the target head on it and
+    the target's logits at t+1, + feature_weight * smooth L1 against the target's feature at t+1, averaged over
+    `unroll` steps (EAGLE-3's training-time test: step j > 1 feeds the head's own step j-1 predictions, shifted one
+    position, in place of the target's features). With a draft vocabulary (/vocab:N) the divergence compares the
+    head with the target renormalized over those N ids (the best the restricted head can do).
 
 AdamW with linear warmup and cosine decay, gradient accumulation, bf16 autocast over fp32 weights, checkpoints
 (draft in safetensors + optimizer state) that `resume=True` continues from exactly, a progress bar with loss and
@@ -29,11 +36,12 @@ import torch
 import torch.nn.functional as F
 
 from tempspec_engine.models.draft_checkpoint import save_draft
+from tempspec_engine.models.feature_draft import FeatureDraft, save_feature_draft
 from tempspec_engine.models.loading import LoadedModel, load_target, place, resolve_device
 from tempspec_trainer.data import make_batch, read_prompt_file, read_rows, token_sequences
 from tempspec_trainer.divergences import get_divergence
 from tempspec_trainer.evaluate import expected_acceptance_over
-from tempspec_trainer.draft_init import init_draft
+from tempspec_trainer.draft_init import init_draft, init_feature_draft, is_feature_init, parse_feature_init
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -42,6 +50,7 @@ STATE_FILE = "trainer_state.pt"
 # config fields that must not change between a run and its resume
 RESUME_KEYS = ("data", "tau_kd", "mode", "divergence", "jsd_beta", "init", "target", "batch_size", "grad_accum",
                "seq_len", "lr", "warmup_steps", "min_lr_ratio", "seed", "eval_rows")
+FEATURE_RESUME_KEYS = ("feature_weight", "unroll")  # also these for feature heads
 
 
 @dataclasses.dataclass
@@ -77,6 +86,10 @@ class DistillConfig:
     save_every: int = 200
     seed: int = 0
     device: str = "auto"
+    # feature heads (init "feature..."): weight of the smooth-L1 feature regression (0: off) and training-time-test
+    # steps (1: teacher-forced only)
+    feature_weight: float = 0.1
+    unroll: int = 2
 
     def validate(self) -> None:
         if not self.data:
@@ -100,6 +113,15 @@ class DistillConfig:
             raise ValueError(f"eval prompt file {self.eval_prompts} does not exist")
         if any(t < 0 for t in self.eval_temperatures):
             raise ValueError(f"eval temperatures must be >= 0, got {self.eval_temperatures}")
+        if is_feature_init(self.init):
+            parse_feature_init(self.init)
+            if self.mode != "online":
+                raise ValueError("feature heads are distilled online (mode 'online'): the target's features are "
+                                 "computed each step anyway")
+        if not (self.feature_weight >= 0.0) or not math.isfinite(self.feature_weight):
+            raise ValueError(f"feature_weight must be a finite number >= 0, got {self.feature_weight!r}")
+        if self.unroll < 1:
+            raise ValueError(f"unroll must be >= 1, got {self.unroll}")
         if self.warmup_steps < 0 or self.eval_rows < 0:
             raise ValueError(f"warmup_steps and eval_rows must be >= 0, got {self.warmup_steps}, {self.eval_rows}")
         if self.warmup_steps >= self.steps:
@@ -171,19 +193,25 @@ class Distiller:
         self.target = place(target, self.device) if target is not None else load_target(cfg.target, self.device,
                                                                                         teacher_dtype)
         self.teacher = self.target.model.eval().requires_grad_(False)
+        train, self.eval_seqs = load_sequences(cfg, self.teacher.config.vocab_size)
+        self.feature = is_feature_init(cfg.init)
         torch.manual_seed(cfg.seed)
-        self.draft, self.shared = init_draft(self.teacher, cfg.init, cfg.seed)
+        if self.feature:  # shares the teacher's embedding and head (frozen), trains the rest
+            counts = response_token_counts(train, self.teacher.config.vocab_size)
+            self.draft, self.shared = init_feature_draft(self.teacher, cfg.init, cfg.seed, counts), True
+        else:
+            self.draft, self.shared = init_draft(self.teacher, cfg.init, cfg.seed)
         self.draft.to(self.device).train()
-        self.model = self.draft
+        # a feature head runs `unroll` times per loss: one module call, so that DDP sees one forward per backward
+        self.model = Unrolled(self.draft) if self.feature else self.draft
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.draft, device_ids=ids)
+            self.model = DistributedDataParallel(self.model, device_ids=ids)
         params = [p for p in self.draft.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
-        train, self.eval_seqs = load_sequences(cfg, self.teacher.config.vocab_size)
         self.schedule = BatchSchedule(train, cfg.batch_size, cfg.seed)
         self.decode_prompts = ([p for _, p in read_prompt_file(cfg.eval_prompts, cfg.eval_decode_prompts)]
                                if cfg.eval_prompts else [])
@@ -201,6 +229,8 @@ class Distiller:
 
     def loss(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean loss over the masked positions of one micro-batch."""
+        if self.feature:
+            return self.feature_loss(tokens, mask)
         with self._autocast():
             student = self._logits(self.model, tokens)[mask]
         if self.cfg.mode == "offline":
@@ -211,6 +241,37 @@ class Distiller:
         fn = get_divergence(self.cfg.divergence)
         kwargs = {"beta": self.cfg.jsd_beta} if self.cfg.divergence == "jsd" else {}
         return fn(student, teacher, self.cfg.tau_kd, **kwargs).mean()
+
+    def feature_loss(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """A feature head's loss on one micro-batch (module docstring): head index t reads the target's feature at
+        position t and token t+1 and is compared at the target's position t+1 (mask[:, 1:]: token t+2 is a response
+        token), averaged over the unrolled steps."""
+        cfg = self.cfg
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        with torch.no_grad():
+            t_logits, t_feats = self.teacher(tokens, positions, None, return_features=True)
+        m = mask[:, 1:]
+        want_feats = t_feats[:, 1:][m].float()
+        want_logits = t_logits[:, 1:][m]
+        if self.draft.d2t is not None:  # the target renormalized over the draft vocabulary
+            want_logits = want_logits.index_select(-1, self.draft.d2t)
+        fn = get_divergence(cfg.divergence)
+        kwargs = {"beta": cfg.jsd_beta} if cfg.divergence == "jsd" else {}
+        with self._autocast():
+            preds = self.model(t_feats[:, :-1], tokens[:, 1:], positions[:, :-1], cfg.unroll)
+        total = 0.0
+        for pred in preds:
+            if not bool(m.any()):  # no position to train (all responses of one token): a zero that keeps the graph
+                total = total + pred.sum() * 0.0
+                continue
+            got = pred[m]
+            with self._autocast():
+                student = self.draft.draft_logits(got)
+            step = fn(student, want_logits, cfg.tau_kd, **kwargs).mean()
+            if cfg.feature_weight > 0:
+                step = step + cfg.feature_weight * F.smooth_l1_loss(got.float(), want_feats)
+            total = total + step
+        return total / len(preds)
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
@@ -233,7 +294,8 @@ class Distiller:
         from tempspec_engine.engine import SpeculativeEngine
 
         dtype = self.teacher.embed_tokens.weight.dtype
-        draft = copy.deepcopy(self.draft).to(dtype).eval()
+        shared = {id(m): m for m in (self.teacher.embed_tokens, self.teacher.lm_head) if m is not None}
+        draft = copy.deepcopy(self.draft, memo=shared).to(dtype).eval()  # a feature head keeps the target's own
         engine = SpeculativeEngine(self.target, draft, device=self.device, dtype=dtype, k=4,
                                    max_batch_size=len(self.decode_prompts))
         chat = self.target.tokenizer is not None and getattr(self.target.tokenizer, "chat_template", None) is not None
@@ -250,10 +312,16 @@ class Distiller:
         return {"recipe": self.cfg.recipe(), "step": self.step, "final": final, "history": self.history,
                 "teacher": self.target.name, "eval_rows_held_out": len(self.eval_seqs)}
 
+    def _save(self, directory: Path, final: bool, dtype: Optional[torch.dtype] = None) -> Path:
+        if self.feature:
+            return save_feature_draft(self.draft, directory, target_name=self.target.name,
+                                      metadata=self._metadata(final), dtype=dtype)
+        return save_draft(self.draft, directory, shares_target_embeddings=self.shared, target_name=self.target.name,
+                          target_vocab=self.teacher.config.vocab_size, metadata=self._metadata(final), dtype=dtype)
+
     def save_checkpoint(self) -> Path:
         directory = self.out / CHECKPOINTS / f"step-{self.step:06d}"
-        save_draft(self.draft, directory, shares_target_embeddings=self.shared, target_name=self.target.name,
-                   target_vocab=self.teacher.config.vocab_size, metadata=self._metadata(False))
+        self._save(directory, False)
         torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "history": self.history,
                     "config": self.cfg.recipe(), "torch_rng": torch.get_rng_state()}, directory / STATE_FILE)
@@ -271,10 +339,12 @@ class Distiller:
 
         state = torch.load(ckpts[-1] / STATE_FILE, map_location="cpu", weights_only=False)
         saved, now = state["config"], self.cfg.recipe()
-        changed = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+        keys = RESUME_KEYS + (FEATURE_RESUME_KEYS if self.feature else ())
+        defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}  # fields newer than a checkpoint
+        changed = [k for k in keys if saved.get(k, defaults.get(k)) != now.get(k)]
         if changed:
             raise ValueError(f"cannot resume {ckpts[-1]}: the run's {changed} differ from the checkpoint's "
-                             f"({[saved.get(k) for k in changed]}); use another out_dir")
+                             f"({[saved.get(k, defaults.get(k)) for k in changed]}); use another out_dir")
         weights = load_file(str(ckpts[-1] / "model.safetensors"))
         self.draft.load_state_dict(weights, strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -285,8 +355,7 @@ class Distiller:
 
     def save_final(self) -> Path:
         directory = self.out / FINAL
-        save_draft(self.draft, directory, shares_target_embeddings=self.shared, target_name=self.target.name,
-                   target_vocab=self.teacher.config.vocab_size, metadata=self._metadata(True), dtype=torch.bfloat16)
+        self._save(directory, True, torch.bfloat16)
         (self.out / "train_log.json").write_text(json.dumps(self._metadata(True), indent=2) + "\n")
         return directory
 
@@ -300,9 +369,7 @@ class Distiller:
                    disable=not self.progress or self.rank != 0, dynamic_ncols=True)
         if self.step == 0 and self.rank == 0:  # the undistilled draft: the baseline every result is compared with
             self.history.append({"step": 0, **self.evaluate()})
-            save_draft(self.draft, self.out / INIT, shares_target_embeddings=self.shared, target_name=self.target.name,
-                       target_vocab=self.teacher.config.vocab_size, metadata=self._metadata(False),
-                       dtype=torch.bfloat16)
+            self._save(self.out / INIT, False, torch.bfloat16)
         t0, tokens_seen = time.perf_counter(), 0
         try:
             self._train_until_done(bar, t0, tokens_seen)
@@ -351,6 +418,35 @@ class Distiller:
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:  # the last one: runs can be extended
                     self.save_checkpoint()
             _barrier(self.world)
+
+
+class Unrolled(torch.nn.Module):
+    """A feature head run `steps` times on one sequence (EAGLE-3's training-time test), as one module call.
+
+    forward(features [B, T, D], tokens [B, T], positions [B, T], steps) -> [pred_1, ..., pred_steps], each [B, T, D]:
+    step 1 reads the target's features; step j > 1 reads at index t the step j-1 prediction of index t-1 (index 0
+    keeps the target's feature: no prediction of it exists), with the same tokens."""
+
+    def __init__(self, head: FeatureDraft):
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, steps: int) -> list:
+        preds, x = [], features
+        for _ in range(steps):
+            pred = self.head(x, tokens, positions, None)
+            preds.append(pred)
+            x = torch.cat((features[:, :1].to(pred.dtype), pred[:, :-1]), dim=1)
+        return preds
+
+
+def response_token_counts(seqs, vocab_size: int) -> torch.Tensor:
+    """counts [V] int64 of the response tokens of (ids, n_prompt) sequences (the token map of /vocab:N)."""
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    for ids, n_prompt in seqs:
+        if len(ids) > n_prompt:
+            counts += torch.bincount(torch.tensor(ids[n_prompt:], dtype=torch.int64), minlength=vocab_size)
+    return counts
 
 
 def distill(cfg: DistillConfig, resume: bool = False, target: Optional[LoadedModel] = None,

@@ -40,17 +40,23 @@ def word_tokenizer(words):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0], eos_token=words[1])
 
 
-def exact_first_two(model, prompt, temperature):
-    """Exact target probabilities of the first two generated tokens after `prompt`: [V, V] fp64 on CPU."""
+def exact_first_two(model, prompt, temperature, top_k=0, top_p=1.0, min_p=0.0):
+    """Exact target probabilities of the first two generated tokens after `prompt`: [V, V] fp64 on CPU, of the
+    filtered distribution F(softmax(l / T)) when filters are given (semantics: tempspec_engine/reference.py)."""
+    from tempspec_engine.reference import filtered_weights
+
     V = model.config.vocab_size
     with torch.no_grad():
         seqs = torch.tensor([prompt + [x] for x in range(V)])
         n = len(prompt) + 1
         cache = model.new_cache(V, n)
-        logits = model(seqs, torch.arange(n).expand(V, n), cache).double()
-    p1 = torch.softmax(logits[0, n - 2] / temperature, -1)
-    p2 = torch.softmax(logits[:, n - 1] / temperature, -1)
-    return p1.unsqueeze(1) * p2
+        logits = model(seqs, torch.arange(n).expand(V, n), cache).float()
+    rows = torch.cat([logits[:1, n - 2], logits[:, n - 1]])  # [1 + V, V]: the first position, then per first token
+    per_row = [torch.full((V + 1,), x, dtype=d) for x, d in ((temperature, torch.float32), (top_k, torch.int64),
+                                                               (top_p, torch.float32), (min_p, torch.float32))]
+    w = filtered_weights(rows, *per_row).double()
+    probs = w / w.sum(-1, keepdim=True)
+    return probs[0].unsqueeze(1) * probs[1:]
 
 
 def first_two_chi_square(outputs, joint) -> float:
@@ -64,7 +70,11 @@ def first_two_chi_square(outputs, joint) -> float:
         counts[o.token_ids[0] * V + o.token_ids[1]] += 1
     expected = joint.flatten().cpu() * len(outputs)
     order = torch.argsort(expected)
+    if bool((counts[expected == 0] > 0).any()):
+        return 0.0  # a sample the distribution cannot produce (e.g. a token a filter removes)
     small = expected[order] < 5
-    obs = torch.cat([counts[order][~small], counts[order][small].sum().view(1)])
-    exp = torch.cat([expected[order][~small], expected[order][small].sum().view(1)])
+    obs, exp = counts[order][~small], expected[order][~small]
+    if expected[order][small].sum() > 0:  # the small bins, merged into one
+        obs = torch.cat([obs, counts[order][small].sum().view(1)])
+        exp = torch.cat([exp, expected[order][small].sum().view(1)])
     return stats.chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue

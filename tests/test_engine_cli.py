@@ -36,3 +36,16 @@ def test_generate_batch_and_errors(model_dir, capsys):
     assert "=== 0 ===" in out and "=== 1 ===" in out
     assert main(base + ["--prompt", "w3", "--temperature", "-1"]) == 2
     assert "temperature" in capsys.readouterr().err
+
+
+def test_generate_with_filters_and_lenience(model_dir, capsys):
+    base = ["generate", "--prompt", "w3 w4", "--target", str(model_dir), "--draft", "layers:0", "--device", "cpu",
+            "--dtype", "fp32", "--temperature", "1", "--max-new-tokens", "6", "--seed", "3"]
+    for extra in (["--top-k", "5", "--top-p", "0.9", "--min-p", "0.05"], ["--lenience", "0.5"],
+                  ["--top-p", "0.8", "--filter-target-only"]):
+        assert main(base + extra) == 0
+        assert "tokens/step" in capsys.readouterr().err
+    for extra, word in ((["--top-p", "0"], "top_p"), (["--top-k", "-2"], "top_k"), (["--lenience", "2"], "lenience")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and word in err[0]

@@ -129,6 +129,44 @@ def test_sampled_sd_is_lossless(temperature, draft):
         assert 0 < lookup_steps < sum(o.stats.steps for o in out)
 
 
+@pytest.mark.parametrize("filter_draft", [True, False])
+def test_mixed_settings_in_one_batch_are_lossless_per_group(filter_draft):
+    """One batch mixes temperatures and filters row by row (greedy rows, plain T, top-p, top-k, min-p); each group's
+    first two tokens must follow that group's exact filtered target distribution (chi-square, fails below 1e-3),
+    whether the draft samples filtered (tempspec) or unfiltered with only the target filtered (serving engines)."""
+    V = 16
+    target = tiny_target(vocab=V, layers=2, seed=5, scale=3.0)
+    prompt = [3, 1, 4, 1]
+    engine = SpeculativeEngine(target, "layers:0", device="cpu", dtype=torch.float32, k=3, max_len=16,
+                               max_batch_size=1000)
+    groups = [dict(temperature=0.5), dict(temperature=1.0, top_p=0.6), dict(temperature=1.0, top_k=3),
+              dict(temperature=2.0, min_p=0.1), dict(temperature=0.7, top_k=5, top_p=0.8)]
+    n = 1500
+    rows = [groups[i % len(groups)] for i in range(n * len(groups))]
+    out = engine.generate([prompt] * len(rows), [g["temperature"] for g in rows], 2, seed=99,
+                          top_k=[g.get("top_k", 0) for g in rows], top_p=[g.get("top_p", 1.0) for g in rows],
+                          min_p=[g.get("min_p", 0.0) for g in rows], filter_draft=filter_draft)
+    for j, g in enumerate(groups):
+        mine = out[j::len(groups)]
+        assert all(o.stats.temperature == g["temperature"] and o.stats.top_k == g.get("top_k", 0)
+                   and o.stats.filter_draft == filter_draft for o in mine)
+        expected = exact_first_two(target.model, prompt, g["temperature"], g.get("top_k", 0), g.get("top_p", 1.0),
+                                   g.get("min_p", 0.0))
+        assert first_two_chi_square(mine, expected) > 1e-3, g
+    assert sum(o.stats.accepted for o in out) > 0
+    greedy = engine.generate([prompt], 0.0, 2, top_p=0.5, top_k=2)[0].token_ids  # filters never change greedy rows
+    assert greedy == engine.generate([prompt], 0.0, 2, speculative=False)[0].token_ids
+
+
+def test_filters_are_checked(target):
+    engine = SpeculativeEngine(target, "layers:0", device="cpu", dtype=torch.float32, max_len=64)
+    for kw, word in ((dict(top_k=-1), "top_k"), (dict(top_k=2.5), "top_k"), (dict(top_p=0.0), "top_p"),
+                     (dict(top_p=1.5), "top_p"), (dict(min_p=1.0), "min_p"), (dict(lenience=0.0), "lenience"),
+                     (dict(lenience=1.2), "lenience"), (dict(top_p=[0.5]), "one entry per prompt")):
+        with pytest.raises(ValueError, match=word):
+            engine.generate([[1, 2], [3, 4]], 1.0, 4, **kw)
+
+
 def test_mixed_temperatures_in_one_batch(target):
     engine = SpeculativeEngine(target, "layers:0,3", device="cpu", dtype=torch.float32, max_len=128)
     base = engine.generate(PROMPTS, 0.0, 25, speculative=False)
@@ -234,3 +272,27 @@ def test_model_objects_move_to_the_engine_device_and_dtype(device):
         assert p.device.type == device and p.dtype == torch.bfloat16
     out = engine.generate([[1, 2, 3]], 0.0, 5)[0]
     assert len(out.token_ids) == 5 and out.stats.steps >= 1
+
+
+@pytest.mark.parametrize("draft", ["random", "layers:0", "lookup+layers:0"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_draft_cache_after_rejections_equals_a_fresh_pass(draft, temperature):
+    """After decoding (with rejections, and lookup steps that leave the model's cache behind), the keys the model
+    proposer counts as cached equal a fresh forward of the draft over the accepted prefix."""
+    target = tiny_target(vocab=32, layers=2, seed=4, scale=3.0)
+    engine = SpeculativeEngine(target, draft, device="cpu", dtype=torch.float32, k=3, max_len=96,
+                               static_shapes=True)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    out = engine.generate([prompt], temperature, 40, seed=2)[0]
+    assert out.stats.rejections > 0
+    model_proposer = getattr(engine.proposer, "model", engine.proposer)
+    n = model_proposer.cached[0]
+    seq = out.prompt_ids + out.token_ids
+    assert 0 < n <= len(seq)
+    (caches, _), = engine._static_state.values()
+    fresh = engine.draft_model.model.new_cache(1, 96)
+    with torch.no_grad():
+        engine.draft_model.model(torch.tensor([seq[:n]]), torch.arange(n).unsqueeze(0), fresh, compute_logits=False)
+    for layer in range(len(fresh.k)):
+        torch.testing.assert_close(caches[1].k[layer][0, :, :n], fresh.k[layer][0, :, :n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(caches[1].v[layer][0, :, :n], fresh.v[layer][0, :, :n], atol=1e-5, rtol=1e-5)

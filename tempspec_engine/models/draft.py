@@ -11,7 +11,9 @@ Draft specs (CLI `--draft` and SpeculativeEngine(draft=...)):
   "lookup+distilled:1"         hybrid: lookup proposes for a row whose last 2-3 tokens occurred earlier, the model
                                after the "+" (any spec below) for the others (it runs only when some row needs it)
   "distilled:0.5"              the shipped draft distilled at KD temperature 0.5 (tempspec_engine/drafts/)
-  a tempspec draft directory   a draft saved by tempspec_trainer (models/draft_checkpoint.py)
+  "feature:1"                  the shipped EAGLE-style feature head distilled at KD temperature 1
+  a tempspec draft directory   a draft saved by tempspec_trainer (models/draft_checkpoint.py), or an EAGLE-style
+                               feature head (models/feature_draft.py: it reads the target's own features)
   "distilled:1/vocab:8192"     any of the two above with its head restricted likewise
   a Hugging Face model directory  (checked for the same tokenizer)
   a hub id                     only with allow_download=True (CLI --allow-download) and HF_HUB_OFFLINE unset
@@ -26,6 +28,8 @@ import torch
 
 from tempspec_engine.models.config import ModelConfig
 from tempspec_engine.models.draft_checkpoint import is_draft_dir, load_draft, shipped_draft
+from tempspec_engine.models.feature_draft import FORMAT as FEATURE_FORMAT
+from tempspec_engine.models.feature_draft import is_feature_draft_dir, load_feature_draft
 from tempspec_engine.models.llama import Transformer
 from tempspec_engine.models.loading import LoadedModel, check_tokenizers, load_hf, model_source, place
 
@@ -34,7 +38,7 @@ from tempspec_engine.models.loading import LoadedModel, check_tokenizers, load_h
 DEFAULT_DRAFT = "lookup"
 # the forms of a draft spec that are not paths, for error messages
 SPEC_FORMS = ("a draft spec (default, none, lookup[:N], lookup+<model spec>, layers:<ids>[/vocab:N], "
-              "distilled:<T>[/vocab:N], random[:N]) nor a tempspec draft directory[/vocab:N]")
+              "distilled:<T>[/vocab:N], feature:<T>, random[:N]) nor a tempspec draft directory[/vocab:N]")
 
 
 def layer_subset_draft(target: Transformer, layer_ids: Sequence[int], vocab_limit: Optional[int] = None) -> Transformer:
@@ -131,7 +135,7 @@ def check_spec_form(spec, allow_download: bool = False) -> None:
         return
     _, spec = split_hybrid(spec)
     body = spec.partition("/vocab:")[0]
-    if body in ("lookup", "random") or body.split(":")[0] in ("lookup", "random", "layers", "distilled"):
+    if body in ("lookup", "random") or body.split(":")[0] in ("lookup", "random", "layers", "distilled", "feature"):
         return
     if not is_draft_dir(body):
         model_source(body, "draft", SPEC_FORMS, allow_download)
@@ -160,6 +164,15 @@ def make_draft(spec, target: LoadedModel, device, dtype, allow_download: bool = 
         model = random_draft(target.model.config, n_layers, device=device, dtype=dtype)
         return LoadedModel(model, target.tokenizer, target.eos_ids, spec)
     body, _, vocab = spec.rpartition("/vocab:") if "/vocab:" in spec else (spec, "", "")
+    if body.startswith("feature:"):
+        body = shipped_draft(_spec_number(body, None, float, None, "use 'feature:T' with a number T, e.g. feature:1"),
+                             FEATURE_FORMAT, "feature")
+    if is_feature_draft_dir(body):
+        if vocab:
+            raise ValueError(f"draft {spec!r}: a feature head's vocabulary is set when it is trained "
+                             "(tempspec-train distill --init feature/vocab:N), not by a '/vocab:N' suffix")
+        head = load_feature_draft(body, target.model, device, dtype)
+        return LoadedModel(head, target.tokenizer, target.eos_ids, spec)
     if body.startswith("distilled:") or is_draft_dir(body):
         if not isinstance(target.model, Transformer):
             raise ValueError("trained tempspec drafts need a Llama-family target")

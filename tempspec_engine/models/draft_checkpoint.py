@@ -27,7 +27,18 @@ SHIPPED_DIR = Path(__file__).resolve().parent.parent / "drafts"
 SHARED_KEYS = ("embed_tokens.weight", "lm_head.weight")
 
 
+def draft_format(path) -> Optional[str]:
+    """The "format" of the tempspec_draft.json in `path` (None when there is none or it is unreadable; never
+    raises): FORMAT for a draft model, models/feature_draft.py's for a feature head."""
+    try:
+        info = json.loads((Path(path) / DRAFT_FILE).read_text())
+    except (OSError, ValueError, UnicodeDecodeError, TypeError):
+        return None
+    return info.get("format") if isinstance(info, dict) else None
+
+
 def is_draft_dir(path) -> bool:
+    """A directory with a tempspec_draft.json (of any format: a broken one is reported when it is loaded)."""
     return (Path(path) / DRAFT_FILE).is_file()
 
 
@@ -50,21 +61,29 @@ def save_draft(model: Transformer, directory, *, shares_target_embeddings: bool,
     return out
 
 
-def read_draft_info(directory) -> dict:
-    """The parsed tempspec_draft.json of a draft directory; ValueError naming the file when it is broken."""
+def read_info(directory, expected_format: str = FORMAT, what: str = "draft") -> dict:
+    """The parsed tempspec_draft.json of a draft directory of `expected_format`; ValueError naming the file when it
+    is broken."""
     path = Path(directory) / DRAFT_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a tempspec draft directory (no {DRAFT_FILE})")
+        raise FileNotFoundError(f"{directory} is not a tempspec {what} directory (no {DRAFT_FILE})")
     try:
         info = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
+    if not isinstance(info, dict) or info.get("format") != expected_format:
         found = info.get("format") if isinstance(info, dict) else type(info).__name__
-        raise ValueError(f"{path}: unknown draft format {found!r} (expected {FORMAT})")
-    for key, kind in (("config", dict), ("shares_target_embeddings", bool)):
-        if not isinstance(info.get(key), kind):
-            raise ValueError(f"{path}: '{key}' must be a JSON {'object' if kind is dict else 'boolean'}")
+        raise ValueError(f"{path}: unknown {what} format {found!r} (expected {expected_format})")
+    if not isinstance(info.get("config"), dict):
+        raise ValueError(f"{path}: 'config' must be a JSON object")
+    return info
+
+
+def read_draft_info(directory) -> dict:
+    """The parsed tempspec_draft.json of a draft-model directory (see read_info)."""
+    info = read_info(directory)
+    if not isinstance(info.get("shares_target_embeddings"), bool):
+        raise ValueError(f"{Path(directory) / DRAFT_FILE}: 'shares_target_embeddings' must be a JSON boolean")
     return info
 
 
@@ -75,7 +94,7 @@ def _config(info: dict, directory) -> ModelConfig:
         raise ValueError(f"{Path(directory) / DRAFT_FILE}: 'config' does not describe a model ({exc})") from None
 
 
-def _read_weights(directory) -> Dict[str, torch.Tensor]:
+def read_weights(directory) -> Dict[str, torch.Tensor]:
     """The tensors of model.safetensors; ValueError naming the file when it is missing, empty or truncated."""
     from safetensors.torch import load_file
 
@@ -87,6 +106,16 @@ def _read_weights(directory) -> Dict[str, torch.Tensor]:
     except Exception as exc:  # safetensors raises its own SafetensorError for empty or truncated files
         raise ValueError(f"{path}: cannot read the weights ({' '.join(str(exc).split())}); the file is empty, "
                          "truncated or not safetensors") from None
+
+
+def check_weights_fit(state: Dict[str, torch.Tensor], expected: Dict[str, torch.Size], directory) -> None:
+    """ValueError naming the weights file unless `state` has exactly the keys and shapes of `expected`."""
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    wrong = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k])
+    if missing or unexpected or wrong:
+        shapes = [f"{k} {tuple(state[k].shape)} instead of {tuple(expected[k])}" for k in wrong[:2]]
+        raise ValueError(f"{Path(directory) / WEIGHTS_FILE}: the weights do not fit the config in {DRAFT_FILE} "
+                         f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}, shapes {shapes})")
 
 
 def load_draft(directory, target: Optional[Transformer] = None, device=None, dtype=None) -> Transformer:
@@ -106,14 +135,9 @@ def load_draft(directory, target: Optional[Transformer] = None, device=None, dty
         device, dtype = target.embed_tokens.weight.device, target.embed_tokens.weight.dtype
     with torch.device("meta"):
         model = Transformer(config)
-    state = _read_weights(directory)
-    expected = {k: v.shape for k, v in model.state_dict().items() if not (shared and k in SHARED_KEYS)}
-    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
-    wrong = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k])
-    if missing or unexpected or wrong:
-        shapes = [f"{k} {tuple(state[k].shape)} instead of {tuple(expected[k])}" for k in wrong[:2]]
-        raise ValueError(f"{Path(directory) / WEIGHTS_FILE}: the weights do not fit the config in {DRAFT_FILE} "
-                         f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}, shapes {shapes})")
+    state = read_weights(directory)
+    check_weights_fit(state, {k: v.shape for k, v in model.state_dict().items()
+                              if not (shared and k in SHARED_KEYS)}, directory)
     model.load_state_dict(state, strict=False, assign=True)
     if shared:  # attach the target's own modules after the cast, so the target is never modified
         model.embed_tokens, model.lm_head = torch.nn.Identity(), None
@@ -123,21 +147,24 @@ def load_draft(directory, target: Optional[Transformer] = None, device=None, dty
     return model.to(device=device, dtype=dtype).eval()
 
 
-def shipped_drafts() -> Dict[float, Path]:
-    """{tau_kd: directory} of the drafts shipped in tempspec_engine/drafts/ (empty when none)."""
+def shipped_drafts(expected_format: str = FORMAT) -> Dict[float, Path]:
+    """{tau_kd: directory} of the drafts of `expected_format` (draft models by default) shipped in
+    tempspec_engine/drafts/ (empty when none)."""
     found = {}
     if SHIPPED_DIR.is_dir():
         for d in sorted(SHIPPED_DIR.iterdir()):
-            if is_draft_dir(d):
-                tau = read_draft_info(d).get("metadata", {}).get("recipe", {}).get("tau_kd")
+            if draft_format(d) == expected_format:
+                tau = read_info(d, expected_format).get("metadata", {}).get("recipe", {}).get("tau_kd")
                 if tau is not None:
                     found[float(tau)] = d
     return found
 
 
-def shipped_draft(tau: float) -> Path:
-    """The shipped draft distilled at KD temperature `tau`; ValueError listing the ones that exist otherwise."""
-    drafts = shipped_drafts()
+def shipped_draft(tau: float, expected_format: str = FORMAT, spec: str = "distilled") -> Path:
+    """The shipped draft of `expected_format` distilled at KD temperature `tau`; ValueError listing the ones that
+    exist otherwise."""
+    drafts = shipped_drafts(expected_format)
     if float(tau) not in drafts:
-        raise ValueError(f"no shipped draft distilled at tau_kd={tau}; shipped: {sorted(drafts) or 'none'}")
+        raise ValueError(f"no shipped draft distilled at tau_kd={tau} ({spec}:T); shipped: "
+                         f"{', '.join(f'{spec}:{t:g}' for t in sorted(drafts)) or 'none'}")
     return drafts[float(tau)]

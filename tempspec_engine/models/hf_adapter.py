@@ -19,12 +19,11 @@ class _HFConfig:
 
 
 class HFCacheState:
-    """Batch-1 stand-in for KVCache: the transformers cache object plus `lengths` [1] int64."""
+    """Batch-1 stand-in for KVCache: the transformers cache object (cropped by the next forward's first position)."""
 
-    def __init__(self, max_len: int, device):
+    def __init__(self, max_len: int):
         self.past = None
         self.max_len = max_len
-        self.lengths = torch.zeros(1, dtype=torch.int64, device=device)
 
     @property
     def batch(self) -> int:
@@ -34,9 +33,6 @@ class HFCacheState:
         if (start, stop) != (0, 1):
             raise ValueError("Hugging Face fallback models run at batch size 1")
         return self
-
-    def rollback(self, lengths: torch.Tensor) -> None:
-        self.lengths.copy_(lengths)
 
     def compact(self, keep: torch.Tensor) -> None:
         if keep.tolist() != [0]:
@@ -58,7 +54,7 @@ class HFDecoder(nn.Module):
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> HFCacheState:
         if batch != 1:
             raise ValueError("Hugging Face fallback models run at batch size 1")
-        return HFCacheState(max_len, device or next(self.hf.parameters()).device)
+        return HFCacheState(max_len)
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: HFCacheState,

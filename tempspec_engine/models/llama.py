@@ -7,7 +7,7 @@ tied embeddings. Weights load from a Hugging Face Llama/Mistral/Qwen2 state dict
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +106,30 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin [B, 1, T, head_dim] of `dtype` for positions [B, T] (rotate-half layout)."""
+    freqs = positions.unsqueeze(-1).float() * inv_freq  # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [B, 1, T, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def run_layers(layers: Sequence[Block], x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor,
+               cache: Optional[KVCache], kv_len: Optional[int] = None, last_query: bool = False) -> torch.Tensor:
+    """The decoder blocks on x [B, T, dim] with RoPE at positions [B, T], under Transformer.forward's cache
+    conventions: with a cache, each layer writes its T keys at `positions` and attends over cache positions
+    [0, kv_len) (default: all) where key position <= query position (no mask with last_query=True); cache=None:
+    plain causal attention over the T inputs (training). Returns the last block's output [B, T, dim]."""
+    if cache is None:
+        kv_len, last_query = x.shape[1], True  # no explicit mask: attention is causal
+    kv_len = cache.max_len if kv_len is None else kv_len
+    cos, sin = rope_cos_sin(inv_freq, positions, x.dtype)
+    keys = torch.arange(kv_len, device=positions.device)
+    mask = None if last_query else (keys.view(1, 1, 1, -1) <= positions.view(positions.shape[0], 1, -1, 1))
+    for i, block in enumerate(layers):
+        x = block(x, cos, sin, positions, mask, cache, i, kv_len)
+    return x
+
+
 class Transformer(nn.Module):
     """Llama-family decoder. Module names follow Hugging Face (`model.` prefix dropped) so state dicts load as is.
 
@@ -142,7 +166,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Optional[KVCache],
                 kv_len: Optional[int] = None, logits_index: Optional[torch.Tensor] = None,
-                compute_logits: bool = True, last_query: bool = False) -> Optional[torch.Tensor]:
+                compute_logits: bool = True, last_query: bool = False, return_features: bool = False
+                ) -> Union[Optional[torch.Tensor], Tuple[Optional[torch.Tensor], torch.Tensor]]:
         """tokens, positions: [B, T] int64 (row b's token t sits at positions[b, t]; keys at positions <= it are
         visible). Writes the T keys per layer into `cache` (lengths untouched: the caller owns them) and attends
         over cache positions [0, kv_len) (default: the whole cache). logits_index [B] picks one position per row.
@@ -151,25 +176,25 @@ class Transformer(nn.Module):
         cache=None (training, scoring): plain causal attention over the T given tokens (positions 0..T-1 in order,
         right padding only); differentiable.
         Returns logits [B, T or 1, V] in the model dtype, or None when compute_logits is False.
+        return_features=True returns (logits or None, features): features [B, T or 1, dim] in the model dtype are the
+        final hidden states after the final norm (the output head's input) at the same positions as the logits
+        (all T, or the logits_index ones); no extra pass (EAGLE-style feature drafts read them).
         """
-        if cache is None:
-            kv_len, last_query = tokens.shape[1], True  # no explicit mask: attention is causal
-        kv_len = cache.max_len if kv_len is None else kv_len
         x = self.embed_tokens(tokens)
         if self._inv_freq.device != tokens.device:
             self._inv_freq = self._inv_freq.to(tokens.device)
-        freqs = positions.unsqueeze(-1).float() * self._inv_freq  # [B, T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [B, 1, T, D]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        keys = torch.arange(kv_len, device=tokens.device)
-        mask = None if last_query else (keys.view(1, 1, 1, -1) <= positions.view(positions.shape[0], 1, -1, 1))
-        for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, positions, mask, cache, i, kv_len)
-        if not compute_logits:
+        x = run_layers(self.layers, x, self._inv_freq, positions, cache, kv_len, last_query)
+        if not compute_logits and not return_features:
             return None
         if logits_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_index].unsqueeze(1)
-        logits = F.linear(self.norm(x), self.output_weight())
+        features = self.norm(x)
+        logits = self.head_logits(features) if compute_logits else None
+        return (logits, features) if return_features else logits
+
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The output head on final-norm features [..., dim] -> logits [..., V] (-inf beyond vocab_limit)."""
+        logits = F.linear(features, self.output_weight())
         if self.vocab_limit is not None and self.vocab_limit < self.config.vocab_size:
             logits = F.pad(logits, (0, self.config.vocab_size - self.vocab_limit), value=float("-inf"))
         return logits

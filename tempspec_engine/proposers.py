@@ -1,0 +1,309 @@
+"""Proposers: who proposes the draft tokens of a speculative step, and the state each of them keeps.
+
+The engine's step reads propose -> verify -> accept -> commit (engine.py). A proposer
+  start(reqs, features): requests were just prefilled (features: the target's final features of prompt[:-1], given
+      to a proposer with `needs_features`);
+  propose(ctx, caches, forwards, k_max) -> Proposal, or None when no row has anything to propose (the engine then
+      runs a plain target step): k tokens per row and the distribution each was drawn from (one-hot for lookup), so
+      that the acceptance stays lossless;
+  commit(ctx, proposal, accepted, features): told how many of each row's proposals were accepted (and, with
+      `needs_features`, given the target's features of the verified positions), it updates its own state.
+`models` are the models whose KV caches the engine allocates for it (with CUDA graphs where the engine uses them);
+their caches and forwards come back, in that order, to propose().
+
+Sequence lengths have one source of truth, the request's committed tokens (len(req.seq)); a model proposer keeps,
+per request, how many leading tokens its own cache holds (`cached`), which can fall behind (after lookup steps) and
+is caught up by re-reading a window before it drafts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from tempspec_engine.ops import sample
+from tempspec_engine.sampling import StepSettings
+
+LOOKUP, MODEL = "lookup", "model"  # proposal sources: each has its own acceptance estimates (adaptive_k.py)
+
+
+def pad_logits(logits: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+    """Logits [..., V_model] -> [..., vocab] of `dtype`, padding with -inf (tokens the model lacks)."""
+    logits = logits.to(dtype)
+    if logits.shape[-1] < vocab:
+        logits = F.pad(logits, (0, vocab - logits.shape[-1]), value=float("-inf"))
+    return logits
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What a proposer sees of one step. reqs: the batch rows (idle rows hold a stand-in request); live: indices of
+    the real ones; lengths: committed tokens per row; choose_k(source): the lookahead for proposals from `source`."""
+
+    reqs: list
+    live: List[int]
+    lengths: List[int]
+    settings: StepSettings
+    filter_draft: bool
+    generator: torch.Generator
+    choose_k: Callable[[str], int]
+    vocab: int
+    dtype: torch.dtype
+    device: torch.device
+    backend: str
+    static_shapes: bool
+
+    def pad(self, logits: torch.Tensor) -> torch.Tensor:
+        return pad_logits(logits, self.vocab, self.dtype)
+
+    def draft_filters(self) -> dict:
+        """The filters the draft samples with (none when only the target is filtered)."""
+        return self.settings.filters if self.filter_draft else {}
+
+
+class Proposal(NamedTuple):
+    """tokens [B, k] int64; logits [B, k, V] (q, in the engine dtype); source[b]: LOOKUP, MODEL or None (an idle row,
+    or a row padded without a proposal of its own: no estimator learns from it)."""
+
+    tokens: torch.Tensor
+    logits: torch.Tensor
+    source: List[Optional[str]]
+
+    @property
+    def k(self) -> int:
+        return self.tokens.shape[1]
+
+
+class NonFiniteFlag:
+    """A 0-dim bool on the device, or-ed with every model output (no host synchronization); the engine reads it with
+    each step's results."""
+
+    def __init__(self, device: torch.device):
+        self.value = torch.zeros((), dtype=torch.bool, device=device)
+
+    def reset(self) -> None:
+        self.value.zero_()
+
+    def check(self, logits: torch.Tensor) -> None:
+        """NaN or +inf anywhere in `logits` (-inf masks tokens and is allowed): one reduction, as max propagates
+        NaN."""
+        top = logits.amax()
+        self.value |= top.isnan() | top.isposinf()
+
+
+class LookupProposer:
+    """n-gram lookup in each row's own tokens (models/lookup_draft.py). Stateless: it needs no cache."""
+
+    models: Sequence = ()
+    needs_features = False
+
+    def __init__(self, lookup):
+        self.lookup = lookup
+
+    def start(self, reqs, features=None) -> None:
+        pass
+
+    def matches(self, ctx: StepContext, k_max: int) -> List[List[int]]:
+        return self.lookup.propose([r.seq for r in ctx.reqs], k_max)
+
+    def from_matches(self, ctx: StepContext, found: List[List[int]], rows: Sequence[int], k: int) -> Proposal:
+        """Proposals of `rows` (shorter matches repeat their last token; a row without one repeats its last token)."""
+        padded = [(found[i] + [found[i][-1] if found[i] else ctx.reqs[i].seq[-1]] * k)[:k] for i in rows]
+        tokens = torch.tensor(padded, device=ctx.device)
+        return Proposal(tokens, self.lookup.draft_logits(tokens, ctx.vocab, ctx.dtype),
+                        [LOOKUP if found[i] and i in ctx.live else None for i in rows])
+
+    def propose(self, ctx: StepContext, caches, forwards, k_max: int) -> Optional[Proposal]:
+        return self.from_all_matches(ctx, self.matches(ctx, k_max))
+
+    def from_all_matches(self, ctx: StepContext, found: List[List[int]]) -> Optional[Proposal]:
+        """Every row's proposal, k no longer than the longest match; None when no live row has a match."""
+        matched = [i for i in ctx.live if found[i]]
+        if not matched:
+            return None
+        k = min(ctx.choose_k(LOOKUP), max(len(found[i]) for i in matched))
+        return self.from_matches(ctx, found, range(len(ctx.reqs)), k)
+
+    def commit(self, ctx: StepContext, proposal: Proposal, accepted: List[int], features=None) -> None:
+        pass
+
+
+class ModelProposer:
+    """A draft model with its own KV cache; `cached[request index]`: leading tokens of the request its cache holds."""
+
+    needs_features = False
+
+    def __init__(self, draft, flag: NonFiniteFlag):
+        self.draft = draft  # a LoadedModel
+        self.models = (draft.model,)
+        self.flag = flag
+        self.cached: Dict[int, int] = {}
+
+    def start(self, reqs, features=None) -> None:
+        """Requests just prefilled (prompt[:-1] in every cache)."""
+        for r in reqs:
+            self.cached[r.index] = len(r.seq) - 1
+
+    def propose(self, ctx: StepContext, caches, forwards, k_max: int) -> Proposal:
+        """Catches the cache up, then drafts k tokens with the fused sampler (from the draft's filtered distribution
+        unless only the target is filtered).
+
+        Every row re-reads a window of W >= 2 committed tokens ending at its pending token, covering what the cache
+        lacks: its last two tokens after a model step, more after lookup steps. A row shorter than W is padded at its
+        end (keys beyond a row's length are overwritten before anything attends to them)."""
+        (cache,), (forward,) = caches, forwards
+        reqs, lengths, dev = ctx.reqs, ctx.lengths, ctx.device
+        k = ctx.choose_k(MODEL)
+        kv_len = max(lengths) + k
+        W = max(2, max(n - self.cached.get(r.index, n - 1) for r, n in zip(reqs, lengths)))
+        rounded = 1 << (W - 1).bit_length()  # the next power of two
+        if ctx.static_shapes and rounded <= max(lengths):
+            W = rounded  # few distinct shapes (one captured graph each)
+        starts = [max(n - W, 0) for n in lengths]
+        window = torch.tensor([(r.seq[s:n] + [0] * W)[:W] for r, s, n in zip(reqs, starts, lengths)], device=dev)
+        positions = torch.tensor(starts, device=dev).unsqueeze(1) + torch.arange(W, device=dev)
+        last = torch.tensor([n - 1 - s for s, n in zip(starts, lengths)], device=dev)
+        logits = forward(window, positions, cache, kv_len, last)
+        L = torch.tensor(lengths, device=dev)
+        draft_logits, draft_tokens = [], []
+        for i in range(k):
+            q = ctx.pad(logits[:, 0])
+            self.flag.check(q)
+            # a row of NaN logits samples an arbitrary id (the step then raises FloatingPointError): keep it in range
+            # so that the next draft forward cannot index outside the embedding
+            d = sample(q, ctx.settings.temperature, generator=ctx.generator, backend=ctx.backend, validate=False,
+                       **ctx.draft_filters()).clamp_(0, q.shape[-1] - 1)
+            draft_logits.append(q)
+            draft_tokens.append(d)
+            if i < k - 1:
+                logits = forward(d.unsqueeze(1), (L + i).unsqueeze(1), cache, kv_len, None)
+        live = set(ctx.live)
+        return Proposal(torch.stack(draft_tokens, dim=1), torch.stack(draft_logits, dim=1),
+                        [MODEL if i in live else None for i in range(len(reqs))])
+
+    def commit(self, ctx: StepContext, proposal: Proposal, accepted: List[int], features=None) -> None:
+        """The cache holds each row's committed tokens up to the last two (its window re-reads them), or, for a row
+        whose proposal the lookup replaced, up to its window's end."""
+        for i in ctx.live:
+            n = ctx.lengths[i]
+            self.cached[ctx.reqs[i].index] = n if proposal.source[i] == LOOKUP else max(n + accepted[i] - 1, 0)
+
+    def skipped(self, ctx: StepContext, accepted: List[int], features=None) -> None:
+        """A step in which another proposer proposed: nothing to do (the next window re-reads what was missed)."""
+
+
+class HybridProposer:
+    """Lookup where a row's last 2+ tokens occurred earlier, the model (or feature) draft elsewhere. When every live
+    row has a match the model does not run (it catches up later); otherwise the model drafts for all rows and the
+    matched rows take the lookup's proposals. Each row's q is the distribution its proposal was drawn from, so every
+    row stays lossless."""
+
+    def __init__(self, lookup: LookupProposer, model):
+        self.lookup, self.model = lookup, model
+        self.models = model.models
+        self.needs_features = model.needs_features
+
+    def start(self, reqs, features=None) -> None:
+        self.model.start(reqs, features)
+
+    def propose(self, ctx: StepContext, caches, forwards, k_max: int) -> Proposal:
+        found = self.lookup.matches(ctx, k_max)
+        matched = [i for i in ctx.live if found[i]]
+        if len(matched) == len(ctx.live):
+            return self.lookup.from_all_matches(ctx, found)
+        proposal = self.model.propose(ctx, caches, forwards, k_max)
+        if matched:
+            rows = self.lookup.from_matches(ctx, found, matched, proposal.k)
+            idx = torch.tensor(matched, device=ctx.device)
+            proposal.tokens[idx], proposal.logits[idx] = rows.tokens, rows.logits
+            for i in matched:
+                proposal.source[i] = LOOKUP
+        return proposal
+
+    def commit(self, ctx: StepContext, proposal: Proposal, accepted: List[int], features=None) -> None:
+        if any(s == MODEL for s in proposal.source):  # the model ran this step
+            self.model.commit(ctx, proposal, accepted, features)
+        else:
+            self.model.skipped(ctx, accepted, features)
+
+
+class FeatureProposer:
+    """An EAGLE-style feature head (models/feature_draft.py): it reads the target's own final features, which the
+    engine's prefill and verification forwards hand over (`needs_features`), and drafts by feeding the head its own
+    predicted features. Per request it keeps `cached` (positions its cache holds: the target's features were read
+    up to there) and `unread`, the target features [c, dim] it has not read yet (those of the tokens committed since).
+    The recipe, position by position, is in FeatureDraft's docstring."""
+
+    needs_features = True
+
+    def __init__(self, head, flag: NonFiniteFlag):
+        self.head = head  # a FeatureDraft
+        self.models = (head,)
+        self.flag = flag
+        self.cached: Dict[int, int] = {}
+        self.unread: Dict[int, torch.Tensor] = {}
+
+    def start(self, reqs, features: Optional[torch.Tensor] = None) -> None:
+        """Requests just prefilled: features [len(reqs), T, dim] of prompt[:-1] (row b valid on len(seq) - 1)."""
+        dim = self.head.config.dim
+        for b, r in enumerate(reqs):
+            n = len(r.seq) - 1
+            self.cached[r.index] = 0
+            self.unread[r.index] = features[b, :n] if n > 0 else torch.zeros(0, dim, device=features.device
+                                                                               if features is not None else None)
+
+    def propose(self, ctx: StepContext, caches, forwards, k_max: int) -> Proposal:
+        (cache,) = caches
+        reqs, lengths, dev = ctx.reqs, ctx.lengths, ctx.device
+        k = ctx.choose_k(MODEL)
+        kv_len = max(lengths) + k
+        # 1. extend: each row reads its unread features f_m..f_{n-1} with tokens x_{m+1}..x_n (right-padded)
+        unread = [self.unread.get(r.index) for r in reqs]
+        counts = [u.shape[0] if u is not None else 0 for u in unread]
+        W = max(1, max(counts))
+        dim = self.head.config.dim
+        feats = torch.zeros(len(reqs), W, dim, dtype=ctx.dtype, device=dev)
+        tokens, positions, last = [], [], []
+        for b, (r, u, c, n) in enumerate(zip(reqs, unread, counts, lengths)):
+            m = n - 1 - c  # the first unread position
+            if c:
+                feats[b, :c] = u
+            tokens.append((r.seq[m + 1:n] + [0] * W)[:W])
+            positions.append(list(range(m, m + W)))
+            last.append(max(c - 1, 0))
+        rows = torch.arange(len(reqs), device=dev)
+        pred = self.head(feats, torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), cache,
+                         kv_len)[rows, torch.tensor(last, device=dev)].unsqueeze(1)
+        for r, n in zip(reqs, lengths):
+            self.cached[r.index] = n - 1
+        # 2. draft: d_1 from the extension, then the head on its own predicted features
+        L = torch.tensor(lengths, device=dev)
+        draft_logits, draft_tokens = [], []
+        for i in range(k):
+            q = ctx.pad(self.head.logits(pred[:, 0]))
+            self.flag.check(q)
+            d = sample(q, ctx.settings.temperature, generator=ctx.generator, backend=ctx.backend, validate=False,
+                       **ctx.draft_filters()).clamp_(0, q.shape[-1] - 1)
+            draft_logits.append(q)
+            draft_tokens.append(d)
+            if i < k - 1:
+                pred = self.head(pred, d.unsqueeze(1), (L - 1 + i).unsqueeze(1), cache, kv_len)
+        live = set(ctx.live)
+        return Proposal(torch.stack(draft_tokens, dim=1), torch.stack(draft_logits, dim=1),
+                        [MODEL if i in live else None for i in range(len(reqs))])
+
+    def commit(self, ctx: StepContext, proposal: Proposal, accepted: List[int],
+               features: Optional[torch.Tensor] = None) -> None:
+        """features [B, k+1, dim]: the target's at the verified positions; a row that accepted a drafts has a+1 new
+        committed tokens whose producing features are the first a+1 (its cache stays valid up to n - 1: the draft
+        steps' entries hold predicted features and are overwritten next round)."""
+        for i in ctx.live:
+            self.unread[ctx.reqs[i].index] = features[i, :accepted[i] + 1]
+
+    def skipped(self, ctx: StepContext, accepted: List[int], features=None) -> None:
+        """A step in which another proposer proposed: the features of the tokens it committed join the unread ones."""
+        for i in ctx.live:
+            r = ctx.reqs[i]
+            self.unread[r.index] = torch.cat([self.unread[r.index], features[i, :accepted[i] + 1]])

@@ -1,0 +1,97 @@
+"""The engine with an EAGLE-style feature draft (proposers.FeatureProposer over models/feature_draft.py): lossless
+(greedy equality, chi-square per temperature group in one mixed batch), and its cache after rejections equals a
+fresh pass over the accepted prefix."""
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from engine_fixtures import exact_first_two, first_two_chi_square, tiny_target  # noqa: E402
+from tempspec_engine.engine import SpeculativeEngine  # noqa: E402
+from tempspec_engine.models.feature_draft import (FeatureDraft, FeatureDraftConfig, load_feature_draft,  # noqa: E402
+                                                  save_feature_draft)
+from tempspec_engine.proposers import FeatureProposer  # noqa: E402
+
+PROMPTS = [[1, 2, 3], [5], [7, 8, 9, 10, 11, 12, 13, 14, 15], [4, 4]]
+
+
+def feature_head(target, seed=0, draft_vocab=None):
+    """A randomly initialized 1-layer head attached to the target (fp32): low acceptance, still lossless."""
+    torch.manual_seed(seed)
+    head = FeatureDraft(FeatureDraftConfig.for_target(target.model.config, draft_vocab=draft_vocab))
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.05)
+    return head.attach(target.model.embed_tokens, target.model.lm_head).eval()
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("draft_vocab", [None, 40])
+def test_greedy_sd_with_a_feature_draft_equals_the_target(batch, draft_vocab):
+    target = tiny_target(vocab=64, layers=3, seed=1)
+    engine = SpeculativeEngine(target, feature_head(target, draft_vocab=draft_vocab), device="cpu",
+                               dtype=torch.float32, k=3, max_len=128)
+    assert isinstance(engine.proposer, FeatureProposer)
+    want = engine.generate(PROMPTS, 0.0, 30, speculative=False, batch_size=batch)
+    got = engine.generate(PROMPTS, 0.0, 30, batch_size=batch)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert sum(o.stats.accepted for o in got) > 0 and sum(o.stats.rejections for o in got) > 0
+
+
+def test_feature_draft_is_lossless_per_temperature_group():
+    """One batch mixing T = 0.5 and T = 1 row by row; each group's first two tokens against the target's exact joint
+    distribution at its temperature (chi-square, fails below 1e-3)."""
+    V = 16
+    target = tiny_target(vocab=V, layers=2, seed=5, scale=3.0)
+    engine = SpeculativeEngine(target, feature_head(target, seed=2), device="cpu", dtype=torch.float32, k=3,
+                               max_len=16, max_batch_size=1000)
+    prompt = [3, 1, 4, 1]
+    temps = [0.5, 1.0] * 2000
+    out = engine.generate([prompt] * len(temps), temps, 2, seed=7)
+    for j, t in enumerate((0.5, 1.0)):
+        p_value = first_two_chi_square(out[j::2], exact_first_two(target.model, prompt, t))
+        assert p_value > 1e-3, (t, p_value)
+    assert sum(o.stats.accepted for o in out) > 0
+
+
+def test_lookup_in_front_of_a_feature_draft(tmp_path):
+    """lookup+<feature head directory>: greedy equality at batch 1 and 4, with both proposers taking part (the head
+    reads the features of the tokens lookup steps committed before it drafts again)."""
+    target = tiny_target(vocab=16, layers=3, seed=1)  # a small vocabulary: n-grams recur
+    save_feature_draft(feature_head(target), tmp_path / "head", target_name="tiny")
+    engine = SpeculativeEngine(target, f"lookup+{tmp_path / 'head'}", device="cpu", dtype=torch.float32, k=3,
+                               max_len=128)
+    prompts = [[p % 16 for p in prompt] for prompt in PROMPTS]
+    for batch in (1, 4):
+        want = engine.generate(prompts, 0.0, 40, speculative=False, batch_size=batch)
+        got = engine.generate(prompts, 0.0, 40, batch_size=batch)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        assert 0 < sum(o.stats.lookup_steps for o in got) < sum(o.stats.steps for o in got)
+
+
+@pytest.mark.parametrize("draft", ["head", "lookup+head"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_feature_cache_after_rejections_equals_a_fresh_pass(temperature, draft, tmp_path):
+    target = tiny_target(vocab=32, layers=2, seed=4, scale=3.0)
+    head = feature_head(target, seed=3)
+    if draft != "head":
+        save_feature_draft(head, tmp_path / "head", target_name="tiny")
+        head = load_feature_draft(tmp_path / "head", target.model)
+    spec = head if draft == "head" else f"lookup+{tmp_path / 'head'}"
+    engine = SpeculativeEngine(target, spec, device="cpu", dtype=torch.float32, k=3, max_len=96, static_shapes=True)
+    head = getattr(engine.proposer, "model", engine.proposer).head
+    out = engine.generate([[3, 1, 4, 1, 5, 9, 2, 6, 3, 1, 4]], temperature, 40, seed=2)[0]
+    assert out.stats.rejections > 0
+    n = getattr(engine.proposer, "model", engine.proposer).cached[0]
+    seq = out.prompt_ids + out.token_ids
+    assert 0 < n < len(seq)
+    (caches, _), = engine._static_state.values()
+    with torch.no_grad():
+        _, feats = target.model(torch.tensor([seq]), torch.arange(len(seq)).unsqueeze(0), None, compute_logits=False,
+                                return_features=True)
+        fresh = head.new_cache(1, 96)
+        head(feats[:, :n], torch.tensor([seq[1:n + 1]]), torch.arange(n).unsqueeze(0), fresh, kv_len=n)
+    for layer in range(len(fresh.k)):
+        torch.testing.assert_close(caches[1].k[layer][0, :, :n], fresh.k[layer][0, :, :n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(caches[1].v[layer][0, :, :n], fresh.v[layer][0, :, :n], atol=1e-5, rtol=1e-5)
