@@ -31,8 +31,10 @@ def _data_summary(paths) -> list:
         temps = sorted({r.get("temperature") for r in rows})
         sources = sorted({Path(r.get("source", "?")).name for r in rows})
         tokens = sum(len(r.get("response_ids", [])) for r in rows)
-        lines.append(f"- `{Path(p).name}`: {len(rows)} rows, {tokens} response tokens, sampled at T={temps} "
-                     f"from prompts of {', '.join(sources)} by {rows[0].get('generator', '?') if rows else '?'}")
+        generator = rows[0].get("generator", "?") if rows else "?"
+        origin = (f"the own responses of {', '.join(sources)} (fixed data)" if generator == "data" else
+                  f"sampled at T={temps} from prompts of {', '.join(sources)} by {generator}")
+        lines.append(f"- `{Path(p).name}`: {len(rows)} rows, {tokens} response tokens, {origin}")
     return lines
 
 
