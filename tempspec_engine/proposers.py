@@ -93,6 +93,18 @@ class NonFiniteFlag:
         self.value |= top.isnan() | top.isposinf()
 
 
+def draw(ctx: StepContext, logits: torch.Tensor, flag: NonFiniteFlag):
+    """One draft position: q = logits [B, V_model] padded to the engine's vocabulary and dtype (checked for NaN /
+    +inf), and d [B] int64 drawn from it with each row's settings by the fused sampler. Returns (q, d)."""
+    q = ctx.pad(logits)
+    flag.check(q)
+    # a row of NaN logits samples an arbitrary id (the step then raises FloatingPointError): keep it in range so that
+    # the next draft forward cannot index outside the embedding
+    d = sample(q, ctx.settings.temperature, generator=ctx.generator, backend=ctx.backend, validate=False,
+               **ctx.draft_filters()).clamp_(0, q.shape[-1] - 1)
+    return q, d
+
+
 class LookupProposer:
     """n-gram lookup in each row's own tokens (models/lookup_draft.py). Stateless: it needs no cache."""
 
@@ -169,12 +181,7 @@ class ModelProposer:
         L = torch.tensor(lengths, device=dev)
         draft_logits, draft_tokens = [], []
         for i in range(k):
-            q = ctx.pad(logits[:, 0])
-            self.flag.check(q)
-            # a row of NaN logits samples an arbitrary id (the step then raises FloatingPointError): keep it in range
-            # so that the next draft forward cannot index outside the embedding
-            d = sample(q, ctx.settings.temperature, generator=ctx.generator, backend=ctx.backend, validate=False,
-                       **ctx.draft_filters()).clamp_(0, q.shape[-1] - 1)
+            q, d = draw(ctx, logits[:, 0], self.flag)
             draft_logits.append(q)
             draft_tokens.append(d)
             if i < k - 1:
@@ -247,12 +254,11 @@ class FeatureProposer:
 
     def start(self, reqs, features: Optional[torch.Tensor] = None) -> None:
         """Requests just prefilled: features [len(reqs), T, dim] of prompt[:-1] (row b valid on len(seq) - 1)."""
-        dim = self.head.config.dim
+        none_yet = self.head.fc.weight.new_zeros(0, self.head.config.dim)  # a one-token prompt has no features
         for b, r in enumerate(reqs):
             n = len(r.seq) - 1
             self.cached[r.index] = 0
-            self.unread[r.index] = features[b, :n] if n > 0 else torch.zeros(0, dim, device=features.device
-                                                                               if features is not None else None)
+            self.unread[r.index] = features[b, :n] if n > 0 else none_yet
 
     def propose(self, ctx: StepContext, caches, forwards, k_max: int) -> Proposal:
         (cache,) = caches
@@ -282,10 +288,7 @@ class FeatureProposer:
         L = torch.tensor(lengths, device=dev)
         draft_logits, draft_tokens = [], []
         for i in range(k):
-            q = ctx.pad(self.head.logits(pred[:, 0]))
-            self.flag.check(q)
-            d = sample(q, ctx.settings.temperature, generator=ctx.generator, backend=ctx.backend, validate=False,
-                       **ctx.draft_filters()).clamp_(0, q.shape[-1] - 1)
+            q, d = draw(ctx, self.head.logits(pred[:, 0]), self.flag)
             draft_logits.append(q)
             draft_tokens.append(d)
             if i < k - 1:
