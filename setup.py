@@ -63,7 +63,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "transformers>=4.45", "safetensors", "gguf", "accelerate", "tqdm"],
     extras_require={"triton": ["triton"], "plots": ["matplotlib"], "test": ["pytest", "scipy", "triton", "matplotlib"]},
-    package_data={"tempspec_engine": ["drafts/*/*.json", "drafts/*/*.safetensors", "drafts/*/*.md"]},
+    package_data={"tempspec_engine": ["drafts/*/*.json", "drafts/*/*.safetensors", "drafts/*/*.safetensors.xz", "drafts/*/*.md"]},
     entry_points={"console_scripts": ["tempspec=tempspec_engine.cli:main", "tempspec-train=tempspec_trainer.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

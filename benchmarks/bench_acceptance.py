@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import platform
 import re
 import statistics
@@ -27,7 +26,8 @@ from tempspec_engine import BACKEND_NAMES, available_backends, speculative_sampl
 from tempspec_engine.cli_args import positive_int
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command
 from tempspec_engine.models.loading import resolve_device
-from tempspec_engine.results import RUNS_DIR, fresh_results_path
+from tempspec_engine.results import RUNS_DIR, fresh_results_path, write_json
+from tempspec_engine.run_meta import cpu_name, nvidia_driver, package_version
 from tempspec_engine.sampling import filters_label, parse_filters
 from tempspec_engine.torch_backend import speculative_sample_torch
 
@@ -118,36 +118,15 @@ def copy_bandwidth_gbs(device):
     return 2 * src.numel() / (ms * 1e-3) / 1e9
 
 
-def _cpu_model():
-    """The CPU's model name from /proc/cpuinfo (Linux), or None."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        return None
-
-
 def environment(device):
-    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
+    """Versions and hardware (tempspec_engine/run_meta.py), flat: python, torch, platform, triton, device_name, and
+    cuda + driver on a GPU or cpu_threads on CPU."""
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "triton": package_version("triton")}
     if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-        try:
-            import subprocess
-
-            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            info["driver"] = None
+        info.update(device_name=torch.cuda.get_device_name(device), cuda=torch.version.cuda, driver=nvidia_driver())
     else:
-        info["device_name"] = _cpu_model() or platform.processor() or platform.machine()
-        info["cpu_threads"] = torch.get_num_threads()
+        info.update(device_name=cpu_name(), cpu_threads=torch.get_num_threads())
     return info
 
 
@@ -224,8 +203,7 @@ def run(args) -> int:
               "timing": "median ms per call; validate=False; uniforms given", "results": rows}
     slug = re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-") or device.type
     out = args.output or fresh_results_path(f"acceptance_{slug}_{args.dtype}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(result, out, indent=2)
     print(f"{'B':>4} {'k':>2} {'V':>7} {'filters':>22} {'backend':>14} {'ms':>9} {'GB/s':>8} {'x eager':>8}")
     for r in rows:
         head = f"{r['B']:>4} {r['k']:>2} {r['V']:>7} {r['filters']:>22} {r['backend']:>14}"

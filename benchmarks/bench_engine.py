@@ -8,7 +8,8 @@ For each temperature, on the first N prompts of a Spec-Bench style JSONL file (f
                 "lookup" (none for a lookup+model hybrid: HF has no such mode); and hf_target_only (plain generate);
                 unless --no-hf
 Each row reports tokens/s (generated tokens over wall seconds of the whole set), alpha and mean accepted drafts per
-step, and the speedup over target_only at the same batch size.
+step, and the speedup over target_only at the same batch size; draft_time_s / target_time_s follow the one timing
+rule of tempspec_engine/measure.py (each engine step once).
 
 Generation settings beyond temperature (tempspec_engine/sampling.py): --settings runs every method under each preset
 (e.g. "none;top_p=0.9;top_k=50": the filters apply to the target and, in tempspec, to the draft);
@@ -25,11 +26,8 @@ to the target's own preferences), the quality side of the lenience trade-off.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -37,16 +35,20 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from tempspec_engine.checks import LENIENCE  # noqa: E402
 from tempspec_engine.cli_args import lookahead, positive_int  # noqa: E402
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command  # noqa: E402
 from tempspec_engine.engine import SpeculativeEngine  # noqa: E402
+from tempspec_engine.measure import (acceptance_by_position, add_figures, alpha_se, sync_device,  # noqa: E402
+                                     timed_generate)
 from tempspec_engine.models.draft import DEFAULT_DRAFT  # noqa: E402
+from tempspec_engine.models.feature_draft import FeatureDraft  # noqa: E402
 from tempspec_engine.models.llama import Transformer  # noqa: E402
 from tempspec_engine.models.loading import load_default_target, resolve_device, resolve_dtype  # noqa: E402
 from tempspec_engine.prompts import read_prompts  # noqa: E402
-from tempspec_engine.results import RUNS_DIR, fresh_results_path  # noqa: E402
+from tempspec_engine.results import RUNS_DIR, fresh_results_path, write_json  # noqa: E402
+from tempspec_engine.run_meta import device_name, nvidia_driver, package_version  # noqa: E402
 from tempspec_engine.sampling import filters_label, parse_filters  # noqa: E402
-from tempspec_engine.sweep import sync_device  # noqa: E402
 from tempspec_engine.threads import set_threads  # noqa: E402
 
 
@@ -70,21 +72,6 @@ def to_hf_llama(model):
     return hf
 
 
-def _version(package: str):
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _nvidia_driver():
-    try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 @torch.inference_mode()
 def target_nll(model, prompt_ids, outputs) -> float:
     """Summed negative log-likelihood of the generated tokens under the target at T=1 (teacher-forced)."""
@@ -101,22 +88,12 @@ def target_nll(model, prompt_ids, outputs) -> float:
 
 def run_engine(engine, prompts, temperature, max_new, batch, speculative, seed, sampling=None,
                score=None) -> dict:
-    """Raw sums for one chunk of prompts through the engine (`sampling`: generate()'s filter keywords; `score`: the
-    target model, to add the summed target_nll of the outputs)."""
-    sync_device(engine.device)
-    t0 = time.perf_counter()
-    outs = engine.generate(prompts, temperature, max_new, speculative=speculative, batch_size=batch, seed=seed,
-                           **(sampling or {}))
-    sync_device(engine.device)
-    seconds = time.perf_counter() - t0
+    """Raw sums for one chunk of prompts through the engine, timed by tempspec_engine/measure.py (`sampling`:
+    generate()'s filter keywords; `score`: the target model, to add the summed target_nll of the outputs)."""
+    outs, figures = timed_generate(engine, prompts, temperature, max_new, speculative=speculative, batch_size=batch,
+                                   seed=seed, **(sampling or {}))
     extra = {"nll": target_nll(score, prompts, outs)} if score is not None else {}
-    return {**extra, "tokens": sum(o.stats.new_tokens for o in outs), "seconds": seconds,
-            "steps": sum(o.stats.steps for o in outs), "accepted": sum(o.stats.accepted for o in outs),
-            "rejections": sum(o.stats.rejections for o in outs),
-            "lookup_steps": sum(o.stats.lookup_steps for o in outs),
-            "plain_steps": sum(o.stats.plain_steps for o in outs),
-            "draft_time_s": outs[0].stats.draft_time_s if batch > 1 else sum(o.stats.draft_time_s for o in outs),
-            "target_time_s": outs[0].stats.target_time_s if batch > 1 else sum(o.stats.target_time_s for o in outs)}
+    return {**extra, **figures}
 
 
 def run_hf(hf_target, hf_draft, prompt_ids, temperature, max_new, eos_ids, k, settings=None) -> dict:
@@ -148,19 +125,24 @@ def run_hf(hf_target, hf_draft, prompt_ids, temperature, max_new, eos_ids, k, se
 
 
 def summarize(sums: dict, speculative: bool) -> dict:
-    """tokens/s over the whole set, alpha (accepted / (accepted + rejections)), accepted drafts per step."""
+    """tokens/s over the whole set, alpha (accepted / (accepted + rejections)) with its binomial standard error
+    alpha_se, accepted drafts per step, and (speculative) the acceptance per draft position with its raw counts."""
     out = {"tokens": sums["tokens"], "seconds": sums["seconds"], "tokens_per_s": sums["tokens"] / sums["seconds"]}
     if "nll" in sums:
         out["target_nll"] = sums["nll"] / max(sums["tokens"], 1)
     if "steps" in sums:
         n = sums["accepted"] + sums["rejections"]
         out.update(alpha=sums["accepted"] / n if speculative and n else None,
+                   alpha_se=alpha_se(sums["accepted"], sums["rejections"]) if speculative else None,
                    mean_accepted=sums["accepted"] / sums["steps"] if speculative else None,
                    tokens_per_step=sums["tokens"] / sums["steps"], draft_time_s=sums["draft_time_s"],
                    target_time_s=sums["target_time_s"])
         if speculative:  # where the proposals came from (lookup drafts), and steps without any
             out.update(lookup_step_share=sums["lookup_steps"] / sums["steps"],
                        plain_step_share=sums["plain_steps"] / sums["steps"])
+            proposed, accepted = sums.get("position_proposed", []), sums.get("position_accepted", [])
+            out.update(acceptance_by_position=acceptance_by_position(accepted, proposed),
+                       position_proposed=list(proposed), position_accepted=list(accepted))
     return out
 
 
@@ -220,9 +202,7 @@ def run(args) -> int:
     temps = _numbers("--temperatures", args.temperatures, float)
     batches = _numbers("--batch-sizes", args.batch_sizes, int)
     presets = [parse_filters(p) for p in args.settings.split(";")]
-    lossy = [e for e in _numbers("--lenience", args.lenience, float) if e != 1]
-    if any(not 0 < e <= 1 for e in lossy):
-        raise ValueError(f"--lenience {args.lenience!r}: each value must lie in (0, 1]")
+    lossy = [LENIENCE.checked(e, " (--lenience)") for e in _numbers("--lenience", args.lenience, float) if e != 1]
     args.out = args.out or str(fresh_results_path(f"engine_{device.type}_{args.dtype}"))
     prompts = read_prompts(args.prompts, args.n_prompts) if args.prompts != "-" else None
 
@@ -249,18 +229,23 @@ def run(args) -> int:
                                                       max_batch_size=max(batches), cuda_graphs=graphs)
                for d in drafts}
     base = next(iter(engines.values()))
-    hf_target, hf_drafts = None, {}
+    hf_target, hf_drafts, hf_not_run = None, {}, {}
     if not args.no_hf:
         hf_target = to_hf_llama(target.model)
         for d in drafts:
             engine = engines[f"tempspec_sd[{d}]"]
             model = engine.draft.model
             if engine.lookup is not None and engine.draft_model is not None:
-                continue  # HF has no lookup-then-model hybrid
-            if engine.lookup is not None:
+                hf_not_run[d] = "transformers has no lookup-then-model hybrid"
+            elif engine.lookup is not None:
                 hf_drafts[f"hf_assisted[{d}]"] = "lookup"
+            elif isinstance(model, FeatureDraft):
+                hf_not_run[d] = ("an EAGLE-style head reads the target's hidden states; transformers' assisted "
+                                 "generation takes a standalone causal LM as the assistant")
             elif isinstance(model, Transformer) and model.vocab_limit is None:  # layer subsets and trained drafts
                 hf_drafts[f"hf_assisted[{d}]"] = to_hf_llama(model)
+            else:
+                hf_not_run[d] = "a restricted draft vocabulary (/vocab:N) has no transformers counterpart"
 
     # Warm-up (allocations, lazy weight pages, CUDA kernels), not timed.
     for eng in engines.values():
@@ -269,28 +254,27 @@ def run(args) -> int:
             eng.generate(prompts[:batch], 0.0, 8, batch_size=batch, speculative=False)
     rows = []
 
-    meta = {"device": str(device), "device_name": torch.cuda.get_device_name() if device.type == "cuda"
-            else platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": _version("transformers"), "dtype": str(dtype),
+    meta = {"device": str(device), "device_name": device_name(device), "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": package_version("transformers"), "dtype": str(dtype),
             "target": target.name, "drafts": drafts, "k": args.k, "hf_num_assistant_tokens": args.hf_k,
             "hf_schedule": "heuristic", "prompts_file": os.path.basename(args.prompts), "n_prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens, "model_load_s": load_s, "seed": args.seed,
             "settings": args.settings, "lenience": args.lenience,
-            "loadavg_before": os.getloadavg(), "max_len": max_len, "cuda_graphs": base.cuda_graphs, "complete": False}
+            "loadavg_before": os.getloadavg(), "max_len": max_len, "cuda_graphs": base.cuda_graphs,
+            "hf_not_run": hf_not_run, "complete": False}
     if device.type == "cuda":
-        meta.update(cuda=torch.version.cuda, driver=_nvidia_driver())
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        meta.update(cuda=torch.version.cuda, driver=nvidia_driver())
 
     def write():
         """The JSON so far, atomically: a run cut short keeps every finished row."""
-        with open(args.out + ".tmp", "w") as f:
-            json.dump({"meta": meta, "results": rows}, f, indent=1)
-        os.replace(args.out + ".tmp", args.out)
+        write_json({"meta": meta, "results": rows}, args.out)
 
     def record(method, T, batch, res):
         res.update(method=method, temperature=T, batch=batch)
         rows.append(res)
-        print(json.dumps({k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in res.items()}), flush=True)
+        print(json.dumps({k_: (round(v, 3) if isinstance(v, float) else
+                               [round(x, 3) if isinstance(x, float) else x for x in v] if isinstance(v, list) else v)
+                          for k_, v in res.items()}), flush=True)
         write()
 
     # Methods are interleaved chunk by chunk (a chunk: one batch of prompts), so that load from other processes
@@ -319,8 +303,7 @@ def run(args) -> int:
                 for start in range(0, len(prompts), batch):
                     chunk = prompts[start:start + batch]
                     for name, fn, _ in methods:
-                        for key, value in fn(chunk).items():
-                            sums[name][key] = sums[name].get(key, 0) + value
+                        add_figures(sums[name], fn(chunk))  # numbers summed, per-position lists elementwise
                 ar = summarize(sums["target_only"], False)
                 for name, _, speculative in methods:
                     res = summarize(sums[name], speculative)

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 import torch
 
@@ -28,7 +27,7 @@ from tempspec_engine.engine import SpeculativeEngine, matmul_weights  # noqa: E4
 from tempspec_engine.models.draft import make_draft  # noqa: E402
 from tempspec_engine.models.loading import load_default_target  # noqa: E402
 from tempspec_engine.prompts import read_prompts  # noqa: E402
-from tempspec_engine.results import RUNS_DIR, fresh_results_path  # noqa: E402
+from tempspec_engine.results import RUNS_DIR, fresh_results_path, write_json  # noqa: E402
 
 CANDIDATES = [f"layers:0-{n - 1},29" for n in (1, 2, 3, 4, 6, 8)] + [
     "layers:0,14,29", "layers:0,1,28,29", "layers:0,1,2,28,29", "layers:0,10,20,29", "layers:0-3,28,29"]
@@ -88,9 +87,7 @@ def run(args) -> int:
             results.append(row)
             print(json.dumps(row), flush=True)
     results.sort(key=lambda r: -r["est_speedup"][0.0])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "results": results}, f, indent=1)
+    write_json({"prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "results": results}, args.out)
     print("best at T=0:", results[0]["draft"], results[0]["est_speedup"])
     print(f"wrote {args.out}")
     return 0

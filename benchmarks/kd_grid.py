@@ -25,9 +25,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from tempspec_engine.cli_args import lookahead, positive_int  # noqa: E402
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command  # noqa: E402
 from tempspec_engine.models.loading import load_target, resolve_device, resolve_dtype  # noqa: E402
-from tempspec_engine.results import RUNS_DIR, fresh_results_path  # noqa: E402
-from tempspec_engine.sweep import (collect_meta, format_table, parse_temperatures, read_prompts,  # noqa: E402
-                                   run_sweep)
+from tempspec_engine.prompts import read_prompts  # noqa: E402
+from tempspec_engine.results import RUNS_DIR, fresh_results_path, write_json  # noqa: E402
+from tempspec_engine.run_meta import collect_meta  # noqa: E402
+from tempspec_engine.sweep import format_table, parse_temperatures, run_sweep  # noqa: E402
 from tempspec_engine.threads import set_threads  # noqa: E402
 
 
@@ -158,8 +159,7 @@ def run(args) -> int:
         print(f"## {name}\n" + format_table(results))
         title = f"{target.name}, {name} prompts, {report['meta']['device_name']}"
         written += plot_grids(grids, title, out.with_suffix("").with_name(f"{out.stem}_{name}"))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1) + "\n")  # after every set: no lost work
+        write_json(report, out)  # after every set: no lost work
     print("wrote " + ", ".join([str(out)] + written))
     return 0
 

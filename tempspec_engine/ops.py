@@ -5,14 +5,12 @@ dispatch to a backend (tempspec_engine/backends.py). Exact semantics: tempspec_e
 """
 from __future__ import annotations
 
-import math
-import numbers
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from tempspec_engine.backends import resolve_backend
+from tempspec_engine.checks import FILTERS, LENIENCE, TEMPERATURE, SamplingArg, is_real_number
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -43,11 +41,6 @@ def _check_logits(name: str, logits: torch.Tensor, ndim: int, validate: bool) ->
             raise ValueError(f"{name} has a row whose logits are all -inf (no token can be sampled)")
 
 
-def _is_real_number(value) -> bool:
-    """Python / numpy real scalars (int, float, np.float32, np.int64, ...); bools and complex numbers are not."""
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-
-
 def _per_row_tensor(name: str, value, batch: int, device: torch.device, integer: bool) -> torch.Tensor:
     """A 0-d or [B] tensor of per-row values -> contiguous [B] on `device` (int64 if `integer`, else fp32)."""
     if value.dim() == 0:
@@ -61,66 +54,29 @@ def _per_row_tensor(name: str, value, batch: int, device: torch.device, integer:
     return value.to(device=device, dtype=torch.int64 if integer else torch.float32).contiguous()
 
 
-def _temperature_tensor(temperature, batch: int, device: torch.device, validate: bool) -> torch.Tensor:
-    """A real number (Python or numpy) or a [B] / 0-d tensor -> contiguous fp32 [B] on `device`."""
-    if isinstance(temperature, torch.Tensor):
-        temperature = _per_row_tensor("temperature", temperature, batch, device, integer=False)
-        if validate and not bool(torch.all(torch.isfinite(temperature) & (temperature >= 0))):
-            raise ValueError(f"temperature must be finite and >= 0, got {temperature.tolist()}")
-        return temperature
-    if not _is_real_number(temperature):
-        raise ValueError(f"temperature must be a real number or a tensor, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-    return torch.full((batch,), float(temperature), dtype=torch.float32, device=device)
-
-
-class _RowArg(NamedTuple):
-    """How one per-row sampling argument is checked and when it is off."""
-
-    name: str
-    integer: bool
-    in_range: Callable  # value or tensor -> bool or bool tensor (False for NaN)
-    expected: str  # the range, for error messages
-    off: float
-
-
-_TOP_K = _RowArg("top_k", True, lambda v: v >= 0, "an integer >= 0 (0: off)", 0)
-_TOP_P = _RowArg("top_p", False, lambda v: (v > 0) & (v <= 1), "in (0, 1] (1: off)", 1.0)
-_MIN_P = _RowArg("min_p", False, lambda v: (v >= 0) & (v < 1), "in [0, 1) (0: off)", 0.0)
-_LENIENCE = _RowArg("lenience", False, lambda v: (v > 0) & (v <= 1), "in (0, 1] (1: lossless)", 1.0)
-
-
-def _row_arg_tensor(arg: _RowArg, value, batch: int, device: torch.device, validate: bool) -> torch.Tensor | None:
-    """None / number / 0-d or [B] tensor -> [B] tensor (int64 for top_k, else fp32), or None when known to be off.
+def _row_arg_tensor(arg: SamplingArg, value, batch: int, device: torch.device, validate: bool) -> torch.Tensor | None:
+    """None / number / 0-d or [B] tensor -> [B] tensor (int64 for top_k, else fp32), or None when known to be off
+    (temperature, which no value turns off, must be given). The ranges: tempspec_engine/checks.py.
 
     Off is known without reading device memory for None and numbers; for tensors only when `validate` (which reads
     them anyway): with validate=False a tensor is passed on as it is, even if every row is off.
     """
-    if value is None:
+    if value is None and arg.off is not None:
         return None
     if isinstance(value, torch.Tensor):
         tensor = _per_row_tensor(arg.name, value, batch, device, arg.integer)
         if validate:
             if not bool(torch.all(arg.in_range(tensor))):
                 raise ValueError(f"{arg.name} must be {arg.expected} in every row, got {tensor.tolist()}")
-            if bool(torch.all(tensor == arg.off)):
+            if arg.off is not None and bool(torch.all(tensor == arg.off)):
                 return None
         return tensor
-    if not _is_real_number(value):
-        raise ValueError(f"{arg.name} must be a number or a tensor, got {type(value).__name__}")
-    if arg.integer and not isinstance(value, numbers.Integral):
-        raise ValueError(f"{arg.name} must be an integer, got {value!r}")
-    if not arg.integer:
-        with np.errstate(over="ignore"):
-            value = float(np.float32(value))  # checked as the kernels will see it (1e-50 rounds to 0)
-    if not arg.in_range(value):  # NaN fails every comparison
-        raise ValueError(f"{arg.name} must be {arg.expected}, got {value}")
+    if not is_real_number(value):
+        raise ValueError(f"{arg.name} must be a real number or a tensor, got {type(value).__name__}")
+    value = arg.as_kernels_see(arg.checked(value))
     if value == arg.off:
         return None
-    dtype = torch.int64 if arg.integer else torch.float32
-    value = min(int(value), 2**63 - 1) if arg.integer else value  # any top_k >= V keeps every token
-    return torch.full((batch,), value, dtype=dtype, device=device)
+    return torch.full((batch,), value, dtype=torch.int64 if arg.integer else torch.float32, device=device)
 
 
 class Filters(NamedTuple):
@@ -135,7 +91,7 @@ class Filters(NamedTuple):
 def _filters(top_k, top_p, min_p, batch: int, device: torch.device, validate: bool) -> Filters | None:
     """The checked filters, or None when every one is known to be off (then the temperature-only kernels run)."""
     given = [_row_arg_tensor(arg, value, batch, device, validate)
-             for arg, value in ((_TOP_K, top_k), (_TOP_P, top_p), (_MIN_P, min_p))]
+             for arg, value in zip(FILTERS, (top_k, top_p, min_p))]
     if all(t is None for t in given):
         return None
     return Filters(*[t if t is not None else off for t, off in zip(given, _off_filters(batch, device))])
@@ -144,7 +100,7 @@ def _filters(top_k, top_p, min_p, batch: int, device: torch.device, validate: bo
 def _off_filters(batch: int, device: torch.device) -> Filters:
     """Filters with every one off, for rows (or calls) that only use lenience."""
     return Filters(*[torch.full((batch,), arg.off, dtype=torch.int64 if arg.integer else torch.float32, device=device)
-                     for arg in (_TOP_K, _TOP_P, _MIN_P)])
+                     for arg in FILTERS])
 
 
 def _uniforms_tensor(uniforms, shape: tuple[int, ...], device, generator, validate: bool) -> torch.Tensor:
@@ -217,10 +173,10 @@ def speculative_sample(
     draft_tokens = draft_tokens.to(device).contiguous()
     if validate and bool(((draft_tokens < 0) | (draft_tokens >= v_draft)).any()):
         raise ValueError(f"draft_tokens must lie in [0, {v_draft}), got values {draft_tokens.min().item()}..{draft_tokens.max().item()}")
-    temperature = _temperature_tensor(temperature, B, device, validate)
+    temperature = _row_arg_tensor(TEMPERATURE, temperature, B, device, validate)
     uniforms = _uniforms_tensor(uniforms, (B, k + 1), device, generator, validate)
     filters = _filters(top_k, top_p, min_p, B, device, validate)
-    lenience = _row_arg_tensor(_LENIENCE, lenience, B, device, validate)
+    lenience = _row_arg_tensor(LENIENCE, lenience, B, device, validate)
     plain = filters is None and lenience is None
     impl = resolve_backend(backend, device, filtered=not plain)
 
@@ -257,7 +213,7 @@ def sample(
     """
     _check_logits("logits", logits, 2, validate)
     B = logits.shape[0]
-    temperature = _temperature_tensor(temperature, B, logits.device, validate)
+    temperature = _row_arg_tensor(TEMPERATURE, temperature, B, logits.device, validate)
     uniforms = _uniforms_tensor(uniforms, (B,), logits.device, generator, validate)
     filters = _filters(top_k, top_p, min_p, B, logits.device, validate)
     impl = resolve_backend(backend, logits.device, filtered=filters is not None)

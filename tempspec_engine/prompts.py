@@ -58,15 +58,17 @@ def prompt_text(row) -> str:
     raise ValueError(f"the row has none of turns/instruction/question/prompt: keys {sorted(row)}")
 
 
-def read_prompt_rows(path: str) -> List[Tuple[int, str]]:
-    """(line index, prompt text) for every non-blank line of a JSONL prompt file; ValueError naming path:line."""
+def read_prompt_objects(path: str) -> List[Tuple[int, str, dict]]:
+    """(line index, prompt text, the parsed row) for every non-blank line of a JSONL prompt file, for readers that
+    also want a row's other fields; ValueError naming path:line."""
     out = []
     with open(path) as f:
         for line_no, line in enumerate(f):
             if not line.strip():
                 continue
             try:
-                out.append((line_no, prompt_text(json.loads(line.rstrip()))))
+                row = json.loads(line.rstrip())
+                out.append((line_no, prompt_text(row), row))
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{line_no + 1}: not valid JSON ({exc.msg} at column {exc.colno})") from None
             except ValueError as exc:
@@ -74,6 +76,11 @@ def read_prompt_rows(path: str) -> List[Tuple[int, str]]:
     if not out:
         raise ValueError(f"{path} holds no prompts")
     return out
+
+
+def read_prompt_rows(path: str) -> List[Tuple[int, str]]:
+    """(line index, prompt text) for every non-blank line of a JSONL prompt file; ValueError naming path:line."""
+    return [(i, text) for i, text, _ in read_prompt_objects(path)]
 
 
 def read_prompts(path: Optional[str], n: Optional[int]) -> List[str]:

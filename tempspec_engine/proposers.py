@@ -239,9 +239,9 @@ class HybridProposer:
 class FeatureProposer:
     """An EAGLE-style feature head (models/feature_draft.py): it reads the target's own final features, which the
     engine's prefill and verification forwards hand over (`needs_features`), and drafts by feeding the head its own
-    predicted features. Per request it keeps `cached` (positions its cache holds: the target's features were read
-    up to there) and `unread`, the target features [c, dim] it has not read yet (those of the tokens committed since).
-    The recipe, position by position, is in FeatureDraft's docstring."""
+    predicted features. Per request it keeps `unread`, the target features [c, dim] it has not read yet (those of the
+    tokens committed since it last read); what its cache holds follows from them (`cached`). The recipe, position by
+    position, is in FeatureDraft's docstring."""
 
     needs_features = True
 
@@ -249,15 +249,18 @@ class FeatureProposer:
         self.head = head  # a FeatureDraft
         self.models = (head,)
         self.flag = flag
-        self.cached: Dict[int, int] = {}
         self.unread: Dict[int, torch.Tensor] = {}
+
+    def cached(self, index: int, length: int) -> int:
+        """The leading positions of live request `index` (`length` committed tokens) that its cache holds between
+        steps: the target's features were read up to the first unread one."""
+        return length - 1 - self.unread[index].shape[0]
 
     def start(self, reqs, features: Optional[torch.Tensor] = None) -> None:
         """Requests just prefilled: features [len(reqs), T, dim] of prompt[:-1] (row b valid on len(seq) - 1)."""
         none_yet = self.head.fc.weight.new_zeros(0, self.head.config.dim)  # a one-token prompt has no features
         for b, r in enumerate(reqs):
             n = len(r.seq) - 1
-            self.cached[r.index] = 0
             self.unread[r.index] = features[b, :n] if n > 0 else none_yet
 
     def propose(self, ctx: StepContext, caches, forwards, k_max: int) -> Proposal:
@@ -273,7 +276,7 @@ class FeatureProposer:
         feats = torch.zeros(len(reqs), W, dim, dtype=ctx.dtype, device=dev)
         tokens, positions, last = [], [], []
         for b, (r, u, c, n) in enumerate(zip(reqs, unread, counts, lengths)):
-            m = n - 1 - c  # the first unread position
+            m = n - 1 - c  # the first unread position: cached(r.index, n)
             if c:
                 feats[b, :c] = u
             tokens.append((r.seq[m + 1:n] + [0] * W)[:W])
@@ -282,8 +285,6 @@ class FeatureProposer:
         rows = torch.arange(len(reqs), device=dev)
         pred = self.head(feats, torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), cache,
                          kv_len)[rows, torch.tensor(last, device=dev)].unsqueeze(1)
-        for r, n in zip(reqs, lengths):
-            self.cached[r.index] = n - 1
         # 2. draft: d_1 from the extension, then the head on its own predicted features
         L = torch.tensor(lengths, device=dev)
         draft_logits, draft_tokens = [], []

@@ -1,9 +1,12 @@
 """Where results go: a fresh file per run unless the user names one, so that a run never overwrites the results
-committed under benchmarks/results/ (or an earlier run's)."""
+committed under benchmarks/results/ (or an earlier run's); and how they are written (write_json)."""
 from __future__ import annotations
 
 import datetime
+import json
+import os
 from pathlib import Path
+from typing import Optional, Union
 
 RUNS_DIR = "runs/results"
 
@@ -15,4 +18,15 @@ def fresh_results_path(stem: str, results_dir: str = RUNS_DIR, suffix: str = ".j
     path, n = base.with_name(base.name + suffix), 2
     while path.exists():
         path, n = base.with_name(f"{base.name}-{n}{suffix}"), n + 1
+    return path
+
+
+def write_json(obj, path: Union[str, Path], indent: Optional[int] = 1) -> Path:
+    """Writes `obj` as JSON (`indent` spaces, a final newline) to `path` atomically (a .tmp file beside it, then
+    os.replace: a reader never sees half a file), creating parent directories; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+    os.replace(tmp, path)
     return path

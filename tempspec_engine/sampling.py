@@ -14,44 +14,35 @@ from typing import Dict, Sequence
 
 import torch
 
-from tempspec_engine.checks import is_int, real_number
+from tempspec_engine.checks import FILTERS, LENIENCE, MIN_P, TEMPERATURE, TOP_K, TOP_P
 from tempspec_engine.reference import filtered_weights
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
-    """One request's settings: temperature >= 0 (0 = greedy), top_k >= 0 (0 = off), top_p in (0, 1] (1 = off),
-    min_p in [0, 1) (0 = off), lenience in (0, 1] (1 = lossless)."""
+    """One request's settings: temperature (0 = greedy), top_k (0 = off), top_p (1 = off), min_p (0 = off), lenience
+    (1 = lossless); their ranges: tempspec_engine/checks.py."""
 
     temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    lenience: float = 1.0
+    top_k: int = TOP_K.off
+    top_p: float = TOP_P.off
+    min_p: float = MIN_P.off
+    lenience: float = LENIENCE.off
 
     @classmethod
     def checked(cls, temperature, top_k=None, top_p=None, min_p=None, lenience=None, where: str = "") -> \
             "SamplingSettings":
         """Settings from user values (None: off); ValueError naming the argument (and `where`, e.g. the prompt)."""
-        t = real_number(temperature, f"temperature{where}")
-        k = 0 if top_k is None else top_k
-        if not is_int(k) or k < 0:
-            raise ValueError(f"top_k{where} must be an integer >= 0 (0: off), got {top_k!r}")
-        p = 1.0 if top_p is None else real_number(top_p, f"top_p{where}")
-        if not 0 < p <= 1:
-            raise ValueError(f"top_p{where} must lie in (0, 1] (1: off), got {top_p!r}")
-        m = 0.0 if min_p is None else real_number(min_p, f"min_p{where}")
-        if not m < 1:
-            raise ValueError(f"min_p{where} must lie in [0, 1) (0: off), got {min_p!r}")
-        e = 1.0 if lenience is None else real_number(lenience, f"lenience{where}")
-        if not 0 < e <= 1:
-            raise ValueError(f"lenience{where} must lie in (0, 1] (1: lossless), got {lenience!r}")
-        return cls(t, int(k), p, m, e)
+        def value(arg, given):
+            return arg.off if given is None else arg.checked(given, where)
+
+        return cls(TEMPERATURE.checked(temperature, where), value(TOP_K, top_k), value(TOP_P, top_p),
+                   value(MIN_P, min_p), value(LENIENCE, lenience))
 
     @property
     def filtered(self) -> bool:
         """Whether a filter changes this request's distribution (greedy rows ignore filters)."""
-        return self.temperature > 0 and (self.top_k > 0 or self.top_p < 1 or self.min_p > 0)
+        return self.temperature > 0 and any(getattr(self, arg.name) != arg.off for arg in FILTERS)
 
 
 def parse_filters(text: str) -> Dict[str, float]:
@@ -87,7 +78,7 @@ class StepSettings:
                             "top_p": torch.tensor([s.top_p for s in rows], dtype=torch.float32, device=device),
                             "min_p": torch.tensor([s.min_p for s in rows], dtype=torch.float32, device=device)}
         self.lenience: Dict[str, torch.Tensor] = {}
-        if any(s.lenience < 1 for s in rows):
+        if any(s.lenience != LENIENCE.off for s in rows):
             self.lenience = {"lenience": torch.tensor([s.lenience for s in rows], dtype=torch.float32,
                                                       device=device)}
 

@@ -5,10 +5,14 @@ baseline, measured once per temperature) and by speculative decoding with each d
 prompt chunk by prompt chunk, with the same seeds, so load from other processes falls on all of them alike.
 Per temperature and draft the results hold:
   alpha            accepted / (accepted + rejections), the empirical per-token acceptance rate
+  alpha_se         its binomial standard error sqrt(alpha (1 - alpha) / (accepted + rejections))
+  acceptance_by_position   per draft position i: position_accepted[i] / position_proposed[i] (None where nothing was
+                   proposed at i), with the raw counts position_proposed and position_accepted
   mean_accepted    accepted draft tokens per step (tokens_per_step = this + 1 unless EOS cut a step short)
   sd_tokens_per_s, target_tokens_per_s   generated tokens over the wall seconds of the whole prompt set
   speedup          sd_tokens_per_s / target_tokens_per_s
   wall_time_s      wall seconds of the speculative runs (target_wall_time_s: of the baseline)
+  draft_time_s, target_time_s   seconds of the draft and target steps, each step once (tempspec_engine/measure.py)
 The JSON also records the hardware, dtype, versions and command line; `plot_sweep` draws speedup and alpha against
 temperature, one line per draft (matplotlib, Agg backend).
 
@@ -17,12 +21,8 @@ Used by benchmarks/temperature_sweep.py and `tempspec sweep` (add_sweep_parser /
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -32,8 +32,10 @@ import torch
 
 from tempspec_engine.cli_args import DRAFT_FORMS, add_model_arguments, add_sampling_arguments, positive_int, sampling_kwargs
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command
+from tempspec_engine.measure import acceptance_by_position, add_figures, alpha_se, timed_generate
 from tempspec_engine.prompts import read_prompts
-from tempspec_engine.results import RUNS_DIR, fresh_results_path
+from tempspec_engine.results import RUNS_DIR, fresh_results_path, write_json
+from tempspec_engine.run_meta import collect_meta
 
 FULL_TEMPERATURES = [round(0.1 * i, 1) for i in range(11)]  # 0, 0.1, ..., 1.0
 QUICK_TEMPERATURES = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -72,30 +74,15 @@ def parse_temperatures(text: str) -> List[float]:
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-def sync_device(device: torch.device) -> None:
-    """Waits for queued GPU work so host timers measure it (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _run_chunk(engine, prompts, temperature, max_new, speculative, seed, sampling: dict) -> dict:
-    """Sums for one chunk of prompts decoded as one batch. The chunk's requests start together, so the one that ends
-    last took part in every step: its draft/target times are the chunk's."""
-    sync_device(engine.device)
-    t0 = time.perf_counter()
-    outs = engine.generate(prompts, temperature, max_new, speculative=speculative, batch_size=len(prompts),
-                           seed=seed, **sampling)
-    sync_device(engine.device)
-    seconds = time.perf_counter() - t0
-    s = [o.stats for o in outs]
-    return {"tokens": sum(x.new_tokens for x in s), "seconds": seconds, "request_steps": sum(x.steps for x in s),
-            "accepted": sum(x.accepted for x in s), "rejections": sum(x.rejections for x in s),
-            "draft_time_s": max(x.draft_time_s for x in s), "target_time_s": max(x.target_time_s for x in s)}
+    """Summed figures of one chunk of prompts decoded as one batch (tempspec_engine/measure.py: timed_generate)."""
+    _, figures = timed_generate(engine, prompts, temperature, max_new, speculative=speculative,
+                                batch_size=len(prompts), seed=seed, **sampling)
+    return figures
 
 
 def _add(total: dict, part: dict) -> None:
-    for key, value in part.items():
-        total[key] = total.get(key, 0) + value
+    add_figures(total, part)  # numbers summed, per-position count lists elementwise
 
 
 def _ratio(a: float, b: float) -> Optional[float]:
@@ -107,13 +94,18 @@ def _entry(draft: str, temperature: float, sd: dict, base: dict) -> dict:
     sd_tps, base_tps = _ratio(sd["tokens"], sd["seconds"]), _ratio(base["tokens"], base["seconds"])
     return {"draft": draft, "temperature": temperature,
             "alpha": _ratio(sd["accepted"], sd["accepted"] + sd["rejections"]),
-            "mean_accepted": _ratio(sd["accepted"], sd["request_steps"]),
-            "tokens_per_step": _ratio(sd["tokens"], sd["request_steps"]),
+            "alpha_se": alpha_se(sd["accepted"], sd["rejections"]),
+            "acceptance_by_position": acceptance_by_position(sd.get("position_accepted", []),
+                                                             sd.get("position_proposed", [])),
+            "mean_accepted": _ratio(sd["accepted"], sd["steps"]),
+            "tokens_per_step": _ratio(sd["tokens"], sd["steps"]),
             "sd_tokens_per_s": sd_tps, "target_tokens_per_s": base_tps,
             "speedup": _ratio(sd_tps, base_tps) if sd_tps and base_tps else None,
             "wall_time_s": sd["seconds"], "target_wall_time_s": base["seconds"],
-            "tokens": sd["tokens"], "target_tokens": base["tokens"], "steps": sd["request_steps"],
+            "tokens": sd["tokens"], "target_tokens": base["tokens"], "steps": sd["steps"],
             "accepted": sd["accepted"], "rejections": sd["rejections"],
+            "position_proposed": list(sd.get("position_proposed", [])),
+            "position_accepted": list(sd.get("position_accepted", [])),
             "draft_time_s": sd["draft_time_s"], "target_time_s": sd["target_time_s"]}
 
 
@@ -214,39 +206,6 @@ def run_sweep(target, drafts: Sequence[str], prompts: Sequence[Union[str, Sequen
             "results": results}
 
 
-def collect_meta(device) -> dict:
-    """Hardware, versions, command line and time of the run."""
-    device = torch.device(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("transformers", "numpy", "matplotlib", "triton"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            pass
-    try:
-        from tempspec_engine import __version__ as tempspec_version
-
-        versions["tempspec"] = tempspec_version
-    except ImportError:
-        pass
-    meta = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
-            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "versions": versions,
-            "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    if device.type == "cpu" and hasattr(os, "getloadavg"):
-        meta["loadavg"] = list(os.getloadavg())
-    if device.type == "cuda" and torch.version.cuda:
-        meta["cuda"] = torch.version.cuda
-    return meta
-
-
 # ------------------------------------------------------------------------------------------------ plotting
 def plot_sweep(results: dict, out_stem: Union[str, Path]) -> List[str]:
     """Writes <out_stem>_speedup.png and <out_stem>_alpha.png (one line per draft); returns their paths."""
@@ -290,9 +249,7 @@ def write_results(results: dict, out: Union[str, Path], plots: bool = True) -> L
         stem = out.with_suffix("") if out.suffix == ".json" else out
         written = plot_sweep(results, stem)
         results["plots"] = [os.path.basename(p) for p in written]
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, out)
+    write_json(results, out)
     return [str(out)] + written
 
 

@@ -170,6 +170,11 @@ DISTILL_HELP = {
     "save_every": "steps between checkpoints (the two newest are kept)",
     "feature_weight": "feature heads: weight of the smooth-L1 regression on the target's next feature (0: off)",
     "unroll": "feature heads: training-time-test steps; step j > 1 feeds the head its own predictions",
+    "tau_mix": "comma list of KD temperatures: the online divergence is averaged over them instead of --tau-kd "
+               "(a temperature mixture)",
+    "teacher_cache": "feature heads: file of the target's features for the training rows, computed on first use and "
+                     "read by every later run on the same data (heads at other temperatures train without a target "
+                     "forward)",
 }
 DISTILL_CHOICES = {"mode": ["online", "offline"], "divergence": ["fkl", "rkl", "jsd", "tvd"],
                    "precision": ["bf16", "fp32"]}
@@ -234,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
         kind = _floats if isinstance(value, tuple) else str if value is None else type(value)
-        shown = ",".join(f"{x:g}" for x in value) if isinstance(value, tuple) else value
+        shown = (",".join(f"{x:g}" for x in value) or "none") if isinstance(value, tuple) else value
         d.add_argument(flag, type=kind, default=None, choices=DISTILL_CHOICES.get(f.name),
                        help=f"{DISTILL_HELP[f.name]} (default: {shown})")
     d.set_defaults(func=_distill)

@@ -20,15 +20,20 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from tempspec_engine.prompts import read_prompt_rows
+from tempspec_engine.prompts import read_prompt_objects
 
 
 def read_prompt_file(path: str, limit: Optional[int] = None, offset: int = 0) -> List[Tuple[int, str]]:
     """(row index, prompt text) for rows [offset, offset + limit) of a JSONL prompt file (the engine's reader,
     tempspec_engine.prompts: a ValueError names the file and line of a broken row)."""
+    return [(i, text) for i, text, _ in _prompt_objects(path, limit, offset)]
+
+
+def _prompt_objects(path: str, limit: Optional[int], offset: int) -> List[Tuple[int, str, dict]]:
+    """read_prompt_file's (row index, prompt text), each with its parsed row (for the row's other fields)."""
     if offset < 0 or (limit is not None and limit < 1):
         raise ValueError(f"offset must be >= 0 and limit >= 1, got offset={offset}, limit={limit}")
-    out = [(i, text) for i, text in read_prompt_rows(path) if i >= offset][:limit]
+    out = [row for row in read_prompt_objects(path) if row[0] >= offset][:limit]
     if not out:
         raise ValueError(f"{path} holds no prompts in rows [{offset}, {offset + (limit or 0)})")
     return out
@@ -69,15 +74,13 @@ def dataset_responses(engine, prompt_file: str, out_path: str, *, limit: Optiona
     (Alpaca `output`), tokenized and cut to max_new_tokens (an EOS ends the uncut ones), written as generated rows with
     "temperature": null and "generator": "data". Rows without an output are skipped and counted.
     Returns {"written", "no_output", "path"}."""
-    prompts = read_prompt_file(prompt_file, limit, offset)
-    with open(prompt_file) as f:
-        objects = {i: json.loads(line) for i, line in enumerate(f) if line.strip()}
+    prompts = _prompt_objects(prompt_file, limit, offset)  # the file is read once: prompts and outputs
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     written = missing = 0
     with open(out, "w") as f:
-        for i, text in prompts:
-            answer = objects[i].get("output")
+        for i, text, source_row in prompts:
+            answer = source_row.get("output")
             if not isinstance(answer, str) or not answer.strip():
                 missing += 1
                 continue

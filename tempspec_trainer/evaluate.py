@@ -88,7 +88,8 @@ def measure_drafts(target, drafts: Sequence[str], prompts: Sequence[str], temper
                    max_new_tokens: int = 64, batch_size: int = 1, device=None, dtype=None, k="auto", seed: int = 0,
                    progress: bool = True) -> dict:
     """Decoding measurement of each draft against the target alone (see tempspec_engine.sweep.run_sweep)."""
-    from tempspec_engine.sweep import collect_meta, run_sweep
+    from tempspec_engine.run_meta import collect_meta
+    from tempspec_engine.sweep import run_sweep
 
     results = run_sweep(target, list(drafts), list(prompts), list(temperatures), max_new_tokens, device=device,
                         dtype=dtype, k=k, batch_size=batch_size, seed=seed, progress=progress)

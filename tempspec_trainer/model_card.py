@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from tempspec_engine.models.draft_checkpoint import read_draft_info
+from tempspec_engine.models.draft_checkpoint import read_draft_info, weights_path
 from tempspec_engine.models.feature_draft import is_feature_draft_dir, read_feature_draft_info
 from tempspec_trainer.data import read_rows
 
@@ -38,6 +38,18 @@ def _data_summary(paths) -> list:
     return lines
 
 
+def _at_tau(recipe: dict) -> str:
+    """'at tau_kd = 1', or 'on the temperature mixture tau_kd in {0, 0.5, 1}' for a recipe with a tau_mix."""
+    if recipe.get("tau_mix"):
+        return "on the temperature mixture tau_kd in {" + ", ".join(f"{t:g}" for t in recipe["tau_mix"]) + "}"
+    return f"at tau_kd = {recipe['tau_kd']:g}"
+
+
+def _divergence(recipe: dict) -> str:
+    """'fkl', or 'fkl averaged over them' for a temperature mixture."""
+    return recipe["divergence"] + (" averaged over them" if recipe.get("tau_mix") else "")
+
+
 def write_card(directory, command: Optional[str] = None) -> Path:
     """Writes <directory>/README.md from its tempspec_draft.json (recipe and training history)."""
     directory = Path(directory)
@@ -49,8 +61,8 @@ def write_card(directory, command: Optional[str] = None) -> Path:
     hist = [h for h in meta.get("history", []) if any(k.startswith("alpha@") for k in h)]
     if feature:
         vocab = cfg.get("draft_vocab")
-        intro = [f"# tempspec feature draft head (EAGLE-style): {recipe['mode']} KD at tau_kd = "
-                 f"{recipe['tau_kd']:g} ({recipe['divergence']})", "",
+        intro = [f"# tempspec feature draft head (EAGLE-style): {recipe['mode']} KD {_at_tau(recipe)} "
+                 f"({_divergence(recipe)})", "",
                  f"A {cfg['n_layers']}-layer feature head (width {cfg['dim']}, MLP {cfg['intermediate_size']}) for "
                  f"`{info['target']['name']}`, distilled by tempspec_trainer. It is not a standalone model: it reads "
                  "the target's final hidden states (after the final norm) and the next token's embedding, predicts "
@@ -58,10 +70,10 @@ def write_card(directory, command: Optional[str] = None) -> Path:
                  "shares the target's token embeddings and output head (not stored here), so it loads only together "
                  "with that target (tempspec_engine.models.feature_draft.load_feature_draft). "
                  + (f"Its head covers a draft vocabulary of {vocab} token ids (token map `d2t` in "
-                    "model.safetensors); the others get probability 0. " if vocab else "")
+                    f"{weights_path(directory).name}); the others get probability 0. " if vocab else "")
                  + f"Files: {_size_mb(directory):.1f} MB.", ""]
     else:
-        intro = [f"# tempspec draft: {recipe['mode']} KD at tau_kd = {recipe['tau_kd']:g} ({recipe['divergence']})",
+        intro = [f"# tempspec draft: {recipe['mode']} KD {_at_tau(recipe)} ({_divergence(recipe)})",
                  "", f"A {cfg['n_layers']}-layer draft (width {cfg['dim']}, MLP {cfg['intermediate_size']}) for "
                  f"`{info['target']['name']}`, distilled by tempspec_trainer. "
                  + ("It shares the target's token embeddings and output head (not stored here), so it loads only "

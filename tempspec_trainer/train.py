@@ -2,13 +2,16 @@
 
 online:  loss = divergence(softmax(target/tau), softmax(draft/tau)) per response token (teacher forward each step)
 offline: loss = cross-entropy of the generated response tokens (sequence-level KD: the data carries the teacher)
-feature heads (init "feature...", EAGLE-style, tempspec_engine/models/feature_draft.py): online only. One teacher
-    forward per batch gives the target's logits and final-norm features; the head, fed the target's feature at
-    position t and token t+1, predicts the feature of t+1: loss = divergence at tau_kd between the target head on it and
-    the target's logits at t+1, + feature_weight * smooth L1 against the target's feature at t+1, averaged over
+feature heads (init "feature...", EAGLE-style, tempspec_engine/models/feature_draft.py): online only. The target's
+    final-norm features of a batch come from one teacher forward, or from a teacher cache (teacher_cache.py: computed
+    once, no target forward afterwards); the target's logits are its head on them. The head, fed the target's feature
+    at position t and token t+1, predicts the feature of t+1: loss = divergence at tau_kd between the target head on it
+    and the target's logits at t+1, + feature_weight * smooth L1 against the target's feature at t+1, averaged over
     `unroll` steps (EAGLE-3's training-time test: step j > 1 feeds the head's own step j-1 predictions, shifted one
     position, in place of the target's features). With a draft vocabulary (/vocab:N) the divergence compares the
     head with the target renormalized over those N ids (the best the restricted head can do).
+tau_mix (online, any draft): the divergence averaged over several temperatures in place of tau_kd alone (a
+    temperature mixture).
 
 AdamW with linear warmup and cosine decay, gradient accumulation, bf16 autocast over fp32 weights, checkpoints
 (draft in safetensors + optimizer state) that `resume=True` continues from exactly, a progress bar with loss and
@@ -42,14 +45,15 @@ from tempspec_trainer.data import make_batch, read_prompt_file, read_rows, token
 from tempspec_trainer.divergences import get_divergence
 from tempspec_trainer.evaluate import expected_acceptance_over
 from tempspec_trainer.draft_init import init_draft, init_feature_draft, is_feature_init, parse_feature_init
+from tempspec_trainer.teacher_cache import open_teacher_cache
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
 INIT = "init"  # the draft before training, saved for comparisons
 STATE_FILE = "trainer_state.pt"
 # config fields that must not change between a run and its resume
-RESUME_KEYS = ("data", "tau_kd", "mode", "divergence", "jsd_beta", "init", "target", "batch_size", "grad_accum",
-               "seq_len", "lr", "warmup_steps", "min_lr_ratio", "seed", "eval_rows")
+RESUME_KEYS = ("data", "tau_kd", "tau_mix", "mode", "divergence", "jsd_beta", "init", "target", "batch_size",
+               "grad_accum", "seq_len", "lr", "warmup_steps", "min_lr_ratio", "seed", "eval_rows")
 FEATURE_RESUME_KEYS = ("feature_weight", "unroll")  # also these for feature heads
 
 
@@ -90,6 +94,10 @@ class DistillConfig:
     # steps (1: teacher-forced only)
     feature_weight: float = 0.1
     unroll: int = 2
+    # temperature mixture: the online divergence averaged over these temperatures instead of tau_kd alone
+    tau_mix: Tuple[float, ...] = ()
+    # feature heads: a file of the target's features for the training rows (teacher_cache.py), made on first use
+    teacher_cache: Optional[str] = None
 
     def validate(self) -> None:
         if not self.data:
@@ -102,7 +110,7 @@ class DistillConfig:
         if self.mode not in ("online", "offline"):
             raise ValueError(f"mode must be 'online' or 'offline', got {self.mode!r}")
         get_divergence(self.divergence)
-        if self.mode == "online" and self.divergence == "rkl" and self.tau_kd == 0.0:
+        if self.mode == "online" and self.divergence == "rkl" and self.tau_kd == 0.0 and not self.tau_mix:
             raise ValueError("reverse KL against a greedy (tau_kd = 0) target is infinite: use fkl, jsd or tvd")
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
@@ -120,6 +128,16 @@ class DistillConfig:
                                  "computed each step anyway")
         if not (self.feature_weight >= 0.0) or not math.isfinite(self.feature_weight):
             raise ValueError(f"feature_weight must be a finite number >= 0, got {self.feature_weight!r}")
+        if any(not (t >= 0.0) or not math.isfinite(t) for t in self.tau_mix):
+            raise ValueError(f"tau_mix temperatures must be finite numbers >= 0, got {self.tau_mix}")
+        if self.tau_mix and self.mode != "online":
+            raise ValueError("tau_mix averages the online divergence: it needs mode 'online' (offline data carries "
+                             "its temperatures in its rows: mix generated files with `tempspec-train mix`)")
+        if self.divergence == "rkl" and 0.0 in self.tau_mix:
+            raise ValueError("reverse KL against a greedy (tau 0) target is infinite: drop 0 from tau_mix or use "
+                             "fkl, jsd or tvd")
+        if self.teacher_cache is not None and not is_feature_init(self.init):
+            raise ValueError("teacher_cache holds the target's features for feature heads (init 'feature...')")
         if self.unroll < 1:
             raise ValueError(f"unroll must be >= 1, got {self.unroll}")
         if self.warmup_steps < 0 or self.eval_rows < 0:
@@ -130,6 +148,16 @@ class DistillConfig:
 
     def recipe(self) -> dict:
         return dataclasses.asdict(self)
+
+    def temperatures(self) -> Tuple[float, ...]:
+        """The temperatures the online divergence is averaged over: tau_mix, or tau_kd alone."""
+        return tuple(self.tau_mix) or (self.tau_kd,)
+
+    def tau_label(self) -> str:
+        """'tau=1' or 'tau_mix=0,0.5,1' (the progress bar)."""
+        if self.tau_mix:
+            return "tau_mix=" + ",".join(f"{t:g}" for t in self.tau_mix)
+        return f"tau={self.tau_kd:g}"
 
 
 # ----------------------------------------------------------------------------------------------------- batches
@@ -202,6 +230,15 @@ class Distiller:
         else:
             self.draft, self.shared = init_draft(self.teacher, cfg.init, cfg.seed)
         self.draft.to(self.device).train()
+        self.teacher_cache = None
+        if cfg.teacher_cache is not None:  # rank 0 computes a missing cache, the others then read it
+            if self.rank == 0:
+                self.teacher_cache = open_teacher_cache(cfg.teacher_cache, self.teacher, self.target.name, train,
+                                                        cfg.batch_size, self.device, progress)
+            _barrier(self.world)
+            if self.rank != 0:
+                self.teacher_cache = open_teacher_cache(cfg.teacher_cache, self.teacher, self.target.name, train,
+                                                        cfg.batch_size, self.device, False)
         # a feature head runs `unroll` times per loss: one module call, so that DDP sees one forward per backward
         self.model = Unrolled(self.draft) if self.feature else self.draft
         if self.world > 1:
@@ -227,10 +264,11 @@ class Distiller:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         return model(tokens, positions, None)
 
-    def loss(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean loss over the masked positions of one micro-batch."""
+    def loss(self, seqs: list, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the masked positions of one micro-batch (seqs: its (ids, n_prompt) rows, tokens and mask
+        from make_batch)."""
         if self.feature:
-            return self.feature_loss(tokens, mask)
+            return self.feature_loss(tokens, mask, self.teacher_features(seqs, tokens))
         with self._autocast():
             student = self._logits(self.model, tokens)[mask]
         if self.cfg.mode == "offline":
@@ -238,25 +276,27 @@ class Distiller:
             return F.cross_entropy(student.float(), targets)
         with torch.no_grad():
             teacher = self._logits(self.teacher, tokens)[mask]
-        fn = get_divergence(self.cfg.divergence)
-        kwargs = {"beta": self.cfg.jsd_beta} if self.cfg.divergence == "jsd" else {}
-        return fn(student, teacher, self.cfg.tau_kd, **kwargs).mean()
+        return self.divergence(student, teacher)
 
-    def feature_loss(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """A feature head's loss on one micro-batch (module docstring): head index t reads the target's feature at
-        position t and token t+1 and is compared at the target's position t+1 (mask[:, 1:]: token t+2 is a response
-        token), averaged over the unrolled steps."""
+    def divergence(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """Mean divergence between student and teacher logits [N, V], averaged over cfg.temperatures()."""
         cfg = self.cfg
-        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        with torch.no_grad():
-            t_logits, t_feats = self.teacher(tokens, positions, None, return_features=True)
-        m = mask[:, 1:]
-        want_feats = t_feats[:, 1:][m].float()
-        want_logits = t_logits[:, 1:][m]
-        if self.draft.d2t is not None:  # the target renormalized over the draft vocabulary
-            want_logits = want_logits.index_select(-1, self.draft.d2t)
         fn = get_divergence(cfg.divergence)
         kwargs = {"beta": cfg.jsd_beta} if cfg.divergence == "jsd" else {}
+        taus = cfg.temperatures()
+        return sum(fn(student, teacher, tau, **kwargs).mean() for tau in taus) / len(taus)
+
+    def feature_loss(self, tokens: torch.Tensor, mask: torch.Tensor, t_feats: torch.Tensor) -> torch.Tensor:
+        """A feature head's loss on one micro-batch (module docstring): head index t reads the target's feature at
+        position t and token t+1 and is compared at the target's position t+1 (mask[:, 1:]: token t+2 is a response
+        token), averaged over the unrolled steps. t_feats [B, T, dim]: the target's features (teacher_features)."""
+        cfg = self.cfg
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        m = mask[:, 1:]
+        want_feats = t_feats[:, 1:][m]
+        with torch.no_grad():  # the target's logits over the draft vocabulary: its head on its features
+            want_logits = self.draft.draft_logits(want_feats)
+        want_feats = want_feats.float()
         with self._autocast():
             preds = self.model(t_feats[:, :-1], tokens[:, 1:], positions[:, :-1], cfg.unroll)
         total = 0.0
@@ -267,11 +307,19 @@ class Distiller:
             got = pred[m]
             with self._autocast():
                 student = self.draft.draft_logits(got)
-            step = fn(student, want_logits, cfg.tau_kd, **kwargs).mean()
+            step = self.divergence(student, want_logits)
             if cfg.feature_weight > 0:
                 step = step + cfg.feature_weight * F.smooth_l1_loss(got.float(), want_feats)
             total = total + step
         return total / len(preds)
+
+    @torch.no_grad()
+    def teacher_features(self, seqs: list, tokens: torch.Tensor) -> torch.Tensor:
+        """The target's final-norm features [B, T, dim] of a micro-batch: from the teacher cache, or one forward."""
+        if self.teacher_cache is not None:
+            return self.teacher_cache.batch(seqs, tokens.device)
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        return self.teacher(tokens, positions, None, compute_logits=False, return_features=True)[1]
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
@@ -365,7 +413,7 @@ class Distiller:
         cfg = self.cfg
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"distill {cfg.mode} {cfg.divergence} tau={cfg.tau_kd:g}",
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"distill {cfg.mode} {cfg.divergence} {cfg.tau_label()}",
                    disable=not self.progress or self.rank != 0, dynamic_ncols=True)
         if self.step == 0 and self.rank == 0:  # the undistilled draft: the baseline every result is compared with
             self.history.append({"step": 0, **self.evaluate()})
@@ -390,11 +438,12 @@ class Distiller:
             total = 0.0
             for a in range(cfg.grad_accum):
                 g = (self.step * cfg.grad_accum + a) * self.world + self.rank
-                tokens, mask = make_batch(self.schedule(g), self.device)
+                seqs = self.schedule(g)
+                tokens, mask = make_batch(seqs, self.device)
                 sync = a == cfg.grad_accum - 1 or self.world == 1
                 ctx = self.model.no_sync() if not sync else contextlib.nullcontext()
                 with ctx:
-                    loss = self.loss(tokens, mask) / cfg.grad_accum
+                    loss = self.loss(seqs, tokens, mask) / cfg.grad_accum
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step}; lower the lr")
                     loss.backward()

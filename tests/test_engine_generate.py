@@ -65,6 +65,22 @@ def test_draft_equal_to_target_accepts_everything(target, temperature):
     for o in out:
         assert o.stats.rejections == 0 and o.stats.alpha == 1.0
         assert o.stats.steps == 8  # 7 steps of 4 tokens, then 2 more tokens
+        assert o.stats.position_proposed == o.stats.position_accepted == [8, 8, 8]  # every position, every step
+        assert o.stats.acceptance_by_position == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_draft_equal_to_target_accepts_every_position(target, batch):
+    """Greedy SD with adaptive k and the target's own layers as the draft: acceptance 1.0 at every position that was
+    proposed (None beyond the longest step), and the per-position counts add up to the accepted total."""
+    engine = SpeculativeEngine(target, "layers:0-3", device="cpu", dtype=torch.float32, k="auto", k_max=5,
+                               max_len=128)
+    out = engine.generate(PROMPTS[:3], 0.0, 24, batch_size=batch, seed=0)
+    for o in out:
+        s = o.stats
+        assert s.rejections == 0 and sum(s.position_accepted) == s.accepted > 0
+        assert s.position_proposed == s.position_accepted and s.position_proposed[0] == s.steps
+        assert all(x == (1.0 if p else None) for x, p in zip(s.acceptance_by_position, s.position_proposed))
 
 
 @pytest.mark.parametrize("draft", ["layers:0,3", "lookup+layers:0,3"])

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from tempspec_engine.models.config import ModelConfig
-from tempspec_engine.models.draft_checkpoint import (DRAFT_FILE, SHIPPED_DIR, is_draft_dir, load_draft,
-                                                     read_draft_info, save_draft, shipped_draft, shipped_drafts)
+from tempspec_engine.models.draft_checkpoint import (DRAFT_FILE, MIX, PACKED_FILE, SHIPPED_DIR, WEIGHTS_FILE,
+                                                     is_draft_dir, load_draft, pack_weights, read_draft_info,
+                                                     save_draft, shipped_draft, shipped_drafts)
+from tempspec_engine.models.feature_draft import FORMAT as FEATURE_FORMAT
 from tempspec_engine.models.llama import Transformer
 
 TINY = ModelConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, intermediate_size=64,
@@ -47,6 +49,10 @@ def test_round_trip_gives_identical_logits(tmp_path, shared):
         from safetensors.torch import load_file
 
         assert "embed_tokens.weight" not in load_file(str(tmp_path / "d" / "model.safetensors"))
+    # packed (xz) weights load to the same draft
+    packed = pack_weights(tmp_path / "d")
+    assert packed.name == PACKED_FILE and not (tmp_path / "d" / WEIGHTS_FILE).exists()
+    assert torch.equal(_logits(load_draft(tmp_path / "d", target), tokens), _logits(draft, tokens))
 
 
 def test_trained_draft_with_a_restricted_head(tmp_path):
@@ -86,6 +92,8 @@ def test_bad_directories(tmp_path):
         read_draft_info(tmp_path)
     with pytest.raises(ValueError, match="no shipped draft distilled at tau_kd=9.5"):
         shipped_draft(9.5)
+    with pytest.raises(ValueError, match=r"shipped: feature:0, feature:0\.5, feature:1, feature:mix"):
+        shipped_draft(9.5, FEATURE_FORMAT, "feature")
 
 
 SHIPPED = shipped_drafts()
@@ -97,13 +105,21 @@ def test_shipped_drafts_are_small_and_documented():
     assert sorted(SHIPPED) == [0.0, 0.5, 1.0]
     total = sum(f.stat().st_size for f in SHIPPED_DIR.rglob("*") if f.is_file())
     assert total <= 64 * 10**6, f"shipped drafts take {total / 10**6:.1f} MB"
-    from tempspec_engine.models.feature_draft import FORMAT, read_feature_draft_info
+    from tempspec_engine.models.feature_draft import read_feature_draft_info
 
-    for tau, d in shipped_drafts(FORMAT).items():
+    heads = shipped_drafts(FEATURE_FORMAT)
+    assert sorted(heads, key=str) == sorted([0.0, 0.5, 1.0, MIX], key=str)
+    for tau, d in heads.items():
         card = (d / "README.md").read_text()
         assert "feature head" in card and "tempspec-train distill" in card
-        info = read_feature_draft_info(d)
-        assert info["metadata"]["recipe"]["tau_kd"] == tau and info["metadata"]["final"] is True
+        recipe = read_feature_draft_info(d)["metadata"]["recipe"]
+        assert (recipe["tau_mix"] == [0.0, 0.5, 1.0] if tau == MIX else recipe["tau_kd"] == tau and not
+                recipe["tau_mix"])
+        assert read_feature_draft_info(d)["metadata"]["final"] is True
+    # one recipe apart from the temperature: the heads compare the KD temperatures and nothing else
+    recipes = [{k: v for k, v in read_feature_draft_info(d)["metadata"]["recipe"].items()
+                if k not in ("tau_kd", "tau_mix", "out_dir")} for d in heads.values()]
+    assert all(r == recipes[0] for r in recipes)
     for tau, d in SHIPPED.items():
         card = (d / "README.md").read_text()
         assert "tempspec-train distill" in card and "alpha" in card
@@ -111,6 +127,24 @@ def test_shipped_drafts_are_small_and_documented():
         assert info["shares_target_embeddings"] and info["metadata"]["recipe"]["tau_kd"] == tau
         assert info["metadata"]["final"] is True
         assert info["metadata"]["recipe"]["divergence"] == "jsd"  # the divergence that won the comparison
+
+
+@pytest.mark.parametrize("spec", ["feature:0", "feature:0.5", "feature:1", "feature:mix"])
+def test_feature_specs_load_on_the_target_shape(spec):
+    """Each shipped head loads by its spec onto a target of the default's shape (random weights, 2 layers), sharing
+    the target's embedding."""
+    from tempspec_engine.models.draft import make_draft
+    from tempspec_engine.models.feature_draft import read_feature_draft_info
+    from tempspec_engine.models.loading import LoadedModel
+
+    tau = MIX if spec.endswith(MIX) else float(spec.split(":")[1])
+    info = read_feature_draft_info(shipped_drafts(FEATURE_FORMAT)[tau])
+    c = info["config"]
+    target = Transformer(ModelConfig(vocab_size=c["vocab_size"], dim=c["dim"], n_layers=2, n_heads=c["n_heads"],
+                                     n_kv_heads=c["n_kv_heads"], head_dim=c["head_dim"], intermediate_size=64,
+                                     tie_embeddings=True)).to(torch.bfloat16)
+    head = make_draft(spec, LoadedModel(target, None, (), "t"), "cpu", torch.bfloat16).model
+    assert head.embed_tokens is target.embed_tokens and head.d2t.shape == (c["draft_vocab"],)
 
 
 def test_distilled_spec_loads_on_the_target_shape():

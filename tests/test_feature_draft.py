@@ -377,13 +377,13 @@ def test_an_oracle_head_has_zero_loss_and_full_acceptance(target, data_file, tmp
     tokens, mask = make_batch(seqs, "cpu")
     oracle.x0 = tokens[:, :1]
     with torch.no_grad():
-        assert float(d.loss(tokens, mask)) == pytest.approx(0.0, abs=1e-6)
+        assert float(d.loss(seqs, tokens, mask)) == pytest.approx(0.0, abs=1e-6)
         acc = feature_acceptance_over(oracle, target.model, seqs, (0.0, 1.0), len(seqs), "cpu")
     assert acc == {"alpha@0": pytest.approx(1.0), "alpha@1": pytest.approx(1.0, abs=1e-5)}
     # answering one position early is far off: the checks above can fail
     oracle.shift = 1
     with torch.no_grad():
-        assert float(d.loss(tokens, mask)) > 0.5
+        assert float(d.loss(seqs, tokens, mask)) > 0.5
         assert feature_acceptance_over(oracle, target.model, seqs, (0.0,), len(seqs), "cpu")["alpha@0"] < 0.5
 
 
@@ -391,7 +391,8 @@ def test_loss_matches_its_definition(target, data_file, tmp_path):
     """unroll=2, feature_weight 0.3: the mean over both steps of FKL(head logits vs target at t+1) + 0.3 smooth L1,
     step 2 fed [f_0, step-1 predictions of 0..T-3]."""
     d = Distiller(config(data_file, tmp_path, feature_weight=0.3, unroll=2), target=target, progress=False)
-    tokens, mask = make_batch(d.eval_seqs[:6], "cpu")
+    seqs = d.eval_seqs[:6]
+    tokens, mask = make_batch(seqs, "cpu")
     pos = torch.arange(tokens.shape[1]).expand_as(tokens)
     head, m = d.draft, mask[:, 1:]
     with torch.no_grad():
@@ -400,7 +401,7 @@ def test_loss_matches_its_definition(target, data_file, tmp_path):
         p2 = head(torch.cat((feats[:, :1], p1[:, :-1]), 1), tokens[:, 1:], pos[:, :-1], None)
         want = sum(forward_kl(head.logits(p)[m], logits[:, 1:][m], 1.0).mean()
                    + 0.3 * F.smooth_l1_loss(p[m], feats[:, 1:][m]) for p in (p1, p2)) / 2
-        assert float(d.loss(tokens, mask)) == pytest.approx(float(want), rel=1e-5)
+        assert float(d.loss(seqs, tokens, mask)) == pytest.approx(float(want), rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------ training
@@ -510,6 +511,71 @@ def test_resume_of_a_checkpoint_older_than_the_feature_fields(target, data_file,
         Distiller(dataclasses.replace(cfg, steps=3, unroll=3), target=target, progress=False).resume()
 
 
+# ------------------------------------------------------------------------------------ teacher cache, tau mixture
+def test_a_teacher_cache_trains_exactly_like_the_teacher(target, data_file, tmp_path):
+    """fp32: 3 steps from a teacher cache give the same weights as 3 steps with a teacher forward per batch; the cache
+    is written on first use, read by the next run (no teacher forward: the teacher is poisoned) and refused when made
+    from other sequences, by another target dtype, or truncated."""
+    plain = Distiller(config(data_file, tmp_path / "plain", steps=3, eval_every=3), target=target, progress=False)
+    plain.run()
+    cache = tmp_path / "cache" / "features.safetensors"
+    first = Distiller(config(data_file, tmp_path / "first", steps=3, eval_every=3, teacher_cache=str(cache)),
+                      target=target, progress=False)
+    assert cache.is_file() and first.teacher_cache.missing(first.schedule.seqs) == 0
+    first.run()
+    for name, value in plain.draft.state_dict().items():
+        torch.testing.assert_close(first.draft.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+    again = Distiller(config(data_file, tmp_path / "again", steps=3, eval_every=3, teacher_cache=str(cache)),
+                      target=target, progress=False)
+    poisoned = again.teacher.forward
+    again.teacher.forward = None  # a call would fail: every feature comes from the cache
+    try:
+        seqs = again.schedule(0)
+        tokens, _ = make_batch(seqs, "cpu")
+        pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+        got = again.teacher_features(seqs, tokens)
+    finally:
+        again.teacher.forward = poisoned
+    want = target.model(tokens, pos, None, return_features=True)[1]
+    lengths = [len(ids) for ids, _ in seqs]
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(got[b, :n], want[b, :n], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="lacks .* training sequences"):
+        Distiller(config(data_file, tmp_path / "short", seq_len=10, teacher_cache=str(cache)), target=target,
+                  progress=False)
+    bf16 = tf.tiny_target()
+    bf16.model.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="was made for"):
+        Distiller(config(data_file, tmp_path / "bf16", precision="bf16", teacher_cache=str(cache)), target=bf16,
+                  progress=False)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(cache.read_bytes()[:100])
+    with pytest.raises(ValueError, match="cannot be read"):
+        Distiller(config(data_file, tmp_path / "broken", teacher_cache=str(broken)), target=target, progress=False)
+    with pytest.raises(ValueError, match="feature heads"):
+        DistillConfig(**{**dataclasses.asdict(config(data_file, tmp_path)), "init": "layers:0",
+                         "teacher_cache": str(cache)}).validate()
+
+
+def test_tau_mix_averages_the_divergence_over_its_temperatures(target, data_file, tmp_path):
+    d = Distiller(config(data_file, tmp_path, tau_mix=(0.0, 0.5, 1.0), divergence="jsd"), target=target,
+                  progress=False)
+    student, teacher = torch.randn(5, 64), torch.randn(5, 64)
+    from tempspec_trainer.divergences import jsd
+    want = sum(float(jsd(student, teacher, tau).mean()) for tau in (0.0, 0.5, 1.0)) / 3
+    assert float(d.divergence(student, teacher)) == pytest.approx(want, rel=1e-6)
+    assert d.cfg.tau_label() == "tau_mix=0,0.5,1"
+    d.cfg.steps = d.cfg.eval_every = 2
+    from tempspec_trainer.model_card import write_card
+
+    card = write_card(d.run(), command="tempspec-train distill --tau-mix 0,0.5,1").read_text()
+    assert card.startswith("# tempspec feature draft head (EAGLE-style): online KD on the temperature mixture "
+                           "tau_kd in {0, 0.5, 1}")
+    single = Distiller(config(data_file, tmp_path / "one", tau_kd=0.5, divergence="jsd"), target=target,
+                       progress=False)
+    assert float(single.divergence(student, teacher)) == pytest.approx(float(jsd(student, teacher, 0.5).mean()))
+
+
 @pytest.mark.parametrize("overrides,match", [
     (dict(mode="offline"), "distilled online"),
     (dict(init="feature:layers=0"), "layers=N or mlp=N"),
@@ -518,6 +584,8 @@ def test_resume_of_a_checkpoint_older_than_the_feature_fields(target, data_file,
     (dict(init="feature/vocab:65"), "1..64"),
     (dict(unroll=0), "unroll"),
     (dict(feature_weight=-1.0), "feature_weight"),
+    (dict(tau_mix=(0.5, -1.0)), "tau_mix"),
+    (dict(tau_mix=(0.0, 1.0), divergence="rkl"), "drop 0 from tau_mix"),
 ])
 def test_bad_feature_config_raises(target, data_file, tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):

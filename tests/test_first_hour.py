@@ -1,6 +1,7 @@
 """A new user's first hour (issue 16): every mistake ends in one clear line, the same seed gives the same text, the
 defaults work. CLI cases run the real entry points as subprocesses, on a tiny local model (no network, no GPU)."""
 import json
+import lzma
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from tempspec_engine import threads  # noqa: E402
 from tempspec_engine.cli import StopAwareStreamer  # noqa: E402
 from tempspec_engine.engine import SpeculativeEngine  # noqa: E402
 from tempspec_engine.models.draft import random_draft  # noqa: E402
-from tempspec_engine.models.draft_checkpoint import DRAFT_FILE, WEIGHTS_FILE, save_draft  # noqa: E402
+from tempspec_engine.models.draft_checkpoint import DRAFT_FILE, PACKED_FILE, WEIGHTS_FILE, save_draft  # noqa: E402
 from tempspec_engine.results import fresh_results_path  # noqa: E402
 
 WORDS = ["<unk>", "<eos>"] + [f"w{i}" for i in range(62)]
@@ -108,6 +109,12 @@ def _broken_copy(draft_dir, tmp_path, name, edit):
     return path
 
 
+def _truncated_pack(path):
+    """Replaces the weights by a truncated model.safetensors.xz."""
+    (path / PACKED_FILE).write_bytes(lzma.compress((path / WEIGHTS_FILE).read_bytes())[:200])
+    (path / WEIGHTS_FILE).unlink()
+
+
 @pytest.mark.parametrize("name, edit, words", [
     ("empty", lambda p: (p / WEIGHTS_FILE).write_bytes(b""), [WEIGHTS_FILE, "cannot read the weights"]),
     ("truncated", lambda p: (p / WEIGHTS_FILE).write_bytes((p / WEIGHTS_FILE).read_bytes()[:300]),
@@ -117,6 +124,7 @@ def _broken_copy(draft_dir, tmp_path, name, edit):
         {**json.loads((p / DRAFT_FILE).read_text()),
          "config": {**json.loads((p / DRAFT_FILE).read_text())["config"], "dim": 32}})),
      [WEIGHTS_FILE, "do not fit the config"]),
+    ("packed", _truncated_pack, [PACKED_FILE, "cannot read the weights"]),
 ])
 def test_broken_draft_directory_gives_one_line(model_dir, draft_dir, tmp_path, name, edit, words):
     broken = _broken_copy(draft_dir, tmp_path, name, edit)

@@ -9,12 +9,14 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 from engine_fixtures import tiny_llama_hf, tiny_target, word_tokenizer  # noqa: E402
-from tempspec_engine import prompts, sweep  # noqa: E402
+from tempspec_engine import prompts, run_meta, sweep  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-RESULT_KEYS = {"draft", "temperature", "alpha", "mean_accepted", "tokens_per_step", "sd_tokens_per_s",
+SCALAR_KEYS = {"draft", "temperature", "alpha", "alpha_se", "mean_accepted", "tokens_per_step", "sd_tokens_per_s",
                "target_tokens_per_s", "speedup", "wall_time_s", "target_wall_time_s", "tokens", "target_tokens",
                "steps", "accepted", "rejections", "draft_time_s", "target_time_s"}
+POSITION_KEYS = {"acceptance_by_position", "position_proposed", "position_accepted"}  # lists, one entry per position
+RESULT_KEYS = SCALAR_KEYS | POSITION_KEYS
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -50,9 +52,16 @@ def check_results(res, temps, drafts, n_prompts, max_new, eos=False):
         (d, t) for d in drafts for t in temps)
     for r in res["results"]:
         assert set(r) == RESULT_KEYS
-        for key in RESULT_KEYS - {"draft"}:
+        for key in SCALAR_KEYS - {"draft"}:
             assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), (key, r[key])
         assert 0.0 <= r["alpha"] <= 1.0
+        n = r["accepted"] + r["rejections"]
+        assert r["alpha_se"] == pytest.approx(math.sqrt(r["alpha"] * (1 - r["alpha"]) / n))
+        proposed, accepted = r["position_proposed"], r["position_accepted"]
+        assert len(proposed) == len(accepted) == len(r["acceptance_by_position"]) >= 1
+        assert sum(accepted) == r["accepted"] and all(0 <= a <= p for a, p in zip(accepted, proposed))
+        assert all(x >= y for x, y in zip(proposed, proposed[1:]))  # a step proposing i+2 tokens proposed i+1
+        assert r["acceptance_by_position"] == [a / p if p else None for a, p in zip(accepted, proposed)]
         assert (0 < r["tokens"] <= n_prompts * max_new if eos else r["tokens"] == n_prompts * max_new)
         assert r["accepted"] + r["rejections"] > 0 and r["steps"] >= n_prompts
         assert r["mean_accepted"] == pytest.approx(r["accepted"] / r["steps"])
@@ -69,9 +78,11 @@ def test_sweep_schema_and_plots(tmp_path):
     check_results(res, temps, drafts, len(prompts), 12)
     # The all-layers draft equals the target: every draft token is accepted, at every temperature.
     full = [r for r in res["results"] if r["draft"] == "layers:0-1"]
-    assert all(r["alpha"] == 1.0 and r["rejections"] == 0 for r in full)
+    assert all(r["alpha"] == 1.0 and r["rejections"] == 0 and r["alpha_se"] == 0.0 for r in full)
+    assert all(x in (1.0, None) for r in full for x in r["acceptance_by_position"])
+    assert all(r["acceptance_by_position"][0] == 1.0 for r in full)
     assert max(r["alpha"] for r in res["results"] if r["draft"] == "random") < 1.0
-    res["meta"].update(sweep.collect_meta("cpu"))
+    res["meta"].update(run_meta.collect_meta("cpu"))
     written = sweep.write_results(res, tmp_path / "sweep_cpu_float32.json")
     stem = str(tmp_path / "sweep_cpu_float32")
     assert written[1:] == [stem + "_speedup.png", stem + "_alpha.png"]

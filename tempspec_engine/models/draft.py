@@ -2,6 +2,7 @@
 target's layers (sharing its weights), n-gram lookup, or a random small model.
 
 Draft specs (CLI `--draft` and SpeculativeEngine(draft=...)):
+  "default"                    "lookup+feature:1" for the default target, "lookup" for any other (default_draft)
   "layers:0,14,29"             the target's layers 0, 14 and 29 with its embeddings, final norm and head
   "layers:0-3,29"              ranges are inclusive
   "layers:0,14,29/vocab:8192"  the head restricted to the first 8192 token ids (BPE ids are roughly in frequency
@@ -11,7 +12,8 @@ Draft specs (CLI `--draft` and SpeculativeEngine(draft=...)):
   "lookup+distilled:1"         hybrid: lookup proposes for a row whose last 2-3 tokens occurred earlier, the model
                                after the "+" (any spec below) for the others (it runs only when some row needs it)
   "distilled:0.5"              the shipped draft distilled at KD temperature 0.5 (tempspec_engine/drafts/)
-  "feature:1"                  the shipped EAGLE-style feature head distilled at KD temperature 1
+  "feature:1"                  the shipped EAGLE-style feature head distilled at KD temperature 1 ("feature:mix":
+                               the one distilled on the temperature mixture)
   a tempspec draft directory   a draft saved by tempspec_trainer (models/draft_checkpoint.py), or an EAGLE-style
                                feature head (models/feature_draft.py: it reads the target's own features)
   "distilled:1/vocab:8192"     any of the two above with its head restricted likewise
@@ -27,18 +29,20 @@ from typing import Optional, Sequence
 import torch
 
 from tempspec_engine.models.config import ModelConfig
-from tempspec_engine.models.draft_checkpoint import is_draft_dir, load_draft, shipped_draft
+from tempspec_engine.models.draft_checkpoint import MIX, is_draft_dir, load_draft, shipped_draft
 from tempspec_engine.models.feature_draft import FORMAT as FEATURE_FORMAT
-from tempspec_engine.models.feature_draft import is_feature_draft_dir, load_feature_draft
+from tempspec_engine.models.feature_draft import is_feature_draft_dir, load_feature_draft, read_feature_draft_info
 from tempspec_engine.models.llama import Transformer
 from tempspec_engine.models.loading import LoadedModel, check_tokenizers, load_hf, model_source, place
 
-# Layer subsets of SmolLM2-135M are accepted almost never unless nearly all layers are kept (teacher-forced greedy
-# agreement: layers 0-14 4%, 0-24 34%, 0-28 59%; see benchmarks/draft_search.py), so the default is n-gram lookup.
-DEFAULT_DRAFT = "lookup"
+# The default draft: for the default target, the fastest at T=0.7 on a 2-core CPU (README, "Feature drafts":
+# lookup+feature:1 1.26x, lookup+distilled:1/vocab:4096 1.22x, lookup 1.17x); the shipped heads fit only that target, so
+# any other target gets n-gram lookup (layer subsets of a target are accepted almost never: benchmarks/draft_search.py).
+DEFAULT_DRAFT = "lookup+feature:1"
+FALLBACK_DRAFT = "lookup"
 # the forms of a draft spec that are not paths, for error messages
 SPEC_FORMS = ("a draft spec (default, none, lookup[:N], lookup+<model spec>, layers:<ids>[/vocab:N], "
-              "distilled:<T>[/vocab:N], feature:<T>, random[:N]) nor a tempspec draft directory[/vocab:N]")
+              "distilled:<T>[/vocab:N], feature:<T>, feature:mix, random[:N]) nor a tempspec draft directory[/vocab:N]")
 
 
 def layer_subset_draft(target: Transformer, layer_ids: Sequence[int], vocab_limit: Optional[int] = None) -> Transformer:
@@ -141,6 +145,16 @@ def check_spec_form(spec, allow_download: bool = False) -> None:
         model_source(body, "draft", SPEC_FORMS, allow_download)
 
 
+def default_draft(target: LoadedModel) -> str:
+    """The spec "default" stands for: DEFAULT_DRAFT when the shipped feature head it names was made for this target
+    (same name, vocabulary and width: the default target), else FALLBACK_DRAFT (n-gram lookup fits any target)."""
+    made_for = read_feature_draft_info(shipped_draft(1.0, FEATURE_FORMAT, "feature"))["target"]
+    config = getattr(target.model, "config", None)
+    fits = (isinstance(target.model, Transformer) and target.name == made_for["name"]
+            and (config.vocab_size, config.dim) == (made_for["vocab_size"], made_for["dim"]))
+    return DEFAULT_DRAFT if fits else FALLBACK_DRAFT
+
+
 def make_draft(spec, target: LoadedModel, device, dtype, allow_download: bool = False) -> LoadedModel:
     """Builds a draft from a spec string (see module docstring), a LoadedModel or a Transformer (these two are moved
     to `device` and `dtype` in place). A string that is none of the forms is refused at once (ValueError)."""
@@ -149,7 +163,10 @@ def make_draft(spec, target: LoadedModel, device, dtype, allow_download: bool = 
         return place(spec, device, dtype)
     if isinstance(spec, torch.nn.Module):
         return place(LoadedModel(spec, target.tokenizer, target.eos_ids, "custom draft"), device, dtype)
-    spec = DEFAULT_DRAFT if spec in (None, "default") else str(spec)
+    spec = default_draft(target) if spec in (None, "default") else str(spec)
+    if split_hybrid(spec)[0] is not None:
+        raise ValueError(f"draft {spec!r}: a lookup hybrid is built by the engine (SpeculativeEngine), not by "
+                         "make_draft")
     if spec.startswith("layers:"):
         if not isinstance(target.model, Transformer):
             raise ValueError("layer-subset drafts need a Llama-family target")
@@ -165,8 +182,9 @@ def make_draft(spec, target: LoadedModel, device, dtype, allow_download: bool = 
         return LoadedModel(model, target.tokenizer, target.eos_ids, spec)
     body, _, vocab = spec.rpartition("/vocab:") if "/vocab:" in spec else (spec, "", "")
     if body.startswith("feature:"):
-        body = shipped_draft(_spec_number(body, None, float, None, "use 'feature:T' with a number T, e.g. feature:1"),
-                             FEATURE_FORMAT, "feature")
+        tau = MIX if body == f"feature:{MIX}" else _spec_number(
+            body, None, float, None, f"use 'feature:T' with a number T (e.g. feature:1) or 'feature:{MIX}'")
+        body = shipped_draft(tau, FEATURE_FORMAT, "feature")
     if is_feature_draft_dir(body):
         if vocab:
             raise ValueError(f"draft {spec!r}: a feature head's vocabulary is set when it is trained "

@@ -34,7 +34,7 @@ from torch import nn
 from tempspec_engine.kv_cache import KVCache
 from tempspec_engine.models.config import ModelConfig
 from tempspec_engine.models.draft_checkpoint import (DRAFT_FILE, WEIGHTS_FILE, check_weights_fit, draft_format,
-                                                     read_info, read_weights)
+                                                     read_info, read_weights, weights_path)
 from tempspec_engine.models.llama import Block, RMSNorm, Transformer, rope_inv_freq, run_layers
 
 FORMAT = "tempspec-feature-draft/1"
@@ -301,7 +301,7 @@ def load_feature_draft(directory, target: Transformer, device=None, dtype=None) 
     state = read_weights(directory)
     check_weights_fit(state, {k: v.shape for k, v in head.state_dict().items()}, directory)
     if config.draft_vocab is not None:
-        check_token_map(state["d2t"], config.draft_vocab, config.vocab_size, f"{Path(directory) / WEIGHTS_FILE}: d2t")
+        check_token_map(state["d2t"], config.draft_vocab, config.vocab_size, f"{weights_path(directory)}: d2t")
     head.load_state_dict(state, strict=True, assign=True)
     w = target.embed_tokens.weight
     head = head.to(device=device or w.device, dtype=dtype or w.dtype)

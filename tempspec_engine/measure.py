@@ -1,0 +1,104 @@
+"""Timing one `engine.generate(...)` call: the one rule every benchmark and the sweep use.
+
+The rule for the draft and target seconds of a call rests on how the engine schedules and charges steps
+(tempspec_engine/engine.py):
+  - a step's draft and target seconds are measured once and added to the stats of every request live in that step
+    (so per-request times overlap wherever requests shared steps: summing them counts a shared step many times);
+  - the first `width = engine.batch_width(len(prompts), batch_size)` requests start together at step 1; a request
+    takes part in every step from its start until it finishes, at least one;
+  - each later request, in prompt order, takes the row that a finishing request frees and joins in the very next
+    step: so each of the `width` rows ("lanes") runs its requests back to back, with no gap and no overlap.
+A lane's summed request times are thus exactly the step times of steps 1..(its last step), and the lane that ends
+last covers every step of the call once. Hence:
+
+    draft_time_s, target_time_s = the sums over the requests of the lane that ends last (lanes rebuilt from the
+    requests' step counts in prompt order), and engine_steps = its summed steps (the batched steps of the call).
+
+With width 1 that is the sum over the requests; with all requests in one batch, the request that ended last (the
+max over them), never row 0 (it may end first). Exact up to float rounding. Outside every step's time: prefill,
+a lookup that proposed nothing (its step runs the target alone), commits; `seconds` (wall) includes them.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+COUNTS = ("steps", "accepted", "rejections", "lookup_steps", "plain_steps")  # summed RequestStats fields
+# RequestStats lists, one count per draft position: summed elementwise
+POSITION_COUNTS = ("position_proposed", "position_accepted")
+
+
+def add_lists(a: Sequence, b: Sequence) -> list:
+    """Elementwise sum of two count lists (the shorter one padded with zeros)."""
+    return [x + y for x, y in itertools.zip_longest(a, b, fillvalue=0)]
+
+
+def add_figures(total: dict, part: dict) -> None:
+    """Adds one call's figures to a running total in place: numbers summed, lists (POSITION_COUNTS) elementwise."""
+    for key, value in part.items():
+        if isinstance(value, (list, tuple)):
+            total[key] = add_lists(total.get(key, ()), value)
+        else:
+            total[key] = total.get(key, 0) + value
+
+
+def alpha_se(accepted: int, rejections: int) -> Optional[float]:
+    """Binomial standard error of alpha = accepted / n, n = accepted + rejections: sqrt(alpha (1 - alpha) / n);
+    None when n = 0."""
+    n = accepted + rejections
+    if not n:
+        return None
+    alpha = accepted / n
+    return math.sqrt(alpha * (1.0 - alpha) / n)
+
+
+def acceptance_by_position(accepted: Iterable[int], proposed: Iterable[int]) -> List[Optional[float]]:
+    """accepted[i] / proposed[i] per draft position; None where nothing was proposed."""
+    return [a / p if p else None for a, p in zip(accepted, proposed)]
+
+
+def sync_device(device) -> None:
+    """Waits for queued GPU work so host timers measure it (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_times(stats: Sequence, width: int) -> Tuple[int, float, float]:
+    """(engine steps, draft seconds, target seconds) of one generate() call from its RequestStats in prompt order
+    and its batch width, by the rule of the module docstring."""
+    lanes = [(0, lane, 0.0, 0.0) for lane in range(width)]  # (last step, lane, draft s, target s): a heap
+    for s in stats:
+        end, lane, draft, target = heapq.heappop(lanes)  # the row freed first (ties: same steps, same times)
+        heapq.heappush(lanes, (end + s.steps, lane, draft + s.draft_time_s, target + s.target_time_s))
+    steps, _, draft, target = max(lanes)
+    return steps, draft, target
+
+
+def timed_generate(engine, prompts, temperature=0.0, max_new_tokens=128, *, batch_size: Optional[int] = None,
+                   **kwargs) -> Tuple[List, dict]:
+    """Runs engine.generate(prompts, temperature, max_new_tokens, batch_size=batch_size, **kwargs) between device
+    syncs; returns (outputs, figures). figures: tokens (generated), seconds (wall, perf_counter), steps / accepted /
+    rejections / lookup_steps / plain_steps (summed over requests), position_proposed / position_accepted (lists per
+    draft position, summed elementwise over requests), engine_steps (batched steps), draft_time_s and target_time_s
+    (seconds, each step once: see the module docstring)."""
+    sync_device(engine.device)
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, temperature, max_new_tokens, batch_size=batch_size, **kwargs)
+    sync_device(engine.device)
+    seconds = time.perf_counter() - t0
+    stats = [o.stats for o in outs]
+    steps, draft, target = step_times(stats, engine.batch_width(len(outs), batch_size))
+    figures = {"tokens": sum(s.new_tokens for s in stats), "seconds": seconds}
+    figures.update({key: sum(getattr(s, key) for s in stats) for key in COUNTS})
+    for key in POSITION_COUNTS:
+        total = []
+        for s in stats:
+            total = add_lists(total, getattr(s, key))
+        figures[key] = total
+    figures.update(engine_steps=steps, draft_time_s=draft, target_time_s=target)
+    return outs, figures

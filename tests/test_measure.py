@@ -1,0 +1,213 @@
+"""tempspec_engine/measure.py, run_meta.py and results.write_json on tiny random models: the summed figures of a timed
+generate() call, its draft/target seconds counting every engine step once (rows that end at different steps, more
+prompts than rows), bench_engine using the same rule, the counts per draft position and the standard error of alpha,
+the metadata keys and the JSON writer."""
+import datetime
+import importlib.util
+import itertools
+import json
+import math
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from engine_fixtures import tiny_target  # noqa: E402
+from tempspec_engine import engine as engine_mod  # noqa: E402
+from tempspec_engine.engine import SpeculativeEngine  # noqa: E402
+from tempspec_engine.measure import (COUNTS, POSITION_COUNTS, acceptance_by_position, add_figures,  # noqa: E402
+                                     alpha_se, step_times, timed_generate)
+from tempspec_engine.results import write_json  # noqa: E402
+from tempspec_engine.run_meta import collect_meta  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = [[1, 2, 3], [5], [7, 8, 9, 10], [4, 4], [11, 12]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target(vocab=64, layers=2, seed=0)
+
+
+@pytest.fixture
+def step_log(monkeypatch):
+    """Gives each timed engine step distinct integer durations (float sums stay exact) and logs them, one
+    (draft s, target s) per engine step (draft 0 for a step of the target alone)."""
+    log, counter = [], itertools.count(1)
+
+    def seconds(self):
+        values = [float(next(counter)) for _ in self.marks[1:]]
+        log.append(tuple(values) if len(values) == 2 else (0.0, values[0]))
+        return values
+
+    monkeypatch.setattr(engine_mod._Timer, "seconds", seconds)
+    return log
+
+
+def make_engine(target, draft="layers:0", static_shapes=False):
+    return SpeculativeEngine(target, draft, device="cpu", dtype=torch.float32, k=2, max_batch_size=4, max_len=64,
+                             static_shapes=static_shapes)
+
+
+def check_each_step_once(figures, log):
+    assert figures["engine_steps"] == len(log)
+    assert figures["draft_time_s"] == sum(d for d, _ in log)
+    assert figures["target_time_s"] == sum(t for _, t in log)
+
+
+def test_sums_equal_the_outputs_stats(target):
+    eng = make_engine(target)
+    outs, fig = timed_generate(eng, PROMPTS, 1.0, 9, batch_size=2, seed=3)
+    stats = [o.stats for o in outs]
+    assert fig["tokens"] == sum(s.new_tokens for s in stats) == 9 * len(PROMPTS)
+    for key in COUNTS:
+        assert fig[key] == sum(getattr(s, key) for s in stats), key
+    assert fig["steps"] >= len(PROMPTS) and fig["accepted"] + fig["rejections"] > 0 and fig["seconds"] > 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in eng.generate(PROMPTS, 1.0, 9, batch_size=2, seed=3)]
+
+
+@pytest.mark.parametrize("draft, static_shapes", [("layers:0", False), ("layers:0", True), ("lookup", False)])
+def test_one_batch_row_zero_ends_first(target, step_log, draft, static_shapes):
+    """All prompts in one batch; row 0 ends after its first step, the others later: each step is counted once."""
+    eng = make_engine(target, draft, static_shapes)
+    outs, fig = timed_generate(eng, PROMPTS[:3], 0.0, [1, 12, 7], batch_size=3, seed=0)
+    assert outs[0].stats.steps == 1 < min(o.stats.steps for o in outs[1:])
+    check_each_step_once(fig, step_log)
+    assert fig["target_time_s"] == max(o.stats.target_time_s for o in outs)  # the last row took part in every step
+    assert outs[0].stats.target_time_s < fig["target_time_s"]  # row 0 alone undercounts
+
+
+@pytest.mark.parametrize("draft, static_shapes, speculative", [("layers:0", False, True), ("layers:0", True, True),
+                                                              ("lookup", False, True), ("none", False, False)])
+def test_more_prompts_than_rows(target, step_log, draft, static_shapes, speculative):
+    """5 prompts on 2 rows: queued requests take the rows that free up; the row that ends last covers every step."""
+    eng = make_engine(target, draft, static_shapes)
+    outs, fig = timed_generate(eng, PROMPTS, 0.0, [1, 6, 12, 12, 12], batch_size=2, seed=0, speculative=speculative)
+    check_each_step_once(fig, step_log)
+    assert max(o.stats.target_time_s for o in outs) < fig["target_time_s"]  # no single request ran throughout
+    assert sum(o.stats.target_time_s for o in outs) > fig["target_time_s"]  # shared steps counted once
+    if not speculative:
+        assert fig["draft_time_s"] == 0 and fig["plain_steps"] == fig["steps"] == 43
+
+
+def test_step_times_lanes():
+    """Lanes rebuilt from step counts: width 1 sums, one batch takes the last row, a queue joins freed rows."""
+    class S:
+        def __init__(self, steps):
+            self.steps, self.draft_time_s, self.target_time_s = steps, 0.5 * steps, float(steps)
+
+    rows = [S(1), S(4), S(2), S(3)]
+    assert step_times(rows, 1) == (10, 5.0, 10.0)
+    assert step_times(rows, 4) == (4, 2.0, 4.0)
+    assert step_times(rows, 2) == (6, 3.0, 6.0)  # rows: [1 + 2 + 3] and [4]; the 3 joins the first free row at 4
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_engine", os.path.join(ROOT, "benchmarks", "bench_engine.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_engine_uses_the_rule(target, step_log):
+    bench = load_bench()
+    res = bench.run_engine(make_engine(target), PROMPTS[:3], 0.0, [1, 12, 7], 3, True, 0)
+    check_each_step_once(res, step_log)
+    assert res["tokens"] == 20 and {"steps", "accepted", "rejections", "lookup_steps", "plain_steps"} <= set(res)
+
+
+def check_positions(proposed, accepted, n_accepted, speculative_steps, k_max):
+    """The per-position counts of one request, or summed over several."""
+    assert len(proposed) == len(accepted) == k_max
+    assert sum(accepted) == n_accepted
+    assert proposed[0] == speculative_steps  # every step with a proposal proposed position 0
+    assert all(a <= p for a, p in zip(accepted, proposed))
+    assert all(x >= y for x, y in zip(proposed, proposed[1:]))  # proposing position i+1 means proposing i
+
+
+@pytest.mark.parametrize("draft", ["layers:0", "lookup", "lookup+layers:0"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("temperature, k", [(0.0, "auto"), (1.0, "auto"), (1.0, 3)])
+def test_counts_by_draft_position(target, draft, batch, temperature, k):
+    """position_proposed / position_accepted per request and summed by timed_generate: consistent with the accepted
+    count and the steps that proposed; adaptive k (k_max 4) and lookup matches make steps of several lengths."""
+    eng = SpeculativeEngine(target, draft, device="cpu", dtype=torch.float32, k=k, k_max=4, max_batch_size=3,
+                            max_len=64)
+    k_max = eng.k_max
+    outs, fig = timed_generate(eng, PROMPTS, temperature, [10, 14, 6, 12, 9], batch_size=batch, seed=1)
+    for o in outs:
+        s = o.stats
+        check_positions(s.position_proposed, s.position_accepted, s.accepted, s.steps - s.plain_steps, k_max)
+        assert s.acceptance_by_position == [a / p if p else None for a, p in zip(s.position_accepted,
+                                                                                s.position_proposed)]
+        assert s.as_dict()["acceptance_by_position"] == s.acceptance_by_position
+    for key in POSITION_COUNTS:
+        assert fig[key] == [sum(col) for col in zip(*(getattr(o.stats, key) for o in outs))], key
+    check_positions(fig["position_proposed"], fig["position_accepted"], fig["accepted"],
+                    fig["steps"] - fig["plain_steps"], k_max)
+    assert fig["position_proposed"][0] > 0
+    if draft == "layers:0":  # a model draft proposes at every step
+        assert fig["position_proposed"][0] == fig["steps"] and fig["plain_steps"] == 0
+
+
+def test_target_only_has_no_positions(target):
+    outs, fig = timed_generate(make_engine(target, "none"), PROMPTS[:2], 0.0, 5, batch_size=2, speculative=False)
+    assert fig["position_proposed"] == fig["position_accepted"] == [0, 0]  # k=2: k_max 2
+    assert outs[0].stats.acceptance_by_position == [None, None]
+
+
+def test_alpha_se_and_acceptance_by_position_by_hand():
+    assert alpha_se(3, 1) == math.sqrt(0.75 * 0.25 / 4)
+    assert alpha_se(2, 2) == 0.25  # sqrt(0.5 * 0.5 / 4)
+    assert alpha_se(5, 0) == 0.0 and alpha_se(0, 7) == 0.0
+    assert alpha_se(0, 0) is None
+    assert acceptance_by_position([3, 1, 0, 0], [4, 2, 1, 0]) == [0.75, 0.5, 0.0, None]
+    assert acceptance_by_position([], []) == []
+    total = {}
+    add_figures(total, {"steps": 2, "position_proposed": [2, 1], "seconds": 0.5})
+    add_figures(total, {"steps": 3, "position_proposed": [3, 2, 1], "seconds": 0.25})
+    assert total == {"steps": 5, "position_proposed": [5, 3, 1], "seconds": 0.75}
+
+
+def test_bench_engine_summary_keys():
+    bench = load_bench()
+    sums = {"tokens": 12, "seconds": 2.0, "steps": 4, "accepted": 6, "rejections": 2, "lookup_steps": 0,
+            "plain_steps": 1, "draft_time_s": 0.5, "target_time_s": 1.0, "position_proposed": [3, 3, 2, 0],
+            "position_accepted": [3, 2, 1, 0]}
+    res = bench.summarize(sums, True)
+    assert res["alpha"] == 0.75 and res["alpha_se"] == math.sqrt(0.75 * 0.25 / 8)
+    assert res["acceptance_by_position"] == [1.0, 2 / 3, 0.5, None]
+    assert res["position_proposed"] == [3, 3, 2, 0] and res["position_accepted"] == [3, 2, 1, 0]
+    assert {"tokens_per_s", "mean_accepted", "tokens_per_step", "lookup_step_share", "plain_step_share"} <= set(res)
+    base = bench.summarize({**sums, "accepted": 0, "rejections": 0, "plain_steps": 4,
+                            "position_proposed": [0] * 4, "position_accepted": [0] * 4}, False)
+    assert base["alpha"] is None and base["alpha_se"] is None
+    json.dumps(res, allow_nan=False)
+
+
+def test_collect_meta_keys():
+    meta = collect_meta("cpu")
+    assert {"device_name", "cpu", "cpu_count", "torch_threads", "platform", "versions", "command", "date"} <= set(meta)
+    assert {"python", "torch", "tempspec"} <= set(meta["versions"])
+    assert meta["device_name"] == meta["cpu"] and "cuda" not in meta
+    assert ("loadavg" in meta) == hasattr(os, "getloadavg")
+    assert datetime.datetime.fromisoformat(meta["date"]).utcoffset() == datetime.timedelta(0)
+    json.dumps(meta, allow_nan=False)
+
+
+def test_write_json(tmp_path):
+    path = write_json({"a": [1, 2], "b": None}, tmp_path / "new" / "dir" / "r.json")
+    text = path.read_text()
+    assert text.endswith("}\n") and json.loads(text) == {"a": [1, 2], "b": None} and '\n "a"' in text
+    assert write_json({"a": 1}, path, indent=2).read_text() == '{\n  "a": 1\n}\n'
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no .tmp left
