@@ -81,10 +81,6 @@ def _run_chunk(engine, prompts, temperature, max_new, speculative, seed, samplin
     return figures
 
 
-def _add(total: dict, part: dict) -> None:
-    add_figures(total, part)  # numbers summed, per-position count lists elementwise
-
-
 def _ratio(a: float, b: float) -> Optional[float]:
     return a / b if b else None
 
@@ -184,10 +180,10 @@ def run_sweep(target, drafts: Sequence[str], prompts: Sequence[Union[str, Sequen
             base_sum, sd_sums = {}, {d: {} for d in engines}
             for c, chunk in enumerate(chunks):
                 chunk_seed = seed + 1000 * c
-                _add(base_sum, _run_chunk(baseline, chunk, T, max_new_tokens, False, chunk_seed, sampling))
+                add_figures(base_sum, _run_chunk(baseline, chunk, T, max_new_tokens, False, chunk_seed, sampling))
                 bar.update()
                 for d, eng in engines.items():
-                    _add(sd_sums[d], _run_chunk(eng, chunk, T, max_new_tokens, True, chunk_seed, sampling))
+                    add_figures(sd_sums[d], _run_chunk(eng, chunk, T, max_new_tokens, True, chunk_seed, sampling))
                     bar.update()
             baselines.append({"temperature": T, "tokens": base_sum["tokens"], "wall_time_s": base_sum["seconds"],
                               "tokens_per_s": _ratio(base_sum["tokens"], base_sum["seconds"])})

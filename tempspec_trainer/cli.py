@@ -103,7 +103,8 @@ def _distill(args) -> int:
 
 def _eval(args) -> int:
     from tempspec_engine.models.loading import load_target, resolve_device, resolve_dtype
-    from tempspec_engine.sweep import format_table, read_prompts, write_results
+    from tempspec_engine.prompts import read_prompts
+    from tempspec_engine.sweep import format_table, write_results
     from tempspec_trainer.evaluate import expected_acceptance_on_data, measure_drafts
 
     set_threads(args.threads)

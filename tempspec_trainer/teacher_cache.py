@@ -35,7 +35,7 @@ class TeacherCache:
         if tokens.dim() != 1 or offsets.dim() != 1 or features.dim() != 2 or features.shape[0] != tokens.shape[0] \
                 or int(offsets[0]) != 0 or int(offsets[-1]) != tokens.shape[0]:
             raise ValueError("teacher cache: tokens, offsets and features do not describe the same sequences")
-        self.features, self.offsets = features, offsets
+        self.tokens, self.features, self.offsets = tokens, features, offsets
         starts = offsets.tolist()
         flat = tokens.tolist()
         self.index: Dict[Tuple[int, ...], int] = {_key(flat[a:b]): s for s, (a, b) in
@@ -66,11 +66,8 @@ class TeacherCache:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tokens = torch.cat([torch.tensor(k, dtype=torch.int32) for k, _ in
-                            sorted(self.index.items(), key=lambda kv: kv[1])]) if self.index else \
-            torch.zeros(0, dtype=torch.int32)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({"tokens": tokens, "offsets": self.offsets.contiguous(), "features": self.features.contiguous()},
+        save_file({"tokens": self.tokens.to(torch.int32).contiguous(), "offsets": self.offsets.contiguous(), "features": self.features.contiguous()},
                   str(tmp), metadata={"format": FORMAT, **metadata})
         tmp.replace(path)  # never a half-written cache under the real name
         return path

@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("transformers")
 
 from engine_fixtures import tiny_target  # noqa: E402
+from trainer_fixtures import one_thread  # noqa: E402
 from tempspec_engine import engine as engine_mod  # noqa: E402
 from tempspec_engine.engine import SpeculativeEngine  # noqa: E402
 from tempspec_engine.measure import (COUNTS, POSITION_COUNTS, acceptance_by_position, add_figures,  # noqa: E402
@@ -26,12 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [[1, 2, 3], [5], [7, 8, 9, 10], [4, 4], [11, 12]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 @pytest.fixture(scope="module")

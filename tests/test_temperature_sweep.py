@@ -9,6 +9,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 from engine_fixtures import tiny_llama_hf, tiny_target, word_tokenizer  # noqa: E402
+from trainer_fixtures import one_thread  # noqa: E402
 from tempspec_engine import prompts, run_meta, sweep  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -19,13 +20,7 @@ POSITION_KEYS = {"acceptance_by_position", "position_proposed", "position_accept
 RESULT_KEYS = SCALAR_KEYS | POSITION_KEYS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes extra threads very slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 def check_png(path):
