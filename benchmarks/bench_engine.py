@@ -141,8 +141,11 @@ def summarize(sums: dict, speculative: bool) -> dict:
             out.update(lookup_step_share=sums["lookup_steps"] / sums["steps"],
                        plain_step_share=sums["plain_steps"] / sums["steps"])
             proposed, accepted = sums.get("position_proposed", []), sums.get("position_accepted", [])
+            reached = sums.get("position_reached", [])
             out.update(acceptance_by_position=acceptance_by_position(accepted, proposed),
-                       position_proposed=list(proposed), position_accepted=list(accepted))
+                       conditional_acceptance_by_position=acceptance_by_position(accepted, reached),
+                       position_proposed=list(proposed), position_accepted=list(accepted),
+                       position_reached=list(reached))
     return out
 
 

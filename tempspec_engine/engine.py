@@ -58,9 +58,12 @@ class RequestStats:
     target_time_s: float = 0.0
     wall_time_s: float = 0.0
     # per draft position i (0 .. k_max-1): draft tokens proposed at position i of a step (a step that proposed at least
-    # i+1 tokens) and how many of those were accepted; sum(position_accepted) == accepted
+    # i+1 tokens), how many of those were accepted (sum(position_accepted) == accepted), and how many were reached:
+    # proposed with every earlier position accepted, so that their own test decided (sum(position_reached) ==
+    # accepted + rejections; position_reached[0] == position_proposed[0])
     position_proposed: List[int] = dataclasses.field(default_factory=list)
     position_accepted: List[int] = dataclasses.field(default_factory=list)
+    position_reached: List[int] = dataclasses.field(default_factory=list)
 
     @property
     def alpha(self) -> float:
@@ -70,8 +73,15 @@ class RequestStats:
 
     @property
     def acceptance_by_position(self) -> List[Optional[float]]:
-        """position_accepted / position_proposed per draft position (None where nothing was proposed)."""
+        """position_accepted / position_proposed per draft position: the share of position-i proposals accepted,
+        which needs every earlier position accepted too (None where nothing was proposed)."""
         return acceptance_by_position(self.position_accepted, self.position_proposed)
+
+    @property
+    def conditional_acceptance_by_position(self) -> List[Optional[float]]:
+        """position_accepted / position_reached per draft position: the acceptance of position i given that every
+        earlier position was accepted (None where no proposal reached position i)."""
+        return acceptance_by_position(self.position_accepted, self.position_reached)
 
     @property
     def mean_accepted(self) -> float:
@@ -89,7 +99,8 @@ class RequestStats:
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.update(alpha=self.alpha, mean_accepted=self.mean_accepted, tokens_per_step=self.tokens_per_step,
-                 tokens_per_s=self.tokens_per_s, acceptance_by_position=self.acceptance_by_position)
+                 tokens_per_s=self.tokens_per_s, acceptance_by_position=self.acceptance_by_position,
+                 conditional_acceptance_by_position=self.conditional_acceptance_by_position)
         return d
 
 
@@ -342,7 +353,8 @@ class SpeculativeEngine:
                 raise ValueError(f"prompt {i}: {len(ids)} prompt tokens + max_new_tokens {m} + lookahead "
                                  f"{self.k_max} + 1 = {need} exceed the KV-cache capacity max_len={self.max_len}")
             stats = RequestStats(prompt_tokens=len(ids), filter_draft=filter_draft, **dataclasses.asdict(settings),
-                                 position_proposed=[0] * self.k_max, position_accepted=[0] * self.k_max)
+                                 position_proposed=[0] * self.k_max, position_accepted=[0] * self.k_max,
+                                 position_reached=[0] * self.k_max)
             reqs.append(_Request(i, ids, settings, m, seq=list(ids), stats=stats))
         return reqs
 
@@ -552,14 +564,16 @@ class SpeculativeEngine:
             s.lookup_steps += proposal.source[i] == LOOKUP
             s.accepted += a
             s.rejections += int(a < k)
-            proposed, taken = s.position_proposed, s.position_accepted  # per draft position (host ints: no sync)
-            if len(proposed) < k:  # (stats not made by _requests start empty)
-                proposed.extend([0] * (k - len(proposed)))
-                taken.extend([0] * (k - len(taken)))
+            counts = (s.position_proposed, s.position_accepted, s.position_reached)  # host ints: no sync
+            for c in counts:  # (stats not made by _requests start empty)
+                c.extend([0] * (k - len(c)))
+            proposed, taken, reached = counts
             for j in range(k):
                 proposed[j] += 1
             for j in range(a):
                 taken[j] += 1
+            for j in range(min(a + 1, k)):  # the accepted positions and the first rejected one
+                reached[j] += 1
             s.draft_time_s += t_draft
             s.target_time_s += t_target
             result.append(row[: a + 1])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import random
 import time
 from typing import Iterable, List, Optional, Sequence, Tuple
 
@@ -30,7 +31,7 @@ import torch
 
 COUNTS = ("steps", "accepted", "rejections", "lookup_steps", "plain_steps")  # summed RequestStats fields
 # RequestStats lists, one count per draft position: summed elementwise
-POSITION_COUNTS = ("position_proposed", "position_accepted")
+POSITION_COUNTS = ("position_proposed", "position_accepted", "position_reached")
 
 
 def add_lists(a: Sequence, b: Sequence) -> list:
@@ -55,6 +56,32 @@ def alpha_se(accepted: int, rejections: int) -> Optional[float]:
         return None
     alpha = accepted / n
     return math.sqrt(alpha * (1.0 - alpha) / n)
+
+
+def speedup_interval(sd_parts: Sequence[Tuple[float, float]], base_parts: Sequence[Tuple[float, float]],
+                     level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> Optional[List[float]]:
+    """Percentile-bootstrap interval [lo, hi] of speedup = (sum SD tokens / sum SD seconds) / (sum baseline tokens /
+    sum baseline seconds), resampling the prompt chunks in pairs (chunk i of both: they decoded the same prompts one
+    after the other). sd_parts, base_parts: (tokens, seconds) per chunk, the same length. None with fewer than 2
+    chunks or a chunk of zero seconds. Deterministic for a seed."""
+    if len(sd_parts) != len(base_parts):
+        raise ValueError(f"speedup_interval: {len(sd_parts)} SD chunks against {len(base_parts)} baseline chunks")
+    n = len(sd_parts)
+    if n < 2 or any(s <= 0 for _, s in itertools.chain(sd_parts, base_parts)):
+        return None
+    rng = random.Random(seed)
+    ratios = []
+    for _ in range(n_boot):
+        pick = [rng.randrange(n) for _ in range(n)]
+        sd_tok, sd_s = sum(sd_parts[i][0] for i in pick), sum(sd_parts[i][1] for i in pick)
+        base_tok, base_s = sum(base_parts[i][0] for i in pick), sum(base_parts[i][1] for i in pick)
+        if sd_tok and base_tok:
+            ratios.append((sd_tok / sd_s) / (base_tok / base_s))
+    if not ratios:
+        return None
+    ratios.sort()
+    tail = (1.0 - level) / 2.0
+    return [ratios[int(tail * (len(ratios) - 1))], ratios[int(round((1.0 - tail) * (len(ratios) - 1)))]]
 
 
 def acceptance_by_position(accepted: Iterable[int], proposed: Iterable[int]) -> List[Optional[float]]:
@@ -83,7 +110,7 @@ def timed_generate(engine, prompts, temperature=0.0, max_new_tokens=128, *, batc
                    **kwargs) -> Tuple[List, dict]:
     """Runs engine.generate(prompts, temperature, max_new_tokens, batch_size=batch_size, **kwargs) between device
     syncs; returns (outputs, figures). figures: tokens (generated), seconds (wall, perf_counter), steps / accepted /
-    rejections / lookup_steps / plain_steps (summed over requests), position_proposed / position_accepted (lists per
+    rejections / lookup_steps / plain_steps (summed over requests), position_proposed / _accepted / _reached (lists per
     draft position, summed elementwise over requests), engine_steps (batched steps), draft_time_s and target_time_s
     (seconds, each step once: see the module docstring)."""
     sync_device(engine.device)

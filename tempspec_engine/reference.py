@@ -125,14 +125,16 @@ def lenient_emitted_distribution(p: torch.Tensor, q: torch.Tensor, lenience: flo
     """Distribution of the first token emitted by lenient speculative sampling of one draft token x ~ q.
 
     P(x drafted and accepted) = q(x) min(1, p(x) / (eps q(x))) = min(q(x), p(x) / eps); a rejection (probability
-    1 - sum of those) emits from normalize(max(0, p - eps q)) (p when that is all zero). p, q: [V] probabilities
-    (the filtered F(p), F(q) when filters are on). Returns float64 [V]; equals p when eps = 1.
+    1 - sum of those) emits from normalize(max(0, p - eps q)) (p when that is all zero). p, q: [..., V] probabilities
+    (the filtered F(p), F(q) when filters are on), one distribution per row. Returns float64 [..., V]; equals p when
+    eps = 1.
     """
     p, q = p.double(), q.double()
     accepted = torch.minimum(q, p / lenience)
     residual = torch.clamp(p - lenience * q, min=0.0)
-    residual = residual / residual.sum() if residual.sum() > 0 else p
-    return accepted + (1.0 - accepted.sum()) * residual
+    total = residual.sum(-1, keepdim=True)
+    residual = torch.where(total > 0, residual / torch.where(total > 0, total, 1.0), p)
+    return accepted + (1.0 - accepted.sum(-1, keepdim=True)) * residual
 
 
 def inverse_cdf(weights: torch.Tensor, u: float) -> int:

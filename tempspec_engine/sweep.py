@@ -6,11 +6,14 @@ prompt chunk by prompt chunk, with the same seeds, so load from other processes 
 Per temperature and draft the results hold:
   alpha            accepted / (accepted + rejections), the empirical per-token acceptance rate
   alpha_se         its binomial standard error sqrt(alpha (1 - alpha) / (accepted + rejections))
-  acceptance_by_position   per draft position i: position_accepted[i] / position_proposed[i] (None where nothing was
-                   proposed at i), with the raw counts position_proposed and position_accepted
+  acceptance_by_position   per draft position i: position_accepted[i] / position_proposed[i], the share of
+                   position-i proposals accepted (None where nothing was proposed at i)
+  conditional_acceptance_by_position   position_accepted[i] / position_reached[i]: position i's acceptance given
+                   every earlier position accepted; with the raw counts position_proposed, _accepted and _reached
   mean_accepted    accepted draft tokens per step (tokens_per_step = this + 1 unless EOS cut a step short)
   sd_tokens_per_s, target_tokens_per_s   generated tokens over the wall seconds of the whole prompt set
   speedup          sd_tokens_per_s / target_tokens_per_s
+  speedup_ci95     its 95% percentile-bootstrap interval over the prompt chunks (paired; measure.speedup_interval)
   wall_time_s      wall seconds of the speculative runs (target_wall_time_s: of the baseline)
   draft_time_s, target_time_s   seconds of the draft and target steps, each step once (tempspec_engine/measure.py)
 The JSON also records the hardware, dtype, versions and command line; `plot_sweep` draws speedup and alpha against
@@ -32,7 +35,8 @@ import torch
 
 from tempspec_engine.cli_args import DRAFT_FORMS, add_model_arguments, add_sampling_arguments, positive_int, sampling_kwargs
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command
-from tempspec_engine.measure import acceptance_by_position, add_figures, alpha_se, timed_generate
+from tempspec_engine.measure import (acceptance_by_position, add_figures, alpha_se, speedup_interval,
+                                    timed_generate)
 from tempspec_engine.prompts import read_prompts
 from tempspec_engine.results import RUNS_DIR, fresh_results_path, write_json
 from tempspec_engine.run_meta import collect_meta
@@ -40,9 +44,9 @@ from tempspec_engine.run_meta import collect_meta
 FULL_TEMPERATURES = [round(0.1 * i, 1) for i in range(11)]  # 0, 0.1, ..., 1.0
 QUICK_TEMPERATURES = [0.0, 0.25, 0.5, 0.75, 1.0]
 MAX_TEMPERATURE = 2.0
-# the engine's default draft, the drafts distilled at KD temperatures 0, 0.5 and 1 that ship with the package, and
-# the fastest on CPU: lookup in front of distilled:1 with its head cut to the 4096 most common ids
-DEFAULT_DRAFTS = ["lookup", "distilled:0", "distilled:0.5", "distilled:1", "lookup+distilled:1/vocab:4096"]
+# the strongest shipped drafts of each kind (docs/temperature_study.md): n-gram lookup, the best separate draft
+# model, the feature heads distilled at KD temperatures 0 and 1, and the engine's default (lookup in front of feature:1)
+DEFAULT_DRAFTS = ["lookup", "distilled:1", "feature:0", "feature:1", "lookup+feature:1"]
 # --quick: under 10 minutes on a 2-core CPU with the default models (measured: docs/temperature_study.md)
 QUICK = dict(n_prompts=6, max_new_tokens=64)
 FULL = dict(n_prompts=32, max_new_tokens=128)
@@ -85,23 +89,28 @@ def _ratio(a: float, b: float) -> Optional[float]:
     return a / b if b else None
 
 
-def _entry(draft: str, temperature: float, sd: dict, base: dict) -> dict:
-    """One result row from the summed figures of a draft and of the baseline at one temperature."""
+def _entry(draft: str, temperature: float, sd: dict, base: dict, sd_parts: list, base_parts: list) -> dict:
+    """One result row from the summed figures of a draft and of the baseline at one temperature, and their
+    (tokens, seconds) per prompt chunk."""
     sd_tps, base_tps = _ratio(sd["tokens"], sd["seconds"]), _ratio(base["tokens"], base["seconds"])
     return {"draft": draft, "temperature": temperature,
             "alpha": _ratio(sd["accepted"], sd["accepted"] + sd["rejections"]),
             "alpha_se": alpha_se(sd["accepted"], sd["rejections"]),
             "acceptance_by_position": acceptance_by_position(sd.get("position_accepted", []),
                                                              sd.get("position_proposed", [])),
+            "conditional_acceptance_by_position": acceptance_by_position(sd.get("position_accepted", []),
+                                                                         sd.get("position_reached", [])),
             "mean_accepted": _ratio(sd["accepted"], sd["steps"]),
             "tokens_per_step": _ratio(sd["tokens"], sd["steps"]),
             "sd_tokens_per_s": sd_tps, "target_tokens_per_s": base_tps,
             "speedup": _ratio(sd_tps, base_tps) if sd_tps and base_tps else None,
+            "speedup_ci95": speedup_interval(sd_parts, base_parts),
             "wall_time_s": sd["seconds"], "target_wall_time_s": base["seconds"],
             "tokens": sd["tokens"], "target_tokens": base["tokens"], "steps": sd["steps"],
             "accepted": sd["accepted"], "rejections": sd["rejections"],
             "position_proposed": list(sd.get("position_proposed", [])),
             "position_accepted": list(sd.get("position_accepted", [])),
+            "position_reached": list(sd.get("position_reached", [])),
             "draft_time_s": sd["draft_time_s"], "target_time_s": sd["target_time_s"]}
 
 
@@ -178,17 +187,22 @@ def run_sweep(target, drafts: Sequence[str], prompts: Sequence[Union[str, Sequen
     try:
         for T in temperatures:
             base_sum, sd_sums = {}, {d: {} for d in engines}
+            base_parts, sd_parts = [], {d: [] for d in engines}  # (tokens, seconds) per chunk
             for c, chunk in enumerate(chunks):
                 chunk_seed = seed + 1000 * c
-                add_figures(base_sum, _run_chunk(baseline, chunk, T, max_new_tokens, False, chunk_seed, sampling))
+                part = _run_chunk(baseline, chunk, T, max_new_tokens, False, chunk_seed, sampling)
+                add_figures(base_sum, part)
+                base_parts.append((part["tokens"], part["seconds"]))
                 bar.update()
                 for d, eng in engines.items():
-                    add_figures(sd_sums[d], _run_chunk(eng, chunk, T, max_new_tokens, True, chunk_seed, sampling))
+                    part = _run_chunk(eng, chunk, T, max_new_tokens, True, chunk_seed, sampling)
+                    add_figures(sd_sums[d], part)
+                    sd_parts[d].append((part["tokens"], part["seconds"]))
                     bar.update()
             baselines.append({"temperature": T, "tokens": base_sum["tokens"], "wall_time_s": base_sum["seconds"],
                               "tokens_per_s": _ratio(base_sum["tokens"], base_sum["seconds"])})
             for d in engines:
-                results.append(_entry(d, T, sd_sums[d], base_sum))
+                results.append(_entry(d, T, sd_sums[d], base_sum, sd_parts[d], base_parts))
             best = max(results[-len(engines):], key=lambda r: r["speedup"] or 0.0)
             bar.set_postfix_str(f"T={T:g} best {best['draft']} x{best['speedup'] or 0:.2f}")
     finally:
@@ -203,8 +217,25 @@ def run_sweep(target, drafts: Sequence[str], prompts: Sequence[Union[str, Sequen
 
 
 # ------------------------------------------------------------------------------------------------ plotting
+def _error_bars(rows: List[dict], key: str):
+    """[[below...], [above...]] of the 95% intervals of `key` (alpha: 1.96 standard errors; speedup: its
+    speedup_ci95) for matplotlib's yerr; None when a row lacks one (results of older versions)."""
+    lo, hi = [], []
+    for r in rows:
+        if key == "alpha" and r.get("alpha_se") is not None:
+            lo.append(1.96 * r["alpha_se"])
+            hi.append(1.96 * r["alpha_se"])
+        elif key == "speedup" and r.get("speedup_ci95"):
+            lo.append(max(0.0, r["speedup"] - r["speedup_ci95"][0]))
+            hi.append(max(0.0, r["speedup_ci95"][1] - r["speedup"]))
+        else:
+            return None
+    return [lo, hi]
+
+
 def plot_sweep(results: dict, out_stem: Union[str, Path]) -> List[str]:
-    """Writes <out_stem>_speedup.png and <out_stem>_alpha.png (one line per draft); returns their paths."""
+    """Writes <out_stem>_speedup.png and <out_stem>_alpha.png (one line per draft, with 95% intervals where the
+    results have them); returns their paths."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # the Agg backend, without pyplot's global state
     from matplotlib.figure import Figure
 
@@ -219,7 +250,8 @@ def plot_sweep(results: dict, out_stem: Union[str, Path]) -> List[str]:
         ax = fig.add_subplot(1, 1, 1)
         for draft in results["drafts"]:
             rows = [r for r in results["results"] if r["draft"] == draft and r[key] is not None]
-            ax.plot([r["temperature"] for r in rows], [r[key] for r in rows], marker="o", label=draft)
+            ax.errorbar([r["temperature"] for r in rows], [r[key] for r in rows], yerr=_error_bars(rows, key),
+                        marker="o", capsize=2, label=draft)
         if baseline_line is not None:
             ax.axhline(baseline_line, color="grey", linestyle="--", linewidth=1, label="target alone")
         if key == "alpha":
@@ -250,16 +282,20 @@ def write_results(results: dict, out: Union[str, Path], plots: bool = True) -> L
 
 
 def format_table(results: dict) -> str:
-    """A Markdown table: one row per temperature and draft."""
-    lines = ["| T | draft | alpha | accepted/step | SD tok/s | target tok/s | speedup | SD wall s |",
+    """A Markdown table: one row per temperature and draft; alpha with its 95% half-width (1.96 standard errors) and
+    speedup with its 95% bootstrap interval where the results hold them."""
+    lines = ["| T | draft | alpha ± 95% | accepted/step | SD tok/s | target tok/s | speedup [95% interval] | SD wall s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def f(x, digits=2):
         return "n/a" if x is None else f"{x:.{digits}f}"
 
     for r in results["results"]:
-        lines.append(f"| {r['temperature']:g} | {r['draft']} | {f(r['alpha'])} | {f(r['mean_accepted'])} | "
-                     f"{f(r['sd_tokens_per_s'], 1)} | {f(r['target_tokens_per_s'], 1)} | {f(r['speedup'])} | "
+        alpha = f(r["alpha"]) + (f" ± {1.96 * r['alpha_se']:.2f}" if r.get("alpha_se") is not None else "")
+        ci = r.get("speedup_ci95")
+        speedup = f(r["speedup"]) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+        lines.append(f"| {r['temperature']:g} | {r['draft']} | {alpha} | {f(r['mean_accepted'])} | "
+                     f"{f(r['sd_tokens_per_s'], 1)} | {f(r['target_tokens_per_s'], 1)} | {speedup} | "
                      f"{f(r['wall_time_s'], 1)} |")
     return "\n".join(lines)
 

@@ -151,7 +151,8 @@ DISTILL_HELP = {
     "init": "initial draft: layers:<ids>[/mlp:N] (the target's layers, MLPs pruned to N channels), "
             "fresh:dim=D,layers=L[,heads=H,kv_heads=K,mlp=M], or an EAGLE-style feature head "
             "feature[:layers=L,mlp=M][/vocab:N | /vocab:first:N] (N: the draft vocabulary, the data's most frequent "
-            "response tokens or the first N ids)",
+            "response tokens or the first N ids); or a warm start from a saved feature head: feature:T / "
+            "feature:mix (shipped) or its directory",
     "steps": "optimizer steps",
     "batch_size": "sequences per micro-batch (per rank)",
     "grad_accum": "micro-batches per optimizer step",

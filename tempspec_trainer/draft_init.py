@@ -12,19 +12,23 @@ Feature heads (EAGLE-style, tempspec_engine/models/feature_draft.py), built by i
   "feature:layers=2,mlp=512"     two layers, MLP width 512 (default: the target's)
   "feature/vocab:8192"           a draft vocabulary of the 8192 most frequent response tokens of the training data
   "feature/vocab:first:8192"     ... or of the first 8192 token ids
+  "feature:1", "feature:mix"     warm start: a copy of a shipped head (its shapes, token map and weights), trained on
+  DIR                            ... or of the feature head saved in DIR (a `tempspec-train distill` output)
 The head shares the target's frozen embedding and output head (the same tensors, never stored with it).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 
 from tempspec_engine.models.config import ModelConfig
-from tempspec_engine.models.draft import parse_layer_ids
-from tempspec_engine.models.feature_draft import FeatureDraft, FeatureDraftConfig, token_map_from_counts
+from tempspec_engine.models.draft import parse_layer_ids, shipped_feature_dir
+from tempspec_engine.models.feature_draft import (FeatureDraft, FeatureDraftConfig, is_feature_draft_dir,
+                                                  load_feature_draft, token_map_from_counts)
 from tempspec_engine.models.llama import Block, Transformer
 
 
@@ -94,20 +98,36 @@ def init_draft(target: Transformer, spec: str, seed: int = 0) -> Tuple[Transform
     return draft, True
 
 
-FEATURE_USAGE = "use 'feature', 'feature:layers=N,mlp=M', with '/vocab:N' or '/vocab:first:N' after it"
+FEATURE_USAGE = ("use 'feature', 'feature:layers=N,mlp=M', with '/vocab:N' or '/vocab:first:N' after it, or a saved "
+                 "head to start from: 'feature:T', 'feature:mix' or its directory")
 
 
 def is_feature_init(spec: str) -> bool:
-    """Whether an init spec asks for an EAGLE-style feature head ("feature...")."""
-    return isinstance(spec, str) and (spec == "feature" or spec.startswith(("feature:", "feature/")))
+    """Whether an init spec asks for an EAGLE-style feature head ("feature..." or a saved head's directory)."""
+    return isinstance(spec, str) and (spec == "feature" or spec.startswith(("feature:", "feature/"))
+                                      or is_feature_draft_dir(spec))
+
+
+def warm_start_dir(spec: str) -> Optional[Path]:
+    """The saved head a feature init starts from: a shipped one ('feature:T', 'feature:mix') or a feature-draft
+    directory; None for a fresh head ('feature', 'feature:layers=N,...', '/vocab:N'). ValueError for a shipped name
+    that does not exist."""
+    if is_feature_draft_dir(spec):
+        return Path(spec)
+    if spec.startswith("feature:") and "=" not in spec and "/" not in spec:
+        return shipped_feature_dir(spec)
+    return None
 
 
 def parse_feature_init(spec: str, vocab_size: Optional[int] = None) -> dict:
     """'feature:layers=2,mlp=512/vocab:8192' -> {"layers": 2, "mlp": 512 or None, "vocab": 8192 or None,
-    "vocab_from": "data" | "first"}; ValueError naming the spec for anything else (vocab checked against vocab_size
-    when given)."""
+    "vocab_from": "data" | "first"}; a warm start -> {"from": its directory}; ValueError naming the spec for anything
+    else (vocab checked against vocab_size when given)."""
     if not is_feature_init(spec):
         raise ValueError(f"draft init {spec!r} is not a feature head: {FEATURE_USAGE}")
+    start = warm_start_dir(spec)
+    if start is not None:
+        return {"from": str(start)}
     body, _, vocab = spec.partition("/vocab:")
     if "/" in body:
         raise ValueError(f"draft init {spec!r}: {FEATURE_USAGE}")
@@ -134,10 +154,16 @@ def init_feature_draft(target: Transformer, spec: str, seed: int = 0,
     """A trainable fp32 feature head for `target` per `spec` (module docstring), attached to the target's own
     embedding and head (frozen, shared). token_counts [V]: response-token frequencies of the training data, from which
     '/vocab:N' takes its N most frequent ids (required for it). fc and the block weights ~ N(0, 1/fan_in); the final
-    norm starts as the target's, so predicted features start on the target features' scale."""
+    norm starts as the target's, so predicted features start on the target features' scale. A warm start (a shipped
+    head or a directory) loads that head instead (load_feature_draft: refused for another target's vocabulary or
+    width)."""
     if not isinstance(target, Transformer):
         raise ValueError("feature heads are built for a Llama-family target (a tempspec Transformer)")
     opts = parse_feature_init(spec, target.config.vocab_size)
+    if "from" in opts:  # warm start: the saved head's shapes, token map and weights, in fp32
+        head = load_feature_draft(opts["from"], target, device=target.embed_tokens.weight.device,
+                                  dtype=torch.float32)
+        return head.requires_grad_(True)
     d2t = None
     if opts["vocab"] is not None:
         if opts["vocab_from"] == "first":

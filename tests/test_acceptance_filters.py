@@ -111,6 +111,11 @@ def test_lenient_emitted_distribution_formula():
     expected = torch.tensor([0.1, 0.1, 0.4, 0.0], dtype=torch.float64) + 0.4 * torch.tensor([0.45, 0.25, 0, 0]) / 0.7
     torch.testing.assert_close(dist, expected)
     assert abs(float(dist.sum()) - 1.0) < 1e-12
+    # rows: each row is its own distribution (a row whose residual is all zero falls back to its p)
+    rows = lenient_emitted_distribution(torch.stack([p, q, p]), torch.stack([q, q, p]), 0.5)
+    for row, (pp, qq) in zip(rows, ((p, q), (q, q), (p, p))):
+        torch.testing.assert_close(row, lenient_emitted_distribution(pp, qq, 0.5))
+    torch.testing.assert_close(rows[1], q.double())  # p = q: all accepted
 
 
 # ---------------------------------------------------------------------------------------------------------------

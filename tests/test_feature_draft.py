@@ -431,6 +431,33 @@ def test_training_raises_teacher_forced_agreement(feature_run, target):
     assert acc["alpha@1"] == pytest.approx(after["alpha@1"], abs=0.02)
 
 
+def test_warm_start_continues_from_a_saved_head(feature_run, target, data_file, tmp_path):
+    """--init DIR starts from the saved head (its weights, shapes and token map, not a fresh one) and trains it."""
+    saved = load_feature_draft(feature_run.final, target.model, dtype=torch.float32)
+    d = Distiller(config(data_file, tmp_path / "warm", init=str(feature_run.final), steps=6, eval_every=6,
+                         save_every=6, lr=1e-2), target=target, progress=False)
+    assert torch.equal(d.draft.d2t, saved.d2t) and d.draft.config == saved.config
+    assert all(p.requires_grad for p in d.draft.parameters())
+    for (name, p), q in zip(d.draft.state_dict().items(), saved.state_dict().values()):
+        assert torch.equal(p, q), name
+    final = d.run()
+    # its step-0 evaluation is the saved head's (bf16-rounded), not a fresh head's near-zero agreement
+    assert d.history[0]["alpha@1"] == pytest.approx(feature_run.d.history[-1]["alpha@1"], abs=0.02)
+    trained = load_feature_draft(final, target.model, dtype=torch.float32)
+    assert not torch.equal(trained.fc.weight, saved.fc.weight)
+    assert parse_feature_init(str(feature_run.final)) == {"from": str(feature_run.final)}
+
+
+def test_warm_start_from_a_shipped_head_is_refused_for_another_target(data_file, tmp_path):
+    """'feature:1' names the shipped head, made for the default target: a tiny target of another width gets one
+    line, and an unknown shipped name too."""
+    tiny = tf.tiny_target()
+    with pytest.raises(ValueError, match="width"):
+        Distiller(config(data_file, tmp_path / "a", init="feature:1"), target=tiny, progress=False)
+    with pytest.raises(ValueError, match="no shipped draft distilled at tau_kd=7.0"):
+        parse_feature_init("feature:7")
+
+
 def test_model_card_says_feature_head(feature_run):
     from tempspec_trainer.model_card import write_card
 

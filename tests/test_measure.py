@@ -19,7 +19,7 @@ from trainer_fixtures import one_thread  # noqa: E402
 from tempspec_engine import engine as engine_mod  # noqa: E402
 from tempspec_engine.engine import SpeculativeEngine  # noqa: E402
 from tempspec_engine.measure import (COUNTS, POSITION_COUNTS, acceptance_by_position, add_figures,  # noqa: E402
-                                     alpha_se, step_times, timed_generate)
+                                     alpha_se, speedup_interval, step_times, timed_generate)
 from tempspec_engine.results import write_json  # noqa: E402
 from tempspec_engine.run_meta import collect_meta  # noqa: E402
 
@@ -122,12 +122,14 @@ def test_bench_engine_uses_the_rule(target, step_log):
     assert res["tokens"] == 20 and {"steps", "accepted", "rejections", "lookup_steps", "plain_steps"} <= set(res)
 
 
-def check_positions(proposed, accepted, n_accepted, speculative_steps, k_max):
+def check_positions(proposed, accepted, reached, n_accepted, n_rejections, speculative_steps, k_max):
     """The per-position counts of one request, or summed over several."""
-    assert len(proposed) == len(accepted) == k_max
+    assert len(proposed) == len(accepted) == len(reached) == k_max
     assert sum(accepted) == n_accepted
-    assert proposed[0] == speculative_steps  # every step with a proposal proposed position 0
-    assert all(a <= p for a, p in zip(accepted, proposed))
+    assert sum(reached) == n_accepted + n_rejections  # each step decides its accepted positions and first rejection
+    assert proposed[0] == reached[0] == speculative_steps  # every step with a proposal proposed position 0
+    assert all(a <= r <= p for a, r, p in zip(accepted, reached, proposed))
+    assert all(r <= a for r, a in zip(reached[1:], accepted))  # reaching position i+1 needs position i accepted
     assert all(x >= y for x, y in zip(proposed, proposed[1:]))  # proposing position i+1 means proposing i
 
 
@@ -143,17 +145,35 @@ def test_counts_by_draft_position(target, draft, batch, temperature, k):
     outs, fig = timed_generate(eng, PROMPTS, temperature, [10, 14, 6, 12, 9], batch_size=batch, seed=1)
     for o in outs:
         s = o.stats
-        check_positions(s.position_proposed, s.position_accepted, s.accepted, s.steps - s.plain_steps, k_max)
+        check_positions(s.position_proposed, s.position_accepted, s.position_reached, s.accepted, s.rejections,
+                        s.steps - s.plain_steps, k_max)
         assert s.acceptance_by_position == [a / p if p else None for a, p in zip(s.position_accepted,
                                                                                 s.position_proposed)]
+        assert s.conditional_acceptance_by_position == [a / r if r else None for a, r in zip(s.position_accepted,
+                                                                                            s.position_reached)]
         assert s.as_dict()["acceptance_by_position"] == s.acceptance_by_position
+        assert s.as_dict()["conditional_acceptance_by_position"] == s.conditional_acceptance_by_position
     for key in POSITION_COUNTS:
         assert fig[key] == [sum(col) for col in zip(*(getattr(o.stats, key) for o in outs))], key
-    check_positions(fig["position_proposed"], fig["position_accepted"], fig["accepted"],
-                    fig["steps"] - fig["plain_steps"], k_max)
+    check_positions(fig["position_proposed"], fig["position_accepted"], fig["position_reached"], fig["accepted"],
+                    fig["rejections"], fig["steps"] - fig["plain_steps"], k_max)
     assert fig["position_proposed"][0] > 0
     if draft == "layers:0":  # a model draft proposes at every step
         assert fig["position_proposed"][0] == fig["steps"] and fig["plain_steps"] == 0
+
+
+def test_reached_positions(target):
+    """A draft equal to the target reaches and passes every position it proposes; a poor one reaches position i+1
+    only after accepting position i, so its conditional acceptance differs from the share of proposals accepted."""
+    full = SpeculativeEngine(target, f"layers:0-{target.model.n_layers - 1}", device="cpu", dtype=torch.float32,
+                             k=3, max_len=64)
+    outs, fig = timed_generate(full, PROMPTS[:2], 0.0, 9, batch_size=2)
+    assert fig["position_reached"] == fig["position_proposed"] == fig["position_accepted"]
+    assert all(x == 1.0 for x in outs[0].stats.conditional_acceptance_by_position if x is not None)
+    poor = SpeculativeEngine(target, "random", device="cpu", dtype=torch.float32, k=3, max_len=64)
+    _, fig = timed_generate(poor, PROMPTS, 1.0, 12, batch_size=1, seed=0)
+    assert fig["position_reached"][0] == fig["position_proposed"][0] > fig["position_reached"][1]
+    assert fig["position_reached"][1] == fig["position_accepted"][0]  # k = 3 fixed: position 1 follows position 0
 
 
 def test_target_only_has_no_positions(target):
@@ -175,14 +195,41 @@ def test_alpha_se_and_acceptance_by_position_by_hand():
     assert total == {"steps": 5, "position_proposed": [5, 3, 1], "seconds": 0.75}
 
 
+def test_speedup_interval():
+    # every chunk 1.5x faster: the interval is that one value
+    base = [(64, 2.0), (64, 3.0), (32, 1.0)]
+    sd = [(64, 2.0 / 1.5), (64, 3.0 / 1.5), (32, 1.0 / 1.5)]
+    lo, hi = speedup_interval(sd, base)
+    assert lo == pytest.approx(1.5) and hi == pytest.approx(1.5)
+    # noisy chunks with a true speedup of 1.3: the interval holds it, is deterministic for a seed, widens with level
+    gen = torch.Generator().manual_seed(0)
+    noise = 1.0 + 0.2 * torch.randn(40, generator=gen)
+    base = [(64, 2.0) for _ in range(40)]
+    sd = [(64, 2.0 / 1.3 * float(x)) for x in noise]
+    ci = speedup_interval(sd, base)
+    assert ci[0] < 1.3 < ci[1] and ci[1] - ci[0] < 0.3
+    assert speedup_interval(sd, base) == ci and speedup_interval(sd, base, seed=1) != ci
+    wide = speedup_interval(sd, base, level=0.99)
+    assert wide[0] <= ci[0] and wide[1] >= ci[1]
+    # the point estimate (ratio of sums) lies inside
+    point = (sum(t for t, _ in sd) / sum(s for _, s in sd)) / (64 * 40 / (2.0 * 40))
+    assert ci[0] <= point <= ci[1]
+    assert speedup_interval(sd[:1], base[:1]) is None  # one chunk: no spread to resample
+    assert speedup_interval([(5, 0.0), (5, 1.0)], [(5, 1.0), (5, 1.0)]) is None
+    with pytest.raises(ValueError, match="chunks"):
+        speedup_interval(sd, base[:3])
+
+
 def test_bench_engine_summary_keys():
     bench = load_bench()
     sums = {"tokens": 12, "seconds": 2.0, "steps": 4, "accepted": 6, "rejections": 2, "lookup_steps": 0,
             "plain_steps": 1, "draft_time_s": 0.5, "target_time_s": 1.0, "position_proposed": [3, 3, 2, 0],
-            "position_accepted": [3, 2, 1, 0]}
+            "position_accepted": [3, 2, 1, 0], "position_reached": [3, 3, 2, 0]}
     res = bench.summarize(sums, True)
     assert res["alpha"] == 0.75 and res["alpha_se"] == math.sqrt(0.75 * 0.25 / 8)
     assert res["acceptance_by_position"] == [1.0, 2 / 3, 0.5, None]
+    assert res["conditional_acceptance_by_position"] == [1.0, 2 / 3, 0.5, None]
+    assert res["position_reached"] == [3, 3, 2, 0]
     assert res["position_proposed"] == [3, 3, 2, 0] and res["position_accepted"] == [3, 2, 1, 0]
     assert {"tokens_per_s", "mean_accepted", "tokens_per_step", "lookup_step_share", "plain_step_share"} <= set(res)
     base = bench.summarize({**sums, "accepted": 0, "rejections": 0, "plain_steps": 4,

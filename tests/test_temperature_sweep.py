@@ -16,8 +16,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SCALAR_KEYS = {"draft", "temperature", "alpha", "alpha_se", "mean_accepted", "tokens_per_step", "sd_tokens_per_s",
                "target_tokens_per_s", "speedup", "wall_time_s", "target_wall_time_s", "tokens", "target_tokens",
                "steps", "accepted", "rejections", "draft_time_s", "target_time_s"}
-POSITION_KEYS = {"acceptance_by_position", "position_proposed", "position_accepted"}  # lists, one entry per position
-RESULT_KEYS = SCALAR_KEYS | POSITION_KEYS
+POSITION_KEYS = {"acceptance_by_position", "conditional_acceptance_by_position", "position_proposed",
+                 "position_accepted", "position_reached"}  # lists, one entry per position
+RESULT_KEYS = SCALAR_KEYS | POSITION_KEYS | {"speedup_ci95"}
 
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
@@ -57,10 +58,16 @@ def check_results(res, temps, drafts, n_prompts, max_new, eos=False):
         assert sum(accepted) == r["accepted"] and all(0 <= a <= p for a, p in zip(accepted, proposed))
         assert all(x >= y for x, y in zip(proposed, proposed[1:]))  # a step proposing i+2 tokens proposed i+1
         assert r["acceptance_by_position"] == [a / p if p else None for a, p in zip(accepted, proposed)]
+        reached = r["position_reached"]
+        assert reached[0] == proposed[0] and sum(reached) == r["accepted"] + r["rejections"]
+        assert r["conditional_acceptance_by_position"] == [a / n if n else None for a, n in zip(accepted, reached)]
         assert (0 < r["tokens"] <= n_prompts * max_new if eos else r["tokens"] == n_prompts * max_new)
         assert r["accepted"] + r["rejections"] > 0 and r["steps"] >= n_prompts
         assert r["mean_accepted"] == pytest.approx(r["accepted"] / r["steps"])
         assert r["speedup"] == pytest.approx(r["sd_tokens_per_s"] / r["target_tokens_per_s"])
+        ci = r["speedup_ci95"]  # None with a single prompt chunk
+        if ci is not None:
+            assert len(ci) == 2 and 0 < ci[0] <= ci[1] and all(math.isfinite(x) for x in ci)
     json.dumps(res, allow_nan=False)  # strict JSON: no NaN or infinity anywhere
 
 
@@ -86,7 +93,12 @@ def test_sweep_schema_and_plots(tmp_path):
     saved = json.loads((tmp_path / "sweep_cpu_float32.json").read_text())
     assert saved["plots"] == ["sweep_cpu_float32_speedup.png", "sweep_cpu_float32_alpha.png"]
     assert {"device_name", "versions", "command", "dtype", "target"} <= set(saved["meta"])
-    assert "| 0.5 | random |" in sweep.format_table(saved)
+    table = sweep.format_table(saved)
+    assert "| 0.5 | random |" in table
+    row = next(r for r in saved["results"] if r["draft"] == "random" and r["temperature"] == 0.5)
+    ci = row["speedup_ci95"]  # 2 chunks of 2 prompts: an interval
+    assert f"{row['speedup']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" in table
+    assert f"{row['alpha']:.2f} ± {1.96 * row['alpha_se']:.2f}" in table
 
 
 def test_sweep_command_line(tmp_path, capsys):

@@ -24,6 +24,7 @@ Anything else is refused at once with the list of these forms (models/loading.py
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -155,6 +156,13 @@ def default_draft(target: LoadedModel) -> str:
     return DEFAULT_DRAFT if fits else FALLBACK_DRAFT
 
 
+def shipped_feature_dir(spec: str) -> Path:
+    """The directory of a shipped feature head: 'feature:T' (a number T) or 'feature:mix'; ValueError otherwise."""
+    tau = MIX if spec == f"feature:{MIX}" else _spec_number(
+        spec, None, float, None, f"use 'feature:T' with a number T (e.g. feature:1) or 'feature:{MIX}'")
+    return shipped_draft(tau, FEATURE_FORMAT, "feature")
+
+
 def make_draft(spec, target: LoadedModel, device, dtype, allow_download: bool = False) -> LoadedModel:
     """Builds a draft from a spec string (see module docstring), a LoadedModel or a Transformer (these two are moved
     to `device` and `dtype` in place). A string that is none of the forms is refused at once (ValueError)."""
@@ -182,9 +190,7 @@ def make_draft(spec, target: LoadedModel, device, dtype, allow_download: bool = 
         return LoadedModel(model, target.tokenizer, target.eos_ids, spec)
     body, _, vocab = spec.rpartition("/vocab:") if "/vocab:" in spec else (spec, "", "")
     if body.startswith("feature:"):
-        tau = MIX if body == f"feature:{MIX}" else _spec_number(
-            body, None, float, None, f"use 'feature:T' with a number T (e.g. feature:1) or 'feature:{MIX}'")
-        body = shipped_draft(tau, FEATURE_FORMAT, "feature")
+        body = shipped_feature_dir(body)
     if is_feature_draft_dir(body):
         if vocab:
             raise ValueError(f"draft {spec!r}: a feature head's vocabulary is set when it is trained "

@@ -1,0 +1,234 @@
+"""Figures of the temperature study (docs/temperature_study.md) that the sweep and the KD grid do not draw themselves.
+
+Each reads result JSON files written by the project's benchmarks and writes one PNG (matplotlib, Agg backend):
+
+  positions  acceptance by draft position with a 95% binomial interval, from a sweep JSON (benchmarks/
+             temperature_sweep.py): given the earlier positions accepted (position_accepted / position_reached), or,
+             for sweeps older than that count, the share of proposals accepted (position_accepted /
+             position_proposed); one panel per temperature, one line per draft:
+               python benchmarks/study_figures.py positions benchmarks/results/study_f1_sweep_cpu_bfloat16.json \
+                   --temperatures 0,0.5,1 --out benchmarks/results/study_f7_positions_cpu.png
+  batch      speedup over the target alone against batch size, from bench_engine JSON files (benchmarks/
+             bench_engine.py, one batch size or several each), one panel per temperature (--temperatures: which),
+             one line per method:
+               python benchmarks/study_figures.py batch engine_b1.json engine_b4.json engine_b8.json --out X.png
+  lenience   the lossy-acceptance trade-off from a bench_engine JSON run with --lenience: speedup against the text's
+             mean negative log-likelihood under the target (target_nll), one series per generation setting, points
+             labelled with their lenience:
+               python benchmarks/study_figures.py lenience benchmarks/results/engine_cpu_filters_lenience.json \
+                   --out benchmarks/results/study_f5_lenience_cpu.png
+Every figure's title names the device the numbers were measured on (the JSON's meta.device_name).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command  # noqa: E402
+from tempspec_engine.sweep import parse_temperatures  # noqa: E402
+
+LENIENT = re.compile(r"@([0-9.]+)$")  # bench_engine's method suffix of a lossy run: tempspec_sd[<draft>]@<eps>
+
+
+def read_json(path) -> dict:
+    """A results JSON (an object with a "results" list); ValueError naming the file when it is missing, not JSON or
+    not results."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        raise ValueError(f"{path}: not a results file of the sweep or bench_engine (no 'results' list)")
+    return data
+
+
+def _figure(panels: int, width: float = 4.4, height: float = 3.8):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * panels, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig, [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
+
+
+def _save(fig, title: str, out) -> str:
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return str(out)
+
+
+def _device(meta: dict) -> str:
+    return str(meta.get("device_name") or meta.get("device") or "unknown device")
+
+
+# ------------------------------------------------------------------------------------------------ positions
+def conditional(sweep: dict) -> bool:
+    """Whether a sweep's results count the reached positions (position_reached: newer sweeps), so that acceptance by
+    position can be conditional on the earlier positions' acceptance."""
+    return all("position_reached" in r for r in sweep["results"])
+
+
+def position_rows(sweep: dict, temperature: float) -> Dict[str, List[tuple]]:
+    """{draft: [(position 1.., acceptance, 95% half-width), ...]} at one temperature of a sweep's results, over the
+    positions where something was proposed. Acceptance is position_accepted / position_reached (given every earlier
+    position accepted) where the results count reached positions, else position_accepted / position_proposed (the
+    share of proposals accepted, which also needs the earlier positions accepted)."""
+    denominator = "position_reached" if conditional(sweep) else "position_proposed"
+    out = {}
+    for r in sweep["results"]:
+        if abs(r["temperature"] - temperature) > 1e-9:
+            continue
+        rows = []
+        for i, (a, n) in enumerate(zip(r.get("position_accepted", []), r.get(denominator, []))):
+            if n:
+                x = a / n
+                rows.append((i + 1, x, 1.96 * math.sqrt(x * (1 - x) / n)))
+        out[r["draft"]] = rows
+    return out
+
+
+def plot_positions(sweep: dict, temperatures: Sequence[float], out) -> str:
+    temps = [t for t in temperatures if any(abs(r["temperature"] - t) < 1e-9 for r in sweep["results"])]
+    missing = sorted(set(temperatures) - set(temps))
+    if missing:
+        raise ValueError(f"the sweep has no results at temperature(s) {missing}; it has {sweep['temperatures']}")
+    fig, axes = _figure(len(temps))
+    for ax, t in zip(axes, temps):
+        for draft, rows in position_rows(sweep, t).items():
+            if rows:
+                ax.errorbar([r[0] for r in rows], [r[1] for r in rows], yerr=[r[2] for r in rows], marker="o",
+                            capsize=2, label=draft)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title(f"T = {t:g}", fontsize=9)
+        ax.set_xlabel("draft position")
+        ax.set_ylabel("acceptance given the earlier positions accepted" if conditional(sweep)
+                      else "share of proposals accepted")
+        ax.set_ylim(0.0, 1.0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    meta = sweep.get("meta", {})
+    return _save(fig, f"acceptance by draft position, {meta.get('target', 'target')} on {_device(meta)}", out)
+
+
+# ------------------------------------------------------------------------------------------------ batch
+def batch_rows(runs: Sequence[dict], settings: str = "none") -> Dict[float, Dict[str, List[tuple]]]:
+    """{temperature: {method: [(batch, speedup), ...] sorted by batch}} from bench_engine results (lossless tempspec
+    methods under one generation setting; target_only and Hugging Face rows left out)."""
+    out: Dict[float, Dict[str, Dict[int, float]]] = {}
+    for run in runs:
+        for r in run["results"]:
+            method = r["method"]
+            if (not method.startswith("tempspec_sd[") or LENIENT.search(method) or method.endswith("/target-only")
+                    or r.get("settings", "none") != settings or r.get("speedup_vs_target_only") is None):
+                continue
+            name = method[len("tempspec_sd["):].rsplit("]", 1)[0]
+            out.setdefault(r["temperature"], {}).setdefault(name, {})[r["batch"]] = r["speedup_vs_target_only"]
+    return {t: {m: sorted(b.items()) for m, b in methods.items()} for t, methods in sorted(out.items())}
+
+
+def plot_batch(runs: Sequence[dict], out, settings: str = "none", temperatures: Optional[Sequence[float]] = None
+               ) -> str:
+    rows = batch_rows(runs, settings)
+    if temperatures is not None:
+        missing = sorted(set(temperatures) - set(rows))
+        if missing:
+            raise ValueError(f"no results at temperature(s) {missing} in these files; they have {sorted(rows)}")
+        rows = {t: rows[t] for t in temperatures}
+    if not rows:
+        raise ValueError(f"no lossless tempspec rows under settings {settings!r} in these files")
+    fig, axes = _figure(len(rows))
+    for ax, (t, methods) in zip(axes, rows.items()):
+        for name, points in methods.items():
+            ax.plot([b for b, _ in points], [s for _, s in points], marker="o", label=name)
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="target alone")
+        ax.set_xscale("log", base=2)
+        batches = sorted({b for points in methods.values() for b, _ in points})
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_title(f"T = {t:g}", fontsize=9)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("speedup over the target alone")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    devices = sorted({_device(r.get("meta", {})) for r in runs})
+    return _save(fig, f"speedup against batch size on {', '.join(devices)}", out)
+
+
+# ------------------------------------------------------------------------------------------------ lenience
+def lenience_rows(run: dict) -> Dict[str, List[tuple]]:
+    """{settings: [(label, speedup, target_nll), ...]}: the target alone ('target'), lossless SD ('1') and each lossy
+    run ('<eps>'), from a bench_engine JSON with target_nll (run with --lenience)."""
+    out: Dict[str, List[tuple]] = {}
+    for r in run["results"]:
+        method, nll = r["method"], r.get("target_nll")
+        if nll is None or method.endswith("/target-only"):
+            continue
+        m = LENIENT.search(method)
+        label = "target" if method == "target_only" else (m.group(1) if m else "1")
+        out.setdefault(r.get("settings", "none"), []).append((label, r["speedup_vs_target_only"], nll))
+    if not out:
+        raise ValueError("no target_nll in these results: run bench_engine with --lenience")
+    return out
+
+
+def plot_lenience(run: dict, out) -> str:
+    fig, (ax,) = _figure(1, width=6.0, height=4.4)
+    for settings, points in lenience_rows(run).items():
+        line = ax.plot([p[2] for p in points], [p[1] for p in points], marker="o", linestyle=":", label=settings)
+        for label, speedup, nll in points:
+            ax.annotate(label, (nll, speedup), fontsize=7, textcoords="offset points", xytext=(3, 3),
+                        color=line[0].get_color())
+    ax.set_xlabel("mean NLL per token under the target (T=1; lower = closer to the target)")
+    ax.set_ylabel("speedup over the target alone")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="setting (points: lenience)", title_fontsize=8)
+    meta = run.get("meta", {})
+    return _save(fig, f"lossy acceptance: speed against quality, {', '.join(meta.get('drafts', []))} on "
+                      f"{_device(meta)}", out)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = OneLineParser(prog="study_figures", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="figure", required=True)
+    p = sub.add_parser("positions", help="acceptance by draft position from a sweep JSON")
+    p.add_argument("sweep", help="a sweep results JSON (benchmarks/temperature_sweep.py)")
+    p.add_argument("--temperatures", default="0,0.5,1", help="panels, comma list (default: %(default)s)")
+    b = sub.add_parser("batch", help="speedup against batch size from bench_engine JSON files")
+    b.add_argument("runs", nargs="+", help="bench_engine results JSON files")
+    b.add_argument("--settings", default="none", help="generation-settings preset to plot (default: %(default)s)")
+    b.add_argument("--temperatures", default=None, help="panels, comma list (default: every temperature found)")
+    le = sub.add_parser("lenience", help="speed against quality of lossy acceptance from a bench_engine JSON")
+    le.add_argument("run", help="a bench_engine results JSON run with --lenience")
+    for s in (p, b, le):
+        s.add_argument("--out", required=True, help="the PNG to write")
+        add_debug_flag(s)
+    args = ap.parse_args(argv)
+
+    def run() -> int:
+        if args.figure == "positions":
+            path = plot_positions(read_json(args.sweep), parse_temperatures(args.temperatures), args.out)
+        elif args.figure == "batch":
+            temps = parse_temperatures(args.temperatures) if args.temperatures else None
+            path = plot_batch([read_json(f) for f in args.runs], args.out, args.settings, temps)
+        else:
+            path = plot_lenience(read_json(args.run), args.out)
+        print(f"wrote {path}")
+        return 0
+
+    return run_command("study_figures", run, getattr(args, "debug", False))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
