@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from tempspec_engine.checks import LENIENCE  # noqa: E402
 from tempspec_engine.cli_args import positive_int  # noqa: E402
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command  # noqa: E402
 from tempspec_engine.models.feature_draft import FeatureDraft  # noqa: E402
@@ -45,27 +46,28 @@ DEFAULT_LENIENCE = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 
 
 def parse_lenience(text: str) -> List[float]:
-    """'1,0.5,0.3' -> [1.0, 0.5, 0.3], each in (0, 1]; ValueError otherwise."""
+    """'1,0.5,0.3' -> [1.0, 0.5, 0.3] (distinct, largest first), each in the range of checks.LENIENCE; ValueError
+    otherwise."""
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--lenience {text!r}: use a comma list of numbers in (0, 1]") from None
-    if not values or any(not (0.0 < v <= 1.0) for v in values):
-        raise ValueError(f"--lenience {text!r}: every lenience must lie in (0, 1]")
-    return sorted(set(values), reverse=True)
+        raise ValueError(f"--lenience {text!r}: use a comma list of numbers in {LENIENCE.expected}") from None
+    if not values:
+        raise ValueError(f"--lenience {text!r}: give at least one lenience {LENIENCE.expected}")
+    return sorted({LENIENCE.checked(v, " (--lenience)") for v in values}, reverse=True)
 
 
-def draft_logits_along(draft, target: Transformer, seq: torch.Tensor) -> torch.Tensor:
+def draft_logits_along(draft, seq: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """Teacher-forced draft logits aligned with the target's: [L-1, V] float32 for seq [1, L], where row t holds the
-    draft's logits for token t+1 (the token the target's logits at position t predict). A feature head reads the
-    target's features: its row t comes from (f_{t-1}, x_t), so row 0 has no input and is left zero (uniform); a
-    draft model reads the same tokens."""
+    draft's logits for token t+1 (the token the target's logits at position t predict). features [1, L, dim]: the
+    target's final features of seq (Transformer.forward(..., return_features=True)). A feature head reads them: its
+    row t comes from (f_{t-1}, x_t), so row 0 has no input and is left zero (uniform); a draft model reads the same
+    tokens."""
     L = seq.shape[1]
     pos = torch.arange(L, device=seq.device)[None]
     if isinstance(draft, FeatureDraft):
-        _, feats = target(seq, pos, None, return_features=True)
-        pred = draft(feats[:, :-1], seq[:, 1:], pos[:, :-1], None)  # index j predicts token j+2
-        out = torch.zeros(L - 1, target.config.vocab_size)
+        pred = draft(features[:, :-1], seq[:, 1:], pos[:, :-1], None)  # index j predicts token j+2
+        out = torch.zeros(L - 1, draft.config.vocab_size)
         out[1:] = draft.logits(pred[0, :-1]).float()
         return out
     if isinstance(draft, Transformer):
@@ -113,11 +115,11 @@ def run_tradeoff(engine, drafts: Dict[str, object], prompts, temperatures: Seque
                 n0, L = len(prompt), seq.shape[1]
                 if L - n0 < 1 or n0 < 2:
                     continue
-                t_logits = target(seq, torch.arange(L, device=seq.device)[None], None)[0, :-1].float()
+                t_logits, feats = target(seq, torch.arange(L, device=seq.device)[None], None, return_features=True)
                 span = slice(n0 - 1, L - 1)  # target positions whose next token is a generated one
-                p = torch.softmax(t_logits[span] / T, dim=-1)
+                p = torch.softmax(t_logits[0, :-1].float()[span] / T, dim=-1)
                 for name, draft in drafts.items():
-                    q = torch.softmax(draft_logits_along(draft, target, seq)[span] / T, dim=-1)
+                    q = torch.softmax(draft_logits_along(draft, seq, feats)[span] / T, dim=-1)
                     for eps, (alpha, dist) in position_figures(p, q, lenience).items():
                         acc[name][eps][0].append(alpha)
                         acc[name][eps][1].append(dist)

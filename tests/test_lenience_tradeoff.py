@@ -83,10 +83,15 @@ def test_feature_head_rows_use_only_the_prefix(setup):
     engine, drafts, _, _ = setup
     head, target = drafts["head"], engine.target.model
     seq = torch.tensor([[3, 9, 4, 1, 7, 2, 8]])
+
+    def along(s):
+        _, feats = target(s, torch.arange(s.shape[1])[None], None, return_features=True)
+        return lt.draft_logits_along(head, s, feats)
+
     with torch.no_grad():
-        full = lt.draft_logits_along(head, target, seq)
+        full = along(seq)
         for t in (1, 3, 5):
-            prefix = lt.draft_logits_along(head, target, seq[:, :t + 2])
+            prefix = along(seq[:, :t + 2])
             torch.testing.assert_close(prefix[t], full[t], rtol=1e-4, atol=1e-4)
     assert full.shape == (seq.shape[1] - 1, 64)
 
@@ -95,7 +100,7 @@ def test_refusals():
     with pytest.raises(ValueError, match="temperatures > 0"):
         lt.run_tradeoff(None, {}, [], [0.0, 1.0], EPS, 4)
     with pytest.raises(ValueError, match="model draft"):
-        lt.draft_logits_along(object(), None, torch.zeros(1, 3, dtype=torch.long))
+        lt.draft_logits_along(object(), torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, 4))
     for bad in ("0", "1.5", "x"):
         with pytest.raises(ValueError, match="lenience"):
             lt.parse_lenience(bad)
