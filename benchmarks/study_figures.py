@@ -17,6 +17,11 @@ Each reads result JSON files written by the project's benchmarks and writes one 
              labelled with their lenience:
                python benchmarks/study_figures.py lenience benchmarks/results/engine_cpu_filters_lenience.json \
                    --out benchmarks/results/study_f5_lenience_cpu.png
+  recipes    decoding alpha (95% binomial interval) of drafts that differ in one recipe choice (data source, online
+             or offline, divergence), from a KD-grid JSON (benchmarks/kd_grid.py, drafts labelled LABEL:TAU): one
+             panel per prompt set, one group of bars per decoding temperature, one bar per draft label:
+               python benchmarks/study_figures.py recipes benchmarks/results/study_f5_recipes_cpu_bfloat16.json \
+                   --out benchmarks/results/study_f5_recipes_cpu_bfloat16.png
 Every figure's title names the device the numbers were measured on (the JSON's meta.device_name).
 """
 from __future__ import annotations
@@ -38,15 +43,20 @@ from tempspec_engine.sweep import parse_temperatures  # noqa: E402
 LENIENT = re.compile(r"@([0-9.]+)$")  # bench_engine's method suffix of a lossy run: tempspec_sd[<draft>]@<eps>
 
 
-def read_json(path) -> dict:
-    """A results JSON (an object with a "results" list); ValueError naming the file when it is missing, not JSON or
-    not results."""
+def _load(path):
+    """The parsed JSON of `path`; ValueError naming the file when it is missing or not JSON."""
     try:
-        data = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not JSON ({exc.msg}, line {exc.lineno})") from None
+
+
+def read_json(path) -> dict:
+    """A results JSON (an object with a "results" list); ValueError naming the file when it is missing, not JSON or
+    not results."""
+    data = _load(path)
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):
         raise ValueError(f"{path}: not a results file of the sweep or bench_engine (no 'results' list)")
     return data
@@ -198,6 +208,57 @@ def plot_lenience(run: dict, out) -> str:
                       f"{_device(meta)}", out)
 
 
+# ------------------------------------------------------------------------------------------------ recipes
+def read_grid(path) -> dict:
+    """A KD-grid JSON (benchmarks/kd_grid.py: "drafts" and "sets"); ValueError naming the file otherwise."""
+    data = _load(path)
+    if not isinstance(data, dict) or not isinstance(data.get("sets"), dict) or not isinstance(data.get("drafts"), list):
+        raise ValueError(f"{path}: not a results file of benchmarks/kd_grid.py (no 'sets' and 'drafts')")
+    return data
+
+
+def recipe_rows(grid: dict) -> Dict[str, Dict[float, List[tuple]]]:
+    """{prompt set: {temperature: [(draft label, alpha, 95% half-width), ...] in the grid's draft order}}. A draft's
+    label is its mode, or MODE:TAU where two drafts share a mode."""
+    modes = [d["mode"] for d in grid["drafts"]]
+    labels = {d["path"]: d["mode"] if modes.count(d["mode"]) == 1 or d.get("tau_kd") is None
+              else f"{d['mode']}:{d['tau_kd']:g}" for d in grid["drafts"]}
+    out: Dict[str, Dict[float, List[tuple]]] = {}
+    for name, entry in grid["sets"].items():
+        per_temp: Dict[float, Dict[str, tuple]] = {}
+        for r in entry["results"]["results"]:
+            if r.get("draft") in labels and r.get("alpha") is not None:
+                half = 1.96 * (r.get("alpha_se") or 0.0)
+                per_temp.setdefault(r["temperature"], {})[labels[r["draft"]]] = (r["alpha"], half)
+        order = [labels[d["path"]] for d in grid["drafts"]]
+        out[name] = {t: [(m, *rows[m]) for m in order if m in rows] for t, rows in sorted(per_temp.items())}
+    return out
+
+
+def plot_recipes(grid: dict, out) -> str:
+    rows = recipe_rows(grid)
+    fig, axes = _figure(len(rows), width=5.2)
+    for ax, (name, per_temp) in zip(axes, rows.items()):
+        labels = [m for m, _, _ in next(iter(per_temp.values()), [])]
+        width = 0.8 / max(len(labels), 1)
+        for j, label in enumerate(labels):
+            xs, ys, errs = [], [], []
+            for i, (t, bars) in enumerate(per_temp.items()):
+                found = [b for b in bars if b[0] == label]
+                if found:
+                    xs.append(i + (j - (len(labels) - 1) / 2) * width)
+                    ys.append(found[0][1])
+                    errs.append(found[0][2])
+            ax.bar(xs, ys, width=width, yerr=errs, capsize=2, label=label)
+        ax.set_xticks(range(len(per_temp)), [f"T = {t:g}" for t in per_temp])
+        ax.set_title(name, fontsize=9)
+        ax.set_ylabel("alpha (accepted / proposed), 95% interval")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    meta = grid.get("meta", {})
+    return _save(fig, f"drafts that differ in one recipe choice, on {_device(meta)}", out)
+
+
 # ------------------------------------------------------------------------------------------------ command line
 def main(argv: Optional[List[str]] = None) -> int:
     ap = OneLineParser(prog="study_figures", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -211,7 +272,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     b.add_argument("--temperatures", default=None, help="panels, comma list (default: every temperature found)")
     le = sub.add_parser("lenience", help="speed against quality of lossy acceptance from a bench_engine JSON")
     le.add_argument("run", help="a bench_engine results JSON run with --lenience")
-    for s in (p, b, le):
+    rc = sub.add_parser("recipes", help="alpha of drafts differing in one recipe choice, from a kd_grid JSON")
+    rc.add_argument("grid", help="a results JSON of benchmarks/kd_grid.py")
+    for s in (p, b, le, rc):
         s.add_argument("--out", required=True, help="the PNG to write")
         add_debug_flag(s)
     args = ap.parse_args(argv)
@@ -222,8 +285,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif args.figure == "batch":
             temps = parse_temperatures(args.temperatures) if args.temperatures else None
             path = plot_batch([read_json(f) for f in args.runs], args.out, args.settings, temps)
-        else:
+        elif args.figure == "lenience":
             path = plot_lenience(read_json(args.run), args.out)
+        else:
+            path = plot_recipes(read_grid(args.grid), args.out)
         print(f"wrote {path}")
         return 0
 

@@ -44,8 +44,10 @@ GEN_DATA_MAX_LEN = 512  # the default KV-cache length of gen-data (capped at the
 def _gen_data(args) -> int:
     from tempspec_engine.engine import SpeculativeEngine
     from tempspec_engine.models.draft import make_draft
+    from tempspec_engine.models.feature_draft import FeatureDraft
     from tempspec_engine.models.loading import load_target, resolve_device, resolve_dtype
     from tempspec_trainer.data import dataset_responses, generate_dataset
+    from tempspec_trainer.feature_sampler import FeatureDraftSampler
 
     set_threads(args.threads)
     _check_output_file(args.out)
@@ -57,13 +59,18 @@ def _gen_data(args) -> int:
         print(json.dumps(dataset_responses(engine, args.prompts, args.out, limit=args.limit, offset=args.offset,
                                            max_new_tokens=args.max_new_tokens, chat_template=not args.no_chat)))
         return 0
+    name = None
     if args.generator != "target":  # on-policy data: the draft samples, the target's tokenizer encodes
         draft = make_draft(args.generator, engine.target, engine.device, engine.dtype, args.allow_download)
-        draft.name = args.generator
-        engine = SpeculativeEngine(draft, "none", tokenizer=engine.tokenizer, **kw)
+        name = draft.name = args.generator
+        if isinstance(draft.model, FeatureDraft):  # a feature head writes on its own features after the prompt
+            engine = FeatureDraftSampler(SpeculativeEngine(engine.target, draft, **kw), name)
+        else:
+            engine = SpeculativeEngine(draft, "none", tokenizer=engine.tokenizer, **kw)
     info = generate_dataset(engine, args.prompts, args.out, args.temperature, limit=args.limit, offset=args.offset,
                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, chunk=args.chunk,
-                            seed=args.seed, chat_template=not args.no_chat, progress=not args.no_progress)
+                            seed=args.seed, chat_template=not args.no_chat, progress=not args.no_progress,
+                            generator_name=name)
     print(json.dumps(info))
     return 0
 
@@ -102,10 +109,12 @@ def _distill(args) -> int:
 
 
 def _eval(args) -> int:
+    import torch
+
     from tempspec_engine.models.loading import load_target, resolve_device, resolve_dtype
     from tempspec_engine.prompts import read_prompts
     from tempspec_engine.sweep import format_table, write_results
-    from tempspec_trainer.evaluate import expected_acceptance_on_data, measure_drafts
+    from tempspec_trainer.evaluate import measure_drafts, row_acceptance_on_data, summarize
 
     set_threads(args.threads)
     if args.out:
@@ -116,10 +125,20 @@ def _eval(args) -> int:
     target = load_target(args.target, device, resolve_dtype(args.dtype), args.allow_download)
     report = {"drafts": args.drafts, "temperatures": list(args.temperatures)}
     if args.data:
-        report["expected"] = {d: expected_acceptance_on_data(target, d, args.data, args.temperatures, args.n_rows)
-                              for d in args.drafts}
+        temps = args.temperatures
+        rows = {d: row_acceptance_on_data(target, d, args.data, temps, args.n_rows) for d in args.drafts}
+        report["expected"] = {d: summarize(*rows[d], temps) for d in args.drafts}
+        # paired with the first draft on the same positions (drafts of one kind: feature heads or draft models)
+        first_sums, first_counts = rows[args.drafts[0]]
+        report["expected_minus_first"] = {d: summarize(sums - first_sums, counts, temps)
+                                          for d, (sums, counts) in list(rows.items())[1:]
+                                          if torch.equal(counts, first_counts)}
         for d, v in report["expected"].items():
-            print(f"expected acceptance of {d} on {args.data}: " + ", ".join(f"{k} {x:.3f}" for k, x in v.items()))
+            diff = report["expected_minus_first"].get(d, {})
+            print(f"expected acceptance of {d} on {args.data}: " + ", ".join(
+                f"T={t:g} {v[f'alpha@{t:g}']:.3f} ± {1.96 * v[f'alpha@{t:g}_se']:.3f}"
+                + (f" ({diff[f'alpha@{t:g}']:+.3f} ± {1.96 * diff[f'alpha@{t:g}_se']:.3f} vs the first)" if diff else "")
+                for t in temps))
     if args.prompts:
         results = measure_drafts(target, args.drafts, read_prompts(args.prompts, args.n_prompts), args.temperatures,
                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=device,
@@ -127,6 +146,7 @@ def _eval(args) -> int:
         results["meta"]["prompts_file"] = Path(args.prompts).name
         if "expected" in report:
             results["expected_on_data"] = {"data": Path(args.data).name, **report["expected"]}
+            results["expected_minus_first"] = report["expected_minus_first"]
         print(format_table(results))
         report = results
         if args.update_cards:
@@ -206,8 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="output JSONL (appended to; prompts already there are skipped)")
     g.add_argument("--temperature", type=float, required=True, help="the KD temperature tau_kd (0 = greedy)")
     g.add_argument("--generator", default="target",
-                   help="'target' (sequence-level KD data), a draft spec/directory (on-policy data), or 'data' (the "
-                        "file's own responses, e.g. Alpaca `output`: fixed data; --temperature is then not used) "
+                   help="'target' (sequence-level KD data), a draft spec/directory (on-policy data; a feature head "
+                        "writes on its own features after the target reads the prompt and draws the first token), or "
+                        "'data' (the file's own responses, e.g. Alpaca `output`: fixed data; --temperature is then not "
+                        "used) "
                         "(default: %(default)s)")
     g.add_argument("--limit", type=positive_int, default=None, help="prompts to use (default: all)")
     g.add_argument("--offset", type=int, default=0, help="first prompt row (default: %(default)s)")
@@ -249,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", parents=[common], help="expected and measured acceptance of drafts")
     e.add_argument("--drafts", nargs="+", required=True, help="draft specs or directories (e.g. runs/x/init runs/x/final)")
     e.add_argument("--temperatures", type=_floats, default=(0.0, 0.5, 1.0), help="comma list (default: 0,0.5,1)")
-    e.add_argument("--data", default=None, help="generated JSONL: expected acceptance (1 - TVD) on its responses (default: none)")
+    e.add_argument("--data", default=None, help="generated JSONL: expected acceptance (1 - TVD) on its responses, with "
+                   "its standard error over rows and each draft's paired difference from the first (default: none)")
     e.add_argument("--n-rows", type=positive_int, default=64, help="rows of --data to score (default: %(default)s)")
     e.add_argument("--prompts", default=None, help="JSONL prompts: decode and measure alpha, tokens/s, speedup (default: none)")
     e.add_argument("--n-prompts", type=positive_int, default=20, help="(default: %(default)s)")

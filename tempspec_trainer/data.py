@@ -99,13 +99,16 @@ def dataset_responses(engine, prompt_file: str, out_path: str, *, limit: Optiona
 
 def generate_dataset(engine, prompt_file: str, out_path: str, temperature: float, *, limit: Optional[int] = None,
                      offset: int = 0, max_new_tokens: int = 128, batch_size: int = 16, chunk: int = 64,
-                     seed: int = 0, chat_template: bool = True, progress: bool = True) -> dict:
+                     seed: int = 0, chat_template: bool = True, progress: bool = True,
+                     generator_name: Optional[str] = None) -> dict:
     """Samples one response per prompt from `engine`'s target (target-only decoding) at `temperature` and appends
     the rows to `out_path`, skipping prompts already there and prompts too long for the engine's KV cache (with a
     warning). Returns {"written", "skipped" (already there), "too_long", "path"}.
 
     engine: a tempspec_engine SpeculativeEngine (its target is the generator: pass the draft as the target for
-    on-policy data). chunk: prompts per flush to disk (the unit of work lost on interruption).
+    on-policy data), or a feature_sampler.FeatureDraftSampler (a feature head's own samples). generator_name: the
+    `generator` of each row (default: the engine's target's name). chunk: prompts per flush to disk (the unit of work
+    lost on interruption).
     """
     if not (temperature >= 0.0):
         raise ValueError(f"temperature must be >= 0, got {temperature!r}")
@@ -148,7 +151,7 @@ def generate_dataset(engine, prompt_file: str, out_path: str, temperature: float
             for index, prompt, o in missing:
                 row = {"index": index, "source": str(prompt_file), "prompt": prompt, "prompt_ids": o.prompt_ids,
                        "response_ids": o.token_ids, "response": o.text, "temperature": float(temperature),
-                       "finish_reason": o.finish_reason, "generator": engine.target.name}
+                       "finish_reason": o.finish_reason, "generator": generator_name or engine.target.name}
                 f.write(json.dumps(row) + "\n")
             f.flush()
             written += len(missing)

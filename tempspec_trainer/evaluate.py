@@ -1,15 +1,17 @@
 """Evaluating drafts: expected acceptance on data (no decoding) and measured acceptance / speedup by decoding.
 
 expected_acceptance_on_data: teacher-forced over generated rows, per temperature, the mean of 1 - TVD(p, q)
-    (argmax agreement at T = 0): what alpha would be if the draft saw the target's own contexts. A feature head
-    (EAGLE-style) is scored at its first draft position: fed the target's features and the data's tokens.
+    (argmax agreement at T = 0): what alpha would be if the draft saw the target's own contexts, with its standard
+    error over rows. A feature head (EAGLE-style) is scored at its first draft position: fed the target's features
+    and the data's tokens. Per-row sums (acceptance_by_row) also give paired differences between drafts (summarize).
 measure_drafts: decodes a prompt set with the target alone and with each draft at each temperature through the
     engine (tempspec_engine.sweep.run_sweep) and returns its results dict (alpha, tokens/s, speedup).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Optional, Sequence
+import math
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -20,11 +22,11 @@ from tempspec_trainer.data import make_batch, read_rows, token_sequences
 from tempspec_trainer.divergences import expected_acceptance
 
 
-@torch.no_grad()
-def expected_acceptance_on_data(target: LoadedModel, draft_spec: str, data_file: str,
-                                temperatures: Sequence[float], n_rows: Optional[int] = 64, seq_len: int = 256,
-                                batch_size: int = 8) -> Dict[str, float]:
-    """{"alpha@T": mean expected acceptance over the response tokens of the first n_rows rows} for each T."""
+def row_acceptance_on_data(target: LoadedModel, draft_spec: str, data_file: str, temperatures: Sequence[float],
+                           n_rows: Optional[int] = 64, seq_len: int = 256, batch_size: int = 8
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """acceptance_by_row over the first n_rows rows of a generated file: (sums [R, len(temperatures)] float64, counts
+    [R] int64)."""
     device = target.model.embed_tokens.weight.device
     dtype = target.model.embed_tokens.weight.dtype
     if is_feature_draft_dir(draft_spec):
@@ -34,54 +36,84 @@ def expected_acceptance_on_data(target: LoadedModel, draft_spec: str, data_file:
     seqs = list(token_sequences(read_rows(data_file)[:n_rows], seq_len))
     if not seqs:
         raise ValueError(f"{data_file} holds no rows with a response")
-    return expected_acceptance_over(draft, target.model, seqs, temperatures, batch_size, device)
+    return acceptance_by_row(draft, target.model, seqs, temperatures, batch_size, device)
+
+
+def expected_acceptance_on_data(target: LoadedModel, draft_spec: str, data_file: str,
+                                temperatures: Sequence[float], n_rows: Optional[int] = 64, seq_len: int = 256,
+                                batch_size: int = 8) -> Dict[str, float]:
+    """{"alpha@T": mean expected acceptance over the response tokens of the first n_rows rows, "alpha@T_se": its
+    standard error over rows} for each T (see summarize)."""
+    sums, counts = row_acceptance_on_data(target, draft_spec, data_file, temperatures, n_rows, seq_len, batch_size)
+    return summarize(sums, counts, temperatures)
+
+
+def ratio_se(sums: torch.Tensor, counts: torch.Tensor) -> Tuple[float, float]:
+    """(sum(sums) / sum(counts), its standard error) for per-row sums [R] and counts [R]: the ratio estimator with
+    rows as clusters (tokens of one row are not independent), sqrt(R / (R - 1) * sum((s_r - ratio c_r)^2)) / N; the
+    error is nan for one row."""
+    sums, counts = sums.double(), counts.double()
+    n, rows = float(counts.sum()), sums.shape[0]
+    ratio = float(sums.sum()) / n
+    if rows < 2:
+        return ratio, float("nan")
+    resid = sums - ratio * counts
+    return ratio, math.sqrt(rows / (rows - 1) * float((resid ** 2).sum())) / n
+
+
+def summarize(sums: torch.Tensor, counts: torch.Tensor, temperatures: Sequence[float]) -> Dict[str, float]:
+    """{"alpha@T": mean, "alpha@T_se": standard error} per temperature from acceptance_by_row's output; for the
+    difference of two drafts on the same rows pass the difference of their sums (a paired comparison)."""
+    out = {}
+    for i, t in enumerate(temperatures):
+        out[f"alpha@{t:g}"], out[f"alpha@{t:g}_se"] = ratio_se(sums[:, i], counts)
+    return out
 
 
 @torch.no_grad()
 def expected_acceptance_over(draft, target, seqs, temperatures: Sequence[float], batch_size: int, device,
                              draft_context=contextlib.nullcontext) -> Dict[str, float]:
     """{"alpha@T": expected acceptance averaged over the response tokens of `seqs`} (see make_batch), teacher-forced:
-    1 - TVD at T (argmax agreement at T = 0). draft_context() wraps the draft's forwards (e.g. autocast).
-    A FeatureDraft is scored by feature_acceptance_over."""
-    if isinstance(draft, FeatureDraft):
-        return feature_acceptance_over(draft, target, seqs, temperatures, batch_size, device, draft_context)
-    sums, n = {t: 0.0 for t in temperatures}, 0
-    for i in range(0, len(seqs), batch_size):
-        tokens, mask = make_batch(seqs[i:i + batch_size], device)
-        positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
-        with draft_context():
-            q = draft(tokens, positions, None)[mask].float()
-        p = target(tokens, positions, None)[mask].float()
-        for t in temperatures:
-            sums[t] += float(expected_acceptance(q, p, t).sum())
-        n += int(mask.sum())
-    return {f"alpha@{t:g}": s / n for t, s in sums.items()}
+    1 - TVD at T (argmax agreement at T = 0). draft_context() wraps the draft's forwards (e.g. autocast)."""
+    sums, counts = acceptance_by_row(draft, target, seqs, temperatures, batch_size, device, draft_context)
+    n = int(counts.sum())
+    return {f"alpha@{t:g}": float(sums[:, i].sum()) / n for i, t in enumerate(temperatures)}
 
 
 @torch.no_grad()
-def feature_acceptance_over(head: FeatureDraft, target, seqs, temperatures: Sequence[float], batch_size: int, device,
-                            draft_context=contextlib.nullcontext) -> Dict[str, float]:
-    """Like expected_acceptance_over for a feature head at its first draft position, teacher-forced: one target
-    forward gives logits and features; head index t reads the target's feature at t and token t+1, and its logits
-    (full vocabulary, -inf outside a draft vocabulary) are compared with the target's at t+1 over the positions where
-    token t+2 is a response token."""
-    sums, n = {t: 0.0 for t in temperatures}, 0
+def acceptance_by_row(draft, target, seqs, temperatures: Sequence[float], batch_size: int, device,
+                      draft_context=contextlib.nullcontext) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced expected acceptance per sequence: (sums [len(seqs), len(temperatures)] float64, the summed 1 -
+    TVD at each T (argmax agreement at T = 0) over the sequence's scored positions; counts [len(seqs)] int64, how many
+    positions). A draft model is scored at every response position; a FeatureDraft at its first draft position:
+    one target forward gives logits and features, head index t reads the target's feature at t and token t+1, and
+    its logits (full vocabulary, -inf outside a draft vocabulary) are compared with the target's at t+1 over the
+    positions where token t+2 is a response token. ValueError when no position is scored."""
+    feature = isinstance(draft, FeatureDraft)
+    sums = torch.zeros(len(seqs), len(temperatures), dtype=torch.float64)
+    counts = torch.zeros(len(seqs), dtype=torch.int64)
     for i in range(0, len(seqs), batch_size):
         tokens, mask = make_batch(seqs[i:i + batch_size], device)
         positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
-        logits, feats = target(tokens, positions, None, return_features=True)
-        m = mask[:, 1:]
-        if not bool(m.any()):
-            continue
-        with draft_context():
-            q = head.logits(head(feats[:, :-1], tokens[:, 1:], positions[:, :-1], None)[m]).float()
-        p = logits[:, 1:][m].float()
-        for t in temperatures:
-            sums[t] += float(expected_acceptance(q, p, t).sum())
-        n += int(m.sum())
-    if n == 0:
-        raise ValueError("no held-out position to score a feature head on: its responses need >= 2 tokens")
-    return {f"alpha@{t:g}": s / n for t, s in sums.items()}
+        if feature:
+            logits, feats = target(tokens, positions, None, return_features=True)
+            m = mask[:, 1:]
+            with draft_context():
+                q = draft.logits(draft(feats[:, :-1], tokens[:, 1:], positions[:, :-1], None)[m]).float()
+            p = logits[:, 1:][m].float()
+        else:
+            m = mask
+            with draft_context():
+                q = draft(tokens, positions, None)[m].float()
+            p = target(tokens, positions, None)[m].float()
+        rows = m.nonzero()[:, 0].cpu() + i  # the sequence of each scored position (row-major, as [m] orders them)
+        counts.index_add_(0, rows, torch.ones_like(rows))
+        for j, t in enumerate(temperatures):
+            sums[:, j].index_add_(0, rows, expected_acceptance(q, p, t).double().cpu())
+    if int(counts.sum()) == 0:
+        raise ValueError("no held-out position to score: the responses are too short (a feature head needs >= 2 "
+                         "response tokens)")
+    return sums, counts
 
 
 def measure_drafts(target, drafts: Sequence[str], prompts: Sequence[str], temperatures: Sequence[float], *,

@@ -2,14 +2,15 @@
 
 online:  loss = divergence(softmax(target/tau), softmax(draft/tau)) per response token (teacher forward each step)
 offline: loss = cross-entropy of the generated response tokens (sequence-level KD: the data carries the teacher)
-feature heads (init "feature...", EAGLE-style, tempspec_engine/models/feature_draft.py): online only. The target's
-    final-norm features of a batch come from one teacher forward, or from a teacher cache (teacher_cache.py: computed
-    once, no target forward afterwards); the target's logits are its head on them. The head, fed the target's feature
-    at position t and token t+1, predicts the feature of t+1: loss = divergence at tau_kd between the target head on it
-    and the target's logits at t+1, + feature_weight * smooth L1 against the target's feature at t+1, averaged over
-    `unroll` steps (EAGLE-3's training-time test: step j > 1 feeds the head's own step j-1 predictions, shifted one
-    position, in place of the target's features). With a draft vocabulary (/vocab:N) the divergence compares the
-    head with the target renormalized over those N ids (the best the restricted head can do).
+feature heads (init "feature...", EAGLE-style, tempspec_engine/models/feature_draft.py): the target's final-norm
+    features of a batch come from one teacher forward, or from a teacher cache (teacher_cache.py: computed once, no
+    target forward afterwards); the target's logits are its head on them. The head, fed the target's feature at
+    position t and token t+1, predicts the feature of t+1: loss = (online) the divergence at tau_kd between the target
+    head on it and the target's logits at t+1, or (offline) the cross-entropy of the data's token t+2, + feature_weight
+    * smooth L1 against the target's feature at t+1, averaged over `unroll` steps (EAGLE-3's training-time test: step
+    j > 1 feeds the head's own step j-1 predictions, shifted one position, in place of the target's features). With a
+    draft vocabulary (/vocab:N) the divergence compares the head with the target renormalized over those N ids (the
+    best the restricted head can do), and the cross-entropy skips tokens outside them.
 tau_mix (online, any draft): the divergence averaged over several temperatures in place of tau_kd alone (a
     temperature mixture).
 
@@ -123,9 +124,6 @@ class DistillConfig:
             raise ValueError(f"eval temperatures must be >= 0, got {self.eval_temperatures}")
         if is_feature_init(self.init):
             parse_feature_init(self.init)
-            if self.mode != "online":
-                raise ValueError("feature heads are distilled online (mode 'online'): the target's features are "
-                                 "computed each step anyway")
         if not (self.feature_weight >= 0.0) or not math.isfinite(self.feature_weight):
             raise ValueError(f"feature_weight must be a finite number >= 0, got {self.feature_weight!r}")
         if any(not (t >= 0.0) or not math.isfinite(t) for t in self.tau_mix):
@@ -294,8 +292,12 @@ class Distiller:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         m = mask[:, 1:]
         want_feats = t_feats[:, 1:][m]
-        with torch.no_grad():  # the target's logits over the draft vocabulary: its head on its features
-            want_logits = self.draft.draft_logits(want_feats)
+        offline = cfg.mode == "offline"
+        with torch.no_grad():
+            if offline:  # the data's token t+2 as an index of the draft vocabulary (-100: outside it, skipped)
+                labels = self.draft_index(torch.cat((tokens[:, 2:], tokens[:, :1]), dim=1)[m])
+            else:  # the target's logits over the draft vocabulary: its head on its features
+                want_logits = self.draft.draft_logits(want_feats)
         want_feats = want_feats.float()
         with self._autocast():
             preds = self.model(t_feats[:, :-1], tokens[:, 1:], positions[:, :-1], cfg.unroll)
@@ -307,11 +309,24 @@ class Distiller:
             got = pred[m]
             with self._autocast():
                 student = self.draft.draft_logits(got)
-            step = self.divergence(student, want_logits)
+            if offline:
+                step = (F.cross_entropy(student.float(), labels, ignore_index=-100) if bool((labels >= 0).any())
+                        else student.sum() * 0.0)
+            else:
+                step = self.divergence(student, want_logits)
             if cfg.feature_weight > 0:
                 step = step + cfg.feature_weight * F.smooth_l1_loss(got.float(), want_feats)
             total = total + step
         return total / len(preds)
+
+    def draft_index(self, ids: torch.Tensor) -> torch.Tensor:
+        """Target ids -> indices of the head's draft vocabulary (int64, same shape; -100 for ids outside it)."""
+        d2t = self.draft.d2t
+        if d2t is None:
+            return ids
+        t2d = torch.full((self.draft.config.vocab_size,), -100, dtype=torch.int64, device=ids.device)
+        t2d[d2t.to(ids.device)] = torch.arange(d2t.shape[0], device=ids.device)
+        return t2d[ids]
 
     @torch.no_grad()
     def teacher_features(self, seqs: list, tokens: torch.Tensor) -> torch.Tensor:

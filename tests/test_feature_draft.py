@@ -21,7 +21,7 @@ from tempspec_engine.models.llama import Transformer
 from tempspec_trainer import train
 from tempspec_trainer.divergences import forward_kl
 from tempspec_trainer.draft_init import init_feature_draft, parse_feature_init
-from tempspec_trainer.evaluate import feature_acceptance_over
+from tempspec_trainer.evaluate import expected_acceptance_over
 from tempspec_trainer.train import DistillConfig, Distiller, Unrolled, make_batch
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(tf.one_thread)
@@ -378,13 +378,13 @@ def test_an_oracle_head_has_zero_loss_and_full_acceptance(target, data_file, tmp
     oracle.x0 = tokens[:, :1]
     with torch.no_grad():
         assert float(d.loss(seqs, tokens, mask)) == pytest.approx(0.0, abs=1e-6)
-        acc = feature_acceptance_over(oracle, target.model, seqs, (0.0, 1.0), len(seqs), "cpu")
+        acc = expected_acceptance_over(oracle, target.model, seqs, (0.0, 1.0), len(seqs), "cpu")
     assert acc == {"alpha@0": pytest.approx(1.0), "alpha@1": pytest.approx(1.0, abs=1e-5)}
     # answering one position early is far off: the checks above can fail
     oracle.shift = 1
     with torch.no_grad():
         assert float(d.loss(seqs, tokens, mask)) > 0.5
-        assert feature_acceptance_over(oracle, target.model, seqs, (0.0,), len(seqs), "cpu")["alpha@0"] < 0.5
+        assert expected_acceptance_over(oracle, target.model, seqs, (0.0,), len(seqs), "cpu")["alpha@0"] < 0.5
 
 
 def test_loss_matches_its_definition(target, data_file, tmp_path):
@@ -402,6 +402,32 @@ def test_loss_matches_its_definition(target, data_file, tmp_path):
         want = sum(forward_kl(head.logits(p)[m], logits[:, 1:][m], 1.0).mean()
                    + 0.3 * F.smooth_l1_loss(p[m], feats[:, 1:][m]) for p in (p1, p2)) / 2
         assert float(d.loss(seqs, tokens, mask)) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_offline_loss_is_the_cross_entropy_of_the_data(target, data_file, tmp_path):
+    """mode offline, a 48-token draft vocabulary: the mean over both unrolled steps of the cross-entropy of the data's
+    token t+2 (positions whose token lies outside the map skipped) + 0.3 smooth L1; the target's logits play no part."""
+    d = Distiller(config(data_file, tmp_path, mode="offline", init="feature/vocab:48", feature_weight=0.3, unroll=2),
+                  target=target, progress=False)
+    seqs = d.eval_seqs[:6]
+    tokens, mask = make_batch(seqs, "cpu")
+    pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+    head, m = d.draft, mask[:, 1:]
+    labels = tokens[:, 2:][m[:, :-1]]
+    in_map = torch.isin(labels, head.d2t)
+    assert 0 < int(in_map.sum()) < labels.numel()  # both kinds of position occur
+    with torch.no_grad():
+        _, feats = target.model(tokens, pos, None, return_features=True)
+        p1 = head(feats[:, :-1], tokens[:, 1:], pos[:, :-1], None)
+        p2 = head(torch.cat((feats[:, :1], p1[:, :-1]), 1), tokens[:, 1:], pos[:, :-1], None)
+        want = 0.0
+        for p in (p1, p2):
+            logp = torch.log_softmax(head.logits(p)[m].float(), -1)  # -inf outside the map: the same softmax
+            nll = -logp[torch.arange(labels.numel()), labels][in_map].mean()
+            want = want + nll + 0.3 * F.smooth_l1_loss(p[m], feats[:, 1:][m])
+        assert float(d.loss(seqs, tokens, mask)) == pytest.approx(float(want / 2), rel=1e-5)
+        d.cfg.mode = "online"  # the same batch online differs: the check above can fail
+        assert float(d.loss(seqs, tokens, mask)) != pytest.approx(float(want / 2), rel=1e-3)
 
 
 # ------------------------------------------------------------------------------------ training
@@ -427,7 +453,7 @@ def test_training_raises_teacher_forced_agreement(feature_run, target):
     assert loaded.d2t.shape == (48,)
     counts = train.response_token_counts(feature_run.d.schedule.seqs, tf.VOCAB)
     assert torch.equal(loaded.d2t, token_map_from_counts(counts, 48))
-    acc = feature_acceptance_over(loaded, target.model, feature_run.d.eval_seqs, (0.0, 1.0), 8, "cpu")
+    acc = expected_acceptance_over(loaded, target.model, feature_run.d.eval_seqs, (0.0, 1.0), 8, "cpu")
     assert acc["alpha@1"] == pytest.approx(after["alpha@1"], abs=0.02)
 
 
@@ -604,7 +630,6 @@ def test_tau_mix_averages_the_divergence_over_its_temperatures(target, data_file
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (dict(mode="offline"), "distilled online"),
     (dict(init="feature:layers=0"), "layers=N or mlp=N"),
     (dict(init="feature:depth=2"), "layers=N or mlp=N"),
     (dict(init="feature/vocab:abc"), "draft vocabulary"),

@@ -96,6 +96,21 @@ def test_lenience_from_the_committed_engine_results(tmp_path):
                                                                          "engine_cpu_feature_heads_batch4.json")))
 
 
+def test_recipes_from_the_committed_kd_grid(tmp_path):
+    grid = study_figures.read_grid(os.path.join(RESULTS, "study_f2_feature_grid_cpu_bfloat16.json"))
+    rows = study_figures.recipe_rows(grid)
+    assert set(rows) == {"alpaca_heldout", "gsm8k"}
+    bars = rows["gsm8k"][1.0]
+    assert [b[0] for b in bars] == ["online:0", "online:0.5", "online:1", "mixture"]  # a shared mode gets its tau
+    want = next(r for r in grid["sets"]["gsm8k"]["results"]["results"]
+                if r["draft"].endswith("feature-t0.5") and r["temperature"] == 1.0)
+    assert bars[1][1:] == (want["alpha"], 1.96 * want["alpha_se"])
+    out = tmp_path / "recipes.png"
+    assert study_figures.plot_recipes(grid, out) == str(out) and is_png(out)
+    with pytest.raises(ValueError, match="kd_grid"):
+        study_figures.read_grid(os.path.join(RESULTS, "engine_cpu_feature_heads_batch4.json"))
+
+
 def test_command_line(sweep_file, tmp_path):
     script = os.path.join(ROOT, "benchmarks", "study_figures.py")
     out = tmp_path / "p.png"
@@ -110,4 +125,4 @@ def test_command_line(sweep_file, tmp_path):
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert r.stderr.startswith("study_figures: error:")
     h = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
-    assert h.returncode == 0 and "positions" in h.stdout and "lenience" in h.stdout
+    assert h.returncode == 0 and all(name in h.stdout for name in ("positions", "batch", "lenience", "recipes"))

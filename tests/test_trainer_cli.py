@@ -95,8 +95,14 @@ def test_distill_then_eval(tiny_hf, data, tmp_path, capsys):
     assert main(["eval", "--target", str(tiny_hf / "model"), "--drafts", str(out / "init"), str(out / "final"),
                  "--data", str(data), "--n-rows", "16", "--temperatures", "0,1", "--out", str(res),
                  "--dtype", "fp32", "--device", "cpu"]) == 0
-    expected = json.loads(res.read_text())["expected"]
-    assert expected[str(out / "final")]["alpha@0"] > expected[str(out / "init")]["alpha@0"] + 0.5
+    report = json.loads(res.read_text())
+    expected, paired = report["expected"], report["expected_minus_first"][str(out / "final")]
+    init, final = expected[str(out / "init")], expected[str(out / "final")]
+    assert final["alpha@0"] > init["alpha@0"] + 0.5
+    for t in ("0", "1"):  # the paired difference on the same rows, with its own standard error
+        assert paired[f"alpha@{t}"] == pytest.approx(final[f"alpha@{t}"] - init[f"alpha@{t}"])
+        assert 0.0 <= final[f"alpha@{t}_se"] < 0.2 and 0.0 <= paired[f"alpha@{t}_se"] < 0.2
+    assert paired["alpha@1_se"] > 0.0
     # on-policy data: the distilled draft itself samples the responses
     on_policy = tmp_path / "on_policy.jsonl"
     assert main(["gen-data", "--target", str(tiny_hf / "model"), "--generator", str(out / "final"),
@@ -149,3 +155,26 @@ def test_distill_under_torchrun_two_processes(tiny_hf, data, tmp_path):
     assert log["step"] == 4
     assert (out / "final" / "model.safetensors").is_file()
     assert proc.stdout.count("final draft:") == 1  # only rank 0 reports
+
+
+def test_gen_data_with_a_feature_head_writes_its_own_samples(tiny_hf, tmp_path):
+    """On-policy data of an EAGLE-style head: the target reads the prompt, the head writes on its own features."""
+    from tempspec_engine.models.feature_draft import FeatureDraft, FeatureDraftConfig, save_feature_draft
+    from tempspec_engine.models.loading import load_target
+
+    target = load_target(str(tiny_hf / "model"), torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)
+    head = FeatureDraft(FeatureDraftConfig.for_target(target.model.config))
+    save_feature_draft(head, tmp_path / "head", target_name=target.name)
+    out = tmp_path / "on_policy_head.jsonl"
+    args = ["gen-data", "--target", str(tiny_hf / "model"), "--generator", str(tmp_path / "head"),
+            "--prompts", str(tiny_hf / "prompts.jsonl"), "--out", str(out), "--temperature", "0", "--max-new-tokens",
+            "8", "--dtype", "fp32", "--limit", "5", "--batch-size", "2", "--no-progress"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 5 and {r["generator"] for r in rows} == {str(tmp_path / "head")}
+    assert all(1 <= len(r["response_ids"]) <= 8 and r["temperature"] == 0.0 for r in rows)
+    # greedy: a second file from the same head holds the same responses
+    assert main(args[:8] + [str(tmp_path / "again.jsonl")] + args[9:]) == 0
+    again = [json.loads(line) for line in (tmp_path / "again.jsonl").read_text().splitlines()]
+    assert [r["response_ids"] for r in again] == [r["response_ids"] for r in rows]
