@@ -46,7 +46,9 @@ def _at_tau(recipe: dict) -> str:
 
 
 def _divergence(recipe: dict) -> str:
-    """'fkl', or 'fkl averaged over them' for a temperature mixture."""
+    """'fkl', 'fkl averaged over them' for a temperature mixture, or 'cross-entropy on the data' offline."""
+    if recipe.get("mode") == "offline":
+        return "cross-entropy on the data"
     return recipe["divergence"] + (" averaged over them" if recipe.get("tau_mix") else "")
 
 
@@ -87,7 +89,9 @@ def write_card(directory, command: Optional[str] = None) -> Path:
              f"{recipe['min_lr_ratio']:g}x, precision {recipe['precision']}, seed {recipe['seed']}",
              "- data:"] + ["  " + line for line in _data_summary(recipe["data"])]
     if feature:
-        lines.insert(len(intro) + 8, f"- feature head loss: the divergence on the token distributions + "
+        token_loss = "the cross-entropy of the data's tokens" if recipe.get("mode") == "offline" else \
+            "the divergence on the token distributions"
+        lines.insert(len(intro) + 8, f"- feature head loss: {token_loss} + "
                      f"{recipe.get('feature_weight', 0.1):g} x smooth L1 on the predicted features, averaged over "
                      f"{recipe.get('unroll', 1)} unrolled steps (step j > 1 feeds the head its own predictions)")
     if hist:

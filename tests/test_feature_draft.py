@@ -4,6 +4,7 @@ directories, the loss alignment (an oracle head scores zero loss and full accept
 and `tempspec-train distill --init feature...` from the command line (one process and two torchrun processes)."""
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -492,6 +493,19 @@ def test_model_card_says_feature_head(feature_run):
     assert "draft vocabulary of 48 token ids" in text and "2 unrolled steps" in text
     assert "at the first draft position" in text
     assert text.index("- feature head loss") < text.index("- data:")
+
+
+def test_offline_feature_head_trains_and_its_card_says_cross_entropy(target, data_file, tmp_path):
+    from tempspec_trainer.model_card import write_card
+
+    d = Distiller(config(data_file, tmp_path, mode="offline", steps=4, eval_every=2, save_every=2), target=target,
+                  progress=False)
+    text = write_card(d.run(), command="tempspec-train distill --init feature --mode offline").read_text()
+    assert text.startswith("# tempspec feature draft head (EAGLE-style): offline KD at tau_kd = 1 "
+                           "(cross-entropy on the data)")
+    assert "- feature head loss: the cross-entropy of the data's tokens + 0.1 x smooth L1" in text
+    losses = [h["loss"] for h in d.history if "loss" in h]
+    assert losses and all(math.isfinite(x) for x in losses)
 
 
 def test_bf16_precision_trains_a_feature_head(data_file, tmp_path):
