@@ -108,6 +108,11 @@ def _distill(args) -> int:
     return 0
 
 
+def _plus_minus(values: dict, t: float, sign: str = "") -> str:
+    """'0.372 ± 0.015': alpha@T of a summarize() dict and its 95% half-width (sign '+': a signed difference)."""
+    return f"{values[f'alpha@{t:g}']:{sign}.3f} ± {1.96 * values[f'alpha@{t:g}_se']:.3f}"
+
+
 def _eval(args) -> int:
     import torch
 
@@ -134,11 +139,10 @@ def _eval(args) -> int:
                                           for d, (sums, counts) in list(rows.items())[1:]
                                           if torch.equal(counts, first_counts)}
         for d, v in report["expected"].items():
-            diff = report["expected_minus_first"].get(d, {})
-            print(f"expected acceptance of {d} on {args.data}: " + ", ".join(
-                f"T={t:g} {v[f'alpha@{t:g}']:.3f} ± {1.96 * v[f'alpha@{t:g}_se']:.3f}"
-                + (f" ({diff[f'alpha@{t:g}']:+.3f} ± {1.96 * diff[f'alpha@{t:g}_se']:.3f} vs the first)" if diff else "")
-                for t in temps))
+            diff = report["expected_minus_first"].get(d)
+            cells = [f"T={t:g} {_plus_minus(v, t)}" + (f" ({_plus_minus(diff, t, '+')} vs the first)" if diff else "")
+                     for t in temps]
+            print(f"expected acceptance of {d} on {args.data}: " + ", ".join(cells))
     if args.prompts:
         results = measure_drafts(target, args.drafts, read_prompts(args.prompts, args.n_prompts), args.temperatures,
                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=device,

@@ -1,9 +1,10 @@
 """Evaluating drafts: expected acceptance on data (no decoding) and measured acceptance / speedup by decoding.
 
-expected_acceptance_on_data: teacher-forced over generated rows, per temperature, the mean of 1 - TVD(p, q)
-    (argmax agreement at T = 0): what alpha would be if the draft saw the target's own contexts, with its standard
-    error over rows. A feature head (EAGLE-style) is scored at its first draft position: fed the target's features
-    and the data's tokens. Per-row sums (acceptance_by_row) also give paired differences between drafts (summarize).
+row_acceptance_on_data / acceptance_by_row: teacher-forced over generated rows, per row and temperature, the summed
+    1 - TVD(p, q) (argmax agreement at T = 0): what alpha would be if the draft saw the target's own contexts.
+    summarize turns them into the mean with its standard error over rows, or, given the difference of two drafts'
+    sums on the same rows, their paired difference. A feature head (EAGLE-style) is scored at its first draft
+    position: fed the target's features and the data's tokens.
 measure_drafts: decodes a prompt set with the target alone and with each draft at each temperature through the
     engine (tempspec_engine.sweep.run_sweep) and returns its results dict (alpha, tokens/s, speedup).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -33,19 +35,12 @@ def row_acceptance_on_data(target: LoadedModel, draft_spec: str, data_file: str,
         draft = load_feature_draft(draft_spec, target.model, device, dtype)
     else:
         draft = make_draft(draft_spec, target, device, dtype).model
+    if not Path(data_file).is_file():
+        raise ValueError(f"{data_file}: no such file (a generated JSONL of tempspec-train gen-data)")
     seqs = list(token_sequences(read_rows(data_file)[:n_rows], seq_len))
     if not seqs:
         raise ValueError(f"{data_file} holds no rows with a response")
     return acceptance_by_row(draft, target.model, seqs, temperatures, batch_size, device)
-
-
-def expected_acceptance_on_data(target: LoadedModel, draft_spec: str, data_file: str,
-                                temperatures: Sequence[float], n_rows: Optional[int] = 64, seq_len: int = 256,
-                                batch_size: int = 8) -> Dict[str, float]:
-    """{"alpha@T": mean expected acceptance over the response tokens of the first n_rows rows, "alpha@T_se": its
-    standard error over rows} for each T (see summarize)."""
-    sums, counts = row_acceptance_on_data(target, draft_spec, data_file, temperatures, n_rows, seq_len, batch_size)
-    return summarize(sums, counts, temperatures)
 
 
 def ratio_se(sums: torch.Tensor, counts: torch.Tensor) -> Tuple[float, float]:
@@ -111,8 +106,7 @@ def acceptance_by_row(draft, target, seqs, temperatures: Sequence[float], batch_
         for j, t in enumerate(temperatures):
             sums[:, j].index_add_(0, rows, expected_acceptance(q, p, t).double().cpu())
     if int(counts.sum()) == 0:
-        raise ValueError("no held-out position to score: the responses are too short (a feature head needs >= 2 "
-                         "response tokens)")
+        raise ValueError("no held-out position to score: the rows have no response tokens within the sequence length")
     return sums, counts
 
 

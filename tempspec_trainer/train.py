@@ -228,6 +228,13 @@ class Distiller:
         else:
             self.draft, self.shared = init_draft(self.teacher, cfg.init, cfg.seed)
         self.draft.to(self.device).train()
+        # a restricted head's token map as a table: target id -> draft-vocabulary index, -100 outside it (the offline
+        # loss's labels; the map is fixed when the head is built)
+        self.t2d = None
+        if self.feature and self.draft.d2t is not None:
+            d2t = self.draft.d2t.to(self.device)
+            self.t2d = torch.full((self.draft.config.vocab_size,), -100, dtype=torch.int64, device=self.device)
+            self.t2d[d2t] = torch.arange(d2t.shape[0], device=self.device)
         self.teacher_cache = None
         if cfg.teacher_cache is not None:  # rank 0 computes a missing cache, the others then read it
             if self.rank == 0:
@@ -321,12 +328,7 @@ class Distiller:
 
     def draft_index(self, ids: torch.Tensor) -> torch.Tensor:
         """Target ids -> indices of the head's draft vocabulary (int64, same shape; -100 for ids outside it)."""
-        d2t = self.draft.d2t
-        if d2t is None:
-            return ids
-        t2d = torch.full((self.draft.config.vocab_size,), -100, dtype=torch.int64, device=ids.device)
-        t2d[d2t.to(ids.device)] = torch.arange(d2t.shape[0], device=ids.device)
-        return t2d[ids]
+        return ids if self.t2d is None else self.t2d[ids]
 
     @torch.no_grad()
     def teacher_features(self, seqs: list, tokens: torch.Tensor) -> torch.Tensor:

@@ -95,6 +95,9 @@ def test_distill_then_eval(tiny_hf, data, tmp_path, capsys):
     assert main(["eval", "--target", str(tiny_hf / "model"), "--drafts", str(out / "init"), str(out / "final"),
                  "--data", str(data), "--n-rows", "16", "--temperatures", "0,1", "--out", str(res),
                  "--dtype", "fp32", "--device", "cpu"]) == 0
+    assert main(["eval", "--target", str(tiny_hf / "model"), "--drafts", str(out / "final"), "--data",
+                 str(tmp_path / "missing.jsonl"), "--dtype", "fp32", "--device", "cpu"]) == 2
+    assert "missing.jsonl: no such file" in capsys.readouterr().err
     report = json.loads(res.read_text())
     expected, paired = report["expected"], report["expected_minus_first"][str(out / "final")]
     init, final = expected[str(out / "init")], expected[str(out / "final")]
