@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from tempspec_engine.checks import LENIENCE  # noqa: E402
 from tempspec_engine.cli_args import positive_int  # noqa: E402
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command  # noqa: E402
-from tempspec_engine.models.feature_draft import FeatureDraft  # noqa: E402
+from tempspec_engine.models.feature_draft import FeatureDraft, tap_columns  # noqa: E402
 from tempspec_engine.models.llama import Transformer  # noqa: E402
 from tempspec_engine.prompts import read_prompts  # noqa: E402
 from tempspec_engine.reference import lenient_emitted_distribution  # noqa: E402
@@ -59,14 +59,15 @@ def parse_lenience(text: str) -> List[float]:
 
 def draft_logits_along(draft, seq: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """Teacher-forced draft logits aligned with the target's: [L-1, V] float32 for seq [1, L], where row t holds the
-    draft's logits for token t+1 (the token the target's logits at position t predict). features [1, L, dim]: the
-    target's final features of seq (Transformer.forward(..., return_features=True)). A feature head reads them: its
+    draft's logits for token t+1 (the token the target's logits at position t predict). features [1, L, width]: the
+    target's features of seq (Transformer.forward(..., return_features=True, feature_taps=the head's taps)). A feature
+    head reads them: its
     row t comes from (f_{t-1}, x_t), so row 0 has no input and is left zero (uniform); a draft model reads the same
     tokens."""
     L = seq.shape[1]
     pos = torch.arange(L, device=seq.device)[None]
     if isinstance(draft, FeatureDraft):
-        pred = draft(features[:, :-1], seq[:, 1:], pos[:, :-1], None)  # index j predicts token j+2
+        pred = draft(draft.read(features[:, :-1]), seq[:, 1:], pos[:, :-1], None)  # index j predicts token j+2
         out = torch.zeros(L - 1, draft.config.vocab_size)
         out[1:] = draft.logits(pred[0, :-1]).float()
         return out
@@ -104,6 +105,9 @@ def run_tradeoff(engine, drafts: Dict[str, object], prompts, temperatures: Seque
         raise ValueError("lenience changes nothing at T = 0 (greedy verification compares argmaxes): give "
                          "temperatures > 0")
     target = engine.target.model
+    dim = target.config.dim
+    # one target forward per text serves every head: the union of their taps
+    taps = sorted({i for d in drafts.values() if isinstance(d, FeatureDraft) for i in d.config.taps})
     ids = [engine.encode(p, chat_template=chat_template) for p in prompts]
     rows = []
     with torch.no_grad():
@@ -115,11 +119,13 @@ def run_tradeoff(engine, drafts: Dict[str, object], prompts, temperatures: Seque
                 n0, L = len(prompt), seq.shape[1]
                 if L - n0 < 1 or n0 < 2:
                     continue
-                t_logits, feats = target(seq, torch.arange(L, device=seq.device)[None], None, return_features=True)
+                t_logits, feats = target(seq, torch.arange(L, device=seq.device)[None], None, return_features=True,
+                                         feature_taps=taps)
                 span = slice(n0 - 1, L - 1)  # target positions whose next token is a generated one
                 p = torch.softmax(t_logits[0, :-1].float()[span] / T, dim=-1)
                 for name, draft in drafts.items():
-                    q = torch.softmax(draft_logits_along(draft, seq, feats)[span] / T, dim=-1)
+                    own = tap_columns(feats, taps, draft.config.taps, dim) if isinstance(draft, FeatureDraft) else feats
+                    q = torch.softmax(draft_logits_along(draft, seq, own)[span] / T, dim=-1)
                     for eps, (alpha, dist) in position_figures(p, q, lenience).items():
                         acc[name][eps][0].append(alpha)
                         acc[name][eps][1].append(dist)

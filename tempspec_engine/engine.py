@@ -17,7 +17,7 @@ import collections
 import dataclasses
 import operator
 import time
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -158,7 +158,7 @@ class _Timer:
 
 def _eager(model, static: bool):
     """forward(tokens, positions, cache, kv_len, logits_index, **kw) running `model` eagerly (static: whole cache);
-    kw: return_features=True for a feature draft's target."""
+    kw: return_features=True (and feature_taps) for a feature draft's target."""
 
     def forward(tokens, positions, cache, kv_len, logits_index, **kw):
         if static:
@@ -472,7 +472,7 @@ class SpeculativeEngine:
             if proposer is not None and proposer.needs_features:
                 # the target hands its features to the feature draft, which reads them when it next proposes
                 _, features = models[0](tokens, positions, caches[0], kv_len=T, compute_logits=False,
-                                        return_features=True)
+                                        return_features=True, feature_taps=proposer.feature_taps)
                 decoders = []
             for model, cache in decoders:
                 model(tokens, positions, cache, kv_len=T, compute_logits=False)
@@ -516,22 +516,24 @@ class SpeculativeEngine:
         if proposal is None:
             return self._plain_step(ctx, caches[0], forwards[0])
         timer.mark()
-        target_logits, features = self._verify(ctx, proposal, caches[0], forwards[0], proposer.needs_features)
+        taps = proposer.feature_taps if proposer.needs_features else None
+        target_logits, features = self._verify(ctx, proposal, caches[0], forwards[0], taps)
         timer.mark()
         accepted, tokens = self._accept(ctx, proposal, target_logits)
         t_draft, t_target = timer.seconds()
         proposer.commit(ctx, proposal, accepted, features)
         return self._commit(ctx, proposal, accepted, tokens, t_draft, t_target)
 
-    def _verify(self, ctx: StepContext, proposal: Proposal, cache, forward, features: bool):
-        """The target's logits [B, k+1, V] at [pending, d1..dk] in the engine dtype, and (features=True) its final
-        features there [B, k+1, dim] (else None)."""
+    def _verify(self, ctx: StepContext, proposal: Proposal, cache, forward, taps: Optional[Tuple[int, ...]]):
+        """The target's logits [B, k+1, V] at [pending, d1..dk] in the engine dtype, and (taps not None: a feature
+        draft's) its final features there followed by its blocks `taps` outputs, [B, k+1, (1 + len(taps)) dim]
+        (else None)."""
         dev, k = self.device, proposal.k
         pending = torch.tensor([[r.seq[-1]] for r in ctx.reqs], device=dev)
         positions = (torch.tensor(ctx.lengths, device=dev) - 1).unsqueeze(1) + torch.arange(k + 1, device=dev)
-        out = forward(torch.cat([pending, proposal.tokens], dim=1), positions, cache, max(ctx.lengths) + k, None,
-                      **({"return_features": True} if features else {}))
-        logits, feats = out if features else (out, None)
+        kw = {} if taps is None else {"return_features": True, **({"feature_taps": taps} if taps else {})}
+        out = forward(torch.cat([pending, proposal.tokens], dim=1), positions, cache, max(ctx.lengths) + k, None, **kw)
+        logits, feats = out if taps is not None else (out, None)
         logits = pad_logits(logits, self.vocab, self.dtype)
         self._flag.check(logits)  # (the draft's logits were checked as they came)
         return logits, feats

@@ -2,7 +2,7 @@
 
 The engine's step reads propose -> verify -> accept -> commit (engine.py). A proposer
   start(reqs, features): requests were just prefilled (features: the target's final features of prompt[:-1], given
-      to a proposer with `needs_features`);
+      to a proposer with `needs_features`, followed by the outputs of its blocks `feature_taps` when it names any);
   propose(ctx, caches, forwards, k_max) -> Proposal, or None when no row has anything to propose (the engine then
       runs a plain target step): k tokens per row and the distribution each was drawn from (one-hot for lookup), so
       that the acceptance stays lossless;
@@ -110,6 +110,7 @@ class LookupProposer:
 
     models: Sequence = ()
     needs_features = False
+    feature_taps = ()
 
     def __init__(self, lookup):
         self.lookup = lookup
@@ -146,6 +147,7 @@ class ModelProposer:
     """A draft model with its own KV cache; `cached[request index]`: leading tokens of the request its cache holds."""
 
     needs_features = False
+    feature_taps = ()
 
     def __init__(self, draft, flag: NonFiniteFlag):
         self.draft = draft  # a LoadedModel
@@ -210,7 +212,7 @@ class HybridProposer:
     def __init__(self, lookup: LookupProposer, model):
         self.lookup, self.model = lookup, model
         self.models = model.models
-        self.needs_features = model.needs_features
+        self.needs_features, self.feature_taps = model.needs_features, model.feature_taps
 
     def start(self, reqs, features=None) -> None:
         self.model.start(reqs, features)
@@ -239,14 +241,16 @@ class HybridProposer:
 class FeatureProposer:
     """An EAGLE-style feature head (models/feature_draft.py): it reads the target's own final features, which the
     engine's prefill and verification forwards hand over (`needs_features`), and drafts by feeding the head its own
-    predicted features. Per request it keeps `unread`, the target features [c, dim] it has not read yet (those of the
-    tokens committed since it last read); what its cache holds follows from them (`cached`). The recipe, position by
-    position, is in FeatureDraft's docstring."""
+    predicted features. Per request it keeps `unread`, the target features [c, feature_width] it has not read yet
+    (those of the tokens committed since it last read; with taps, the tapped block outputs follow the final features);
+    what its cache holds follows from them (`cached`). The recipe, position by position, is in FeatureDraft's
+    docstring."""
 
     needs_features = True
 
     def __init__(self, head, flag: NonFiniteFlag):
         self.head = head  # a FeatureDraft
+        self.feature_taps = head.config.taps
         self.models = (head,)
         self.flag = flag
         self.unread: Dict[int, torch.Tensor] = {}
@@ -257,8 +261,9 @@ class FeatureProposer:
         return length - 1 - self.unread[index].shape[0]
 
     def start(self, reqs, features: Optional[torch.Tensor] = None) -> None:
-        """Requests just prefilled: features [len(reqs), T, dim] of prompt[:-1] (row b valid on len(seq) - 1)."""
-        none_yet = self.head.fc.weight.new_zeros(0, self.head.config.dim)  # a one-token prompt has no features
+        """Requests just prefilled: features [len(reqs), T, feature_width] of prompt[:-1] (row b valid on
+        len(seq) - 1)."""
+        none_yet = self.head.fc.weight.new_zeros(0, self.head.config.feature_width)  # a one-token prompt has none
         for b, r in enumerate(reqs):
             n = len(r.seq) - 1
             self.unread[r.index] = features[b, :n] if n > 0 else none_yet
@@ -272,8 +277,7 @@ class FeatureProposer:
         unread = [self.unread.get(r.index) for r in reqs]
         counts = [u.shape[0] if u is not None else 0 for u in unread]
         W = max(1, max(counts))
-        dim = self.head.config.dim
-        feats = torch.zeros(len(reqs), W, dim, dtype=ctx.dtype, device=dev)
+        feats = torch.zeros(len(reqs), W, self.head.config.feature_width, dtype=ctx.dtype, device=dev)
         tokens, positions, last = [], [], []
         for b, (r, u, c, n) in enumerate(zip(reqs, unread, counts, lengths)):
             m = n - 1 - c  # the first unread position: cached(r.index, n)
@@ -283,7 +287,7 @@ class FeatureProposer:
             positions.append(list(range(m, m + W)))
             last.append(max(c - 1, 0))
         rows = torch.arange(len(reqs), device=dev)
-        pred = self.head(feats, torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), cache,
+        pred = self.head(self.head.read(feats), torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), cache,
                          kv_len)[rows, torch.tensor(last, device=dev)].unsqueeze(1)
         # 2. draft: d_1 from the extension, then the head on its own predicted features
         L = torch.tensor(lengths, device=dev)
@@ -300,7 +304,7 @@ class FeatureProposer:
 
     def commit(self, ctx: StepContext, proposal: Proposal, accepted: List[int],
                features: Optional[torch.Tensor] = None) -> None:
-        """features [B, k+1, dim]: the target's at the verified positions; a row that accepted a drafts has a+1 new
+        """features [B, k+1, feature_width]: the target's at the verified positions; a row that accepted a drafts has a+1 new
         committed tokens whose producing features are the first a+1 (its cache stays valid up to n - 1: the draft
         steps' entries hold predicted features and are overwritten next round)."""
         for i in ctx.live:

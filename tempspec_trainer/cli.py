@@ -33,6 +33,14 @@ def _floats(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _ints(text: str) -> tuple:
+    """'2,15' -> (2, 15) (argparse type)."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _check_output_file(path: str) -> None:
     if Path(path).is_dir():
         raise ValueError(f"--out {path} is a directory: name the file to write")
@@ -198,6 +206,9 @@ DISTILL_HELP = {
     "unroll": "feature heads: training-time-test steps; step j > 1 feeds the head its own predictions",
     "tau_mix": "comma list of KD temperatures: the online divergence is averaged over them instead of --tau-kd "
                "(a temperature mixture)",
+    "feature_taps": "feature heads: comma list of target blocks whose outputs the head also reads (EAGLE-3's "
+                    "low/middle-level features, e.g. 2,15); none keeps a warm start's own, a warm start without "
+                    "taps gains them (fused as the identity at first)",
     "teacher_cache": "feature heads: file of the target's features for the training rows, computed on first use and "
                      "read by every later run on the same data (heads at other temperatures train without a target "
                      "forward)",
@@ -266,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
-        kind = _floats if isinstance(value, tuple) else str if value is None else type(value)
+        kind = (_ints if f.name == "feature_taps" else _floats) if isinstance(value, tuple) else \
+            str if value is None else type(value)
         shown = (",".join(f"{x:g}" for x in value) or "none") if isinstance(value, tuple) else value
         d.add_argument(flag, type=kind, default=None, choices=DISTILL_CHOICES.get(f.name),
                        help=f"{DISTILL_HELP[f.name]} (default: {shown})")

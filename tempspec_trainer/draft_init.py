@@ -14,21 +14,23 @@ Feature heads (EAGLE-style, tempspec_engine/models/feature_draft.py), built by i
   "feature/vocab:first:8192"     ... or of the first 8192 token ids
   "feature:1", "feature:mix"     warm start: a copy of a shipped head (its shapes, token map and weights), trained on
   DIR                            ... or of the feature head saved in DIR (a `tempspec-train distill` output)
-The head shares the target's frozen embedding and output head (the same tensors, never stored with it).
+The head shares the target's frozen embedding and output head (the same tensors, never stored with it). Any of them
+also reads the outputs of chosen target blocks with `taps` (DistillConfig.feature_taps, `--feature-taps 2,15`).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from tempspec_engine.models.config import ModelConfig
 from tempspec_engine.models.draft import parse_layer_ids, shipped_feature_dir
 from tempspec_engine.models.feature_draft import (FeatureDraft, FeatureDraftConfig, is_feature_draft_dir,
-                                                  load_feature_draft, token_map_from_counts)
+                                                  load_feature_draft, read_feature_draft_info,
+                                                  token_map_from_counts)
 from tempspec_engine.models.llama import Block, Transformer
 
 
@@ -119,6 +121,26 @@ def warm_start_dir(spec: str) -> Optional[Path]:
     return None
 
 
+def warm_start_lineage(spec: str, _seen: Optional[set] = None) -> list:
+    """The training stages behind a feature init, oldest first: [] for a fresh head; else the stages of the head it
+    warm-starts from plus that head's own stage, {"recipe": its recipe, "step": its steps}. A head saved with a
+    "lineage" in its metadata gives it; an older one's init is resolved now (a directory that is gone ends the
+    lineage). A new head records this in its metadata, so that its card names every stage even after a shipped head
+    it started from is replaced."""
+    try:
+        start = warm_start_dir(spec) if is_feature_init(spec) else None
+    except ValueError:  # a shipped name that no longer exists
+        return []
+    seen = set() if _seen is None else _seen
+    if start is None or start.resolve() in seen:
+        return []
+    seen.add(start.resolve())
+    meta = read_feature_draft_info(start).get("metadata") or {}
+    recipe = meta.get("recipe") or {}
+    earlier = meta["lineage"] if "lineage" in meta else warm_start_lineage(str(recipe.get("init", "feature")), seen)
+    return list(earlier) + [{"recipe": recipe, "step": meta.get("step")}]
+
+
 def parse_feature_init(spec: str, vocab_size: Optional[int] = None) -> dict:
     """'feature:layers=2,mlp=512/vocab:8192' -> {"layers": 2, "mlp": 512 or None, "vocab": 8192 or None,
     "vocab_from": "data" | "first"}; a warm start -> {"from": its directory}; ValueError naming the spec for anything
@@ -150,19 +172,31 @@ def parse_feature_init(spec: str, vocab_size: Optional[int] = None) -> dict:
 
 
 def init_feature_draft(target: Transformer, spec: str, seed: int = 0,
-                       token_counts: Optional[torch.Tensor] = None) -> FeatureDraft:
+                       token_counts: Optional[torch.Tensor] = None, taps: Sequence[int] = ()) -> FeatureDraft:
     """A trainable fp32 feature head for `target` per `spec` (module docstring), attached to the target's own
     embedding and head (frozen, shared). token_counts [V]: response-token frequencies of the training data, from which
     '/vocab:N' takes its N most frequent ids (required for it). fc and the block weights ~ N(0, 1/fan_in); the final
     norm starts as the target's, so predicted features start on the target features' scale. A warm start (a shipped
     head or a directory) loads that head instead (load_feature_draft: refused for another target's vocabulary or
-    width)."""
+    width). taps: target blocks the head also reads (EAGLE-3), its fuse starting as the identity on the final
+    features; a warm start keeps its own taps when none are given, and gains them when it has none."""
     if not isinstance(target, Transformer):
         raise ValueError("feature heads are built for a Llama-family target (a tempspec Transformer)")
+    taps = tuple(taps)
+    if any(not 0 <= i < target.n_layers for i in taps):
+        raise ValueError(f"feature taps {list(taps)} must be block indices of the target, 0..{target.n_layers - 1}")
     opts = parse_feature_init(spec, target.config.vocab_size)
     if "from" in opts:  # warm start: the saved head's shapes, token map and weights, in fp32
         head = load_feature_draft(opts["from"], target, device=target.embed_tokens.weight.device,
                                   dtype=torch.float32)
+        if taps and head.config.taps != taps:
+            if head.config.taps:
+                raise ValueError(f"draft init {spec!r} reads taps {list(head.config.taps)}, not {list(taps)}: "
+                                 "leave the taps out to keep its own")
+            tapped = FeatureDraft(dataclasses.replace(head.config, taps=taps), d2t=head.d2t)
+            tapped = tapped.to(device=head.fc.weight.device, dtype=torch.float32)
+            tapped.load_state_dict(head.state_dict(), strict=False)  # all but the new fuse
+            head = tapped.reset_fuse().attach(target.embed_tokens, target.lm_head)
         return head.requires_grad_(True)
     d2t = None
     if opts["vocab"] is not None:
@@ -173,12 +207,12 @@ def init_feature_draft(target: Transformer, spec: str, seed: int = 0,
         else:
             d2t = token_map_from_counts(token_counts, opts["vocab"])
     config = FeatureDraftConfig.for_target(target.config, n_layers=opts["layers"], intermediate_size=opts["mlp"],
-                                           draft_vocab=opts["vocab"])
+                                           draft_vocab=opts["vocab"], taps=taps)
     torch.manual_seed(seed)
     head = FeatureDraft(config, d2t=d2t)
     with torch.no_grad():
-        for p in head.parameters():
-            if p.dim() > 1:
+        for name, p in head.named_parameters():
+            if p.dim() > 1 and not name.startswith("fuse."):  # (a fuse starts as [I, 0])
                 p.normal_(0.0, p.shape[1] ** -0.5)
         head.norm.weight.copy_(target.norm.weight.detach().float())
     head.attach(target.embed_tokens, target.lm_head)

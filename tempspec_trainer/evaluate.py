@@ -91,10 +91,10 @@ def acceptance_by_row(draft, target, seqs, temperatures: Sequence[float], batch_
         tokens, mask = make_batch(seqs[i:i + batch_size], device)
         positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
         if feature:
-            logits, feats = target(tokens, positions, None, return_features=True)
+            logits, feats = target(tokens, positions, None, return_features=True, feature_taps=draft.config.taps)
             m = mask[:, 1:]
             with draft_context():
-                q = draft.logits(draft(feats[:, :-1], tokens[:, 1:], positions[:, :-1], None)[m]).float()
+                q = draft.logits(draft(draft.read(feats[:, :-1]), tokens[:, 1:], positions[:, :-1], None)[m]).float()
             p = logits[:, 1:][m].float()
         else:
             m = mask

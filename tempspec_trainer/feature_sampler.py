@@ -67,14 +67,16 @@ class FeatureDraftSampler:
         positions = torch.arange(P, device=dev).expand(B, P)
         # 1. the target reads the prompts (causal, right padding) and draws x_P at each row's last position
         target = eng.target.model
-        _, features = target(tokens, positions, None, compute_logits=False, return_features=True)
-        drawn = sample(target.head_logits(features[rows, last]).float(), temperature, generator=gen,
+        _, features = target(tokens, positions, None, compute_logits=False, return_features=True,
+                             feature_taps=head.config.taps)
+        final = features[rows, last, :head.config.dim]  # (with taps, the tapped block outputs follow)
+        drawn = sample(target.head_logits(final).float(), temperature, generator=gen,
                        backend=eng.backend)
         # 2. the head reads f_0..f_{P-1} with x_1..x_P: row b's tokens shift left by one, its drawn token at its end
         shifted = torch.cat([tokens[:, 1:], tokens.new_zeros(B, 1)], dim=1)
         shifted[rows, last] = drawn
         cache = head.new_cache(B, self.max_len, dev, eng.dtype)
-        pred = head(features, shifted, positions, cache, kv_len=P)[rows, last].unsqueeze(1)
+        pred = head(head.read(features), shifted, positions, cache, kv_len=P)[rows, last].unsqueeze(1)
         out = [drawn]
         # 3. its own predictions from then on (position of step j: the row's length + j - 1)
         for j in range(1, max_new):

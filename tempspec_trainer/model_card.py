@@ -52,6 +52,17 @@ def _divergence(recipe: dict) -> str:
     return recipe["divergence"] + (" averaged over them" if recipe.get("tau_mix") else "")
 
 
+def _stage_line(number: int, stage: dict) -> str:
+    """One earlier training stage of a warm-started head, from its recorded recipe."""
+    r = stage.get("recipe") or {}
+    if not r:
+        return f"{number}. (no recipe recorded)"
+    data = ", ".join(f"`{Path(d).name}`" for d in r.get("data", []))
+    return (f"{number}. from `{r.get('init')}`: {stage.get('step')} steps of {_divergence(r)} {_at_tau(r)} "
+            f"({r.get('mode')}), lr {r.get('lr'):g}, {r.get('batch_size')} x {r.get('grad_accum')} sequences of <= "
+            f"{r.get('seq_len')} tokens, on {data}")
+
+
 def write_card(directory, command: Optional[str] = None) -> Path:
     """Writes <directory>/README.md from its tempspec_draft.json (recipe and training history)."""
     directory = Path(directory)
@@ -67,7 +78,10 @@ def write_card(directory, command: Optional[str] = None) -> Path:
                  f"({_divergence(recipe)})", "",
                  f"A {cfg['n_layers']}-layer feature head (width {cfg['dim']}, MLP {cfg['intermediate_size']}) for "
                  f"`{info['target']['name']}`, distilled by tempspec_trainer. It is not a standalone model: it reads "
-                 "the target's final hidden states (after the final norm) and the next token's embedding, predicts "
+                 "the target's final hidden states (after the final norm)"
+                 + (f" fused with the outputs of its blocks {', '.join(map(str, cfg['taps']))} (EAGLE-3's multi-level "
+                    "features)" if cfg.get("taps") else "")
+                 + " and the next token's embedding, predicts "
                  "the next hidden state, and the target's own output head turns that into the draft distribution. It "
                  "shares the target's token embeddings and output head (not stored here), so it loads only together "
                  "with that target (tempspec_engine.models.feature_draft.load_feature_draft). "
@@ -94,6 +108,11 @@ def write_card(directory, command: Optional[str] = None) -> Path:
         lines.insert(len(intro) + 8, f"- feature head loss: {token_loss} + "
                      f"{recipe.get('feature_weight', 0.1):g} x smooth L1 on the predicted features, averaged over "
                      f"{recipe.get('unroll', 1)} unrolled steps (step j > 1 feeds the head its own predictions)")
+    lineage = meta.get("lineage") or []
+    if lineage:
+        lines += ["", f"It continues {len(lineage)} earlier training stage{'s' if len(lineage) > 1 else ''} "
+                      "(oldest first; the run above follows them):", ""]
+        lines += [_stage_line(i + 1, st) for i, st in enumerate(lineage)]
     if hist:
         temps = [k for k in hist[0] if k.startswith("alpha@")]
         first = " at the first draft position (the target's features, teacher-forced)" if feature else ""

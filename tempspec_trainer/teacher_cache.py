@@ -7,9 +7,10 @@ other divergences, longer schedules) reuses them. A teacher cache is one safeten
 
   tokens   int32 [N]      the sequences' token ids, concatenated
   offsets  int64 [S + 1]  sequence s is tokens[offsets[s]:offsets[s + 1]]
-  features <dtype> [N, D] the target's features at those tokens, in the target's dtype
+  features <dtype> [N, W] the target's features at those tokens, in the target's dtype: W = D (its final features),
+                         or (1 + n) D with a head's n taps (the outputs of those target blocks follow)
 
-and metadata (target name, width, dtype, format). Sequences are found by their token ids, so a cache made from
+and metadata (target name, width D, dtype, taps, format). Sequences are found by their token ids, so a cache made from
 other data or another seq_len is refused rather than misread.
 """
 from __future__ import annotations
@@ -67,17 +68,17 @@ class TeacherCache:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({"tokens": self.tokens.to(torch.int32).contiguous(), "offsets": self.offsets.contiguous(), "features": self.features.contiguous()},
-                  str(tmp), metadata={"format": FORMAT, **metadata})
+        save_file({"tokens": self.tokens.to(torch.int32).contiguous(), "offsets": self.offsets.contiguous(),
+                   "features": self.features.contiguous()}, str(tmp), metadata={"format": FORMAT, **metadata})
         tmp.replace(path)  # never a half-written cache under the real name
         return path
 
 
 @torch.no_grad()
-def compute_teacher_cache(teacher, seqs: Sequence[Seq], batch_size: int, device, progress: bool = True
-                          ) -> TeacherCache:
+def compute_teacher_cache(teacher, seqs: Sequence[Seq], batch_size: int, device, progress: bool = True,
+                          taps: Sequence[int] = ()) -> TeacherCache:
     """One forward of `teacher` (a tempspec Transformer) per batch of sequences (sorted by length, so little padding),
-    keeping its features (no logits) on the CPU."""
+    keeping its features (no logits; with the outputs of blocks `taps` after them) on the CPU."""
     from tqdm.auto import tqdm
 
     unique = list({_key(ids): None for ids, _ in seqs})
@@ -86,7 +87,7 @@ def compute_teacher_cache(teacher, seqs: Sequence[Seq], batch_size: int, device,
     offsets = torch.zeros(len(unique) + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(lengths, 0)
     dtype = teacher.embed_tokens.weight.dtype
-    features = torch.zeros(int(offsets[-1]), teacher.config.dim, dtype=dtype)
+    features = torch.zeros(int(offsets[-1]), (1 + len(taps)) * teacher.config.dim, dtype=dtype)
     bar = tqdm(total=int(offsets[-1]), desc="teacher cache (target features)", unit="tok", disable=not progress,
                dynamic_ncols=True)
     for i in range(0, len(order), batch_size):
@@ -97,7 +98,7 @@ def compute_teacher_cache(teacher, seqs: Sequence[Seq], batch_size: int, device,
             tokens[b, : len(unique[s])] = torch.tensor(unique[s])
         tokens = tokens.to(device)
         positions = torch.arange(T, device=device).expand_as(tokens)
-        _, feats = teacher(tokens, positions, None, compute_logits=False, return_features=True)
+        _, feats = teacher(tokens, positions, None, compute_logits=False, return_features=True, feature_taps=taps)
         feats = feats.cpu()
         for b, s in enumerate(group):
             features[offsets[s]:offsets[s + 1]] = feats[b, : len(unique[s])]
@@ -107,8 +108,14 @@ def compute_teacher_cache(teacher, seqs: Sequence[Seq], batch_size: int, device,
     return TeacherCache(flat, offsets, features)
 
 
-def load_teacher_cache(path, target_name: str, dim: int, dtype: torch.dtype) -> TeacherCache:
-    """The cache in `path`; ValueError naming the file when it is broken or was made by another target or dtype."""
+def _taps_text(taps: Sequence[int]) -> str:
+    return ",".join(str(int(i)) for i in taps)
+
+
+def load_teacher_cache(path, target_name: str, dim: int, dtype: torch.dtype, taps: Sequence[int] = ()
+                       ) -> TeacherCache:
+    """The cache in `path`; ValueError naming the file when it is broken or was made by another target, dtype or
+    taps (a cache from before taps existed has none)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -121,8 +128,9 @@ def load_teacher_cache(path, target_name: str, dim: int, dtype: torch.dtype) -> 
                          "recompute it") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"teacher cache {path}: format {meta.get('format')!r} is not {FORMAT!r}")
-    want = {"target": target_name, "dim": str(dim), "dtype": str(dtype).replace("torch.", "")}
-    got = {k: meta.get(k) for k in want}
+    want = {"target": target_name, "dim": str(dim), "dtype": str(dtype).replace("torch.", ""),
+            "taps": _taps_text(taps)}
+    got = {k: meta.get(k, "" if k == "taps" else None) for k in want}
     if got != want:
         raise ValueError(f"teacher cache {path} was made for {got}, not this run's {want}: delete it or pass "
                          "another --teacher-cache")
@@ -130,18 +138,18 @@ def load_teacher_cache(path, target_name: str, dim: int, dtype: torch.dtype) -> 
 
 
 def open_teacher_cache(path, teacher, target_name: str, seqs: Sequence[Seq], batch_size: int, device,
-                       progress: bool = True) -> TeacherCache:
-    """The cache in `path` when it exists (it must hold every one of `seqs`), else computed from `teacher` and saved
-    there."""
+                       progress: bool = True, taps: Sequence[int] = ()) -> TeacherCache:
+    """The cache in `path` when it exists (it must hold every one of `seqs`, with the same taps), else computed from
+    `teacher` and saved there."""
     dtype = teacher.embed_tokens.weight.dtype
     if Path(path).exists():
-        cache = load_teacher_cache(path, target_name, teacher.config.dim, dtype)
+        cache = load_teacher_cache(path, target_name, teacher.config.dim, dtype, taps)
         missing = cache.missing(seqs)
         if missing:
             raise ValueError(f"teacher cache {path} lacks {missing} of the {len(seqs)} training sequences: it was "
                              "made from other data or another seq_len; delete it or pass another --teacher-cache")
         return cache
-    cache = compute_teacher_cache(teacher, seqs, batch_size, device, progress)
+    cache = compute_teacher_cache(teacher, seqs, batch_size, device, progress, taps)
     cache.save(path, {"target": target_name, "dim": str(teacher.config.dim),
-                      "dtype": str(dtype).replace("torch.", "")})
+                      "dtype": str(dtype).replace("torch.", ""), "taps": _taps_text(taps)})
     return cache

@@ -10,14 +10,16 @@ feature heads (init "feature...", EAGLE-style, tempspec_engine/models/feature_dr
     * smooth L1 against the target's feature at t+1, averaged over `unroll` steps (EAGLE-3's training-time test: step
     j > 1 feeds the head's own step j-1 predictions, shifted one position, in place of the target's features). With a
     draft vocabulary (/vocab:N) the divergence compares the head with the target renormalized over those N ids (the
-    best the restricted head can do), and the cross-entropy skips tokens outside them.
+    best the restricted head can do), and the cross-entropy skips tokens outside them. With feature_taps the head
+    also reads those target blocks' outputs at t (its fuse; the features it predicts are still the final ones).
 tau_mix (online, any draft): the divergence averaged over several temperatures in place of tau_kd alone (a
     temperature mixture).
 
 AdamW with linear warmup and cosine decay, gradient accumulation, bf16 autocast over fp32 weights, checkpoints
-(draft in safetensors + optimizer state) that `resume=True` continues from exactly, a progress bar with loss and
-tokens/s, and periodic expected acceptance (1 - TVD; argmax agreement at tau 0) on held-out rows, plus, with
-`eval_prompts`, the acceptance measured by decoding a few prompts through the engine. Under torchrun
+(draft in safetensors + optimizer state) that `resume=True` continues from exactly, the lineage of a warm start (the
+stages behind the head it starts from, for its model card), a progress bar with loss and tokens/s, and periodic
+expected acceptance (1 - TVD; argmax agreement at tau 0) on held-out rows, plus, with `eval_prompts`, the acceptance
+measured by decoding a few prompts through the engine. Under torchrun
 (WORLD_SIZE > 1) the draft is wrapped in DistributedDataParallel (nccl on GPUs, gloo on CPUs); each rank takes every
 world-th micro-batch and rank 0 evaluates and writes.
 """
@@ -45,7 +47,8 @@ from tempspec_engine.models.loading import LoadedModel, load_target, place, reso
 from tempspec_trainer.data import make_batch, read_prompt_file, read_rows, token_sequences
 from tempspec_trainer.divergences import get_divergence
 from tempspec_trainer.evaluate import expected_acceptance_over
-from tempspec_trainer.draft_init import init_draft, init_feature_draft, is_feature_init, parse_feature_init
+from tempspec_trainer.draft_init import (init_draft, init_feature_draft, is_feature_init, parse_feature_init,
+                                        warm_start_lineage)
 from tempspec_trainer.teacher_cache import open_teacher_cache
 
 CHECKPOINTS = "checkpoints"
@@ -55,7 +58,7 @@ STATE_FILE = "trainer_state.pt"
 # config fields that must not change between a run and its resume
 RESUME_KEYS = ("data", "tau_kd", "tau_mix", "mode", "divergence", "jsd_beta", "init", "target", "batch_size",
                "grad_accum", "seq_len", "lr", "warmup_steps", "min_lr_ratio", "seed", "eval_rows")
-FEATURE_RESUME_KEYS = ("feature_weight", "unroll")  # also these for feature heads
+FEATURE_RESUME_KEYS = ("feature_weight", "unroll", "feature_taps")  # also these for feature heads
 
 
 @dataclasses.dataclass
@@ -99,6 +102,9 @@ class DistillConfig:
     tau_mix: Tuple[float, ...] = ()
     # feature heads: a file of the target's features for the training rows (teacher_cache.py), made on first use
     teacher_cache: Optional[str] = None
+    # feature heads: target blocks whose outputs the head also reads (EAGLE-3's multi-level features); () keeps a
+    # warm-started head's own (none for a fresh head); a warm start without taps gains them (fused as the identity)
+    feature_taps: Tuple[int, ...] = ()
 
     def validate(self) -> None:
         if not self.data:
@@ -134,6 +140,11 @@ class DistillConfig:
         if self.divergence == "rkl" and 0.0 in self.tau_mix:
             raise ValueError("reverse KL against a greedy (tau 0) target is infinite: drop 0 from tau_mix or use "
                              "fkl, jsd or tvd")
+        if self.feature_taps and not is_feature_init(self.init):
+            raise ValueError("feature_taps are for feature heads (init 'feature...')")
+        if any(not isinstance(i, int) or i < 0 for i in self.feature_taps) or \
+                len(set(self.feature_taps)) != len(self.feature_taps):
+            raise ValueError(f"feature_taps must be distinct block indices >= 0, got {list(self.feature_taps)}")
         if self.teacher_cache is not None and not is_feature_init(self.init):
             raise ValueError("teacher_cache holds the target's features for feature heads (init 'feature...')")
         if self.unroll < 1:
@@ -224,9 +235,12 @@ class Distiller:
         torch.manual_seed(cfg.seed)
         if self.feature:  # shares the teacher's embedding and head (frozen), trains the rest
             counts = response_token_counts(train, self.teacher.config.vocab_size)
-            self.draft, self.shared = init_feature_draft(self.teacher, cfg.init, cfg.seed, counts), True
+            self.draft = init_feature_draft(self.teacher, cfg.init, cfg.seed, counts, cfg.feature_taps)
+            self.shared = True
+            self.lineage = warm_start_lineage(cfg.init)  # the stages before this run, for its model card
         else:
             self.draft, self.shared = init_draft(self.teacher, cfg.init, cfg.seed)
+            self.lineage = []
         self.draft.to(self.device).train()
         # a restricted head's token map as a table: target id -> draft-vocabulary index, -100 outside it (the offline
         # loss's labels; the map is fixed when the head is built)
@@ -239,11 +253,11 @@ class Distiller:
         if cfg.teacher_cache is not None:  # rank 0 computes a missing cache, the others then read it
             if self.rank == 0:
                 self.teacher_cache = open_teacher_cache(cfg.teacher_cache, self.teacher, self.target.name, train,
-                                                        cfg.batch_size, self.device, progress)
+                                                        cfg.batch_size, self.device, progress, self.draft.config.taps)
             _barrier(self.world)
             if self.rank != 0:
                 self.teacher_cache = open_teacher_cache(cfg.teacher_cache, self.teacher, self.target.name, train,
-                                                        cfg.batch_size, self.device, False)
+                                                        cfg.batch_size, self.device, False, self.draft.config.taps)
         # a feature head runs `unroll` times per loss: one module call, so that DDP sees one forward per backward
         self.model = Unrolled(self.draft) if self.feature else self.draft
         if self.world > 1:
@@ -294,11 +308,12 @@ class Distiller:
     def feature_loss(self, tokens: torch.Tensor, mask: torch.Tensor, t_feats: torch.Tensor) -> torch.Tensor:
         """A feature head's loss on one micro-batch (module docstring): head index t reads the target's feature at
         position t and token t+1 and is compared at the target's position t+1 (mask[:, 1:]: token t+2 is a response
-        token), averaged over the unrolled steps. t_feats [B, T, dim]: the target's features (teacher_features)."""
+        token), averaged over the unrolled steps. t_feats [B, T, feature_width]: the target's features
+        (teacher_features); the first dim columns, its final features, are what the head predicts."""
         cfg = self.cfg
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         m = mask[:, 1:]
-        want_feats = t_feats[:, 1:][m]
+        want_feats = t_feats[:, 1:, :self.draft.config.dim][m]
         offline = cfg.mode == "offline"
         with torch.no_grad():
             if offline:  # the data's token t+2 as an index of the draft vocabulary (-100: outside it, skipped)
@@ -332,11 +347,13 @@ class Distiller:
 
     @torch.no_grad()
     def teacher_features(self, seqs: list, tokens: torch.Tensor) -> torch.Tensor:
-        """The target's final-norm features [B, T, dim] of a micro-batch: from the teacher cache, or one forward."""
+        """The target's final-norm features [B, T, dim] of a micro-batch, followed by the head's taps (the outputs of
+        those target blocks): [B, T, feature_width], from the teacher cache, or one forward."""
         if self.teacher_cache is not None:
             return self.teacher_cache.batch(seqs, tokens.device)
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        return self.teacher(tokens, positions, None, compute_logits=False, return_features=True)[1]
+        return self.teacher(tokens, positions, None, compute_logits=False, return_features=True,
+                            feature_taps=self.draft.config.taps)[1]
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
@@ -375,7 +392,7 @@ class Distiller:
     # ------------------------------------------------------------------ checkpoints
     def _metadata(self, final: bool) -> dict:
         return {"recipe": self.cfg.recipe(), "step": self.step, "final": final, "history": self.history,
-                "teacher": self.target.name, "eval_rows_held_out": len(self.eval_seqs)}
+                "teacher": self.target.name, "eval_rows_held_out": len(self.eval_seqs), "lineage": self.lineage}
 
     def _save(self, directory: Path, final: bool, dtype: Optional[torch.dtype] = None) -> Path:
         if self.feature:
@@ -389,7 +406,8 @@ class Distiller:
         self._save(directory, False)
         torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "history": self.history,
-                    "config": self.cfg.recipe(), "torch_rng": torch.get_rng_state()}, directory / STATE_FILE)
+                    "lineage": self.lineage, "config": self.cfg.recipe(), "torch_rng": torch.get_rng_state()},
+                   directory / STATE_FILE)
         for old in sorted((self.out / CHECKPOINTS).glob("step-*"))[:-2]:  # keep the two newest
             shutil.rmtree(old)
         return directory
@@ -415,6 +433,7 @@ class Distiller:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.history = state["step"], state["history"]
+        self.lineage = state.get("lineage", self.lineage)  # as when the run started, should a shipped head change
         torch.set_rng_state(state["torch_rng"])
         return True
 
@@ -489,20 +508,21 @@ class Distiller:
 class Unrolled(torch.nn.Module):
     """A feature head run `steps` times on one sequence (EAGLE-3's training-time test), as one module call.
 
-    forward(features [B, T, D], tokens [B, T], positions [B, T], steps) -> [pred_1, ..., pred_steps], each [B, T, D]:
-    step 1 reads the target's features; step j > 1 reads at index t the step j-1 prediction of index t-1 (index 0
-    keeps the target's feature: no prediction of it exists), with the same tokens."""
+    forward(features [B, T, feature_width], tokens [B, T], positions [B, T], steps) -> [pred_1, ..., pred_steps], each
+    [B, T, D]: step 1 reads the target's features (head.read); step j > 1 reads at index t the step j-1 prediction of
+    index t-1 (index 0 keeps the target's feature: no prediction of it exists), with the same tokens."""
 
     def __init__(self, head: FeatureDraft):
         super().__init__()
         self.head = head
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, steps: int) -> list:
-        preds, x = [], features
+        preds, x = [], self.head.read(features)
+        first = x[:, :1]
         for _ in range(steps):
             pred = self.head(x, tokens, positions, None)
             preds.append(pred)
-            x = torch.cat((features[:, :1].to(pred.dtype), pred[:, :-1]), dim=1)
+            x = torch.cat((first.to(pred.dtype), pred[:, :-1]), dim=1)
         return preds
 
 

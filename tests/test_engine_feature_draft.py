@@ -1,6 +1,6 @@
 """The engine with an EAGLE-style feature draft (proposers.FeatureProposer over models/feature_draft.py): lossless
 (greedy equality, chi-square per temperature group in one mixed batch), and its cache after rejections equals a
-fresh pass over the accepted prefix."""
+fresh pass over the accepted prefix; the same with a head that also reads tapped target blocks (EAGLE-3)."""
 import pytest
 import torch
 
@@ -15,22 +15,25 @@ from tempspec_engine.proposers import FeatureProposer  # noqa: E402
 PROMPTS = [[1, 2, 3], [5], [7, 8, 9, 10, 11, 12, 13, 14, 15], [4, 4]]
 
 
-def feature_head(target, seed=0, draft_vocab=None):
-    """A randomly initialized 1-layer head attached to the target (fp32): low acceptance, still lossless."""
+def feature_head(target, seed=0, draft_vocab=None, taps=()):
+    """A randomly initialized 1-layer head attached to the target (fp32): low acceptance, still lossless. With taps,
+    its fuse is random too, so the tapped blocks' outputs change what it drafts."""
     torch.manual_seed(seed)
-    head = FeatureDraft(FeatureDraftConfig.for_target(target.model.config, draft_vocab=draft_vocab))
+    head = FeatureDraft(FeatureDraftConfig.for_target(target.model.config, draft_vocab=draft_vocab, taps=taps))
     with torch.no_grad():
-        for p in head.parameters():
-            if p.dim() > 1:
+        for name, p in head.named_parameters():
+            if p.dim() > 1 and not name.startswith("fuse."):
                 p.normal_(0, 0.05)
+        if taps:  # the same head as without taps, plus a random mix of the tapped blocks' outputs
+            head.fuse.weight[:, head.config.dim:].normal_(0, 0.15)
     return head.attach(target.model.embed_tokens, target.model.lm_head).eval()
 
 
 @pytest.mark.parametrize("batch", [1, 4])
-@pytest.mark.parametrize("draft_vocab", [None, 40])
-def test_greedy_sd_with_a_feature_draft_equals_the_target(batch, draft_vocab):
+@pytest.mark.parametrize("draft_vocab, taps", [(None, ()), (40, ()), (None, (1,))])
+def test_greedy_sd_with_a_feature_draft_equals_the_target(batch, draft_vocab, taps):
     target = tiny_target(vocab=64, layers=3, seed=1)
-    engine = SpeculativeEngine(target, feature_head(target, draft_vocab=draft_vocab), device="cpu",
+    engine = SpeculativeEngine(target, feature_head(target, draft_vocab=draft_vocab, taps=taps), device="cpu",
                                dtype=torch.float32, k=3, max_len=128)
     assert isinstance(engine.proposer, FeatureProposer)
     want = engine.generate(PROMPTS, 0.0, 30, speculative=False, batch_size=batch)
@@ -70,11 +73,14 @@ def test_lookup_in_front_of_a_feature_draft(tmp_path):
         assert 0 < sum(o.stats.lookup_steps for o in got) < sum(o.stats.steps for o in got)
 
 
-@pytest.mark.parametrize("draft", ["head", "lookup+head"])
+@pytest.mark.parametrize("draft, taps", [("head", ()), ("lookup+head", ()), ("lookup+head", (1, 0))])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_feature_cache_after_rejections_equals_a_fresh_pass(temperature, draft, tmp_path):
+def test_feature_cache_after_rejections_equals_a_fresh_pass(temperature, draft, taps, tmp_path):
+    """The head's cache after rejections equals a fresh pass over the accepted prefix. With taps (saved and loaded
+    through a directory), the fresh pass reads the target's features with those blocks' outputs: a proposer that fed
+    the head other columns, or none of them, fails here."""
     target = tiny_target(vocab=32, layers=2, seed=4, scale=3.0)
-    head = feature_head(target, seed=3)
+    head = feature_head(target, seed=3, taps=taps)
     if draft != "head":
         save_feature_draft(head, tmp_path / "head", target_name="tiny")
         head = load_feature_draft(tmp_path / "head", target.model)
@@ -90,9 +96,14 @@ def test_feature_cache_after_rejections_equals_a_fresh_pass(temperature, draft, 
     (caches, _), = engine._static_state.values()
     with torch.no_grad():
         _, feats = target.model(torch.tensor([seq]), torch.arange(len(seq)).unsqueeze(0), None, compute_logits=False,
-                                return_features=True)
+                                return_features=True, feature_taps=taps)
         fresh = head.new_cache(1, 96)
-        head(feats[:, :n], torch.tensor([seq[1:n + 1]]), torch.arange(n).unsqueeze(0), fresh, kv_len=n)
+        head(head.read(feats[:, :n]), torch.tensor([seq[1:n + 1]]), torch.arange(n).unsqueeze(0), fresh, kv_len=n)
+        if taps:  # the tapped columns matter: without them (zeros) the fresh cache differs
+            other = head.new_cache(1, 96)
+            blind = torch.cat((feats[:, :n, :head.config.dim], torch.zeros_like(feats[:, :n, head.config.dim:])), -1)
+            head(head.read(blind), torch.tensor([seq[1:n + 1]]), torch.arange(n).unsqueeze(0), other, kv_len=n)
+            assert not torch.allclose(other.k[0][0, :, :n], fresh.k[0][0, :, :n], atol=1e-3)
     for layer in range(len(fresh.k)):
         torch.testing.assert_close(caches[1].k[layer][0, :, :n], fresh.k[layer][0, :, :n], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(caches[1].v[layer][0, :, :n], fresh.v[layer][0, :, :n], atol=1e-5, rtol=1e-5)

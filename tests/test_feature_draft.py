@@ -21,7 +21,7 @@ from tempspec_engine.models.feature_draft import (FORMAT, FeatureDraft, FeatureD
 from tempspec_engine.models.llama import Transformer
 from tempspec_trainer import train
 from tempspec_trainer.divergences import forward_kl
-from tempspec_trainer.draft_init import init_feature_draft, parse_feature_init
+from tempspec_trainer.draft_init import init_feature_draft, parse_feature_init, warm_start_lineage
 from tempspec_trainer.evaluate import expected_acceptance_over
 from tempspec_trainer.train import DistillConfig, Distiller, Unrolled, make_batch
 
@@ -112,7 +112,57 @@ def test_return_features_with_vocab_limit_keeps_the_padding():
     assert feats.shape == (2, 9, 32)
 
 
+def test_feature_taps_follow_the_final_features():
+    """feature_taps=(1, 0): the final-norm features, then block 1's and block 0's outputs (the residual stream),
+    also through a cache with logits_index; the logits are unchanged; a block the target lacks is refused."""
+    model = tf.tiny_transformer()
+    tokens, positions = tokens_positions()
+    outs = {}
+    hooks = [model.layers[i].register_forward_hook(lambda m, inp, out, i=i: outs.update({i: out})) for i in (0, 1)]
+    with torch.no_grad():
+        logits, wide = model(tokens, positions, None, return_features=True, feature_taps=(1, 0))
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        plain_logits, feats = model(tokens, positions, None, return_features=True)
+    assert wide.shape == (2, 9, 96) and torch.equal(logits, plain_logits)
+    assert torch.equal(wide[..., :32], feats)
+    assert torch.equal(wide[..., 32:64], outs[1]) and torch.equal(wide[..., 64:], outs[0])
+    index = torch.tensor([3, 8])
+    with torch.no_grad():
+        _, at = model(tokens, positions, model.new_cache(2, 16), kv_len=9, logits_index=index, return_features=True,
+                      feature_taps=(1, 0))
+    torch.testing.assert_close(at[:, 0], wide[torch.arange(2), index], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="feature_taps"):
+        model(tokens, positions, None, return_features=True, feature_taps=(2,))
+
+
 # ------------------------------------------------------------------------------------ the head
+def test_a_head_given_taps_starts_as_the_head_without_them(target):
+    """A fresh head with taps draws the same weights as one without (same seed) and its fuse starts as [I, 0]: it
+    predicts exactly what the untapped head predicts. read() RMS-normalizes each tap, so a tap's scale does not
+    matter, and keeps zero (padding) rows zero."""
+    model = target.model
+    plain = init_feature_draft(model, "feature", seed=0)
+    tapped = init_feature_draft(model, "feature", seed=0, taps=(1, 0))
+    assert tapped.config.taps == (1, 0) and tapped.config.feature_width == 96
+    for name, value in plain.state_dict().items():
+        assert torch.equal(tapped.state_dict()[name], value), name
+    tokens, positions = tokens_positions()
+    with torch.no_grad():
+        _, wide = model(tokens, positions, None, return_features=True, feature_taps=(1, 0))
+        torch.testing.assert_close(tapped(tapped.read(wide), tokens, positions, None),
+                                   plain(plain.read(wide[..., :32]), tokens, positions, None))
+        tapped.fuse.weight.normal_()
+        scaled = torch.cat((wide[..., :32], 10 * wide[..., 32:]), dim=-1)
+        torch.testing.assert_close(tapped.read(scaled), tapped.read(wide), atol=1e-4, rtol=1e-4)
+        assert torch.equal(tapped.read(torch.zeros(3, 96)), torch.zeros(3, 32))
+    with pytest.raises(ValueError, match="block indices"):
+        init_feature_draft(model, "feature", taps=(2,))
+    with pytest.raises(ValueError, match="taps must be distinct"):
+        FeatureDraftConfig.for_target(model.config, taps=(1, 1))
+
+
 def test_cache_steps_equal_the_causal_training_pass(target):
     """Prefill 3 positions, extend by 2, draft one position at a time, then roll back over predicted-feature entries
     and rewrite them: every output equals the cache=None causal pass over the same inputs (fp32)."""
@@ -475,6 +525,68 @@ def test_warm_start_continues_from_a_saved_head(feature_run, target, data_file, 
     assert parse_feature_init(str(feature_run.final)) == {"from": str(feature_run.final)}
 
 
+def test_warm_start_records_every_earlier_stage(feature_run, target, data_file, tmp_path):
+    """A head warm-started twice records both earlier stages, oldest first, in its metadata ("lineage") and names
+    them in its card; a head saved without a lineage (before they were recorded) is traced through its init."""
+    from tempspec_trainer.model_card import write_card
+
+    first = str(feature_run.final)
+    assert warm_start_lineage("feature/vocab:48") == [] and feature_run.d.lineage == []
+    second = Distiller(config(data_file, tmp_path / "second", init=first, steps=2, eval_every=2, save_every=2,
+                              warmup_steps=1, tau_kd=0.5, divergence="jsd"), target=target, progress=False).run()
+    info_file = second / "tempspec_draft.json"
+    info = json.loads(info_file.read_text())
+    assert [(s["recipe"]["init"], s["step"]) for s in info["metadata"]["lineage"]] == [("feature/vocab:48", 30)]
+    del info["metadata"]["lineage"]  # as a head saved before lineages were recorded
+    info_file.write_text(json.dumps(info))
+    third = Distiller(config(data_file, tmp_path / "third", init=str(second), steps=1, eval_every=1, save_every=1,
+                             warmup_steps=0), target=target, progress=False)
+    assert [(s["recipe"]["init"], s["step"]) for s in third.lineage] == [("feature/vocab:48", 30), (first, 2)]
+    final = third.run()
+    card = write_card(final, command="tempspec-train distill").read_text()
+    assert "It continues 2 earlier training stages" in card
+    assert "1. from `feature/vocab:48`: 30 steps of fkl at tau_kd = 1 (online), lr 0.03" in card
+    assert f"2. from `{first}`: 2 steps of jsd at tau_kd = 0.5 (online)" in card
+    # a cycle of directories naming each other ends instead of recursing
+    info["metadata"]["recipe"]["init"] = str(second)
+    info_file.write_text(json.dumps(info))
+    assert [s["step"] for s in warm_start_lineage(str(second))] == [2]
+
+
+def test_warm_start_gains_taps_and_trains_them(feature_run, target, data_file, tmp_path):
+    """--feature-taps on a warm start without taps: the head starts as the saved one (its step-0 evaluation), its
+    teacher cache holds the tapped blocks' outputs (equal to a teacher forward with them), training moves the fuse's
+    tap columns, and the saved head keeps its taps. A cache made without taps is refused; a tapped head keeps its
+    taps when none are given and refuses others."""
+    plain_cache = tmp_path / "plain.safetensors"
+    Distiller(config(data_file, tmp_path / "plain", init=str(feature_run.final), teacher_cache=str(plain_cache)),
+              target=target, progress=False)
+    with pytest.raises(ValueError, match="was made for"):
+        Distiller(config(data_file, tmp_path / "refused", init=str(feature_run.final), feature_taps=(1,),
+                         teacher_cache=str(plain_cache)), target=target, progress=False)
+    d = Distiller(config(data_file, tmp_path / "taps", init=str(feature_run.final), feature_taps=(1,), steps=6,
+                         eval_every=6, save_every=6, lr=1e-2, teacher_cache=str(tmp_path / "taps.safetensors")),
+                  target=target, progress=False)
+    assert d.draft.config.taps == (1,)
+    seqs = d.schedule(0)
+    tokens, _ = make_batch(seqs, "cpu")
+    pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+    want = target.model(tokens, pos, None, return_features=True, feature_taps=(1,))[1]
+    got = d.teacher_features(seqs, tokens)
+    for b, (ids, _) in enumerate(seqs):
+        torch.testing.assert_close(got[b, :len(ids)], want[b, :len(ids)], rtol=1e-5, atol=1e-5)
+    final = d.run()
+    assert d.history[0]["alpha@1"] == pytest.approx(feature_run.d.history[-1]["alpha@1"], abs=0.02)
+    trained = load_feature_draft(final, target.model, dtype=torch.float32)
+    assert trained.config.taps == (1,) and float(trained.fuse.weight[:, 32:].detach().abs().sum()) > 0
+    again = Distiller(config(data_file, tmp_path / "again", init=str(final), steps=1, warmup_steps=0), target=target,
+                      progress=False)
+    assert again.draft.config.taps == (1,)
+    with pytest.raises(ValueError, match="reads taps"):
+        Distiller(config(data_file, tmp_path / "other", init=str(final), feature_taps=(0,)), target=target,
+                  progress=False)
+
+
 def test_warm_start_from_a_shipped_head_is_refused_for_another_target(data_file, tmp_path):
     """'feature:1' names the shipped head, made for the default target: a tiny target of another width gets one
     line, and an unknown shipped name too."""
@@ -712,18 +824,22 @@ FEATURE_ARGS = ["--init", "feature/vocab:100", "--steps", "4", "--batch-size", "
 
 
 def test_distill_feature_head_from_the_command_line(tiny_hf, tmp_path):
+    """distill then eval (expected acceptance) from the command line, with a head that taps the target's block 0."""
     from tempspec_trainer.cli import main
 
     out = tmp_path / "run"
     assert main(["distill", "--target", str(tiny_hf / "model"), "--data", str(tiny_hf / "t1.jsonl"), "--out-dir",
-                 str(out), "--device", "cpu"] + FEATURE_ARGS) == 0
+                 str(out), "--device", "cpu", "--feature-taps", "0"] + FEATURE_ARGS) == 0
     log = json.loads((out / "train_log.json").read_text())
+    assert log["recipe"]["feature_taps"] == [0]
+    assert json.loads((out / "final" / "tempspec_draft.json").read_text())["config"]["taps"] == [0]
     assert log["step"] == 4 and log["recipe"]["init"] == "feature/vocab:100"
     assert log["recipe"]["feature_weight"] == 0.2 and log["recipe"]["unroll"] == 2
     assert [h["step"] for h in log["history"] if "alpha@0" in h] == [0, 2, 4]
     for name in ("init", "final"):
         assert is_feature_draft_dir(out / name)
-    assert "feature draft head" in (out / "final" / "README.md").read_text()
+    card = (out / "final" / "README.md").read_text()
+    assert "feature draft head" in card and "fused with the outputs of its blocks 0 (EAGLE-3" in card
     res = tmp_path / "eval.json"
     assert main(["eval", "--target", str(tiny_hf / "model"), "--drafts", str(out / "final"), "--data",
                  str(tiny_hf / "t1.jsonl"), "--n-rows", "8", "--temperatures", "0,1", "--out", str(res),

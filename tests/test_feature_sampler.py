@@ -31,10 +31,10 @@ def head_rollout(target, head, prompt, n):
     prompt, then the head over [target features of the prompt, its own predictions] (causal, cache=None)."""
     model = target.model
     P = len(prompt)
-    _, feats = model(torch.tensor([prompt]), torch.arange(P).unsqueeze(0), None, compute_logits=False,
-                     return_features=True)
-    x = int(model.head_logits(feats[0, -1]).argmax())
-    features, tokens, out = list(feats[0]), prompt[1:] + [x], [x]
+    _, wide = model(torch.tensor([prompt]), torch.arange(P).unsqueeze(0), None, compute_logits=False,
+                    return_features=True, feature_taps=head.config.taps)
+    x = int(model.head_logits(wide[0, -1, :head.config.dim]).argmax())
+    features, tokens, out = list(head.read(wide)[0]), prompt[1:] + [x], [x]
     for _ in range(n - 1):
         T = len(tokens)
         pred = head(torch.stack(features).unsqueeze(0), torch.tensor([tokens]), torch.arange(T).unsqueeze(0),
@@ -46,10 +46,10 @@ def head_rollout(target, head, prompt, n):
     return out
 
 
-@pytest.mark.parametrize("draft_vocab", [None, 40])
-def test_greedy_batched_rows_equal_a_cache_free_rollout(draft_vocab):
+@pytest.mark.parametrize("draft_vocab, taps", [(None, ()), (40, ()), (None, (1,))])
+def test_greedy_batched_rows_equal_a_cache_free_rollout(draft_vocab, taps):
     target = tiny_target(vocab=64, layers=3, seed=1)
-    head = feature_head(target, seed=2, draft_vocab=draft_vocab)
+    head = feature_head(target, seed=2, draft_vocab=draft_vocab, taps=taps)
     s = sampler(target, head)
     n = 12
     got = s.generate(PROMPTS, 0.0, n, batch_size=4, seed=0)

@@ -124,6 +124,9 @@ def test_distill_then_eval(tiny_hf, data, tmp_path, capsys):
     (["--divergence", "nope"], "argument --divergence: invalid choice: 'nope'"),
     (["--tau-kd", "-1"], "tau_kd"),
     (["--mode", "both"], "argument --mode: invalid choice: 'both'"),
+    (["--feature-taps", "1,x"], "argument --feature-taps: expected comma-separated integers"),
+    (["--init", "feature", "--feature-taps", "2"], "must be block indices of the target, 0..1"),
+    (["--feature-taps", "1"], "feature_taps are for feature heads"),
 ])
 def test_distill_bad_input(tiny_hf, data, tmp_path, capsys, args, message):
     try:

@@ -12,6 +12,11 @@ the target's write/mask conventions) and a final RMSNorm, and predicts f_{p+1}: 
 the distribution of x_{p+2}. Drafting k tokens runs it k times, each step feeding its own prediction back as the next
 position's feature (see FeatureDraft's docstring).
 
+Taps (EAGLE-3's multi-level features, optional): with config.taps = (i, j, ...) the target also hands over the outputs
+of its blocks i, j, ... at p (`feature_taps=`), and `read` fuses them with f_p (Linear((1 + n) dim -> dim) on f_p and
+the RMS-normalized tap outputs) into the head's input feature; a head's own predictions need no fusing. The fuse
+starts as the identity on f_p (zero weight on the taps), so a head given taps starts as the head without them.
+
 An optional restricted draft vocabulary (draft_vocab = N; EAGLE-3 / FR-Spec) computes only N rows of the head:
 `d2t` (int64 [N]) holds the target ids it covers (the most frequent response tokens of the training data, or the first
 N ids); the other logits are -inf (still lossless: the acceptance rule corrects the draft).
@@ -25,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +49,8 @@ KIND = "eagle-feature-head"
 @dataclasses.dataclass
 class FeatureDraftConfig:
     """Shapes of a feature head. dim, vocab_size: the target's width and vocabulary (the head reads the target's
-    features, embeddings and output head); draft_vocab: None (the full vocabulary) or N (a token map of N ids).
+    features, embeddings and output head); draft_vocab: None (the full vocabulary) or N (a token map of N ids);
+    taps: target blocks whose outputs the head reads besides the final features (EAGLE-3), () for the final only.
     rope_scaling: the target's (positions are the target's positions), None or its Hugging Face dict."""
 
     dim: int
@@ -59,8 +65,15 @@ class FeatureDraftConfig:
     max_position: int = 4096
     draft_vocab: Optional[int] = None
     rope_scaling: Optional[dict] = None
+    taps: Tuple[int, ...] = ()
 
     def __post_init__(self):
+        if not isinstance(self.taps, (list, tuple)) or any(
+                not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.taps) \
+                or len(set(self.taps)) != len(self.taps):
+            raise ValueError(f"feature draft config: taps must be distinct target block indices >= 0, got "
+                             f"{self.taps!r}")
+        self.taps = tuple(self.taps)
         for name in ("dim", "n_heads", "n_kv_heads", "head_dim", "intermediate_size", "vocab_size", "n_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -75,12 +88,18 @@ class FeatureDraftConfig:
 
     @classmethod
     def for_target(cls, target: ModelConfig, n_layers: int = 1, intermediate_size: Optional[int] = None,
-                   draft_vocab: Optional[int] = None) -> "FeatureDraftConfig":
+                   draft_vocab: Optional[int] = None, taps: Sequence[int] = ()) -> "FeatureDraftConfig":
         """A head with the target's width, attention shapes, RoPE and (by default) MLP width."""
         return cls(dim=target.dim, n_heads=target.n_heads, n_kv_heads=target.n_kv_heads, head_dim=target.head_dim,
                    intermediate_size=intermediate_size or target.intermediate_size, vocab_size=target.vocab_size,
                    n_layers=n_layers, rms_eps=target.rms_eps, rope_theta=target.rope_theta,
-                   max_position=target.max_position, draft_vocab=draft_vocab, rope_scaling=target.rope_scaling)
+                   max_position=target.max_position, draft_vocab=draft_vocab, rope_scaling=target.rope_scaling,
+                   taps=tuple(taps))
+
+    @property
+    def feature_width(self) -> int:
+        """The width of the target features the head reads: dim per tap plus the final features."""
+        return (1 + len(self.taps)) * self.dim
 
     def block_config(self) -> ModelConfig:
         """The ModelConfig of its decoder blocks (llama.Block, no biases)."""
@@ -91,7 +110,7 @@ class FeatureDraftConfig:
 
 
 class FeatureDraft(nn.Module):
-    """EAGLE-style head (module docstring). Its own parameters: fc, layers, norm; buffer d2t (restricted vocabulary
+    """EAGLE-style head (module docstring). Its own parameters: fc, layers, norm, fuse (with taps); buffer d2t (restricted vocabulary
     only). The target's embedding and output head are held by reference (`attach`), NOT registered as submodules:
     they are not in parameters(), state_dict() or .to() (so casting the head never touches the target).
 
@@ -99,7 +118,7 @@ class FeatureDraft(nn.Module):
     just sampled from the target's logits at position n-1, so the target's features f_0..f_{n-1} are known. The
     head's cache holds positions 0..m-1 (m = 0 after the prompt's prefill; m <= n-1 later):
       1. extend: features f_m..f_{n-1} (positions m..n-1) with tokens x_{m+1}..x_n (the token each feature produced):
-             pred = head(f, x, positions, cache, kv_len=n);  d_1 ~ head.logits(pred[:, -1:])  (distribution of x_{n+1})
+             pred = head(head.read(f), x, positions, cache, kv_len=n);  d_1 ~ head.logits(pred[:, -1:])  (distribution of x_{n+1})
          Batched rows with different n or m: kv_len = the largest n, each row's d_1 from its last real index, and the
          shorter rows padded with positions continuing past their end (those entries are overwritten by the draft
          steps before any of the row's queries can see them).
@@ -120,6 +139,14 @@ class FeatureDraft(nn.Module):
         self.config = config
         block_cfg = config.block_config()
         self.fc = nn.Linear(2 * config.dim, config.dim, bias=False)
+        # with taps: the target's final features and its tapped block outputs (each RMS-normalized) -> dim, starting
+        # as [I, 0] (built without drawing random numbers: a seeded head draws the same weights with taps as without)
+        self.fuse = None
+        if config.taps:
+            fuse = nn.Linear(config.feature_width, config.dim, bias=False, device="meta")
+            self.fuse = fuse.to_empty(device=self.fc.weight.device)
+            if not self.fuse.weight.is_meta:
+                self.reset_fuse()
         self.layers = nn.ModuleList([Block(block_cfg) for _ in range(config.n_layers)])
         self.norm = RMSNorm(config.dim, config.rms_eps)
         if config.draft_vocab is not None:
@@ -176,10 +203,33 @@ class FeatureDraft(nn.Module):
         return w[:n] if rows is None else rows
 
     # ------------------------------------------------------------------ forward
+    def read(self, target_features: torch.Tensor) -> torch.Tensor:
+        """The target's features [..., feature_width] (Transformer.forward(..., return_features=True,
+        feature_taps=config.taps)) -> the head's input features [..., dim] in the head's dtype. Without taps this is
+        a cast; with taps, fuse(final features, RMS-normalized tap outputs): the raw residual stream of a middle
+        block is on another scale than the final-norm features. Zero rows stay zero (padding)."""
+        x = target_features.to(self.fc.weight.dtype)
+        if self.fuse is None:
+            return x
+        d = self.config.dim
+        taps = x[..., d:].unflatten(-1, (len(self.config.taps), d))
+        taps = F.rms_norm(taps, (d,), eps=self.config.rms_eps).flatten(-2)
+        return self.fuse(torch.cat((x[..., :d], taps), dim=-1))
+
+    @torch.no_grad()
+    def reset_fuse(self) -> "FeatureDraft":
+        """fuse := [I, 0, ..., 0]: read() returns the final features, the taps get weight 0 (a start that equals the
+        head without taps; training then learns what the taps add)."""
+        if self.fuse is not None:
+            d = self.config.dim
+            self.fuse.weight.zero_()
+            self.fuse.weight[:, :d].copy_(torch.eye(d))
+        return self
+
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
                 cache: Optional[KVCache], kv_len: Optional[int] = None, last_query: bool = False) -> torch.Tensor:
-        """features [B, T, dim] (any float dtype: the target's features at positions[b, t], or the head's own
-        predictions), tokens [B, T] int64 (tokens[b, t] = x_{p+1}, the token that feature produced), positions [B, T]
+        """features [B, T, dim] (any float dtype: read() of the target's features at positions[b, t], or the head's
+        own predictions), tokens [B, T] int64 (tokens[b, t] = x_{p+1}, the token that feature produced), positions [B, T]
         int64. With a cache: writes its T keys per layer at `positions` and attends over [0, kv_len) (default: the
         whole cache) where key position <= query position (last_query=True: one query per row at kv_len - 1, no
         mask); the caller tracks how many positions are valid. cache=None: causal over the T inputs (positions in
@@ -191,7 +241,7 @@ class FeatureDraft(nn.Module):
         x = self.fc(torch.cat((features.to(dtype), emb.to(dtype)), dim=-1))
         if self._inv_freq.device != positions.device:
             self._inv_freq = self._inv_freq.to(positions.device)
-        x = run_layers(self.layers, x, self._inv_freq, positions, cache, kv_len, last_query)
+        x, _ = run_layers(self.layers, x, self._inv_freq, positions, cache, kv_len, last_query)
         return self.norm(x)
 
     def draft_logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -215,6 +265,14 @@ class FeatureDraft(nn.Module):
         p = self.fc.weight
         c = self.config
         return KVCache(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, dtype or p.dtype, device or p.device)
+
+
+def tap_columns(features: torch.Tensor, have: Sequence[int], want: Sequence[int], dim: int) -> torch.Tensor:
+    """Target features [..., (1 + len(have)) dim] (final features, then blocks `have`) -> [..., (1 + len(want)) dim]
+    (final features, then blocks `want`, each in `have`): one target forward with the union of several heads' taps
+    serves each of them."""
+    idx = [0] + [1 + list(have).index(i) for i in want]
+    return features.unflatten(-1, (1 + len(have), dim))[..., idx, :].flatten(-2)
 
 
 def check_token_map(d2t: torch.Tensor, n: int, vocab_size: int, where: str = "token map d2t") -> torch.Tensor:
@@ -296,6 +354,9 @@ def load_feature_draft(directory, target: Transformer, device=None, dtype=None) 
         raise ValueError(f"{Path(directory) / DRAFT_FILE}: the feature draft was made for a target with vocab "
                          f"{config.vocab_size} and width {config.dim}; this target has vocab {tc.vocab_size} and "
                          f"width {tc.dim}")
+    if any(i >= target.n_layers for i in config.taps):
+        raise ValueError(f"{Path(directory) / DRAFT_FILE}: the feature draft taps blocks {list(config.taps)}; this "
+                         f"target has {target.n_layers}")
     with torch.device("meta"):
         head = FeatureDraft(config)
     state = read_weights(directory)

@@ -7,7 +7,7 @@ tied embeddings. Weights load from a Hugging Face Llama/Mistral/Qwen2 state dict
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -114,20 +114,25 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 
 
 def run_layers(layers: Sequence[Block], x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor,
-               cache: Optional[KVCache], kv_len: Optional[int] = None, last_query: bool = False) -> torch.Tensor:
+               cache: Optional[KVCache], kv_len: Optional[int] = None, last_query: bool = False,
+               keep: Sequence[int] = ()) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """The decoder blocks on x [B, T, dim] with RoPE at positions [B, T], under Transformer.forward's cache
     conventions: with a cache, each layer writes its T keys at `positions` and attends over cache positions
     [0, kv_len) (default: all) where key position <= query position (no mask with last_query=True); cache=None:
-    plain causal attention over the T inputs (training). Returns the last block's output [B, T, dim]."""
+    plain causal attention over the T inputs (training). Returns the last block's output [B, T, dim] and the outputs of
+    the blocks whose indices are in `keep`, in that order (each [B, T, dim]; the residual stream, no norm)."""
     if cache is None:
         kv_len, last_query = x.shape[1], True  # no explicit mask: attention is causal
     kv_len = cache.max_len if kv_len is None else kv_len
     cos, sin = rope_cos_sin(inv_freq, positions, x.dtype)
     keys = torch.arange(kv_len, device=positions.device)
     mask = None if last_query else (keys.view(1, 1, 1, -1) <= positions.view(positions.shape[0], 1, -1, 1))
+    kept = {}
     for i, block in enumerate(layers):
         x = block(x, cos, sin, positions, mask, cache, i, kv_len)
-    return x
+        if i in keep:
+            kept[i] = x
+    return x, [kept[i] for i in keep]
 
 
 class Transformer(nn.Module):
@@ -166,8 +171,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Optional[KVCache],
                 kv_len: Optional[int] = None, logits_index: Optional[torch.Tensor] = None,
-                compute_logits: bool = True, last_query: bool = False, return_features: bool = False
-                ) -> Union[Optional[torch.Tensor], Tuple[Optional[torch.Tensor], torch.Tensor]]:
+                compute_logits: bool = True, last_query: bool = False, return_features: bool = False,
+                feature_taps: Sequence[int] = ()) -> Union[Optional[torch.Tensor], Tuple[Optional[torch.Tensor], torch.Tensor]]:
         """tokens, positions: [B, T] int64 (row b's token t sits at positions[b, t]; keys at positions <= it are
         visible). Writes the T keys per layer into `cache` (lengths untouched: the caller owns them) and attends
         over cache positions [0, kv_len) (default: the whole cache). logits_index [B] picks one position per row.
@@ -178,18 +183,27 @@ class Transformer(nn.Module):
         Returns logits [B, T or 1, V] in the model dtype, or None when compute_logits is False.
         return_features=True returns (logits or None, features): features [B, T or 1, dim] in the model dtype are the
         final hidden states after the final norm (the output head's input) at the same positions as the logits
-        (all T, or the logits_index ones); no extra pass (EAGLE-style feature drafts read them).
+        (all T, or the logits_index ones); no extra pass (EAGLE-style feature drafts read them). feature_taps: block
+        indices whose outputs (the residual stream, before any norm) follow the final features along the last axis:
+        features [B, T or 1, (1 + len(feature_taps)) * dim] (EAGLE-3's low/middle/high-level features).
         """
         x = self.embed_tokens(tokens)
         if self._inv_freq.device != tokens.device:
             self._inv_freq = self._inv_freq.to(tokens.device)
-        x = run_layers(self.layers, x, self._inv_freq, positions, cache, kv_len, last_query)
+        taps = tuple(feature_taps) if return_features else ()
+        if any(not 0 <= i < self.n_layers for i in taps):
+            raise ValueError(f"feature_taps {list(taps)} must be block indices in 0..{self.n_layers - 1}")
+        x, kept = run_layers(self.layers, x, self._inv_freq, positions, cache, kv_len, last_query, taps)
         if not compute_logits and not return_features:
             return None
         if logits_index is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), logits_index].unsqueeze(1)
+            rows = torch.arange(x.shape[0], device=x.device)
+            x = x[rows, logits_index].unsqueeze(1)
+            kept = [h[rows, logits_index].unsqueeze(1) for h in kept]
         features = self.norm(x)
         logits = self.head_logits(features) if compute_logits else None
+        if kept:
+            features = torch.cat([features] + kept, dim=-1)
         return (logits, features) if return_features else logits
 
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
