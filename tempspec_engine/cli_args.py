@@ -7,10 +7,10 @@ import argparse
 from tempspec_engine.models.draft import DEFAULT_DRAFT, FALLBACK_DRAFT
 
 DRAFT_FORMS = (f"'default' ({DEFAULT_DRAFT} for the default target, {FALLBACK_DRAFT} for others), 'none' (the "
-               "target alone), lookup[:N], lookup+<model spec>, layers:0,14,29 or layers:0-3, distilled:0 / distilled:0.5 / "
-               "distilled:1 and feature:T / feature:mix (shipped), random[:N] (tests), with '/vocab:N' after a layer "
-               "subset, distilled:T or a draft directory; a tempspec draft directory or a Hugging Face model "
-               "directory; a hub id only with --allow-download")
+               "target alone), lookup[:N], lookup+<model spec>, layers:0,14,29 or layers:0-3, distilled:0 / "
+               "distilled:0.5 / distilled:1 and feature:T / feature:mix (shipped), random[:N] (tests), with "
+               "'/vocab:N' after a layer subset, distilled:T or a draft directory; a tempspec draft directory or a "
+               "Hugging Face model directory; a hub id only with --allow-download")
 
 
 def positive_int(text: str) -> int:

@@ -287,8 +287,8 @@ class FeatureProposer:
             positions.append(list(range(m, m + W)))
             last.append(max(c - 1, 0))
         rows = torch.arange(len(reqs), device=dev)
-        pred = self.head(self.head.read(feats), torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), cache,
-                         kv_len)[rows, torch.tensor(last, device=dev)].unsqueeze(1)
+        pred = self.head(self.head.read(feats), torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
+                         cache, kv_len)[rows, torch.tensor(last, device=dev)].unsqueeze(1)
         # 2. draft: d_1 from the extension, then the head on its own predicted features
         L = torch.tensor(lengths, device=dev)
         draft_logits, draft_tokens = [], []
@@ -304,9 +304,9 @@ class FeatureProposer:
 
     def commit(self, ctx: StepContext, proposal: Proposal, accepted: List[int],
                features: Optional[torch.Tensor] = None) -> None:
-        """features [B, k+1, feature_width]: the target's at the verified positions; a row that accepted a drafts has a+1 new
-        committed tokens whose producing features are the first a+1 (its cache stays valid up to n - 1: the draft
-        steps' entries hold predicted features and are overwritten next round)."""
+        """features [B, k+1, feature_width]: the target's at the verified positions; a row that accepted a drafts has
+        a+1 new committed tokens whose producing features are the first a+1 (its cache stays valid up to n - 1: the
+        draft steps' entries hold predicted features and are overwritten next round)."""
         for i in ctx.live:
             self.unread[ctx.reqs[i].index] = features[i, :accepted[i] + 1]
 

@@ -110,15 +110,17 @@ class FeatureDraftConfig:
 
 
 class FeatureDraft(nn.Module):
-    """EAGLE-style head (module docstring). Its own parameters: fc, layers, norm, fuse (with taps); buffer d2t (restricted vocabulary
-    only). The target's embedding and output head are held by reference (`attach`), NOT registered as submodules:
-    they are not in parameters(), state_dict() or .to() (so casting the head never touches the target).
+    """EAGLE-style head (module docstring). Its own parameters: fc, layers, norm, fuse (with taps); buffer d2t
+    (restricted vocabulary only). The target's embedding and output head are held by reference (`attach`), NOT
+    registered as submodules: they are not in parameters(), state_dict() or .to() (so casting the head never touches
+    the target).
 
     Inference (positions are sequence positions, shared with the target). Committed tokens x_0..x_n, where x_n was
     just sampled from the target's logits at position n-1, so the target's features f_0..f_{n-1} are known. The
     head's cache holds positions 0..m-1 (m = 0 after the prompt's prefill; m <= n-1 later):
       1. extend: features f_m..f_{n-1} (positions m..n-1) with tokens x_{m+1}..x_n (the token each feature produced):
-             pred = head(head.read(f), x, positions, cache, kv_len=n);  d_1 ~ head.logits(pred[:, -1:])  (distribution of x_{n+1})
+             pred = head(head.read(f), x, positions, cache, kv_len=n);  d_1 ~ head.logits(pred[:, -1:])
+             (the distribution of x_{n+1})
          Batched rows with different n or m: kv_len = the largest n, each row's d_1 from its last real index, and the
          shorter rows padded with positions continuing past their end (those entries are overwritten by the draft
          steps before any of the row's queries can see them).
@@ -229,11 +231,11 @@ class FeatureDraft(nn.Module):
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
                 cache: Optional[KVCache], kv_len: Optional[int] = None, last_query: bool = False) -> torch.Tensor:
         """features [B, T, dim] (any float dtype: read() of the target's features at positions[b, t], or the head's
-        own predictions), tokens [B, T] int64 (tokens[b, t] = x_{p+1}, the token that feature produced), positions [B, T]
-        int64. With a cache: writes its T keys per layer at `positions` and attends over [0, kv_len) (default: the
-        whole cache) where key position <= query position (last_query=True: one query per row at kv_len - 1, no
-        mask); the caller tracks how many positions are valid. cache=None: causal over the T inputs (positions in
-        order; training).
+        own predictions), tokens [B, T] int64 (tokens[b, t] = x_{p+1}, the token that feature produced), positions
+        [B, T] int64. With a cache: writes its T keys per layer at `positions` and attends over [0, kv_len)
+        (default: the whole cache) where key position <= query position (last_query=True: one query per row at
+        kv_len - 1, no mask); the caller tracks how many positions are valid. cache=None: causal over the T inputs
+        (positions in order; training).
         Returns the predicted features of positions p + 1, [B, T, dim] in the head's dtype (after its final norm:
         feed them to logits() or back into forward)."""
         dtype = self.fc.weight.dtype

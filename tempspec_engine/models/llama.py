@@ -172,7 +172,8 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Optional[KVCache],
                 kv_len: Optional[int] = None, logits_index: Optional[torch.Tensor] = None,
                 compute_logits: bool = True, last_query: bool = False, return_features: bool = False,
-                feature_taps: Sequence[int] = ()) -> Union[Optional[torch.Tensor], Tuple[Optional[torch.Tensor], torch.Tensor]]:
+                feature_taps: Sequence[int] = ()
+                ) -> Union[Optional[torch.Tensor], Tuple[Optional[torch.Tensor], torch.Tensor]]:
         """tokens, positions: [B, T] int64 (row b's token t sits at positions[b, t]; keys at positions <= it are
         visible). Writes the T keys per layer into `cache` (lengths untouched: the caller owns them) and attends
         over cache positions [0, kv_len) (default: the whole cache). logits_index [B] picks one position per row.
