@@ -73,6 +73,28 @@ def to_hf_llama(model):
 
 
 @torch.inference_mode()
+def hf_counterparts(engines: dict) -> tuple:
+    """What transformers can run of each tempspec method {"tempspec_sd[<draft>]": engine}: ({"hf_assisted[<draft>]":
+    "lookup" (prompt lookup) or the draft's Transformer (an assistant model)}, {draft: why transformers cannot run
+    it})."""
+    runnable, not_run = {}, {}
+    for name, engine in engines.items():
+        d = name[len("tempspec_sd["):-1]
+        model = engine.draft.model
+        if engine.lookup is not None and engine.draft_model is not None:
+            not_run[d] = "transformers has no lookup-then-model hybrid"
+        elif engine.lookup is not None:
+            runnable[f"hf_assisted[{d}]"] = "lookup"
+        elif isinstance(model, FeatureDraft):
+            not_run[d] = ("an EAGLE-style head reads the target's hidden states; transformers' assisted generation "
+                          "takes a standalone causal LM as the assistant")
+        elif isinstance(model, Transformer) and model.vocab_limit is None:  # layer subsets and trained drafts
+            runnable[f"hf_assisted[{d}]"] = model
+        else:
+            not_run[d] = "a restricted draft vocabulary (/vocab:N) has no transformers counterpart"
+    return runnable, not_run
+
+
 def target_nll(model, prompt_ids, outputs) -> float:
     """Summed negative log-likelihood of the generated tokens under the target at T=1 (teacher-forced)."""
     total = 0.0
@@ -232,23 +254,12 @@ def run(args) -> int:
                                                       max_batch_size=max(batches), cuda_graphs=graphs)
                for d in drafts}
     base = next(iter(engines.values()))
-    hf_target, hf_drafts, hf_not_run = None, {}, {}
-    if not args.no_hf:
+    hf_target, (hf_drafts, hf_not_run) = None, hf_counterparts(engines)  # recorded even under --no-hf
+    if args.no_hf:
+        hf_drafts = {}
+    else:
         hf_target = to_hf_llama(target.model)
-        for d in drafts:
-            engine = engines[f"tempspec_sd[{d}]"]
-            model = engine.draft.model
-            if engine.lookup is not None and engine.draft_model is not None:
-                hf_not_run[d] = "transformers has no lookup-then-model hybrid"
-            elif engine.lookup is not None:
-                hf_drafts[f"hf_assisted[{d}]"] = "lookup"
-            elif isinstance(model, FeatureDraft):
-                hf_not_run[d] = ("an EAGLE-style head reads the target's hidden states; transformers' assisted "
-                                 "generation takes a standalone causal LM as the assistant")
-            elif isinstance(model, Transformer) and model.vocab_limit is None:  # layer subsets and trained drafts
-                hf_drafts[f"hf_assisted[{d}]"] = to_hf_llama(model)
-            else:
-                hf_not_run[d] = "a restricted draft vocabulary (/vocab:N) has no transformers counterpart"
+        hf_drafts = {name: m if isinstance(m, str) else to_hf_llama(m) for name, m in hf_drafts.items()}
 
     # Warm-up (allocations, lazy weight pages, CUDA kernels), not timed.
     for eng in engines.values():

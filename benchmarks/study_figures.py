@@ -22,6 +22,12 @@ Each reads result JSON files written by the project's benchmarks and writes one 
              panel per prompt set, one group of bars per decoding temperature, one bar per draft label:
                python benchmarks/study_figures.py recipes benchmarks/results/study_f5_recipes_cpu_bfloat16.json \
                    --out benchmarks/results/study_f5_recipes_cpu_bfloat16.png
+  temperatures  speedup over the target alone and alpha (95% binomial interval, 1.96 x alpha_se) against the decoding
+             temperature, from one bench_engine JSON at one batch size (--batch), one line per lossless method
+             (Hugging Face rows included in the speedup panel):
+               python benchmarks/study_figures.py temperatures \
+                   benchmarks/results/engine_cpu_feature_heads_jsd_batch1.json \
+                   --out benchmarks/results/engine_cpu_feature_heads_jsd_batch1.png
 Every figure's title names the device the numbers were measured on (the JSON's meta.device_name).
 """
 from __future__ import annotations
@@ -175,6 +181,57 @@ def plot_batch(runs: Sequence[dict], out, settings: str = "none", temperatures: 
     return _save(fig, f"speedup against batch size on {', '.join(devices)}", out)
 
 
+# ------------------------------------------------------------------------------------------------ temperatures
+def temperature_rows(run: dict, batch: int = 1, settings: str = "none") -> Dict[str, List[tuple]]:
+    """{method: [(temperature, speedup, alpha or None, 95% half-width of alpha or None), ...] sorted by temperature}
+    from bench_engine results at one batch size under one generation setting: every lossless method but the target
+    alone (tempspec methods named by their draft, Hugging Face ones by their full name)."""
+    out: Dict[str, List[tuple]] = {}
+    for r in run["results"]:
+        method = r["method"]
+        if (r["batch"] != batch or r.get("settings", "none") != settings or method == "target_only"
+                or LENIENT.search(method) or method.endswith("/target-only")
+                or r.get("speedup_vs_target_only") is None):
+            continue
+        name = method[len("tempspec_sd["):].rsplit("]", 1)[0] if method.startswith("tempspec_sd[") else method
+        alpha, se = r.get("alpha"), r.get("alpha_se")
+        out.setdefault(name, []).append((r["temperature"], r["speedup_vs_target_only"], alpha,
+                                         None if se is None else 1.96 * se))
+    return {m: sorted(points) for m, points in out.items()}
+
+
+def plot_temperatures(run: dict, out, batch: int = 1, settings: str = "none") -> str:
+    rows = temperature_rows(run, batch, settings)
+    if not rows:
+        batches = sorted({r["batch"] for r in run["results"]})
+        raise ValueError(f"no lossless rows at batch {batch} under settings {settings!r}; the file has batch "
+                         f"size(s) {batches}")
+    fig, (speed, accept, key) = _figure(3, width=4.6)
+    palette = [f"C{i}" for i in range(10)] + ["black", "olive", "navy", "maroon", "teal"]
+    for i, (name, points) in enumerate(rows.items()):
+        temps = [p[0] for p in points]
+        style = dict(marker="os^D"[i // len(palette) % 4], color=palette[i % len(palette)], label=name,
+                     linestyle=":" if name.startswith("hf_") else "-")
+        speed.plot(temps, [p[1] for p in points], **style)
+        measured = [p for p in points if p[2] is not None]
+        if measured:
+            accept.errorbar([p[0] for p in measured], [p[2] for p in measured], yerr=[p[3] or 0.0 for p in measured],
+                            capsize=2, **style)
+    speed.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="target alone")
+    speed.set_ylabel("speedup over the target alone")
+    accept.set_ylabel("alpha (accepted / proposed), 95% interval")
+    accept.set_ylim(0.0, 1.0)
+    for ax in (speed, accept):
+        ax.set_xlabel("decoding temperature")
+        ax.grid(alpha=0.3)
+    key.axis("off")  # the third panel holds the legend, clear of the data
+    key.legend(*speed.get_legend_handles_labels(), loc="center left", fontsize=8, frameon=False)
+    meta = run.get("meta", {})
+    title = (f"{meta.get('target', 'target')}, batch {batch}, {meta.get('n_prompts', '?')} prompts x "
+             f"{meta.get('max_new_tokens', '?')} tokens, {meta.get('dtype', '')} on {_device(meta)}")
+    return _save(fig, title, out)
+
+
 # ------------------------------------------------------------------------------------------------ lenience
 def lenience_rows(run: dict) -> Dict[str, List[tuple]]:
     """{settings: [(label, speedup, target_nll), ...]}: the target alone ('target'), lossless SD ('1') and each lossy
@@ -274,7 +331,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     le.add_argument("run", help="a bench_engine results JSON run with --lenience")
     rc = sub.add_parser("recipes", help="alpha of drafts differing in one recipe choice, from a kd_grid JSON")
     rc.add_argument("grid", help="a results JSON of benchmarks/kd_grid.py")
-    for s in (p, b, le, rc):
+    tp = sub.add_parser("temperatures", help="speedup and alpha against temperature from a bench_engine JSON")
+    tp.add_argument("run", help="a bench_engine results JSON")
+    tp.add_argument("--batch", type=int, default=1, help="batch size to plot (default: %(default)s)")
+    tp.add_argument("--settings", default="none", help="generation-settings preset to plot (default: %(default)s)")
+    for s in (p, b, le, rc, tp):
         s.add_argument("--out", required=True, help="the PNG to write")
         add_debug_flag(s)
     args = ap.parse_args(argv)
@@ -285,6 +346,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif args.figure == "batch":
             temps = parse_temperatures(args.temperatures) if args.temperatures else None
             path = plot_batch([read_json(f) for f in args.runs], args.out, args.settings, temps)
+        elif args.figure == "temperatures":
+            path = plot_temperatures(read_json(args.run), args.out, args.batch, args.settings)
         elif args.figure == "lenience":
             path = plot_lenience(read_json(args.run), args.out)
         else:

@@ -122,6 +122,26 @@ def test_bench_engine_uses_the_rule(target, step_log):
     assert res["tokens"] == 20 and {"steps", "accepted", "rejections", "lookup_steps", "plain_steps"} <= set(res)
 
 
+def test_bench_engine_says_what_transformers_cannot_run(target):
+    """Prompt lookup and a full-vocabulary model draft have transformers counterparts; the hybrid, a restricted
+    vocabulary and a feature head do not, each with its reason (recorded even when the HF baselines are skipped)."""
+    from tempspec_engine.models.feature_draft import FeatureDraft, FeatureDraftConfig
+
+    bench = load_bench()
+    head = FeatureDraft(FeatureDraftConfig.for_target(target.model.config)).attach(target.model.embed_tokens,
+                                                                                target.model.lm_head)
+    drafts = {"lookup": "lookup", "layers:0": "layers:0", "layers:0/vocab:32": "layers:0/vocab:32",
+              "lookup+layers:0": "lookup+layers:0", "feature": head}
+    runnable, not_run = bench.hf_counterparts({f"tempspec_sd[{name}]": make_engine(target, d)
+                                               for name, d in drafts.items()})
+    assert runnable["hf_assisted[lookup]"] == "lookup" and set(runnable) == {"hf_assisted[lookup]",
+                                                                             "hf_assisted[layers:0]"}
+    assert runnable["hf_assisted[layers:0]"].n_layers == 1
+    assert set(not_run) == {"layers:0/vocab:32", "lookup+layers:0", "feature"}
+    assert "hybrid" in not_run["lookup+layers:0"] and "/vocab:N" in not_run["layers:0/vocab:32"]
+    assert "EAGLE-style head" in not_run["feature"]
+
+
 def check_positions(proposed, accepted, reached, n_accepted, n_rejections, speculative_steps, k_max):
     """The per-position counts of one request, or summed over several."""
     assert len(proposed) == len(accepted) == len(reached) == k_max

@@ -81,6 +81,25 @@ def test_batch_from_the_committed_engine_results(tmp_path):
         study_figures.plot_batch(runs, out, temperatures=[0.3])
 
 
+def test_temperatures_from_the_committed_engine_results(tmp_path):
+    run = study_figures.read_json(os.path.join(RESULTS, "engine_cpu_feature_heads_batch1.json"))
+    rows = study_figures.temperature_rows(run)
+    assert "target_only" not in rows and "lookup+feature:1" in rows
+    points = rows["lookup+feature:1"]
+    assert [p[0] for p in points] == sorted({r["temperature"] for r in run["results"]})
+    for t, speedup, alpha, half in points:  # each point is its row of the file
+        want = next(r for r in run["results"] if r["method"] == "tempspec_sd[lookup+feature:1]"
+                    and r["temperature"] == t and r["batch"] == 1)
+        assert (speedup, alpha, half) == (want["speedup_vs_target_only"], want["alpha"], 1.96 * want["alpha_se"])
+    out = tmp_path / "temps.png"
+    assert study_figures.plot_temperatures(run, out) == str(out) and is_png(out)
+    with pytest.raises(ValueError, match="no lossless rows at batch 4"):
+        study_figures.plot_temperatures(run, out, batch=4)
+    hf = {"meta": {}, "results": [{"method": "hf_target_only", "batch": 1, "temperature": 0.0,
+                                   "speedup_vs_target_only": 0.9}]}
+    assert study_figures.temperature_rows(hf) == {"hf_target_only": [(0.0, 0.9, None, None)]}
+
+
 def test_lenience_from_the_committed_engine_results(tmp_path):
     run = study_figures.read_json(os.path.join(RESULTS, "engine_cpu_filters_lenience.json"))
     rows = study_figures.lenience_rows(run)
@@ -125,4 +144,5 @@ def test_command_line(sweep_file, tmp_path):
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert r.stderr.startswith("study_figures: error:")
     h = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
-    assert h.returncode == 0 and all(name in h.stdout for name in ("positions", "batch", "lenience", "recipes"))
+    assert h.returncode == 0 and all(name in h.stdout for name in ("positions", "batch", "lenience", "recipes",
+                                                                  "temperatures"))

@@ -37,8 +37,9 @@ from tempspec_engine.models.llama import Transformer
 from tempspec_engine.models.loading import LoadedModel, check_tokenizers, load_hf, model_source, place
 
 # The default draft: for the default target, the fastest at T=0.7 on a 2-core CPU (README, "Feature drafts":
-# lookup+feature:1 1.26x, lookup+distilled:1/vocab:4096 1.22x, lookup 1.17x); the shipped heads fit only that target, so
-# any other target gets n-gram lookup (layer subsets of a target are accepted almost never: benchmarks/draft_search.py).
+# lookup+feature:1 1.41x, lookup+feature:mix 1.36x, feature:0.5 1.23x, lookup 1.21x); the shipped heads fit only that
+# target, so any other target gets n-gram lookup (layer subsets of a target are accepted almost never:
+# benchmarks/draft_search.py).
 DEFAULT_DRAFT = "lookup+feature:1"
 FALLBACK_DRAFT = "lookup"
 # the forms of a draft spec that are not paths, for error messages
