@@ -47,6 +47,19 @@ from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_comman
 from tempspec_engine.sweep import parse_temperatures  # noqa: E402
 
 LENIENT = re.compile(r"@([0-9.]+)$")  # bench_engine's method suffix of a lossy run: tempspec_sd[<draft>]@<eps>
+TEMPSPEC = "tempspec_sd["  # bench_engine's tempspec methods: tempspec_sd[<draft>], then any suffix
+
+
+def lossless_row(r: dict, settings: str) -> bool:
+    """Whether a bench_engine result row is a lossless method's (not a lossy @eps run, not a draft left unfiltered
+    with /target-only) under generation settings `settings`, with a speedup."""
+    return (not LENIENT.search(r["method"]) and not r["method"].endswith("/target-only")
+            and r.get("settings", "none") == settings and r.get("speedup_vs_target_only") is not None)
+
+
+def method_label(method: str) -> str:
+    """A tempspec method's draft spec (tempspec_sd[<draft>] -> <draft>); other methods keep their name."""
+    return method[len(TEMPSPEC):].rsplit("]", 1)[0] if method.startswith(TEMPSPEC) else method
 
 
 def _load(path):
@@ -146,10 +159,9 @@ def batch_rows(runs: Sequence[dict], settings: str = "none") -> Dict[float, Dict
     for run in runs:
         for r in run["results"]:
             method = r["method"]
-            if (not method.startswith("tempspec_sd[") or LENIENT.search(method) or method.endswith("/target-only")
-                    or r.get("settings", "none") != settings or r.get("speedup_vs_target_only") is None):
+            if not method.startswith(TEMPSPEC) or not lossless_row(r, settings):
                 continue
-            name = method[len("tempspec_sd["):].rsplit("]", 1)[0]
+            name = method_label(method)
             out.setdefault(r["temperature"], {}).setdefault(name, {})[r["batch"]] = r["speedup_vs_target_only"]
     return {t: {m: sorted(b.items()) for m, b in methods.items()} for t, methods in sorted(out.items())}
 
@@ -189,11 +201,9 @@ def temperature_rows(run: dict, batch: int = 1, settings: str = "none") -> Dict[
     out: Dict[str, List[tuple]] = {}
     for r in run["results"]:
         method = r["method"]
-        if (r["batch"] != batch or r.get("settings", "none") != settings or method == "target_only"
-                or LENIENT.search(method) or method.endswith("/target-only")
-                or r.get("speedup_vs_target_only") is None):
+        if r["batch"] != batch or method == "target_only" or not lossless_row(r, settings):
             continue
-        name = method[len("tempspec_sd["):].rsplit("]", 1)[0] if method.startswith("tempspec_sd[") else method
+        name = method_label(method)
         alpha, se = r.get("alpha"), r.get("alpha_se")
         out.setdefault(name, []).append((r["temperature"], r["speedup_vs_target_only"], alpha,
                                          None if se is None else 1.96 * se))

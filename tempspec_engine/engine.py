@@ -531,7 +531,7 @@ class SpeculativeEngine:
         dev, k = self.device, proposal.k
         pending = torch.tensor([[r.seq[-1]] for r in ctx.reqs], device=dev)
         positions = (torch.tensor(ctx.lengths, device=dev) - 1).unsqueeze(1) + torch.arange(k + 1, device=dev)
-        kw = {} if taps is None else {"return_features": True, **({"feature_taps": taps} if taps else {})}
+        kw = {} if taps is None else {"return_features": True, "feature_taps": taps}
         out = forward(torch.cat([pending, proposal.tokens], dim=1), positions, cache, max(ctx.lengths) + k, None, **kw)
         logits, feats = out if taps is not None else (out, None)
         logits = pad_logits(logits, self.vocab, self.dtype)

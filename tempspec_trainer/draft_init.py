@@ -28,7 +28,7 @@ import torch
 
 from tempspec_engine.models.config import ModelConfig
 from tempspec_engine.models.draft import parse_layer_ids, shipped_feature_dir
-from tempspec_engine.models.feature_draft import (FeatureDraft, FeatureDraftConfig, is_feature_draft_dir,
+from tempspec_engine.models.feature_draft import (FeatureDraft, FeatureDraftConfig, check_taps, is_feature_draft_dir,
                                                   load_feature_draft, read_feature_draft_info,
                                                   token_map_from_counts)
 from tempspec_engine.models.llama import Block, Transformer
@@ -182,9 +182,7 @@ def init_feature_draft(target: Transformer, spec: str, seed: int = 0,
     features; a warm start keeps its own taps when none are given, and gains them when it has none."""
     if not isinstance(target, Transformer):
         raise ValueError("feature heads are built for a Llama-family target (a tempspec Transformer)")
-    taps = tuple(taps)
-    if any(not 0 <= i < target.n_layers for i in taps):
-        raise ValueError(f"feature taps {list(taps)} must be block indices of the target, 0..{target.n_layers - 1}")
+    taps = check_taps(tuple(taps), "feature taps", target.n_layers)
     opts = parse_feature_init(spec, target.config.vocab_size)
     if "from" in opts:  # warm start: the saved head's shapes, token map and weights, in fp32
         head = load_feature_draft(opts["from"], target, device=target.embed_tokens.weight.device,

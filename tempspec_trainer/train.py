@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from tempspec_engine.models.draft_checkpoint import save_draft
-from tempspec_engine.models.feature_draft import FeatureDraft, save_feature_draft
+from tempspec_engine.models.feature_draft import FeatureDraft, check_taps, save_feature_draft
 from tempspec_engine.models.loading import LoadedModel, load_target, place, resolve_device
 from tempspec_trainer.data import make_batch, read_prompt_file, read_rows, token_sequences
 from tempspec_trainer.divergences import get_divergence
@@ -142,9 +142,7 @@ class DistillConfig:
                              "fkl, jsd or tvd")
         if self.feature_taps and not is_feature_init(self.init):
             raise ValueError("feature_taps are for feature heads (init 'feature...')")
-        if any(not isinstance(i, int) or i < 0 for i in self.feature_taps) or \
-                len(set(self.feature_taps)) != len(self.feature_taps):
-            raise ValueError(f"feature_taps must be distinct block indices >= 0, got {list(self.feature_taps)}")
+        check_taps(self.feature_taps, "feature_taps")
         if self.teacher_cache is not None and not is_feature_init(self.init):
             raise ValueError("teacher_cache holds the target's features for feature heads (init 'feature...')")
         if self.unroll < 1:

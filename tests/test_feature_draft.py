@@ -362,6 +362,8 @@ def _edit_json(directory, fn):
     ("truncated_weights", "model.safetensors: cannot read the weights"),
     ("wrong_layers", "model.safetensors: the weights do not fit the config"),
     ("bad_token_map", "model.safetensors: d2t: ids must lie in"),
+    ("taps_beyond_target", r"tempspec_draft.json: the feature draft's taps \[5\] must be block indices of the "
+                           r"target, 0\.\.1"),
 ])
 def test_broken_directory_errors_name_the_file(saved, target, breakage, match):
     weights = saved / "model.safetensors"
@@ -381,6 +383,8 @@ def test_broken_directory_errors_name_the_file(saved, target, breakage, match):
         weights.write_bytes(weights.read_bytes()[:200])
     elif breakage == "wrong_layers":
         _edit_json(saved, lambda i: i["config"].update(n_layers=2))
+    elif breakage == "taps_beyond_target":
+        _edit_json(saved, lambda i: i["config"].update(taps=[5]))
     elif breakage == "bad_token_map":
         from safetensors.torch import load_file, save_file
 

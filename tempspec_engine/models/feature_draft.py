@@ -46,6 +46,17 @@ FORMAT = "tempspec-feature-draft/1"
 KIND = "eagle-feature-head"
 
 
+def check_taps(taps, where: str, n_layers: Optional[int] = None) -> Tuple[int, ...]:
+    """taps (EAGLE-3's tapped target blocks) as a tuple of distinct block indices >= 0, each < n_layers when given;
+    ValueError starting with `where` otherwise."""
+    if not isinstance(taps, (list, tuple)) or any(not isinstance(i, int) or isinstance(i, bool) or i < 0
+                                                  for i in taps) or len(set(taps)) != len(taps):
+        raise ValueError(f"{where} must be distinct target block indices >= 0, got {taps!r}")
+    if n_layers is not None and any(i >= n_layers for i in taps):
+        raise ValueError(f"{where} {list(taps)} must be block indices of the target, 0..{n_layers - 1}")
+    return tuple(taps)
+
+
 @dataclasses.dataclass
 class FeatureDraftConfig:
     """Shapes of a feature head. dim, vocab_size: the target's width and vocabulary (the head reads the target's
@@ -68,12 +79,7 @@ class FeatureDraftConfig:
     taps: Tuple[int, ...] = ()
 
     def __post_init__(self):
-        if not isinstance(self.taps, (list, tuple)) or any(
-                not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.taps) \
-                or len(set(self.taps)) != len(self.taps):
-            raise ValueError(f"feature draft config: taps must be distinct target block indices >= 0, got "
-                             f"{self.taps!r}")
-        self.taps = tuple(self.taps)
+        self.taps = check_taps(self.taps, "feature draft config: taps")
         for name in ("dim", "n_heads", "n_kv_heads", "head_dim", "intermediate_size", "vocab_size", "n_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -356,9 +362,7 @@ def load_feature_draft(directory, target: Transformer, device=None, dtype=None) 
         raise ValueError(f"{Path(directory) / DRAFT_FILE}: the feature draft was made for a target with vocab "
                          f"{config.vocab_size} and width {config.dim}; this target has vocab {tc.vocab_size} and "
                          f"width {tc.dim}")
-    if any(i >= target.n_layers for i in config.taps):
-        raise ValueError(f"{Path(directory) / DRAFT_FILE}: the feature draft taps blocks {list(config.taps)}; this "
-                         f"target has {target.n_layers}")
+    check_taps(config.taps, f"{Path(directory) / DRAFT_FILE}: the feature draft's taps", target.n_layers)
     with torch.device("meta"):
         head = FeatureDraft(config)
     state = read_weights(directory)
