@@ -127,7 +127,7 @@ def _eval(args) -> int:
     from tempspec_engine.models.loading import load_target, resolve_device, resolve_dtype
     from tempspec_engine.prompts import read_prompts
     from tempspec_engine.sweep import format_table, write_results
-    from tempspec_trainer.evaluate import measure_drafts, row_acceptance_on_data, summarize
+    from tempspec_trainer.evaluate import measure_drafts, row_acceptance_on_data, summarize, summarize_by_category
 
     set_threads(args.threads)
     if args.out:
@@ -140,17 +140,23 @@ def _eval(args) -> int:
     if args.data:
         temps = args.temperatures
         rows = {d: row_acceptance_on_data(target, d, args.data, temps, args.n_rows) for d in args.drafts}
-        report["expected"] = {d: summarize(*rows[d], temps) for d in args.drafts}
+        report["expected"] = {d: summarize(sums, counts, temps) for d, (sums, counts, _) in rows.items()}
         # paired with the first draft on the same positions (drafts of one kind: feature heads or draft models)
-        first_sums, first_counts = rows[args.drafts[0]]
+        first_sums, first_counts, _ = rows[args.drafts[0]]
         report["expected_minus_first"] = {d: summarize(sums - first_sums, counts, temps)
-                                          for d, (sums, counts) in list(rows.items())[1:]
+                                          for d, (sums, counts, _) in list(rows.items())[1:]
                                           if torch.equal(counts, first_counts)}
+        by_category = {d: summarize_by_category(*rows[d], temps) for d in args.drafts}
+        if any(by_category.values()):  # rows generated from prompts with a category (Spec-Bench)
+            report["expected_by_category"] = by_category
         for d, v in report["expected"].items():
             diff = report["expected_minus_first"].get(d)
             cells = [f"T={t:g} {_plus_minus(v, t)}" + (f" ({_plus_minus(diff, t, '+')} vs the first)" if diff else "")
                      for t in temps]
             print(f"expected acceptance of {d} on {args.data}: " + ", ".join(cells))
+            for t in temps if by_category[d] else ():
+                print(f"  by category at T={t:g}: " + ", ".join(f"{c} {s[f'alpha@{t:g}']:.3f} ({s['tokens']} tokens)"
+                                                               for c, s in by_category[d].items()))
     if args.prompts:
         results = measure_drafts(target, args.drafts, read_prompts(args.prompts, args.n_prompts), args.temperatures,
                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=device,

@@ -6,6 +6,8 @@ Prompt files are JSONL; each row's prompt is Spec-Bench `turns[0]`, Alpaca `inst
     {"index": i, "source": "<prompt file>", "prompt": str, "prompt_ids": [int], "response_ids": [int],
      "response": str, "temperature": tau, "finish_reason": "eos"|"length"|"stop", "generator": "<model name>"}
 
+plus the prompt row's "category" when it has one (Spec-Bench's), so that evaluations can report per category.
+
 `index` is the prompt's row number in the source file: a restart skips the indices already written, and each chunk
 of prompts is sampled with a seed derived from its first index, so an interrupted run that is resumed writes the
 same rows as an uninterrupted one.
@@ -37,6 +39,12 @@ def _prompt_objects(path: str, limit: Optional[int], offset: int) -> List[Tuple[
     if not out:
         raise ValueError(f"{path} holds no prompts in rows [{offset}, {offset + (limit or 0)})")
     return out
+
+
+def category_of(source_row: dict) -> dict:
+    """{"category": the prompt row's category} when it carries a string one (Spec-Bench's), else {}."""
+    category = source_row.get("category")
+    return {"category": category} if isinstance(category, str) else {}
 
 
 def read_rows(path: str) -> List[dict]:
@@ -89,7 +97,7 @@ def dataset_responses(engine, prompt_file: str, out_path: str, *, limit: Optiona
             row = {"index": i, "source": Path(prompt_file).name, "prompt": text,
                    "prompt_ids": engine.encode(text, chat_template), "response_ids": response + eos,
                    "response": answer, "temperature": None, "finish_reason": "eos" if eos else "length",
-                   "generator": "data"}
+                   "generator": "data", **category_of(source_row)}
             f.write(json.dumps(row) + "\n")
             written += 1
     if missing:
@@ -114,7 +122,9 @@ def generate_dataset(engine, prompt_file: str, out_path: str, temperature: float
         raise ValueError(f"temperature must be >= 0, got {temperature!r}")
     if chunk < 1 or batch_size < 1:
         raise ValueError(f"chunk and batch_size must be >= 1, got chunk={chunk}, batch_size={batch_size}")
-    prompts = read_prompt_file(prompt_file, limit, offset)
+    objects = _prompt_objects(prompt_file, limit, offset)
+    prompts = [(i, text) for i, text, _ in objects]
+    categories = {i: category_of(row) for i, _, row in objects}
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     existing = read_rows(str(out))
@@ -151,7 +161,8 @@ def generate_dataset(engine, prompt_file: str, out_path: str, temperature: float
             for index, prompt, o in missing:
                 row = {"index": index, "source": str(prompt_file), "prompt": prompt, "prompt_ids": o.prompt_ids,
                        "response_ids": o.token_ids, "response": o.text, "temperature": float(temperature),
-                       "finish_reason": o.finish_reason, "generator": generator_name or engine.target.name}
+                       "finish_reason": o.finish_reason, "generator": generator_name or engine.target.name,
+                       **categories[index]}
                 f.write(json.dumps(row) + "\n")
             f.flush()
             written += len(missing)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,9 +26,9 @@ from tempspec_trainer.divergences import expected_acceptance
 
 def row_acceptance_on_data(target: LoadedModel, draft_spec: str, data_file: str, temperatures: Sequence[float],
                            n_rows: Optional[int] = 64, seq_len: int = 256, batch_size: int = 8
-                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+                           ) -> Tuple[torch.Tensor, torch.Tensor, List[Optional[str]]]:
     """acceptance_by_row over the first n_rows rows of a generated file: (sums [R, len(temperatures)] float64, counts
-    [R] int64)."""
+    [R] int64, the `category` of each of those R rows or None) for the R of them with a response."""
     device = target.model.embed_tokens.weight.device
     dtype = target.model.embed_tokens.weight.dtype
     if is_feature_draft_dir(draft_spec):
@@ -37,10 +37,13 @@ def row_acceptance_on_data(target: LoadedModel, draft_spec: str, data_file: str,
         draft = make_draft(draft_spec, target, device, dtype).model
     if not Path(data_file).is_file():
         raise ValueError(f"{data_file}: no such file (a generated JSONL of tempspec-train gen-data)")
-    seqs = list(token_sequences(read_rows(data_file)[:n_rows], seq_len))
-    if not seqs:
+    scored = [(row.get("category"), seq) for row in read_rows(data_file)[:n_rows]
+              for seq in token_sequences([row], seq_len)]
+    if not scored:
         raise ValueError(f"{data_file} holds no rows with a response")
-    return acceptance_by_row(draft, target.model, seqs, temperatures, batch_size, device)
+    sums, counts = acceptance_by_row(draft, target.model, [seq for _, seq in scored], temperatures, batch_size,
+                                     device)
+    return sums, counts, [category for category, _ in scored]
 
 
 def ratio_se(sums: torch.Tensor, counts: torch.Tensor) -> Tuple[float, float]:
@@ -62,6 +65,17 @@ def summarize(sums: torch.Tensor, counts: torch.Tensor, temperatures: Sequence[f
     out = {}
     for i, t in enumerate(temperatures):
         out[f"alpha@{t:g}"], out[f"alpha@{t:g}_se"] = ratio_se(sums[:, i], counts)
+    return out
+
+
+def summarize_by_category(sums: torch.Tensor, counts: torch.Tensor, categories: Sequence[Optional[str]],
+                          temperatures: Sequence[float]) -> Dict[str, Dict[str, float]]:
+    """summarize() of each category's rows, in order of first appearance, each with "tokens" (positions scored); {}
+    when no row has a category."""
+    out = {}
+    for c in dict.fromkeys(c for c in categories if c is not None):
+        idx = torch.tensor([i for i, ci in enumerate(categories) if ci == c])
+        out[c] = {**summarize(sums[idx], counts[idx], temperatures), "tokens": int(counts[idx].sum())}
     return out
 
 

@@ -116,10 +116,14 @@ def test_shipped_drafts_are_small_and_documented():
         assert (recipe["tau_mix"] == [0.0, 0.5, 1.0] if tau == MIX else recipe["tau_kd"] == tau and not
                 recipe["tau_mix"])
         assert read_feature_draft_info(d)["metadata"]["final"] is True
-    # one recipe apart from the temperature: the heads compare the KD temperatures and nothing else
-    recipes = [{k: v for k, v in read_feature_draft_info(d)["metadata"]["recipe"].items()
-                if k not in ("tau_kd", "tau_mix", "out_dir")} for d in heads.values()]
-    assert all(r == recipes[0] for r in recipes)
+    # one recipe apart from the temperature, stage by stage (each head continues its own earlier stages): the heads
+    # compare the KD temperatures and nothing else
+    def stages(d):
+        meta = read_feature_draft_info(d)["metadata"]
+        return [{k: v for k, v in recipe.items() if k not in ("tau_kd", "tau_mix", "out_dir", "init")}
+                for recipe in [s["recipe"] for s in meta["lineage"]] + [meta["recipe"]]]
+
+    assert all(stages(d) == stages(heads[1.0]) for d in heads.values())
     for tau, d in SHIPPED.items():
         card = (d / "README.md").read_text()
         assert "tempspec-train distill" in card and "alpha" in card

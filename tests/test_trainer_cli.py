@@ -106,6 +106,23 @@ def test_distill_then_eval(tiny_hf, data, tmp_path, capsys):
         assert paired[f"alpha@{t}"] == pytest.approx(final[f"alpha@{t}"] - init[f"alpha@{t}"])
         assert 0.0 <= final[f"alpha@{t}_se"] < 0.2 and 0.0 <= paired[f"alpha@{t}_se"] < 0.2
     assert paired["alpha@1_se"] > 0.0
+    assert "expected_by_category" not in report  # these rows have no category
+    # rows with a category (gen-data keeps Spec-Bench's): the same scores, also per category
+    labelled = tmp_path / "labelled.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines()][:16]
+    labelled.write_text("".join(json.dumps({**r, "category": "ab"[i % 3 == 0]}) + "\n" for i, r in enumerate(rows)))
+    assert main(["eval", "--target", str(tiny_hf / "model"), "--drafts", str(out / "final"), "--data", str(labelled),
+                 "--n-rows", "16", "--temperatures", "0,1", "--out", str(res), "--dtype", "fp32", "--device",
+                 "cpu"]) == 0
+    assert "by category at T=1: b " in capsys.readouterr().out
+    report = json.loads(res.read_text())
+    assert report["expected"][str(out / "final")] == final
+    by_category = report["expected_by_category"][str(out / "final")]
+    assert list(by_category) == ["b", "a"] and by_category["b"]["tokens"] > 0 and by_category["a"]["tokens"] > 0
+    for t in ("0", "1"):  # the categories' token-weighted mean is the whole file's
+        mean = sum(c[f"alpha@{t}"] * c["tokens"] for c in by_category.values()) / sum(
+            c["tokens"] for c in by_category.values())
+        assert mean == pytest.approx(final[f"alpha@{t}"])
     # on-policy data: the distilled draft itself samples the responses
     on_policy = tmp_path / "on_policy.jsonl"
     assert main(["gen-data", "--target", str(tiny_hf / "model"), "--generator", str(out / "final"),

@@ -56,6 +56,20 @@ def test_one_row_per_prompt_with_documented_fields(engine, prompt_file, tmp_path
         assert r["response"] == tok.decode(ids, skip_special_tokens=True)
 
 
+def test_rows_keep_the_prompt_rows_category(engine, tmp_path):
+    """Spec-Bench rows carry a category; the generated rows keep it (per-category evaluation), others have none."""
+    prompts = tmp_path / "bench.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in [
+        {"question_id": 1, "category": "qa", "turns": [tf.PROMPTS[0]]},
+        {"question_id": 2, "category": "translation", "turns": [tf.PROMPTS[1], "again"]},
+        {"question_id": 3, "turns": [tf.PROMPTS[2]]}]))
+    out = tmp_path / "gen.jsonl"
+    generate_dataset(engine, str(prompts), str(out), 0.0, **GEN)
+    rows = tf.read_jsonl(out)
+    assert [r.get("category") for r in rows] == ["qa", "translation", None]
+    assert set(rows[0]) == FIELDS | {"category"} and set(rows[2]) == FIELDS
+
+
 def test_greedy_rows_match_single_prompt_generation(engine, prompt_file, tmp_path):
     """At T = 0 each row holds its own prompt's greedy continuation (no mix-up across the batch or the chunks)."""
     out = tmp_path / "t0.jsonl"
