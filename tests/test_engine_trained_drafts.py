@@ -2,6 +2,7 @@
 clear errors, the `distilled:<tau>` spec, and the drafts shipped with the package (size, model cards, loading)."""
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,6 +125,7 @@ def test_shipped_drafts_are_small_and_documented():
                 for recipe in [s["recipe"] for s in meta["lineage"]] + [meta["recipe"]]]
 
     assert all(stages(d) == stages(heads[1.0]) for d in heads.values())
+    assert all(Path(read_feature_draft_info(d)["metadata"]["recipe"]["init"]).name == d.name for d in heads.values())
     for tau, d in SHIPPED.items():
         card = (d / "README.md").read_text()
         assert "tempspec-train distill" in card and "alpha" in card
