@@ -14,9 +14,12 @@ rule of tempspec_engine/measure.py (each engine step once).
 Generation settings beyond temperature (tempspec_engine/sampling.py): --settings runs every method under each preset
 (e.g. "none;top_p=0.9;top_k=50": the filters apply to the target and, in tempspec, to the draft);
 --compare-draft-filter adds tempspec_sd[<draft>]/target-only, the serving engines' way (draft unfiltered, target
-filtered); --lenience 1,0.8,0.5,0.3 adds tempspec_sd[<draft>]@<eps> (lossy acceptance) and scores every tempspec
-method's text by its mean negative log-likelihood per token under the target at T=1 ("target_nll", lower is closer
-to the target's own preferences), the quality side of the lenience trade-off.
+filtered); --variants "alternatives=0,confidence_stop=0;alternatives=0" adds tempspec_sd[<draft>]/<variant> for each
+draft with a model, the same draft with those SpeculativeEngine settings (alternatives: tokens the target also reads
+per draft position; confidence_stop 0: k chosen before drafting instead of after each draft; engine.py);
+--lenience 1,0.8,0.5,0.3 adds tempspec_sd[<draft>]@<eps> (lossy acceptance) and scores every tempspec method's
+text by its mean negative log-likelihood per token under the target at T=1 ("target_nll", lower is closer to the
+target's own preferences), the quality side of the lenience trade-off.
 
   CPU:  python benchmarks/bench_engine.py --prompts ../shared/data/spec_bench_question.jsonl \
             --out benchmarks/results/engine_cpu.json
@@ -38,7 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from tempspec_engine.checks import LENIENCE  # noqa: E402
 from tempspec_engine.cli_args import lookahead, positive_int  # noqa: E402
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command  # noqa: E402
-from tempspec_engine.engine import SpeculativeEngine  # noqa: E402
+from tempspec_engine.engine import ALTERNATIVES, SpeculativeEngine  # noqa: E402
 from tempspec_engine.measure import (acceptance_by_position, add_figures, alpha_se, sync_device,  # noqa: E402
                                      timed_generate)
 from tempspec_engine.models.draft import DEFAULT_DRAFT  # noqa: E402
@@ -161,7 +164,8 @@ def summarize(sums: dict, speculative: bool) -> dict:
                    target_time_s=sums["target_time_s"])
         if speculative:  # where the proposals came from (lookup drafts), and steps without any
             out.update(lookup_step_share=sums["lookup_steps"] / sums["steps"],
-                       plain_step_share=sums["plain_steps"] / sums["steps"])
+                       plain_step_share=sums["plain_steps"] / sums["steps"],
+                       alternative_hit_share=sums["alternative_hits"] / sums["steps"])
             proposed, accepted = sums.get("position_proposed", []), sums.get("position_accepted", [])
             reached = sums.get("position_reached", [])
             out.update(acceptance_by_position=acceptance_by_position(accepted, proposed),
@@ -193,6 +197,10 @@ def main(argv=None) -> int:
                          "(default: %(default)s)")
     ap.add_argument("--compare-draft-filter", action="store_true",
                     help="also run each draft unfiltered with only the target filtered (the serving engines' way)")
+    ap.add_argument("--variants", default="",
+                    help="';'-separated engine settings to run each model draft with besides the defaults, each "
+                         "KEY=VALUE,... with keys alternatives (int >= 0) and confidence_stop (0 or 1) "
+                         "(default: none)")
     ap.add_argument("--lenience", default="1",
                     help="comma list of leniences in (0, 1]; each below 1 adds lossy methods and target_nll scores "
                          "(default: %(default)s)")
@@ -213,6 +221,29 @@ def main(argv=None) -> int:
     return run_command("bench_engine", lambda: run(args), getattr(args, "debug", False))
 
 
+VARIANT_KEYS = {"alternatives": int, "confidence_stop": lambda v: bool(int(v))}
+
+
+def parse_variants(text: str) -> dict:
+    """--variants "alternatives=0,confidence_stop=0;alternatives=0" -> {label: SpeculativeEngine keywords}."""
+    variants = {}
+    for label in (v.strip() for v in text.split(";")):
+        if not label:
+            continue
+        kw = {}
+        for item in label.split(","):
+            key, _, value = item.partition("=")
+            key = key.strip()
+            if key not in VARIANT_KEYS or not value.strip():
+                raise ValueError(f"--variants {label!r}: expected KEY=VALUE with KEY one of {', '.join(VARIANT_KEYS)}")
+            try:
+                kw[key] = VARIANT_KEYS[key](value.strip())
+            except ValueError:
+                raise ValueError(f"--variants {label!r}: {key} needs an integer, got {value.strip()!r}") from None
+        variants[label] = kw
+    return variants
+
+
 def _numbers(flag: str, text: str, cast) -> list:
     try:
         return [cast(x) for x in text.split(",")]
@@ -229,6 +260,7 @@ def run(args) -> int:
     presets = [parse_filters(p) for p in args.settings.split(";")]
     lossy = [LENIENCE.checked(e, " (--lenience)") for e in _numbers("--lenience", args.lenience, float) if e != 1]
     args.out = args.out or str(fresh_results_path(f"engine_{device.type}_{args.dtype}"))
+    variants = parse_variants(args.variants)
     prompts = read_prompts(args.prompts, args.n_prompts) if args.prompts != "-" else None
 
     t0 = time.perf_counter()
@@ -247,12 +279,20 @@ def run(args) -> int:
         print(f"wrote {len(prompt_ids)} prompts to {args.dump_prompt_ids}")
         return 0
     prompts = prompt_ids  # the engine takes ids directly: same prompts for every method
-    # KV-cache length: what the longest prompt needs (static shapes attend over the whole cache), in steps of 64
-    max_len = args.max_len or -(-(max(map(len, prompts)) + args.max_new_tokens + encoder.k_max + 1) // 64) * 64
+    # KV-cache length: what the longest prompt needs (static shapes attend over the whole cache), in steps of 64; a
+    # step may write k_max drafts and their alternatives beyond a row's tokens
+    lookahead = encoder.k_max * (1 + max([ALTERNATIVES] + [kw.get("alternatives", 0) for kw in variants.values()]))
+    max_len = args.max_len or -(-(max(map(len, prompts)) + args.max_new_tokens + lookahead + 1) // 64) * 64
     graphs = False if args.no_cuda_graphs else None
-    engines = {f"tempspec_sd[{d}]": SpeculativeEngine(target, d, device, dtype, k=k, max_len=max_len,
-                                                      max_batch_size=max(batches), cuda_graphs=graphs)
-               for d in drafts}
+
+    def engine(draft, **kw):
+        return SpeculativeEngine(target, draft, device, dtype, k=k, max_len=max_len, max_batch_size=max(batches),
+                                 cuda_graphs=graphs, **kw)
+
+    engines = {f"tempspec_sd[{d}]": engine(d) for d in drafts}
+    # each model draft again with other engine settings (a draft without a model has nothing they change)
+    variant_engines = {f"{name}/{label}": engine(d, **kw) for name, d in zip(engines, drafts)
+                       if engines[name].draft_model is not None for label, kw in variants.items()}
     base = next(iter(engines.values()))
     hf_target, (hf_drafts, hf_not_run) = None, hf_counterparts(engines)  # recorded even under --no-hf
     if args.no_hf:
@@ -262,7 +302,7 @@ def run(args) -> int:
         hf_drafts = {name: m if isinstance(m, str) else to_hf_llama(m) for name, m in hf_drafts.items()}
 
     # Warm-up (allocations, lazy weight pages, CUDA kernels), not timed.
-    for eng in engines.values():
+    for eng in list(engines.values()) + list(variant_engines.values()):
         for batch in batches:  # also captures the CUDA graphs of each batch size
             eng.generate(prompts[:batch], 0.0, 8, batch_size=batch)
             eng.generate(prompts[:batch], 0.0, 8, batch_size=batch, speculative=False)
@@ -274,6 +314,8 @@ def run(args) -> int:
             "hf_schedule": "heuristic", "prompts_file": os.path.basename(args.prompts), "n_prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens, "model_load_s": load_s, "seed": args.seed,
             "settings": args.settings, "lenience": args.lenience,
+            "confidence_stop": base.confidence_stop, "alternatives": {n: e.alternatives for n, e in engines.items()},
+            "variants": args.variants,
             "loadavg_before": os.getloadavg(), "max_len": max_len, "cuda_graphs": base.cuda_graphs,
             "hf_not_run": hf_not_run, "complete": False}
     if device.type == "cuda":
@@ -305,6 +347,8 @@ def run(args) -> int:
                                                                           args.seed, preset, score), False)]
                 for name, eng in engines.items():
                     methods.append((name, tempspec(eng, preset), True))
+                    methods += [(v, tempspec(e, preset), True) for v, e in variant_engines.items()
+                                if v.startswith(name + "/")]
                     if args.compare_draft_filter and preset:
                         methods.append((name + "/target-only", tempspec(eng, {**preset, "filter_draft": False}), True))
                     for eps in lossy:

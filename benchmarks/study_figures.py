@@ -58,8 +58,12 @@ def lossless_row(r: dict, settings: str) -> bool:
 
 
 def method_label(method: str) -> str:
-    """A tempspec method's draft spec (tempspec_sd[<draft>] -> <draft>); other methods keep their name."""
-    return method[len(TEMPSPEC):].rsplit("]", 1)[0] if method.startswith(TEMPSPEC) else method
+    """A tempspec method's draft spec and any variant (tempspec_sd[<draft>]/<variant> -> <draft>/<variant>); other
+    methods keep their name."""
+    if not method.startswith(TEMPSPEC):
+        return method
+    draft, _, suffix = method[len(TEMPSPEC):].rpartition("]")
+    return draft + suffix
 
 
 def _load(path):

@@ -6,16 +6,31 @@ et al.'s (1 - alpha^(k+1)) / (1 - alpha). Model drafts are close to that; n-gram
 a coin flip, but once a copied span is accepted the next tokens almost always are. So alpha_j is estimated per
 position and per temperature (rounded to 0.05) from decayed counts (accepted / reached), each shrunk toward the
 position before it with two pseudo-observations. The step's cost is k draft forwards plus one verification of k+1
-tokens, both measured; we pick the k in [k_min, k_max] that maximizes the batch's expected tokens per second.
+tokens, both measured (with the alternatives a draft names, engine.py, inside the verification; the cost model below
+leaves them out: at these sizes a few more verified tokens cost next to nothing), and we pick the k in [k_min, k_max]
+that maximizes the batch's expected tokens per second.
 
 Measured timings carry noise, so two runs with the same seed could pick different k and so sample different text.
 With `fixed_costs` the costs come from a model instead (the engine passes the weights each forward multiplies a token
 by, draft against target, and the verification of k+1 tokens costs (1 + verify_slope_prior * k) times one): the
 choices then depend on the accepted counts alone, and a seeded run repeats token for token.
+
+Stopping on confidence (DraftChain, EAGLE-2's observation): a draft model's own probability of its top token says
+much about whether that token will be accepted. Teacher-forced on held-out Spec-Bench responses, the shipped
+`feature:1` head's greedy token was accepted 2% of the time when its top probability was below 0.1 and 88% when it
+was above 0.9. So instead of fixing k before drafting, a model draft may decide after each token: with c_j the top
+probability of the draft's (untempered) distribution at draft j, a_T(c) the acceptance of drafts of confidence c at
+temperature T (calibrated online per confidence bin, starting from a_T(c) = c), the chance that drafts 1..j are all
+accepted is R_j = a(c_1) ... a(c_j) and the step so far expects E_j = 1 + R_1 + ... + R_j tokens. One more draft adds
+R_j * alpha_{j+1} expected tokens for one draft forward and one more verified token; it is drafted when that raises
+the batch's expected tokens per second: sum R_j alpha_{j+1} / (added cost) > sum E_j / (cost so far). The rule reads
+only the draft's own distributions and past acceptances, never this step's target, so every row stays lossless.
 """
 from __future__ import annotations
 
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+CONFIDENCE_BINS = 10  # the calibration of a draft's confidence: acceptance per tenth of [0, 1]
 
 
 def expected_tokens(alpha: Union[float, Sequence[float]], k: int) -> float:
@@ -45,6 +60,9 @@ class AdaptiveK:
         self.draft_time = fixed_costs[0] if self.fixed else None  # seconds per draft forward (EMA)
         self.verify_base = fixed_costs[1] if self.fixed else None
         self.verify_time: Dict[int, float] = {}  # k -> seconds per verification of k+1 tokens (EMA)
+        # temperature bucket -> [accepted, reached] per confidence bin (not decayed: it describes the draft, not the
+        # text); filled by update() when the proposal carried its confidences (DraftChain)
+        self.calibration: Dict[float, List[List[float]]] = {}
 
     @staticmethod
     def _bucket(temperature: float) -> float:
@@ -60,17 +78,35 @@ class AdaptiveK:
             out.append(prior)
         return out
 
+    def confident_acceptance(self, temperature: float, confidence: float) -> float:
+        """The chance that a reached draft token of this `confidence` (the top probability of the draft's untempered
+        distribution) is accepted at `temperature`: the counts of its confidence bin, shrunk toward the confidence
+        itself with two pseudo-observations."""
+        c = min(max(float(confidence), 0.0), 1.0)
+        rows = self.calibration.get(self._bucket(temperature))
+        acc, reached = rows[min(int(c * CONFIDENCE_BINS), CONFIDENCE_BINS - 1)] if rows else (0.0, 0.0)
+        return (acc + 2 * c) / (reached + 2)
+
     def update(self, k: int, temperatures: Sequence[float], accepted: Iterable[int],
-               draft_seconds: float, verify_seconds: float) -> None:
-        """Records one step: per-row temperatures and accepted counts; wall seconds of the k drafts and the verify."""
-        for t, a in zip(temperatures, accepted):
+               draft_seconds: float, verify_seconds: float,
+               confidences: Optional[Sequence[Sequence[float]]] = None) -> None:
+        """Records one step: per-row temperatures and accepted counts; wall seconds of the k drafts and the verify;
+        confidences: per row, the confidence of each of its k drafts (DraftChain.confidences) or None, or None."""
+        for r, (t, a) in enumerate(zip(temperatures, accepted)):
             rows = self.counts.setdefault(self._bucket(t), [[0.0, 0.0] for _ in range(self.k_max)])
+            bins = None if confidences is None or confidences[r] is None else self.calibration.setdefault(
+                self._bucket(t), [[0.0, 0.0] for _ in range(CONFIDENCE_BINS)])
             for j, c in enumerate(rows):
                 c[0] *= self.decay
                 c[1] *= self.decay
                 if j < k and j <= a:  # draft j+1 was reached (all before it accepted); accepted if j < a
                     c[1] += 1.0
                     c[0] += float(j < a)
+                    if bins is not None:
+                        b = bins[min(int(min(max(confidences[r][j], 0.0), 1.0) * CONFIDENCE_BINS),
+                                     CONFIDENCE_BINS - 1)]
+                        b[1] += 1.0
+                        b[0] += float(j < a)
         if self.fixed:
             return
         if k > 0:
@@ -111,3 +147,47 @@ class AdaptiveK:
             if rate > best_rate:
                 best_k, best_rate = k, rate
         return best_k
+
+    def chain(self, temperatures: Sequence[float], k_max: Optional[int] = None) -> "DraftChain":
+        """A DraftChain for one step of rows at `temperatures` (the live rows, in order), at most k_max drafts
+        (default self.k_max)."""
+        return DraftChain(self, temperatures, k_max or self.k_max)
+
+    def step_cost(self, k: int) -> Optional[float]:
+        """Expected seconds (or cost units) of a step drafting k tokens; None before anything was measured."""
+        if not self.fixed and (self.draft_time is None or not self.verify_time):
+            return None
+        return k * self.draft_time + self.verify_cost(k)
+
+
+class DraftChain:
+    """One step of a model draft stopping on confidence (module docstring): after each draft token, extend() records
+    the live rows' confidences and says whether one more draft raises the batch's expected tokens per second.
+    confidences[r]: the confidences of live row r's drafts so far (for AdaptiveK.update)."""
+
+    def __init__(self, est: AdaptiveK, temperatures: Sequence[float], k_max: int):
+        self.est, self.temperatures, self.k_max = est, list(temperatures), k_max
+        self.reach = [1.0] * len(self.temperatures)  # R_j per row: every draft so far accepted
+        self.expected = [1.0] * len(self.temperatures)  # E_j per row
+        self.confidences: List[List[float]] = [[] for _ in self.temperatures]
+        self._next_alpha = [est.acceptance(t) for t in self.temperatures]  # alpha_j per position, per row
+
+    @property
+    def k(self) -> int:
+        """Drafts so far."""
+        return len(self.confidences[0]) if self.confidences else 0
+
+    def extend(self, confidences: Sequence[float]) -> bool:
+        """Records one draft's confidence per live row; True when another draft pays (and k < k_max)."""
+        for r, (t, c) in enumerate(zip(self.temperatures, confidences)):
+            self.confidences[r].append(float(c))
+            self.reach[r] *= self.est.confident_acceptance(t, c)
+            self.expected[r] += self.reach[r]
+        k = self.k
+        if k >= self.k_max or not self.temperatures:
+            return False
+        cost, more = self.est.step_cost(k), self.est.step_cost(k + 1)
+        if cost is None:  # nothing measured yet: the first steps draft initial_k tokens
+            return k < self.est.initial_k
+        gain = sum(R * alphas[k] for R, alphas in zip(self.reach, self._next_alpha))
+        return gain * cost > sum(self.expected) * (more - cost)

@@ -38,6 +38,13 @@ def _parser() -> OneLineParser:
     g.add_argument("--seed", type=int, default=None,
                    help="the same seed, prompt and settings give the same text (default: a random seed)")
     g.add_argument("--no-speculative", action="store_true", help="the target alone (the autoregressive baseline)")
+    g.add_argument("--alternatives", type=int, default=None,
+                   help="tokens a model draft names per draft position besides its own for the target to read in "
+                        "the same verification, 0 for none (default: 2 with a model draft on a Llama-family target, "
+                        "else 0)")
+    g.add_argument("--no-confidence-stop", action="store_true",
+                   help="with --k auto, choose k before drafting instead of stopping on the draft's confidence "
+                        "(default: stop on confidence, except on CUDA)")
     g.add_argument("--quiet", action="store_true", help="no figures on stderr")
     add_debug_flag(g)
     add_sweep_parser(sub)
@@ -79,7 +86,9 @@ def generate_command(args, out=None, err=None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
     set_threads(args.threads)
     engine = SpeculativeEngine(args.target, args.draft, device=args.device, dtype=args.dtype, k=args.k,
-                               max_len=args.max_len, allow_download=args.allow_download)
+                               max_len=args.max_len, allow_download=args.allow_download,
+                               alternatives=args.alternatives,
+                               confidence_stop=False if args.no_confidence_stop else None)
     stream = len(args.prompt) == 1
     streamer = StopAwareStreamer(engine.tokenizer, out, args.stop or ()) if stream else None
     outputs = engine.generate(args.prompt, args.temperature, args.max_new_tokens, stop=args.stop,
@@ -96,6 +105,7 @@ def generate_command(args, out=None, err=None) -> int:
             s = o.stats
             err.write(f"[{i}] {s.new_tokens} tokens in {s.wall_time_s:.2f}s ({s.tokens_per_s:.1f} tok/s), "
                       f"{s.steps} steps, {s.tokens_per_step:.2f} tokens/step, alpha {s.alpha:.2f}, "
+                      f"{s.alternative_hits} alternatives taken, "
                       f"draft {s.draft_time_s:.2f}s, target {s.target_time_s:.2f}s, finish: {o.finish_reason}\n")
     return 0
 

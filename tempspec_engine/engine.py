@@ -4,8 +4,14 @@ One step of every row reads propose -> verify -> accept -> commit:
   propose   the proposer (tempspec_engine/proposers.py: n-gram lookup, a draft model, or both) gives k tokens per row
             and the distribution each was drawn from; none at all: a plain target step instead;
   verify    the target reads [pending, d1..dk] at positions L-1..L-1+k in one forward (L = the row's committed tokens,
-            the one source of truth for its length; the last one, "pending", is not yet in the target cache);
-  accept    `speculative_sample` accepts a tokens and emits one more, lossless for the row's settings;
+            the one source of truth for its length; the last one, "pending", is not yet in the target cache), and a
+            model draft's alternatives: s more of its likely tokens at each draft position i, each read after
+            [pending, d1..d(i-1)] at position L-1+i (a token tree: their keys go to cache slots after the chain's);
+  accept    `speculative_sample` accepts a tokens and emits one more, lossless for the row's settings. When that token
+            is a correction (a < k) equal to one of the alternatives at position a+1, the target has already read
+            it: the row also takes a token drawn from the target's distribution after it (with the row's settings,
+            as any target token), and that alternative's keys move to its position. The correction itself is drawn
+            exactly as without alternatives, so every row stays lossless;
   commit    the tokens join the request; the proposer updates its own state. Rolling back the target cache needs
             nothing: keys beyond a row's length are masked and later overwritten.
 Rows that finish leave the batch: the live rows are compacted to the front of the caches and queued requests are
@@ -53,6 +59,7 @@ class RequestStats:
     accepted: int = 0  # draft tokens accepted, summed over steps
     rejections: int = 0  # steps that rejected a draft token
     lookup_steps: int = 0  # steps whose proposals came from n-gram lookup
+    alternative_hits: int = 0  # steps whose correction token was one of the draft's alternatives (one more token)
     plain_steps: int = 0  # steps with no proposal (the target alone: no lookup match, or speculative=False)
     draft_time_s: float = 0.0
     target_time_s: float = 0.0
@@ -184,6 +191,8 @@ def matmul_weights(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+ALTERNATIVES = 2  # alternative tokens per draft position, by default (SpeculativeEngine's `alternatives`)
+
 NONFINITE_MESSAGE = ("a model produced NaN or +inf logits during generation (overflow in this dtype? try "
                      "dtype=fp32): the outputs would be invalid")
 
@@ -200,6 +209,12 @@ class SpeculativeEngine:
         Transformer; "none" for target-only.
     k: "auto" (adaptive, see adaptive_k.py; with a seed, chosen without timings so that the text repeats) or a
         fixed lookahead.
+    confidence_stop: with k="auto", a model draft decides after each token whether one more pays, from its own
+        confidence (adaptive_k.py's DraftChain: one host read per draft token) instead of fixing k before drafting.
+        Default: on except on CUDA, where the host read would stall the device between draft steps.
+    alternatives: how many alternative tokens a model draft names per draft position for the target to read in the
+        same verification (the module docstring; 0: none). Default: ALTERNATIVES with a model draft on a Llama-family
+        target (tempspec's transformer), except under CUDA graphs (captured for the chain's shapes); 0 otherwise.
     max_len: KV-cache capacity per request (prompt + max_new_tokens + k must fit), at most the model's limit
         (default: the smaller of 2048 and that limit).
     allow_download: let target/draft name a Hugging Face hub id (never with HF_HUB_OFFLINE); by default only the
@@ -214,7 +229,8 @@ class SpeculativeEngine:
     def __init__(self, target=None, draft=None, device=None, dtype=None, k: Union[int, str] = "auto",
                  max_len: Optional[int] = None, max_batch_size: int = 8, k_max: int = 8, tokenizer=None,
                  backend: str = "auto", static_shapes: Optional[bool] = None, cuda_graphs: Optional[bool] = None,
-                 allow_download: bool = False):
+                 allow_download: bool = False, confidence_stop: Optional[bool] = None,
+                 alternatives: Optional[int] = None):
         check_positive_int("max_batch_size", max_batch_size)
         check_positive_int("k_max", k_max)
         if not (isinstance(k, str) and k == "auto" or is_int(k) and k >= 1):
@@ -255,12 +271,15 @@ class SpeculativeEngine:
             self.proposer = HybridProposer(lookup, self.proposer) if self.proposer is not None else lookup
         self.k = k
         self.k_max = k_max if k == "auto" else k
+        if confidence_stop and k != "auto":
+            raise ValueError(f"confidence_stop needs k='auto', got k={k!r}")
+        self.confidence_stop = (k == "auto" and self.device.type != "cuda") if confidence_stop is None \
+            else bool(confidence_stop)
         self._hybrid = bool(lookup_spec)
         # acceptance differs between lookup and model proposals: each source keeps its own estimates. Unseeded
         # generate() calls share these, learned from measured timings; self.adaptive / self.adaptive_lookup are the
-        # ones the latest call used (a seeded call starts fresh ones on a cost model: see _new_estimators)
-        self._measured = self._new_estimators(None)
-        self.adaptive, self.adaptive_lookup = self._measured
+        # ones the latest call used (a seeded call starts fresh ones on a cost model: see _new_estimators). (Made
+        # below, once the alternatives are known.)
         self.backend = backend
         self.max_batch_size = max_batch_size
         limit = min(getattr(m.model.config, "max_position", 2048) for m in (self.target, self.draft)
@@ -277,12 +296,28 @@ class SpeculativeEngine:
         self.cuda_graphs = (on_cuda and graphable) if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not (on_cuda and graphable and self.static_shapes):
             raise ValueError("cuda_graphs needs a CUDA device, Llama-family models and static_shapes")
+        tree_ok = self.draft_model is not None and isinstance(self.target.model, Transformer) and not self.cuda_graphs
+        if alternatives is None:
+            alternatives = ALTERNATIVES if tree_ok else 0
+        if not (is_int(alternatives) and alternatives >= 0):
+            raise ValueError(f"alternatives must be an integer >= 0, got {alternatives!r}")
+        if alternatives and not tree_ok:
+            raise ValueError("alternatives need a model draft, a Llama-family target (tempspec's transformer) and no "
+                             "CUDA graphs")
+        self.alternatives = int(alternatives)
         self._static_state = {}  # (batch, speculative) -> (caches, forwards): persistent for graph replay
+        self._measured = self._new_estimators(None)
+        self.adaptive, self.adaptive_lookup = self._measured
         self._dead = _Request(-1, [0], SamplingSettings(), 1, seq=[0])  # stands in for idle rows in static mode
 
     @property
     def tokenizer(self):
         return self.target.tokenizer
+
+    @property
+    def lookahead(self) -> int:
+        """Cache slots a step may write beyond a row's committed tokens: k_max drafts and their alternatives."""
+        return self.k_max * (1 + self.alternatives)
 
     def _new_estimators(self, seed: Optional[int]):
         """(model, lookup) AdaptiveK estimators, or (None, None) with a fixed k. Unseeded: measured timings. Seeded:
@@ -348,10 +383,10 @@ class SpeculativeEngine:
                 raise ValueError(f"prompt {i} is empty after tokenization")
             if any(t_ < 0 or t_ >= self.target.vocab_size for t_ in ids):
                 raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {self.target.vocab_size})")
-            need = len(ids) + m + self.k_max + 1
+            need = len(ids) + m + self.lookahead + 1
             if need > self.max_len:
                 raise ValueError(f"prompt {i}: {len(ids)} prompt tokens + max_new_tokens {m} + lookahead "
-                                 f"{self.k_max} + 1 = {need} exceed the KV-cache capacity max_len={self.max_len}")
+                                 f"{self.lookahead} + 1 = {need} exceed the KV-cache capacity max_len={self.max_len}")
             stats = RequestStats(prompt_tokens=len(ids), filter_draft=filter_draft, **dataclasses.asdict(settings),
                                  position_proposed=[0] * self.k_max, position_accepted=[0] * self.k_max,
                                  position_reached=[0] * self.k_max)
@@ -501,9 +536,13 @@ class SpeculativeEngine:
         def choose_k(source: str) -> int:
             return estimators[source].choose(live_temps) if estimators[source] is not None else self.k
 
+        def draft_chain(source: str):
+            est = estimators[source]
+            return est.chain(live_temps, self.k_max) if self.confidence_stop and est is not None else None
+
         return StepContext(reqs, live, [len(r.seq) for r in reqs], StepSettings([r.settings for r in reqs], self.device),
-                           self._filter_draft, gen, choose_k, self.vocab, self.dtype, self.device, self.backend,
-                           self.static_shapes)
+                           self._filter_draft, gen, choose_k, draft_chain, self.alternatives, self.vocab, self.dtype,
+                           self.device, self.backend, self.static_shapes)
 
     def _step(self, slots, caches, forwards, gen, proposer) -> List[List[int]]:
         """One step of every row: propose -> verify -> accept -> commit. Returns the new tokens per slot."""
@@ -519,42 +558,95 @@ class SpeculativeEngine:
         taps = proposer.feature_taps if proposer.needs_features else None
         target_logits, features = self._verify(ctx, proposal, caches[0], forwards[0], taps)
         timer.mark()
-        accepted, tokens = self._accept(ctx, proposal, target_logits)
+        accepted, tokens, branch = self._accept(ctx, proposal, target_logits)
         t_draft, t_target = timer.seconds()
-        proposer.commit(ctx, proposal, accepted, features)
-        return self._commit(ctx, proposal, accepted, tokens, t_draft, t_target)
+        features = self._follow(ctx, caches[0], accepted, branch, features)
+        proposer.commit(ctx, proposal, accepted, features, [len(t) for t in tokens])
+        return self._commit(ctx, proposal, accepted, tokens, branch, t_draft, t_target)
 
     def _verify(self, ctx: StepContext, proposal: Proposal, cache, forward, taps: Optional[Tuple[int, ...]]):
-        """The target's logits [B, k+1, V] at [pending, d1..dk] in the engine dtype, and (taps not None: a feature
-        draft's) its final features there followed by its blocks `taps` outputs, [B, k+1, (1 + len(taps)) dim]
+        """The target's logits [B, N, V] in the engine dtype at the N = 1 + k + k s verified tokens: [pending, d1..dk]
+        at positions L-1..L-1+k (cache slots the same), then proposal.alternatives (i, j) at position L+i, slot
+        L+k+i s+j (padding ids -1 read as 0); so verified token t sits in slot L-1+t. With taps not None (a feature
+        draft's), also its final features there followed by its blocks `taps` outputs, [B, N, (1 + len(taps)) dim]
         (else None)."""
         dev, k = self.device, proposal.k
         pending = torch.tensor([[r.seq[-1]] for r in ctx.reqs], device=dev)
-        positions = (torch.tensor(ctx.lengths, device=dev) - 1).unsqueeze(1) + torch.arange(k + 1, device=dev)
+        last = torch.tensor(ctx.lengths, device=dev).unsqueeze(1) - 1  # the pending token's position
+        positions = last + torch.arange(k + 1, device=dev)
+        tokens = torch.cat([pending, proposal.tokens], dim=1)
         kw = {} if taps is None else {"return_features": True, "feature_taps": taps}
-        out = forward(torch.cat([pending, proposal.tokens], dim=1), positions, cache, max(ctx.lengths) + k, None, **kw)
+        alternatives = proposal.alternatives
+        if alternatives is not None:  # a token tree: each alternative's ancestors are pending and d1..d(i-1)
+            depth = torch.arange(k, device=dev).repeat_interleave(alternatives.shape[2])
+            slots = last + torch.arange(1 + k + depth.shape[0], device=dev)
+            kw["tree"] = (slots, torch.cat([positions, last + depth], dim=1))
+            positions = torch.cat([positions, last + 1 + depth], dim=1)
+            tokens = torch.cat([tokens, alternatives.flatten(1).clamp(min=0)], dim=1)
+        out = forward(tokens, positions, cache, max(ctx.lengths) + tokens.shape[1] - 1, None, **kw)
         logits, feats = out if taps is not None else (out, None)
         logits = pad_logits(logits, self.vocab, self.dtype)
         self._flag.check(logits)  # (the draft's logits were checked as they came)
         return logits, feats
 
     def _accept(self, ctx: StepContext, proposal: Proposal, target_logits: torch.Tensor):
-        """`speculative_sample` for every row; (accepted [B], tokens [B, k+1]) as lists (the step's one host sync)."""
-        settings = ctx.settings
+        """`speculative_sample` for every row, then the alternatives (module docstring). Returns, as host lists (the
+        step's one host sync): accepted [B]; the tokens each row receives; branch [B]: the index of the verified
+        alternative a row followed among the verified tokens, or None."""
+        settings, k = ctx.settings, proposal.k
+        chain_logits = target_logits[:, :k + 1]
         if not ctx.filter_draft:  # the serving engines' way: q unfiltered, the target's F(p) by masking
-            target_logits = settings.filter_target_only(target_logits)
-        out = speculative_sample(proposal.logits, target_logits, proposal.tokens, settings.temperature,
+            chain_logits = settings.filter_target_only(chain_logits)
+        out = speculative_sample(proposal.logits, chain_logits, proposal.tokens, settings.temperature,
                                  generator=ctx.generator, backend=self.backend, validate=False,
                                  **ctx.draft_filters(), **settings.lenience)
-        return self._to_host(out.accepted, out.tokens)
+        alternatives = proposal.alternatives
+        if alternatives is None:
+            accepted, tokens = self._to_host(out.accepted, out.tokens)
+            return accepted, [row[:a + 1] for a, row in zip(accepted, tokens)], [None] * len(accepted)
+        n = alternatives.shape[2]
+        rows = torch.arange(len(ctx.reqs), device=self.device)
+        a = out.accepted
+        at = a.clamp(max=k - 1)
+        same = (alternatives[rows, at] == out.tokens[rows, a].unsqueeze(1)) & (a < k).unsqueeze(1)  # [B, s]
+        node = 1 + k + at * n + same.to(torch.int8).argmax(dim=1)  # the first alternative equal to the correction
+        extra = sample(target_logits[rows, node], settings.temperature, generator=ctx.generator, backend=self.backend,
+                       validate=False, **settings.filters)
+        accepted, tokens, hit, node, extra = self._to_host(a, out.tokens, same.any(dim=1).to(torch.int64), node,
+                                                           extra)
+        received = [row[:a_ + 1] + ([x] if h else []) for a_, row, h, x in zip(accepted, tokens, hit, extra)]
+        return accepted, received, [nd if h else None for h, nd in zip(hit, node)]
 
-    def _commit(self, ctx: StepContext, proposal: Proposal, accepted, tokens, t_draft, t_target) -> List[List[int]]:
+    def _follow(self, ctx: StepContext, cache, accepted: List[int], branch: List[Optional[int]],
+                features: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Rows that followed an alternative: its keys move from its slot to its position (right after the accepted
+        drafts) in the target cache. Returns the target's features that produced each row's received tokens, in
+        order, [B, T, width] (the verified tokens 0..a, then the alternative), or None without features."""
+        hits = [i for i in ctx.live if branch[i] is not None]
+        if not hits:
+            return features
+        dev = self.device
+        last = torch.tensor([ctx.lengths[i] - 1 for i in hits], device=dev)  # slot of verified token t: last + t
+        cache.move(torch.tensor(hits, device=dev), last + torch.tensor([branch[i] for i in hits], device=dev),
+                   last + 1 + torch.tensor([accepted[i] for i in hits], device=dev))
+        if features is None:
+            return None
+        width = max(accepted) + 2  # (shorter paths padded with their last token's index)
+        path = [list(range(a + 1)) + [a if b is None else b] * (width - a - 1) for a, b in zip(accepted, branch)]
+        index = torch.tensor(path, device=self.device).unsqueeze(-1).expand(-1, -1, features.shape[-1])
+        return features.gather(1, index)
+
+    def _commit(self, ctx: StepContext, proposal: Proposal, accepted, tokens, branch, t_draft, t_target
+                ) -> List[List[int]]:
         """Stats and acceptance estimates (each source learns from its own rows); the tokens each row receives."""
         k = proposal.k
         for source, est in ((MODEL, self.adaptive), (LOOKUP, self.adaptive_lookup)):
             rows = [i for i in ctx.live if proposal.source[i] == source]
             if est is not None and rows:
-                est.update(k, [ctx.reqs[i].temperature for i in rows], [accepted[i] for i in rows], t_draft, t_target)
+                confidences = (None if proposal.confidence is None or source != MODEL
+                               else [proposal.confidence[i] for i in rows])
+                est.update(k, [ctx.reqs[i].temperature for i in rows], [accepted[i] for i in rows], t_draft, t_target,
+                           confidences)
         live = set(ctx.live)
         result = []
         for i, (r, a, row) in enumerate(zip(ctx.reqs, accepted, tokens)):
@@ -564,6 +656,7 @@ class SpeculativeEngine:
             s = r.stats
             s.steps += 1
             s.lookup_steps += proposal.source[i] == LOOKUP
+            s.alternative_hits += branch[i] is not None
             s.accepted += a
             s.rejections += int(a < k)
             counts = (s.position_proposed, s.position_accepted, s.position_reached)  # host ints: no sync
@@ -578,7 +671,7 @@ class SpeculativeEngine:
                 reached[j] += 1
             s.draft_time_s += t_draft
             s.target_time_s += t_target
-            result.append(row[: a + 1])
+            result.append(row)
         return result
 
     def _plain_step(self, ctx: StepContext, cache, forward) -> List[List[int]]:

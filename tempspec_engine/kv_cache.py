@@ -40,6 +40,12 @@ class KVCache:
         self.k[layer][rows, :, positions] = k_new.transpose(1, 2)
         self.v[layer][rows, :, positions] = v_new.transpose(1, 2)
 
+    def move(self, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copies the keys and values at slot src[i] to slot dst[i] of row rows[i], in every layer (int64 [n] each):
+        a verified tree branch joins the row's positions in order."""
+        for buf in self.k + self.v:
+            buf[rows, :, dst] = buf[rows, :, src]
+
     def compact(self, keep: torch.Tensor) -> None:
         """Moves rows `keep` (int64 [n], increasing) to rows [0, n), e.g. after requests finished."""
         n = keep.shape[0]

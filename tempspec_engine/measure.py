@@ -29,7 +29,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-COUNTS = ("steps", "accepted", "rejections", "lookup_steps", "plain_steps")  # summed RequestStats fields
+COUNTS = ("steps", "accepted", "rejections", "lookup_steps", "plain_steps", "alternative_hits")  # summed RequestStats fields
 # RequestStats lists, one count per draft position: summed elementwise
 POSITION_COUNTS = ("position_proposed", "position_accepted", "position_reached")
 

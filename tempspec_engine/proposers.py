@@ -5,9 +5,14 @@ The engine's step reads propose -> verify -> accept -> commit (engine.py). A pro
       to a proposer with `needs_features`, followed by the outputs of its blocks `feature_taps` when it names any);
   propose(ctx, caches, forwards, k_max) -> Proposal, or None when no row has anything to propose (the engine then
       runs a plain target step): k tokens per row and the distribution each was drawn from (one-hot for lookup), so
-      that the acceptance stays lossless;
-  commit(ctx, proposal, accepted, features): told how many of each row's proposals were accepted (and, with
-      `needs_features`, given the target's features of the verified positions), it updates its own state.
+      that the acceptance stays lossless; a model draft picks k before drafting (ctx.choose_k) or, given a
+      DraftChain (ctx.draft_chain), stops when its own confidence says one more draft does not pay (draft_tokens);
+      a model draft also names, per draft position, `ctx.alternatives` more of its likely tokens: the target reads
+      them in the same verification forward, so that a correction token equal to one of them comes with one more
+      token (the engine's module docstring);
+  commit(ctx, proposal, accepted, features, received): told how many of each row's proposals were accepted and how
+      many tokens each row received (and, with `needs_features`, given the target's features [B, T, width] of the
+      verified tokens that produced them, in order: features[i, :received[i]]), it updates its own state.
 `models` are the models whose KV caches the engine allocates for it (with CUDA graphs where the engine uses them);
 their caches and forwards come back, in that order, to propose().
 
@@ -23,6 +28,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from tempspec_engine.adaptive_k import DraftChain
 from tempspec_engine.ops import sample
 from tempspec_engine.sampling import StepSettings
 
@@ -40,7 +46,9 @@ def pad_logits(logits: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Te
 @dataclasses.dataclass
 class StepContext:
     """What a proposer sees of one step. reqs: the batch rows (idle rows hold a stand-in request); live: indices of
-    the real ones; lengths: committed tokens per row; choose_k(source): the lookahead for proposals from `source`."""
+    the real ones; lengths: committed tokens per row; choose_k(source): the lookahead for proposals from `source`;
+    draft_chain(source): a DraftChain when drafts from `source` stop on confidence, else None; alternatives: the
+    alternative tokens a model draft names per draft position (0: none)."""
 
     reqs: list
     live: List[int]
@@ -49,6 +57,8 @@ class StepContext:
     filter_draft: bool
     generator: torch.Generator
     choose_k: Callable[[str], int]
+    draft_chain: Callable[[str], Optional[DraftChain]]
+    alternatives: int
     vocab: int
     dtype: torch.dtype
     device: torch.device
@@ -65,11 +75,16 @@ class StepContext:
 
 class Proposal(NamedTuple):
     """tokens [B, k] int64; logits [B, k, V] (q, in the engine dtype); source[b]: LOOKUP, MODEL or None (an idle row,
-    or a row padded without a proposal of its own: no estimator learns from it)."""
+    or a row padded without a proposal of its own: no estimator learns from it); confidence[b]: the confidences of
+    row b's k model drafts (DraftChain) for the calibration of its estimator, or None (not measured, idle row);
+    alternatives [B, k, s] int64 or None: at draft position i, s more tokens of the draft's (not tokens[b, i]; -1:
+    none), each read by the target after tokens[b, :i]."""
 
     tokens: torch.Tensor
     logits: torch.Tensor
     source: List[Optional[str]]
+    confidence: Optional[List[Optional[List[float]]]] = None
+    alternatives: Optional[torch.Tensor] = None
 
     @property
     def k(self) -> int:
@@ -103,6 +118,53 @@ def draw(ctx: StepContext, logits: torch.Tensor, flag: NonFiniteFlag):
     d = sample(q, ctx.settings.temperature, generator=ctx.generator, backend=ctx.backend, validate=False,
                **ctx.draft_filters()).clamp_(0, q.shape[-1] - 1)
     return q, d
+
+
+def top_probability(logits: torch.Tensor) -> List[float]:
+    """The largest probability of softmax(logits) per row, logits [B, V] -> B host floats (a draft's confidence)."""
+    logits = logits.float()
+    return torch.exp(logits.amax(-1) - logits.logsumexp(-1)).tolist()
+
+
+def other_top_tokens(logits: torch.Tensor, drawn: torch.Tensor, n: int) -> torch.Tensor:
+    """The n highest-scoring ids of logits [B, V] other than drawn [B], best first: int64 [B, n]."""
+    top = logits.topk(n + 1, dim=-1).indices
+    others = top != drawn.unsqueeze(1)
+    first = torch.argsort((~others).to(torch.int8), dim=1, stable=True)[:, :n]  # the n first ids that are not drawn
+    return top.gather(1, first)
+
+
+def draft_tokens(ctx: StepContext, logits: torch.Tensor, advance: Callable[[torch.Tensor, int], torch.Tensor],
+                 flag: NonFiniteFlag) -> Proposal:
+    """A model draft's proposal, one position at a time: logits [B, V_model] give draft 1; advance(d, i) feeds draft
+    i + 1 (d [B] int64) back into the model and returns the logits of the next position. With a DraftChain the draft
+    stops when one more token does not pay (at most its k_max), else after ctx.choose_k(MODEL) tokens. With
+    ctx.alternatives = s > 0, each position also names the s most likely tokens of q other than the drawn one."""
+    chain = ctx.draft_chain(MODEL)
+    k = chain.k_max if chain is not None else ctx.choose_k(MODEL)
+    draft_logits, draft_tokens_, alternatives = [], [], []
+    for i in range(k):
+        q, d = draw(ctx, logits, flag)
+        draft_logits.append(q)
+        draft_tokens_.append(d)
+        if ctx.alternatives:
+            alternatives.append(other_top_tokens(q, d, ctx.alternatives))
+        more = True
+        if chain is not None:  # one host read of B floats per draft: free on the CPU
+            top = top_probability(q)
+            more = chain.extend([top[b] for b in ctx.live])
+        if i == k - 1 or not more:
+            break
+        logits = advance(d, i)
+    live = set(ctx.live)
+    confidence = None
+    if chain is not None:
+        confidence = [None] * len(ctx.reqs)
+        for r, b in enumerate(ctx.live):
+            confidence[b] = chain.confidences[r]
+    return Proposal(torch.stack(draft_tokens_, dim=1), torch.stack(draft_logits, dim=1),
+                    [MODEL if i in live else None for i in range(len(ctx.reqs))], confidence,
+                    torch.stack(alternatives, dim=1) if alternatives else None)
 
 
 class LookupProposer:
@@ -139,7 +201,7 @@ class LookupProposer:
         k = min(ctx.choose_k(LOOKUP), max(len(found[i]) for i in matched))
         return self.from_matches(ctx, found, range(len(ctx.reqs)), k)
 
-    def commit(self, ctx: StepContext, proposal: Proposal, accepted: List[int], features=None) -> None:
+    def commit(self, ctx: StepContext, proposal: Proposal, accepted: List[int], features=None, received=None) -> None:
         pass
 
 
@@ -169,8 +231,7 @@ class ModelProposer:
         end (keys beyond a row's length are overwritten before anything attends to them)."""
         (cache,), (forward,) = caches, forwards
         reqs, lengths, dev = ctx.reqs, ctx.lengths, ctx.device
-        k = ctx.choose_k(MODEL)
-        kv_len = max(lengths) + k
+        kv_len = max(lengths) + k_max
         W = max(2, max(n - self.cached.get(r.index, n - 1) for r, n in zip(reqs, lengths)))
         rounded = 1 << (W - 1).bit_length()  # the next power of two
         if ctx.static_shapes and rounded <= max(lengths):
@@ -181,25 +242,21 @@ class ModelProposer:
         last = torch.tensor([n - 1 - s for s, n in zip(starts, lengths)], device=dev)
         logits = forward(window, positions, cache, kv_len, last)
         L = torch.tensor(lengths, device=dev)
-        draft_logits, draft_tokens = [], []
-        for i in range(k):
-            q, d = draw(ctx, logits[:, 0], self.flag)
-            draft_logits.append(q)
-            draft_tokens.append(d)
-            if i < k - 1:
-                logits = forward(d.unsqueeze(1), (L + i).unsqueeze(1), cache, kv_len, None)
-        live = set(ctx.live)
-        return Proposal(torch.stack(draft_tokens, dim=1), torch.stack(draft_logits, dim=1),
-                        [MODEL if i in live else None for i in range(len(reqs))])
 
-    def commit(self, ctx: StepContext, proposal: Proposal, accepted: List[int], features=None) -> None:
+        def advance(d: torch.Tensor, i: int) -> torch.Tensor:
+            return forward(d.unsqueeze(1), (L + i).unsqueeze(1), cache, kv_len, None)[:, 0]
+
+        return draft_tokens(ctx, logits[:, 0], advance, self.flag)
+
+    def commit(self, ctx: StepContext, proposal: Proposal, accepted: List[int], features=None, received=None) -> None:
         """The cache holds each row's committed tokens up to the last two (its window re-reads them), or, for a row
-        whose proposal the lookup replaced, up to its window's end."""
+        whose proposal the lookup replaced, up to its window's end (tokens received beyond the accepted drafts and
+        the correction are re-read by the next window too)."""
         for i in ctx.live:
             n = ctx.lengths[i]
             self.cached[ctx.reqs[i].index] = n if proposal.source[i] == LOOKUP else max(n + accepted[i] - 1, 0)
 
-    def skipped(self, ctx: StepContext, accepted: List[int], features=None) -> None:
+    def skipped(self, ctx: StepContext, features=None, received=None) -> None:
         """A step in which another proposer proposed: nothing to do (the next window re-reads what was missed)."""
 
 
@@ -227,15 +284,19 @@ class HybridProposer:
             rows = self.lookup.from_matches(ctx, found, matched, proposal.k)
             idx = torch.tensor(matched, device=ctx.device)
             proposal.tokens[idx], proposal.logits[idx] = rows.tokens, rows.logits
+            if proposal.alternatives is not None:
+                proposal.alternatives[idx] = -1  # a lookup proposal names no alternatives
             for i in matched:
                 proposal.source[i] = LOOKUP
+                if proposal.confidence is not None:
+                    proposal.confidence[i] = None  # (the model's confidence in a token it did not propose)
         return proposal
 
-    def commit(self, ctx: StepContext, proposal: Proposal, accepted: List[int], features=None) -> None:
+    def commit(self, ctx: StepContext, proposal: Proposal, accepted: List[int], features=None, received=None) -> None:
         if any(s == MODEL for s in proposal.source):  # the model ran this step
-            self.model.commit(ctx, proposal, accepted, features)
+            self.model.commit(ctx, proposal, accepted, features, received)
         else:
-            self.model.skipped(ctx, accepted, features)
+            self.model.skipped(ctx, features, received)
 
 
 class FeatureProposer:
@@ -271,8 +332,7 @@ class FeatureProposer:
     def propose(self, ctx: StepContext, caches, forwards, k_max: int) -> Proposal:
         (cache,) = caches
         reqs, lengths, dev = ctx.reqs, ctx.lengths, ctx.device
-        k = ctx.choose_k(MODEL)
-        kv_len = max(lengths) + k
+        kv_len = max(lengths) + k_max
         # 1. extend: each row reads its unread features f_m..f_{n-1} with tokens x_{m+1}..x_n (right-padded)
         unread = [self.unread.get(r.index) for r in reqs]
         counts = [u.shape[0] if u is not None else 0 for u in unread]
@@ -291,27 +351,24 @@ class FeatureProposer:
                          cache, kv_len)[rows, torch.tensor(last, device=dev)].unsqueeze(1)
         # 2. draft: d_1 from the extension, then the head on its own predicted features
         L = torch.tensor(lengths, device=dev)
-        draft_logits, draft_tokens = [], []
-        for i in range(k):
-            q, d = draw(ctx, self.head.logits(pred[:, 0]), self.flag)
-            draft_logits.append(q)
-            draft_tokens.append(d)
-            if i < k - 1:
-                pred = self.head(pred, d.unsqueeze(1), (L - 1 + i).unsqueeze(1), cache, kv_len)
-        live = set(ctx.live)
-        return Proposal(torch.stack(draft_tokens, dim=1), torch.stack(draft_logits, dim=1),
-                        [MODEL if i in live else None for i in range(len(reqs))])
+
+        def advance(d: torch.Tensor, i: int) -> torch.Tensor:
+            nonlocal pred
+            pred = self.head(pred, d.unsqueeze(1), (L - 1 + i).unsqueeze(1), cache, kv_len)
+            return self.head.logits(pred[:, 0])
+
+        return draft_tokens(ctx, self.head.logits(pred[:, 0]), advance, self.flag)
 
     def commit(self, ctx: StepContext, proposal: Proposal, accepted: List[int],
-               features: Optional[torch.Tensor] = None) -> None:
-        """features [B, k+1, feature_width]: the target's at the verified positions; a row that accepted a drafts has
-        a+1 new committed tokens whose producing features are the first a+1 (its cache stays valid up to n - 1: the
+               features: Optional[torch.Tensor] = None, received: Optional[List[int]] = None) -> None:
+        """features [B, T, feature_width]: the target's features that produced each row's received tokens, in order
+        (features[i, :received[i]]); they are the head's next unread ones (its cache stays valid up to n - 1: the
         draft steps' entries hold predicted features and are overwritten next round)."""
         for i in ctx.live:
-            self.unread[ctx.reqs[i].index] = features[i, :accepted[i] + 1]
+            self.unread[ctx.reqs[i].index] = features[i, :received[i]]
 
-    def skipped(self, ctx: StepContext, accepted: List[int], features=None) -> None:
+    def skipped(self, ctx: StepContext, features=None, received=None) -> None:
         """A step in which another proposer proposed: the features of the tokens it committed join the unread ones."""
         for i in ctx.live:
             r = ctx.reqs[i]
-            self.unread[r.index] = torch.cat([self.unread[r.index], features[i, :accepted[i] + 1]])
+            self.unread[r.index] = torch.cat([self.unread[r.index], features[i, :received[i]]])

@@ -147,7 +147,7 @@ def run_sweep(target, drafts: Sequence[str], prompts: Sequence[Union[str, Sequen
 
     target: anything SpeculativeEngine accepts (a LoadedModel is loaded once and shared by all engines).
     prompts: text (chat template applied unless chat_template=False) or token-id lists. Prompts that do not fit the
-    KV cache (prompt + max_new_tokens + k_max + 1 > max_len) are skipped and counted in meta.
+    KV cache (prompt + max_new_tokens + lookahead + 1 > max_len) are skipped and counted in meta.
     sampling: generate()'s filter keywords (top_k, top_p, min_p, lenience, filter_draft) for every run.
     """
     from tempspec_engine.engine import SpeculativeEngine
@@ -168,9 +168,9 @@ def run_sweep(target, drafts: Sequence[str], prompts: Sequence[Union[str, Sequen
     engines = {d: SpeculativeEngine(baseline.target, d, k=k, **kw) for d in drafts}
     load_s = time.perf_counter() - t0
 
-    k_max = max(e.k_max for e in engines.values())
+    lookahead = max(e.lookahead for e in engines.values())
     ids = [baseline.encode(p, chat_template=chat_template) for p in prompts]
-    fits = [p for p in ids if p and len(p) + max_new_tokens + k_max + 1 <= baseline.max_len]
+    fits = [p for p in ids if p and len(p) + max_new_tokens + lookahead + 1 <= baseline.max_len]
     if not fits:
         raise ValueError(f"no prompt fits the KV cache (max_len {baseline.max_len}, max_new_tokens {max_new_tokens})")
     chunks = [fits[i:i + batch_size] for i in range(0, len(fits), batch_size)]

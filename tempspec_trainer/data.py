@@ -38,13 +38,17 @@ def _prompt_objects(path: str, limit: Optional[int], offset: int) -> List[Tuple[
     out = [row for row in read_prompt_objects(path) if row[0] >= offset][:limit]
     if not out:
         raise ValueError(f"{path} holds no prompts in rows [{offset}, {offset + (limit or 0)})")
+    for i, _, row in out:
+        if not isinstance(row.get("category", ""), (str, type(None))):
+            raise ValueError(f"{path}:{i + 1}: 'category' must be a string, got {row['category']!r}")
     return out
 
 
 def category_of(source_row: dict) -> dict:
-    """{"category": the prompt row's category} when it carries a string one (Spec-Bench's), else {}."""
+    """{"category": the prompt row's category} when it carries one (Spec-Bench's; _prompt_objects checked that it is
+    a string), else {}."""
     category = source_row.get("category")
-    return {"category": category} if isinstance(category, str) else {}
+    return {} if category is None else {"category": category}
 
 
 def read_rows(path: str) -> List[dict]:
@@ -136,7 +140,7 @@ def generate_dataset(engine, prompt_file: str, out_path: str, temperature: float
                              "write each temperature to its own file and combine them with `mix`")
     done = {int(r["index"]) for r in existing}
     # a prompt that cannot fit the engine's KV cache with its response is skipped (and counted), not fatal
-    room = engine.max_len - max_new_tokens - engine.k_max - 1
+    room = engine.max_len - max_new_tokens - engine.lookahead - 1
     prompt_ids = {i: engine.encode(p, chat_template) for i, p in prompts}  # tokenized once: checked, then generated
     too_long = {i for i, ids in prompt_ids.items() if len(ids) > room}
     if too_long - done:

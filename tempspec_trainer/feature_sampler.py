@@ -9,7 +9,7 @@ data of a feature draft, are what it would propose if it drafted the whole respo
 That is FeatureDraft's drafting recipe (models/feature_draft.py) with k = the whole response and no verification.
 
 FeatureDraftSampler offers what tempspec_trainer.data.generate_dataset uses of an engine (encode, generate,
-max_len, k_max), so `tempspec-train gen-data --generator feature:1` writes the head's samples like any other data.
+max_len, lookahead), so `tempspec-train gen-data --generator feature:1` writes the head's samples like any other data.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class FeatureDraftSampler:
     """Samples responses from the feature head of `engine` (a SpeculativeEngine whose draft is a feature head, e.g.
     SpeculativeEngine(target, "feature:1")). name: the generator name written into each row."""
 
-    k_max = 0  # no lookahead beyond the response: a prompt fits when prompt + max_new_tokens + 1 <= max_len
+    lookahead = 0  # nothing beyond the response: a prompt fits when prompt + max_new_tokens + 1 <= max_len
 
     def __init__(self, engine, name: str):
         from tempspec_engine.models.feature_draft import FeatureDraft

@@ -40,3 +40,35 @@ def test_per_position_estimates_and_choice():
     # unmeasured temperatures fall back to the prior; the first steps use initial_k
     assert model.acceptance(1.0) == pytest.approx([0.6] * 8)
     assert AdaptiveK(initial_k=3).choose([0.0]) == 3
+
+
+def test_confidence_calibration_starts_at_the_confidence_and_learns():
+    est = AdaptiveK(k_max=4)
+    assert est.confident_acceptance(0.0, 0.95) == pytest.approx(0.95)  # the prior: a draft's confidence
+    for _ in range(200):  # confident drafts that are always rejected
+        est.update(2, [0.0], [0], 0.01, 0.05, confidences=[[0.95, 0.97]])
+    assert est.confident_acceptance(0.0, 0.95) < 0.02
+    assert est.calibration[0.0][9] == [0.0, 200.0]  # only the reached draft counts
+    assert est.confident_acceptance(0.0, 0.55) == pytest.approx(0.55)  # other bins and temperatures: the prior
+    assert est.confident_acceptance(1.0, 0.95) == pytest.approx(0.95)
+    for _ in range(50):  # accepted drafts of confidence 0.3 (bin 3); a row without confidences changes nothing
+        est.update(1, [0.0, 0.0], [1, 0], 0.01, 0.05, confidences=[[0.3], None])
+    assert est.calibration[0.0][3] == [50.0, 50.0] and est.confident_acceptance(0.0, 0.35) > 0.95
+
+
+def test_draft_chain_drafts_while_one_more_token_pays():
+    """With a draft forward costing 7% of a verification (the shipped feature head's share), confident drafts
+    continue, a 5% one ends the chain; a costly draft stops at once; k_max always ends it."""
+    cheap = AdaptiveK(k_max=6, fixed_costs=(0.07, 1.0))
+    chain = cheap.chain([0.0])
+    assert chain.extend([0.99]) and chain.extend([0.99]) and not chain.extend([0.05])
+    assert chain.k == 3 and chain.confidences == [[0.99, 0.99, 0.05]]
+    chain = cheap.chain([0.0])
+    assert [chain.extend([1.0]) for _ in range(6)] == [True] * 5 + [False]
+    assert not AdaptiveK(k_max=6, fixed_costs=(1.0, 1.0)).chain([0.0]).extend([0.9])
+    # a batch continues while its rows together gain: one confident row carries three unsure ones at this cost
+    chain = cheap.chain([0.0] * 4)
+    assert chain.extend([0.99, 0.3, 0.3, 0.3]) and not cheap.chain([0.0] * 4).extend([0.2, 0.2, 0.2, 0.2])
+    # unmeasured costs (no timings yet): the first steps draft initial_k tokens, as choose() does
+    chain = AdaptiveK(k_max=8, initial_k=3).chain([0.0])
+    assert [chain.extend([0.5]) for _ in range(3)] == [True, True, False]

@@ -38,6 +38,23 @@ def test_generate_batch_and_errors(model_dir, capsys):
     assert "temperature" in capsys.readouterr().err
 
 
+def test_generate_step_options(model_dir, capsys):
+    """--alternatives and --no-confidence-stop reach the engine; the greedy text stays the target's."""
+    base = ["generate", "--prompt", "w3 w4", "--target", str(model_dir), "--device", "cpu", "--dtype", "fp32",
+            "--temperature", "0", "--max-new-tokens", "8"]
+    assert main(base + ["--no-speculative", "--quiet"]) == 0
+    want = capsys.readouterr().out
+    for extra in (["--alternatives", "0", "--no-confidence-stop"], ["--alternatives", "5"]):
+        assert main(base + ["--draft", "layers:0"] + extra) == 0
+        got = capsys.readouterr()
+        assert got.out == want and "alternatives taken" in got.err
+    for draft, value, word in (("layers:0", "-1", "alternatives must be an integer >= 0"),
+                               ("lookup", "2", "alternatives need a model draft")):
+        assert main(base + ["--draft", draft, "--alternatives", value]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and word in err[0]
+
+
 def test_generate_with_filters_and_lenience(model_dir, capsys):
     base = ["generate", "--prompt", "w3 w4", "--target", str(model_dir), "--draft", "layers:0", "--device", "cpu",
             "--dtype", "fp32", "--temperature", "1", "--max-new-tokens", "6", "--seed", "3"]

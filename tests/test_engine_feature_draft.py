@@ -40,22 +40,45 @@ def test_greedy_sd_with_a_feature_draft_equals_the_target(batch, draft_vocab, ta
     got = engine.generate(PROMPTS, 0.0, 30, batch_size=batch)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert sum(o.stats.accepted for o in got) > 0 and sum(o.stats.rejections for o in got) > 0
+    assert engine.alternatives == 2 and sum(o.stats.alternative_hits for o in got) > 0  # corrections it had read
 
 
 def test_feature_draft_is_lossless_per_temperature_group():
     """One batch mixing T = 0.5 and T = 1 row by row; each group's first two tokens against the target's exact joint
-    distribution at its temperature (chi-square, fails below 1e-3)."""
+    distribution at its temperature (chi-square, fails below 1e-3). With 6 alternatives per position (of 16 ids) the
+    second token is often the one drawn after a correction the target had read as an alternative."""
     V = 16
     target = tiny_target(vocab=V, layers=2, seed=5, scale=3.0)
     engine = SpeculativeEngine(target, feature_head(target, seed=2), device="cpu", dtype=torch.float32, k=3,
-                               max_len=16, max_batch_size=1000)
+                               max_len=32, max_batch_size=1000, alternatives=6)
     prompt = [3, 1, 4, 1]
     temps = [0.5, 1.0] * 2000
     out = engine.generate([prompt] * len(temps), temps, 2, seed=7)
     for j, t in enumerate((0.5, 1.0)):
         p_value = first_two_chi_square(out[j::2], exact_first_two(target.model, prompt, t))
         assert p_value > 1e-3, (t, p_value)
+        assert sum(o.stats.alternative_hits for o in out[j::2]) > 100
     assert sum(o.stats.accepted for o in out) > 0
+
+
+def test_stopping_on_confidence_is_lossless_row_by_row():
+    """k="auto" stops each step's drafts on the head's confidence (adaptive_k.DraftChain). At batch 1 that decision
+    follows the row's own earlier tokens, and the first two tokens still follow the target's exact joint
+    distribution (chi-square), with steps of several lengths. (An 8-layer target, so that a head step is cheap
+    beside it, and a head made sharp by its final norm, so that it is sometimes confident.)"""
+    V = 16
+    target = tiny_target(vocab=V, layers=8, seed=5, scale=3.0)
+    head = feature_head(target, seed=2)
+    with torch.no_grad():
+        head.norm.weight.mul_(4.0)
+    engine = SpeculativeEngine(target, head, device="cpu", dtype=torch.float32, max_len=40)
+    assert engine.confidence_stop
+    prompt = [3, 1, 4, 1]
+    out = engine.generate([prompt] * 1500, 1.0, 2, seed=11, batch_size=1)
+    assert first_two_chi_square(out, exact_first_two(target.model, prompt, 1.0)) > 1e-3
+    proposed = [sum(o.stats.position_proposed[j] for o in out) for j in range(2)]
+    assert proposed[0] > proposed[1] >= 30  # some steps stopped after one draft, others went on
+    assert engine.adaptive.calibration  # the head's confidence was calibrated from the accepted counts
 
 
 def test_lookup_in_front_of_a_feature_draft(tmp_path):
@@ -107,3 +130,19 @@ def test_feature_cache_after_rejections_equals_a_fresh_pass(temperature, draft, 
     for layer in range(len(fresh.k)):
         torch.testing.assert_close(caches[1].k[layer][0, :, :n], fresh.k[layer][0, :, :n], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(caches[1].v[layer][0, :, :n], fresh.v[layer][0, :, :n], atol=1e-5, rtol=1e-5)
+    # the target's cache too: every committed token but the pending one, alternatives followed included
+    m = len(seq) - 1
+    target_fresh = target.model.new_cache(1, 96)
+    target.model(torch.tensor([seq[:m]]), torch.arange(m).unsqueeze(0), target_fresh, compute_logits=False)
+    for layer in range(len(target_fresh.k)):
+        torch.testing.assert_close(caches[0].k[layer][0, :, :m], target_fresh.k[layer][0, :, :m], atol=1e-5,
+                                   rtol=1e-5)
+        torch.testing.assert_close(caches[0].v[layer][0, :, :m], target_fresh.v[layer][0, :, :m], atol=1e-5,
+                                   rtol=1e-5)
+    return out.stats.alternative_hits
+
+
+def test_feature_cache_tests_follow_alternatives(tmp_path):
+    """The cache test above is only as good as the alternatives it meets: in this setting the head's corrections
+    hit its alternatives."""
+    assert test_feature_cache_after_rejections_equals_a_fresh_pass(0.0, "head", (), tmp_path) > 0

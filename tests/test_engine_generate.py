@@ -312,3 +312,24 @@ def test_draft_cache_after_rejections_equals_a_fresh_pass(draft, temperature):
     for layer in range(len(fresh.k)):
         torch.testing.assert_close(caches[1].k[layer][0, :, :n], fresh.k[layer][0, :, :n], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(caches[1].v[layer][0, :, :n], fresh.v[layer][0, :, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_alternatives_and_confidence_stop_defaults_and_refusals(target):
+    """Alternatives default to ALTERNATIVES with a model draft and to none for lookup; stopping on confidence is on
+    with k="auto" on the CPU. What cannot work is refused in one line."""
+    from tempspec_engine.engine import ALTERNATIVES
+
+    kw = dict(device="cpu", dtype=torch.float32, max_len=64)
+    model = SpeculativeEngine(target, "layers:0", **kw)
+    assert model.alternatives == ALTERNATIVES and model.confidence_stop
+    assert model.lookahead == model.k_max * (1 + ALTERNATIVES)
+    lookup = SpeculativeEngine(target, "lookup", **kw)
+    assert lookup.alternatives == 0 and lookup.lookahead == lookup.k_max
+    assert not SpeculativeEngine(target, "layers:0", k=3, **kw).confidence_stop
+    assert SpeculativeEngine(target, "layers:0", alternatives=0, **kw).lookahead == 8
+    with pytest.raises(ValueError, match="alternatives need a model draft"):
+        SpeculativeEngine(target, "lookup", alternatives=2, **kw)
+    with pytest.raises(ValueError, match="alternatives must be an integer >= 0"):
+        SpeculativeEngine(target, "layers:0", alternatives=-1, **kw)
+    with pytest.raises(ValueError, match="confidence_stop needs k='auto'"):
+        SpeculativeEngine(target, "layers:0", k=3, confidence_stop=True, **kw)

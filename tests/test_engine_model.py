@@ -88,6 +88,38 @@ def test_rollback_equals_fresh_forward():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_token_tree_reads_each_branch_after_its_ancestors_and_moves_into_place():
+    """A tree forward (Transformer.forward's `tree`): a chain d1 d2 after the prompt's last token, plus two
+    alternatives to d1 and one to d2 in slots after the chain. Each node's logits equal a plain forward of its own
+    branch; moving an alternative's keys to its position (KVCache.move) leaves the cache of a fresh forward over the
+    branch it ends."""
+    model = _ours(tiny_llama_hf(vocab=64, layers=3, seed=2))
+    prompt, chain = [5, 9, 2, 7], [11, 12]
+    n = len(prompt) - 1  # the prompt's last token ("pending") is not in the cache yet
+    cache = model.new_cache(1, 32)
+    model(torch.tensor([prompt[:n]]), torch.arange(n).unsqueeze(0), cache, compute_logits=False)
+    tokens = torch.tensor([[prompt[-1]] + chain + [21, 22, 23]])
+    positions = torch.tensor([[n, n + 1, n + 2, n + 1, n + 1, n + 2]])
+    slots = torch.tensor([[n, n + 1, n + 2, n + 3, n + 4, n + 5]])
+    visible = torch.tensor([[n, n + 1, n + 2, n, n, n + 1]])  # an alternative sees its ancestors and itself
+    logits = model(tokens, positions, cache, kv_len=n + 6, tree=(slots, visible))
+    branches = {0: prompt, 1: prompt + chain[:1], 2: prompt + chain, 3: prompt + [21], 4: prompt + [22],
+                5: prompt + chain[:1] + [23]}
+    for node, seq in branches.items():
+        want = model(torch.tensor([seq]), torch.arange(len(seq)).unsqueeze(0), None)[0, -1]
+        torch.testing.assert_close(logits[0, node], want, atol=1e-4, rtol=1e-4)
+    cache.move(torch.tensor([0]), torch.tensor([n + 5]), torch.tensor([n + 2]))  # d1 accepted, d2 -> alternative 23
+    seq = branches[5]
+    fresh = model.new_cache(1, 32)
+    model(torch.tensor([seq]), torch.arange(len(seq)).unsqueeze(0), fresh, compute_logits=False)
+    for layer in range(model.n_layers):
+        torch.testing.assert_close(cache.k[layer][0, :, :len(seq)], fresh.k[layer][0, :, :len(seq)], atol=1e-5,
+                                   rtol=1e-5)
+        torch.testing.assert_close(cache.v[layer][0, :, :len(seq)], fresh.v[layer][0, :, :len(seq)], atol=1e-5,
+                                   rtol=1e-5)
+
+
 def test_compact_moves_rows():
     model = _ours(tiny_llama_hf(vocab=32, layers=1))
     cache = model.new_cache(3, 8)

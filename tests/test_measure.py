@@ -243,7 +243,7 @@ def test_speedup_interval():
 def test_bench_engine_summary_keys():
     bench = load_bench()
     sums = {"tokens": 12, "seconds": 2.0, "steps": 4, "accepted": 6, "rejections": 2, "lookup_steps": 0,
-            "plain_steps": 1, "draft_time_s": 0.5, "target_time_s": 1.0, "position_proposed": [3, 3, 2, 0],
+            "alternative_hits": 1, "plain_steps": 1, "draft_time_s": 0.5, "target_time_s": 1.0, "position_proposed": [3, 3, 2, 0],
             "position_accepted": [3, 2, 1, 0], "position_reached": [3, 3, 2, 0]}
     res = bench.summarize(sums, True)
     assert res["alpha"] == 0.75 and res["alpha_se"] == math.sqrt(0.75 * 0.25 / 8)
@@ -252,6 +252,7 @@ def test_bench_engine_summary_keys():
     assert res["position_reached"] == [3, 3, 2, 0]
     assert res["position_proposed"] == [3, 3, 2, 0] and res["position_accepted"] == [3, 2, 1, 0]
     assert {"tokens_per_s", "mean_accepted", "tokens_per_step", "lookup_step_share", "plain_step_share"} <= set(res)
+    assert res["alternative_hit_share"] == 0.25
     base = bench.summarize({**sums, "accepted": 0, "rejections": 0, "plain_steps": 4,
                             "position_proposed": [0] * 4, "position_accepted": [0] * 4}, False)
     assert base["alpha"] is None and base["alpha_se"] is None

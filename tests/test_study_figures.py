@@ -98,6 +98,11 @@ def test_temperatures_from_the_committed_engine_results(tmp_path):
     hf = {"meta": {}, "results": [{"method": "hf_target_only", "batch": 1, "temperature": 0.0,
                                    "speedup_vs_target_only": 0.9}]}
     assert study_figures.temperature_rows(hf) == {"hf_target_only": [(0.0, 0.9, None, None)]}
+    # a bench_engine --variants row is its own series, named by draft and variant
+    variants = study_figures.read_json(os.path.join(RESULTS, "engine_cpu_alternatives_batch1.json"))
+    rows = study_figures.temperature_rows(variants)
+    assert {"lookup+feature:1", "lookup+feature:1/alternatives=0,confidence_stop=0"} <= set(rows)
+    assert len(rows["lookup+feature:1/alternatives=0,confidence_stop=0"]) == len(rows["lookup+feature:1"]) == 4
 
 
 def test_lenience_from_the_committed_engine_results(tmp_path):

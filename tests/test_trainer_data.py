@@ -68,6 +68,11 @@ def test_rows_keep_the_prompt_rows_category(engine, tmp_path):
     rows = tf.read_jsonl(out)
     assert [r.get("category") for r in rows] == ["qa", "translation", None]
     assert set(rows[0]) == FIELDS | {"category"} and set(rows[2]) == FIELDS
+    # a category that is not a string is refused in one line naming the file and line, like any broken prompt row
+    prompts.write_text(json.dumps({"category": "qa", "turns": ["a"]}) + "\n" +
+                       json.dumps({"category": 7, "turns": ["b"]}) + "\n")
+    with pytest.raises(ValueError, match=r"bench\.jsonl:2: 'category' must be a string, got 7"):
+        generate_dataset(engine, str(prompts), str(tmp_path / "bad.jsonl"), 0.0, **GEN)
 
 
 def test_greedy_rows_match_single_prompt_generation(engine, prompt_file, tmp_path):

@@ -64,8 +64,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
 
-    def forward(self, x, cos, sin, positions, mask, cache: KVCache, layer: int, kv_len: int):
-        """x [B,T,dim]; cos/sin [B,1,T,D]; positions [B,T]; mask [B,1,T,kv_len] bool. Returns [B,T,dim]."""
+    def forward(self, x, cos, sin, slots, mask, cache: KVCache, layer: int, kv_len: int):
+        """x [B,T,dim]; cos/sin [B,1,T,D]; slots [B,T] (the cache slots the keys are written to); mask
+        [B,1,T,kv_len] bool. Returns [B,T,dim]."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -75,7 +76,7 @@ class Attention(nn.Module):
         if cache is None:  # training / scoring a whole sequence: causal attention within it, nothing stored
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-        cache.write(layer, k, v, positions)
+        cache.write(layer, k, v, slots)
         keys, values = cache.k[layer][:, :, :kv_len], cache.v[layer][:, :, :kv_len]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                              enable_gqa=self.n_kv != self.n_heads)
@@ -101,8 +102,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.dim, c.rms_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, positions, mask, cache, layer, kv_len):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, cache, layer, kv_len)
+    def forward(self, x, cos, sin, slots, mask, cache, layer, kv_len):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, mask, cache, layer, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -115,21 +116,31 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 
 def run_layers(layers: Sequence[Block], x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor,
                cache: Optional[KVCache], kv_len: Optional[int] = None, last_query: bool = False,
-               keep: Sequence[int] = ()) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+               keep: Sequence[int] = (), tree: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+               ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """The decoder blocks on x [B, T, dim] with RoPE at positions [B, T], under Transformer.forward's cache
     conventions: with a cache, each layer writes its T keys at `positions` and attends over cache positions
     [0, kv_len) (default: all) where key position <= query position (no mask with last_query=True); cache=None:
-    plain causal attention over the T inputs (training). Returns the last block's output [B, T, dim] and the outputs of
-    the blocks whose indices are in `keep`, in that order (each [B, T, dim]; the residual stream, no norm)."""
+    plain causal attention over the T inputs (training). tree = (slots, visible), each [B, T] int64: the keys are
+    written at `slots` instead, and query t attends to the slots <= visible[b, t] and to its own slot (a token tree
+    whose branches share positions: Transformer.forward). Returns the last block's output [B, T, dim] and the
+    outputs of the blocks whose indices are in `keep`, in that order (each [B, T, dim]; the residual stream, no
+    norm)."""
     if cache is None:
         kv_len, last_query = x.shape[1], True  # no explicit mask: attention is causal
     kv_len = cache.max_len if kv_len is None else kv_len
     cos, sin = rope_cos_sin(inv_freq, positions, x.dtype)
-    keys = torch.arange(kv_len, device=positions.device)
-    mask = None if last_query else (keys.view(1, 1, 1, -1) <= positions.view(positions.shape[0], 1, -1, 1))
+    keys = torch.arange(kv_len, device=positions.device).view(1, 1, 1, -1)
+    B = positions.shape[0]
+    slots = positions
+    if tree is not None:
+        slots, visible = tree
+        mask = (keys <= visible.view(B, 1, -1, 1)) | (keys == slots.view(B, 1, -1, 1))
+    else:
+        mask = None if last_query else keys <= positions.view(B, 1, -1, 1)
     kept = {}
     for i, block in enumerate(layers):
-        x = block(x, cos, sin, positions, mask, cache, i, kv_len)
+        x = block(x, cos, sin, slots, mask, cache, i, kv_len)
         if i in keep:
             kept[i] = x
     return x, [kept[i] for i in keep]
@@ -172,7 +183,7 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Optional[KVCache],
                 kv_len: Optional[int] = None, logits_index: Optional[torch.Tensor] = None,
                 compute_logits: bool = True, last_query: bool = False, return_features: bool = False,
-                feature_taps: Sequence[int] = ()
+                feature_taps: Sequence[int] = (), tree: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
                 ) -> Union[Optional[torch.Tensor], Tuple[Optional[torch.Tensor], torch.Tensor]]:
         """tokens, positions: [B, T] int64 (row b's token t sits at positions[b, t]; keys at positions <= it are
         visible). Writes the T keys per layer into `cache` (lengths untouched: the caller owns them) and attends
@@ -187,6 +198,9 @@ class Transformer(nn.Module):
         (all T, or the logits_index ones); no extra pass (EAGLE-style feature drafts read them). feature_taps: block
         indices whose outputs (the residual stream, before any norm) follow the final features along the last axis:
         features [B, T or 1, (1 + len(feature_taps)) * dim] (EAGLE-3's low/middle/high-level features).
+        tree = (slots, visible), each [B, T] int64 (with a cache): a token tree, whose tokens may share positions. Token
+        t keeps RoPE position positions[b, t] but writes its keys to cache slot slots[b, t], and attends to the slots
+        <= visible[b, t] (its ancestors, laid out in order) and to its own slot.
         """
         x = self.embed_tokens(tokens)
         if self._inv_freq.device != tokens.device:
@@ -194,7 +208,7 @@ class Transformer(nn.Module):
         taps = tuple(feature_taps) if return_features else ()
         if any(not 0 <= i < self.n_layers for i in taps):
             raise ValueError(f"feature_taps {list(taps)} must be block indices in 0..{self.n_layers - 1}")
-        x, kept = run_layers(self.layers, x, self._inv_freq, positions, cache, kv_len, last_query, taps)
+        x, kept = run_layers(self.layers, x, self._inv_freq, positions, cache, kv_len, last_query, taps, tree)
         if not compute_logits and not return_features:
             return None
         if logits_index is not None:
