@@ -16,7 +16,11 @@ Generation settings beyond temperature (tempspec_engine/sampling.py): --settings
 --compare-draft-filter adds tempspec_sd[<draft>]/target-only, the serving engines' way (draft unfiltered, target
 filtered); --variants "alternatives=0,confidence_stop=0;alternatives=0" adds tempspec_sd[<draft>]/<variant> for each
 draft with a model, the same draft with those SpeculativeEngine settings (alternatives: tokens the target also reads
-per draft position; confidence_stop 0: k chosen before drafting instead of after each draft; engine.py);
+per draft position; confidence_stop 0: k chosen before drafting instead of after each draft; engine.py); a variant
+with device_loop=1,k=K (optionally sync_every=N, compile_step=1) decodes through the device loop
+(tempspec_engine/device_loop.py) and also adds target_only/<variant>, the target alone through it; its rows report
+the loop's steps, host reads and, on CUDA, the device time of one captured step and the host overhead (the share of
+the steps' wall time the device was not stepping) and speedup_vs_device_loop_target_only;
 --lenience 1,0.8,0.5,0.3 adds tempspec_sd[<draft>]@<eps> (lossy acceptance) and scores every tempspec method's
 text by its mean negative log-likelihood per token under the target at T=1 ("target_nll", lower is closer to the
 target's own preferences), the quality side of the lenience trade-off.
@@ -199,7 +203,8 @@ def main(argv=None) -> int:
                     help="also run each draft unfiltered with only the target filtered (the serving engines' way)")
     ap.add_argument("--variants", default="",
                     help="';'-separated engine settings to run each model draft with besides the defaults, each "
-                         "KEY=VALUE,... with keys alternatives (int >= 0) and confidence_stop (0 or 1) "
+                         "KEY=VALUE,... with keys alternatives (int >= 0), confidence_stop (0 or 1), device_loop "
+                         "(0 or 1; with k, an int, and optionally sync_every and compile_step, 0 or 1) "
                          "(default: none)")
     ap.add_argument("--lenience", default="1",
                     help="comma list of leniences in (0, 1]; each below 1 adds lossy methods and target_nll scores "
@@ -221,7 +226,8 @@ def main(argv=None) -> int:
     return run_command("bench_engine", lambda: run(args), getattr(args, "debug", False))
 
 
-VARIANT_KEYS = {"alternatives": int, "confidence_stop": lambda v: bool(int(v))}
+VARIANT_KEYS = {"alternatives": int, "confidence_stop": lambda v: bool(int(v)), "device_loop": lambda v: bool(int(v)),
+                "k": int, "sync_every": int, "compile_step": lambda v: bool(int(v))}
 
 
 def parse_variants(text: str) -> dict:
@@ -241,7 +247,20 @@ def parse_variants(text: str) -> dict:
             except ValueError:
                 raise ValueError(f"--variants {label!r}: {key} needs an integer, got {value.strip()!r}") from None
         variants[label] = kw
+    if any(kw.get("device_loop") and "k" not in kw for kw in variants.values()):
+        raise ValueError("--variants: device_loop=1 needs a fixed k (e.g. device_loop=1,k=4)")
     return variants
+
+
+def loop_figures(engine, sums: dict, batch: int, speculative: bool) -> dict:
+    """A device-loop method's steps and their wall seconds; on CUDA also the device time of one captured step
+    (replayed back to back) and the host overhead: the share of the steps' wall time the device was not stepping,
+    1 - steps x step time / wall."""
+    out = {key: sums[key] for key in ("loop_steps", "loop_wall_s", "loop_syncs")}
+    if engine.cuda_graphs:
+        step = engine.device_loop.step_seconds(batch, speculative)
+        out.update(device_step_s=step, host_overhead=1.0 - step * sums["loop_steps"] / sums["loop_wall_s"])
+    return out
 
 
 def _numbers(flag: str, text: str, cast) -> list:
@@ -281,18 +300,21 @@ def run(args) -> int:
     prompts = prompt_ids  # the engine takes ids directly: same prompts for every method
     # KV-cache length: what the longest prompt needs (static shapes attend over the whole cache), in steps of 64; a
     # step may write k_max drafts and their alternatives beyond a row's tokens
-    lookahead = encoder.k_max * (1 + max([ALTERNATIVES] + [kw.get("alternatives", 0) for kw in variants.values()]))
+    k_max = max([encoder.k_max] + [kw.get("k", 0) for kw in variants.values()])
+    lookahead = k_max * (1 + max([ALTERNATIVES] + [kw.get("alternatives", 0) for kw in variants.values()]))
     max_len = args.max_len or -(-(max(map(len, prompts)) + args.max_new_tokens + lookahead + 1) // 64) * 64
     graphs = False if args.no_cuda_graphs else None
 
     def engine(draft, **kw):
-        return SpeculativeEngine(target, draft, device, dtype, k=k, max_len=max_len, max_batch_size=max(batches),
-                                 cuda_graphs=graphs, **kw)
+        return SpeculativeEngine(target, draft, device, dtype, max_len=max_len, max_batch_size=max(batches),
+                                 cuda_graphs=graphs, **{"k": k, **kw})
 
     engines = {f"tempspec_sd[{d}]": engine(d) for d in drafts}
     # each model draft again with other engine settings (a draft without a model has nothing they change)
+    # (the device loop drafts with a model alone: a lookup hybrid has no device-loop variant)
     variant_engines = {f"{name}/{label}": engine(d, **kw) for name, d in zip(engines, drafts)
-                       if engines[name].draft_model is not None for label, kw in variants.items()}
+                       if engines[name].draft_model is not None for label, kw in variants.items()
+                       if not (kw.get("device_loop") and engines[name].lookup is not None)}
     base = next(iter(engines.values()))
     hf_target, (hf_drafts, hf_not_run) = None, hf_counterparts(engines)  # recorded even under --no-hf
     if args.no_hf:
@@ -301,11 +323,22 @@ def run(args) -> int:
         hf_target = to_hf_llama(target.model)
         hf_drafts = {name: m if isinstance(m, str) else to_hf_llama(m) for name, m in hf_drafts.items()}
 
-    # Warm-up (allocations, lazy weight pages, CUDA kernels), not timed.
-    for eng in list(engines.values()) + list(variant_engines.values()):
-        for batch in batches:  # also captures the CUDA graphs of each batch size
-            eng.generate(prompts[:batch], 0.0, 8, batch_size=batch)
-            eng.generate(prompts[:batch], 0.0, 8, batch_size=batch, speculative=False)
+    # Warm-up (allocations, lazy weight pages, CUDA kernels), not timed. A method that fails here is reported and left
+    # out (meta "failed"), so that one that cannot run on this machine does not cost the others their run.
+    failed = {}
+    for name, eng in list(engines.items()) + list(variant_engines.items()):
+        try:
+            for batch in batches:  # also captures the CUDA graphs of each batch size
+                eng.generate(prompts[:batch], 0.0, 8, batch_size=batch)
+                eng.generate(prompts[:batch], 0.0, 8, batch_size=batch, speculative=False)
+        except Exception as exc:  # noqa: BLE001 (recorded with its message)
+            if eng is base:
+                raise
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            print(f"left out {name}: {failed[name]}", flush=True)
+            engines.pop(name, None)
+            variant_engines.pop(name, None)
+    loop_labels = sorted({v.rpartition("/")[2] for v, e in variant_engines.items() if e.device_loop is not None})
     rows = []
 
     meta = {"device": str(device), "device_name": device_name(device), "cpu_threads": torch.get_num_threads(),
@@ -317,7 +350,7 @@ def run(args) -> int:
             "confidence_stop": base.confidence_stop, "alternatives": {n: e.alternatives for n, e in engines.items()},
             "variants": args.variants,
             "loadavg_before": os.getloadavg(), "max_len": max_len, "cuda_graphs": base.cuda_graphs,
-            "hf_not_run": hf_not_run, "complete": False}
+            "hf_not_run": hf_not_run, "failed": failed, "complete": False}
     if device.type == "cuda":
         meta.update(cuda=torch.version.cuda, driver=nvidia_driver())
 
@@ -345,6 +378,11 @@ def run(args) -> int:
 
                 methods = [("target_only", lambda c, b=batch: run_engine(base, c, T, args.max_new_tokens, b, False,
                                                                           args.seed, preset, score), False)]
+                # the target alone through each device-loop variant (one per variant label)
+                for variant in loop_labels:
+                    eng = next(e for v, e in variant_engines.items() if v.endswith("/" + variant))
+                    methods.append((f"target_only/{variant}", lambda c, e=eng, b=batch: run_engine(
+                        e, c, T, args.max_new_tokens, b, False, args.seed, preset, score), False))
                 for name, eng in engines.items():
                     methods.append((name, tempspec(eng, preset), True))
                     methods += [(v, tempspec(e, preset), True) for v, e in variant_engines.items()
@@ -366,6 +404,12 @@ def run(args) -> int:
                 for name, _, speculative in methods:
                     res = summarize(sums[name], speculative)
                     res["speedup_vs_target_only"] = res["tokens_per_s"] / ar["tokens_per_s"]
+                    variant = name.rpartition("/")[2]
+                    if variant in loop_labels:
+                        eng = next(e for v, e in variant_engines.items() if v.endswith("/" + variant))
+                        res.update(loop_figures(eng, sums[name], batch, speculative))
+                        res["speedup_vs_device_loop_target_only"] = (
+                            res["tokens_per_s"] / summarize(sums[f"target_only/{variant}"], False)["tokens_per_s"])
                     res["settings"] = label
                     record(name, T, batch, res)
 

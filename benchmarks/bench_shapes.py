@@ -17,7 +17,8 @@ conventions: positions per row, kv_len = the last position + 1, an attention mas
   draft_step_ms      one draft forward of 1 token per row, logits included (sampling not included)
   feature_step_ms    one feature-head forward of 1 position per row plus the target's output head on its prediction
 Each time is the median of --reps calls after --warmup calls, the device synchronized (measure.sync_device) before and
-after every call; eager PyTorch, no CUDA graphs, no torch.compile.
+after every call; eager PyTorch on the CPU, each call replayed as a captured CUDA graph on CUDA (no launch overhead in
+the figures, as in the engine's static-shape paths); no torch.compile.
 
 Projection (Leviathan et al. 2023): with per-position acceptance probabilities alpha_1, alpha_2, ... a step with k
 drafts yields E(k) = 1 + sum_{i=1..k} prod_{j<=i} alpha_j tokens per row (expected_tokens), costs k draft steps plus
@@ -257,14 +258,28 @@ def n_params(module: torch.nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------------- timing
 def time_ms(fn: Callable[[], object], device, reps: int, warmup: int) -> dict:
     """{median_ms, min_ms, max_ms} of fn() over `reps` calls after `warmup` untimed ones, the device synchronized
-    before and after each timed call."""
+    before and after each timed call. On CUDA fn is captured once as a CUDA graph after the warm-up (run on a side
+    stream, as capture wants) and each timed call replays it: the engine's static-shape paths replay graphs, and an
+    eager forward of a 7B model at batch 1 spends longer launching its kernels than the GPU spends on them."""
+    run = fn
+    if torch.device(device).type == "cuda":
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(max(warmup, 1)):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        run = graph.replay
     for _ in range(warmup):
-        fn()
+        run()
     times = []
     for _ in range(reps):
         sync_device(device)
         t0 = time.perf_counter()
-        fn()
+        run()
         sync_device(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}

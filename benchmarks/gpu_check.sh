@@ -1,25 +1,59 @@
 #!/usr/bin/env bash
-# Device call 1: build the CUDA extension and run every test that has a CUDA case (the acceptance op on the cuda and
-# triton backends, the engine with CUDA graphs, the trainer on the GPU); logs under $OUT (or ./gpu_out).
-# BENCH=1 also benchmarks the acceptance op. Usage on a GPU machine: bash benchmarks/gpu_check.sh [pytest -k expr]
+# Device call 1 of 2 (benchmarks/gpu_pack.sh says what to carry): keeps the GGUF's first part and the `gguf` package in
+# /tmp/tempspec_gpu for call 2, builds the CUDA extension for this GPU, then, each stage under its own time limit
+# and the whole under DEADLINE seconds (default 400), the measurements first (nothing else runs beside them):
+#   1. the acceptance op at B=64, k=4, V=128256, bf16, plain and with top-k / top-p, against the card's copy bandwidth
+#   2. step costs at Llama-2-7B shapes with random weights (each call replayed as a CUDA graph), and the speedup they
+#      project with the acceptance profiles measured on the default pair (benchmarks/results/profiles_feature1_cpu.json)
+#      and constant ones
+#   3. the tests with a CUDA case (the acceptance op on the cuda and triton backends, the engine with CUDA graphs and
+#      the device loop, the trainer on the GPU), then the rest of the suite with CUDA available (the tests that need
+#      the default target skip: it arrives in call 2). Each test run is its own process group, killed whole when its
+#      time is up (pytest-xdist workers outlive a killed pytest), and logs every test's outcome as it ends (-v).
+# Results and logs under $OUT (or ./gpu_out), at most 8 files (the device tool's limit).
 set -uo pipefail
-OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/nvidia_smi.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
-  | tee -a "$OUT/nvidia_smi.txt"
+OUT=${OUT:-gpu_out}; W=/tmp/tempspec_gpu; mkdir -p "$OUT" $W
+export PYTHONUNBUFFERED=1 PYTHONPATH=$W/site
+START=$(date +%s); DEADLINE=${DEADLINE:-400}
+left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
+limit() { local l; l=$(left); l=$(( l - $2 )); [ $l -gt $1 ] && l=$1; echo $l; }  # min(own limit, left - reserve)
+log() { echo "[$(( $(date +%s) - START )) s] $*" | tee -a "$OUT/session1.log"; }
+run_tests() {  # run_tests SECONDS LOG PYTEST_ARGS...: pytest in its own process group, all of it killed at the limit
+  setsid python3 -m pytest -v -n 8 -p no:cacheprovider -p no:benchmark -rfE "${@:3}" > "$2" 2>&1 &
+  local pid=$! rc
+  ( sleep "$1"; kill -9 -- -$pid 2>/dev/null ) & local killer=$!
+  wait $pid; rc=$?
+  kill $killer 2>/dev/null; kill -9 -- -$pid 2>/dev/null
+  return $rc
+}
+cp .cache/gpu/a/part.00 $W/ && cp -r .cache/gpu/a/site $W/
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} 2>&1 | tee "$OUT/device.txt"
 arch=$(python3 -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')")
-t0=$(date +%s)
 TORCH_CUDA_ARCH_LIST="$arch" TEMPSPEC_REQUIRE_EXT=1 MAX_JOBS=16 \
-  python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; tail -5 "$OUT/build.log"
-echo "build took $(( $(date +%s) - t0 )) s"
-python3 -c "import tempspec_engine as t; print('backends on cuda:', t.available_backends('cuda'))"
-t0=$(date +%s)
-timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_acceptance_exact.py \
+  python3 -m pip install -q --no-build-isolation --no-deps -e . > $W/build.log 2>&1
+log "build: exit $?"
+python3 -c "import tempspec_engine as t; print('backends on cuda:', t.available_backends('cuda'))" 2>&1 | tee -a "$OUT/session1.log"
+
+timeout $(limit 45 300) python3 benchmarks/bench_acceptance.py --device cuda --dtype bfloat16 --batch 64 --lookahead 4 \
+  --vocab 128256 --filters "none;top_k=50;top_p=0.9" --output "$OUT/acceptance_b64_k4_v128256.json" > $W/acceptance.log 2>&1
+log "acceptance op: exit $?"; tail -12 $W/acceptance.log | tee -a "$OUT/session1.log"
+
+timeout $(limit 100 200) python3 benchmarks/bench_shapes.py --device cuda --batch-sizes 1,8,32 --ks 1-8 --context 512 \
+  --reps 20 --profiles benchmarks/results/profiles_feature1_cpu.json --alpha 0.6,0.8 \
+  --out "$OUT/shapes_llama2-7b.json" > $W/shapes.log 2>&1
+log "shapes: exit $?"
+
+GPU_TESTS="tests/test_acceptance_gpu.py tests/test_engine_cuda.py tests/test_trainer_train.py"
+run_tests $(limit 150 60) "$OUT/tests_gpu.log" $GPU_TESTS tests/test_acceptance_exact.py \
   tests/test_acceptance_edge_cases.py tests/test_acceptance_lossless.py tests/test_input_validation.py \
-  tests/test_acceptance_gpu.py tests/test_engine_cuda.py tests/test_trainer_train.py -k "${1:-cuda or gpu}" \
-  > "$OUT/tests.log" 2>&1; echo "pytest exit $? after $(( $(date +%s) - t0 )) s"; tail -30 "$OUT/tests.log"
-if [ "${BENCH:-0}" = 1 ]; then
-  python3 benchmarks/bench_acceptance.py --device cuda --dtype bfloat16 --no-compile \
-    --output "$OUT/acceptance_grid_bf16.json" 2>/dev/null | tail -40
+  -k "cuda or gpu or triton"
+log "tests with a CUDA case: exit $?, $(tail -1 "$OUT/tests_gpu.log")"
+ignore=""; for f in $GPU_TESTS; do ignore="$ignore --ignore=$f"; done
+t=$(limit 400 5); if [ $t -gt 20 ]; then
+  run_tests $t "$OUT/tests_rest.log" tests $ignore -n 16
+  log "the rest of the suite: exit $?, $(tail -1 "$OUT/tests_rest.log")"
 fi
+tar -czf "$OUT/logs1.tar.gz" -C $W build.log acceptance.log shapes.log 2>/dev/null
+log "done"

@@ -45,6 +45,14 @@ def _parser() -> OneLineParser:
     g.add_argument("--no-confidence-stop", action="store_true",
                    help="with --k auto, choose k before drafting instead of stopping on the draft's confidence "
                         "(default: stop on confidence, except on CUDA)")
+    g.add_argument("--device-loop", action="store_true",
+                   help="decode through the device loop: a whole step (draft, verification, acceptance) on device "
+                        "tensors, captured as one CUDA graph on CUDA, the host reading its state every --sync-every "
+                        "steps; needs --k N and a model or feature draft (no lookup), no --stop, and prints each text "
+                        "when it is done (default: off)")
+    g.add_argument("--sync-every", type=positive_int, default=8,
+                   help="with --device-loop, steps between the host's reads of the loop state (default: "
+                        "%(default)s)")
     g.add_argument("--quiet", action="store_true", help="no figures on stderr")
     add_debug_flag(g)
     add_sweep_parser(sub)
@@ -88,8 +96,10 @@ def generate_command(args, out=None, err=None) -> int:
     engine = SpeculativeEngine(args.target, args.draft, device=args.device, dtype=args.dtype, k=args.k,
                                max_len=args.max_len, allow_download=args.allow_download,
                                alternatives=args.alternatives,
-                               confidence_stop=False if args.no_confidence_stop else None)
-    stream = len(args.prompt) == 1
+                               confidence_stop=False if args.no_confidence_stop else None,
+                               device_loop=args.device_loop, sync_every=args.sync_every)
+    single = len(args.prompt) == 1
+    stream = single and not args.device_loop  # (the device loop hands the tokens over at the end)
     streamer = StopAwareStreamer(engine.tokenizer, out, args.stop or ()) if stream else None
     outputs = engine.generate(args.prompt, args.temperature, args.max_new_tokens, stop=args.stop,
                               chat_template=not args.no_chat, system_prompt=args.system,
@@ -99,6 +109,8 @@ def generate_command(args, out=None, err=None) -> int:
         if stream:
             streamer.finish(o.text)
             out.write("\n")
+        elif single:
+            out.write(o.text + "\n")
         else:
             out.write(f"=== {i} ===\n{o.text}\n")
         if not args.quiet:

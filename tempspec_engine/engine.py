@@ -214,7 +214,13 @@ class SpeculativeEngine:
         Default: on except on CUDA, where the host read would stall the device between draft steps.
     alternatives: how many alternative tokens a model draft names per draft position for the target to read in the
         same verification (the module docstring; 0: none). Default: ALTERNATIVES with a model draft on a Llama-family
-        target (tempspec's transformer), except under CUDA graphs (captured for the chain's shapes); 0 otherwise.
+        target (tempspec's transformer), except under CUDA graphs (captured for the chain's shapes) or device_loop; 0
+        otherwise.
+    device_loop: decode through tempspec_engine/device_loop.py: a whole step (draft, verification, acceptance, the
+        tokens' commit up to EOS and max_new_tokens) on device tensors, captured as one CUDA graph with cuda_graphs,
+        the host reading the state once every `sync_every` steps. Needs a fixed k, a Transformer draft or a feature
+        head (no lookup), no stop strings or streaming; requests run in waves of the batch width. compile_step:
+        torch.compile that step (fewer, fused kernels; compiled once per shape, at the first call).
     max_len: KV-cache capacity per request (prompt + max_new_tokens + k must fit), at most the model's limit
         (default: the smaller of 2048 and that limit).
     allow_download: let target/draft name a Hugging Face hub id (never with HF_HUB_OFFLINE); by default only the
@@ -230,7 +236,8 @@ class SpeculativeEngine:
                  max_len: Optional[int] = None, max_batch_size: int = 8, k_max: int = 8, tokenizer=None,
                  backend: str = "auto", static_shapes: Optional[bool] = None, cuda_graphs: Optional[bool] = None,
                  allow_download: bool = False, confidence_stop: Optional[bool] = None,
-                 alternatives: Optional[int] = None):
+                 alternatives: Optional[int] = None, device_loop: bool = False, sync_every: int = 8,
+                 compile_step: bool = False):
         check_positive_int("max_batch_size", max_batch_size)
         check_positive_int("k_max", k_max)
         if not (isinstance(k, str) and k == "auto" or is_int(k) and k >= 1):
@@ -291,12 +298,17 @@ class SpeculativeEngine:
         self.batch_limit = min(getattr(m.model, "batch_limit", max_batch_size)
                                for m in (self.target, self.draft) if m is not None)
         on_cuda = self.device.type == "cuda"
-        graphable = all(isinstance(m.model, Transformer) for m in (self.target, self.draft_model) if m is not None)
+        graphable = all(isinstance(m.model, Transformer) or device_loop and isinstance(m.model, FeatureDraft)
+                        for m in (self.target, self.draft_model) if m is not None)
+        if device_loop:
+            self._check_device_loop(k, static_shapes, alternatives, sync_every)
+            static_shapes = True
         self.static_shapes = on_cuda if static_shapes is None else static_shapes
         self.cuda_graphs = (on_cuda and graphable) if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not (on_cuda and graphable and self.static_shapes):
             raise ValueError("cuda_graphs needs a CUDA device, Llama-family models and static_shapes")
-        tree_ok = self.draft_model is not None and isinstance(self.target.model, Transformer) and not self.cuda_graphs
+        tree_ok = (self.draft_model is not None and isinstance(self.target.model, Transformer) and not self.cuda_graphs
+                   and not device_loop)
         if alternatives is None:
             alternatives = ALTERNATIVES if tree_ok else 0
         if not (is_int(alternatives) and alternatives >= 0):
@@ -309,6 +321,31 @@ class SpeculativeEngine:
         self._measured = self._new_estimators(None)
         self.adaptive, self.adaptive_lookup = self._measured
         self._dead = _Request(-1, [0], SamplingSettings(), 1, seq=[0])  # stands in for idle rows in static mode
+        self.device_loop = None
+        if compile_step and not device_loop:
+            raise ValueError("compile_step compiles the device loop's step: it needs device_loop=True")
+        self.device_loop_compile = bool(compile_step)
+        if device_loop:
+            from tempspec_engine.device_loop import DeviceLoop
+
+            self.device_loop = DeviceLoop(self, sync_every)
+
+    def _check_device_loop(self, k, static_shapes, alternatives, sync_every) -> None:
+        """device_loop=True runs what a step can do on the device alone (tempspec_engine/device_loop.py)."""
+        check_positive_int("sync_every", sync_every)
+        if not isinstance(self.target.model, Transformer):
+            raise ValueError("device_loop needs a Llama-family target (run on tempspec's transformer)")
+        if self.lookup is not None:
+            raise ValueError("device_loop drafts with a model or a feature head: n-gram lookup (and lookup+ hybrids) "
+                             "search the tokens on the host; pass e.g. draft='feature:1' or 'none'")
+        if self.draft_model is not None and not isinstance(self.draft_model.model, (Transformer, FeatureDraft)):
+            raise ValueError("device_loop needs a tempspec Transformer draft or a feature head")
+        if self.draft_model is not None and k == "auto":
+            raise ValueError("device_loop needs a fixed k (an int): every step of a wave has the same shapes")
+        if static_shapes is False:
+            raise ValueError("device_loop runs with static shapes (static_shapes=False is not possible)")
+        if alternatives:
+            raise ValueError("device_loop verifies the draft chain alone (alternatives must be 0)")
 
     @property
     def tokenizer(self):
@@ -423,6 +460,12 @@ class SpeculativeEngine:
         batch = self.batch_width(len(reqs), batch_size)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,))))
+        if self.device_loop is not None:
+            if stop or on_tokens is not None:
+                raise ValueError("device_loop reads the tokens once a wave ends: stop strings and on_tokens "
+                                 "streaming need device_loop=False")
+            self.device_loop.run(reqs, batch, speculative, gen)
+            return [self._output(r) for r in reqs]
         self.adaptive, self.adaptive_lookup = self._measured if seed is None else self._new_estimators(seed)
         self._run(reqs, batch, speculative, gen, list(stop or ()), on_tokens)
         return [self._output(r) for r in reqs]

@@ -112,7 +112,8 @@ def timed_generate(engine, prompts, temperature=0.0, max_new_tokens=128, *, batc
     syncs; returns (outputs, figures). figures: tokens (generated), seconds (wall, perf_counter), steps / accepted /
     rejections / lookup_steps / plain_steps (summed over requests), position_proposed / _accepted / _reached (lists per
     draft position, summed elementwise over requests), engine_steps (batched steps), draft_time_s and target_time_s
-    (seconds, each step once: see the module docstring)."""
+    (seconds, each step once: see the module docstring); with engine.device_loop, loop_steps, loop_wall_s and
+    loop_syncs (its batched steps, their wall seconds, prefill excluded, and its host reads)."""
     sync_device(engine.device)
     t0 = time.perf_counter()
     outs = engine.generate(prompts, temperature, max_new_tokens, batch_size=batch_size, **kwargs)
@@ -128,4 +129,7 @@ def timed_generate(engine, prompts, temperature=0.0, max_new_tokens=128, *, batc
             total = add_lists(total, getattr(s, key))
         figures[key] = total
     figures.update(engine_steps=steps, draft_time_s=draft, target_time_s=target)
+    if getattr(engine, "device_loop", None) is not None:  # its steps and their wall seconds (prefill excluded): device_loop.py
+        timing = engine.device_loop.timing
+        figures.update(loop_steps=timing.steps, loop_wall_s=timing.wall_s, loop_syncs=timing.syncs)
     return outs, figures

@@ -60,3 +60,44 @@ def test_sampled_sd_with_graphs_is_lossless(temperature, draft):
     p_value = first_two_chi_square(out, expected)
     assert p_value > 1e-3, p_value
     assert sum(o.stats.accepted for o in out) > 0
+
+
+@pytest.mark.parametrize("draft", ["layers:0,3", "feature"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_device_loop_graph_equals_eager(target, draft, temperature):
+    """The device loop's captured step gives the tokens of the same step run eagerly (same seed), replayed across
+    calls; greedy, the target alone's tokens; and its step can be timed by replay."""
+    from test_device_loop import PROMPTS as LOOP_PROMPTS
+    from test_engine_feature_draft import feature_head
+
+    head = feature_head(target) if draft == "feature" else draft
+    kw = dict(device="cuda", dtype=torch.float32, k=3, max_len=128, device_loop=True)
+    graphs = SpeculativeEngine(target, head, cuda_graphs=True, **kw)
+    eager = SpeculativeEngine(target, head, cuda_graphs=False, **kw)
+    lengths = [40, 7, 40, 25]
+    want = eager.generate(LOOP_PROMPTS, temperature, lengths, batch_size=4, seed=3)
+    for _ in range(2):
+        got = graphs.generate(LOOP_PROMPTS, temperature, lengths, batch_size=4, seed=3)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [len(o.token_ids) for o in got] == lengths
+    if temperature == 0.0:
+        alone = cuda_engine(target, "none").generate(LOOP_PROMPTS, 0.0, lengths, batch_size=4)
+        assert [o.token_ids for o in got] == [o.token_ids for o in alone]
+    assert graphs.device_loop.step_seconds(4, True) > 0
+
+
+@pytest.mark.parametrize("draft", ["layers:0", "feature"])
+def test_device_loop_with_graphs_is_lossless(draft):
+    """Chi-square of the first two tokens against the target's exact joint distribution, T = 1, captured step."""
+    from test_engine_feature_draft import feature_head
+
+    target = tiny_target(vocab=16, layers=2, seed=5, scale=3.0)
+    prompt = [3, 1, 4, 1]
+    expected = exact_first_two(target.model, prompt, 1.0)
+    head = feature_head(target, seed=2) if draft == "feature" else draft
+    engine = SpeculativeEngine(target, head, device="cuda", dtype=torch.float32, k=3, max_len=16,
+                               max_batch_size=4000, device_loop=True)
+    assert engine.cuda_graphs
+    out = engine.generate([prompt] * 4000, 1.0, 2, seed=1234)
+    assert first_two_chi_square(out, expected) > 1e-3
+    assert sum(o.stats.accepted for o in out) > 0

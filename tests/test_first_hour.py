@@ -149,6 +149,21 @@ def test_devices_and_arguments(model_dir):
     assert_one_line_error(generate(model_dir, "--prompt", "w3", "--threads", "-1"), "--threads")
 
 
+def test_device_loop_from_the_command_line(model_dir):
+    """--device-loop decodes through tempspec_engine/device_loop.py (eagerly on CPU): greedy, the same text as the
+    target alone; what it cannot do is one line."""
+    args = ("--prompt", "w3 w4", "--temperature", "0", "--quiet", "--draft", "layers:0")
+    code, alone, err = generate(model_dir, *args, "--no-speculative")
+    assert code == 0, err
+    code, out, err = generate(model_dir, *args, "--device-loop", "--k", "3", "--sync-every", "2")
+    assert code == 0 and out == alone, err
+    assert_one_line_error(generate(model_dir, "--prompt", "w3 w4", "--device-loop", "--k", "3"), "n-gram lookup")
+    assert_one_line_error(generate(model_dir, "--prompt", "w3 w4", "--device-loop", "--draft", "layers:0"), "fixed k")
+    assert_one_line_error(generate(model_dir, *args, "--device-loop", "--k", "3", "--stop", "x"), "stop strings")
+    assert_one_line_error(generate(model_dir, *args, "--device-loop", "--k", "3", "--sync-every", "0"),
+                          "--sync-every")
+
+
 def test_debug_shows_the_traceback(model_dir):
     code, _, err = generate(model_dir, "--prompt", "w3", "--device", "gpu", "--debug")
     assert code != 0 and "Traceback" in err and "unknown device" in err

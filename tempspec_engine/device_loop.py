@@ -1,0 +1,381 @@
+"""The decode loop on the device: a whole speculative step as one CUDA graph, its state on the device, and the host
+reading that state once every `sync_every` steps.
+
+SpeculativeEngine(..., device_loop=True) decodes through a DeviceLoop. It runs one wave of requests at a time (they
+start together; a finished row idles until the wave ends) with a fixed lookahead k, and a step reads, as the
+engine's own (engine.py):
+  propose   the draft's k tokens and their distributions q: a Transformer draft re-reads the row's last two committed
+            tokens, then drafts; a feature head (models/feature_draft.py) reads the target features it has not read
+            yet, then drafts on its own predicted features; no draft: the target alone, one token per step;
+  verify    the target reads [pending, d1..dk] at positions L-1..L-1+k (L: the row's committed tokens);
+  accept    `speculative_sample` (lossless for the row's settings; reference.py states the semantics);
+  commit    the received tokens join `seq` up to the row's first EOS and its max_new_tokens, L grows, the proposer
+            keeps the verified features (a feature head) or nothing (a Transformer draft re-reads its window).
+Nothing in a step reads device memory on the host, so every shape is fixed (the caches and the whole-cache
+attention of static shapes) and the step is captured once per (batch, k, draft) and replayed. The random numbers of
+a wave are drawn up front from the seeded generator, [steps, B, 2k+1] (k for the drafts, k+1 for the acceptance),
+and each step picks its row by the device step counter: the same seed gives the same text, captured or eager.
+Draft positions whose keys a step writes beyond a row's length are masked and rewritten before they are read, as in
+the engine (kv_cache.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import List, Optional
+
+import torch
+
+from tempspec_engine.models.feature_draft import FeatureDraft
+from tempspec_engine.ops import sample, speculative_sample
+from tempspec_engine.proposers import NonFiniteFlag, pad_logits
+from tempspec_engine.sampling import StepSettings
+
+
+@dataclasses.dataclass
+class WaveTiming:
+    """How the latest wave's decode steps (prefill excluded) spent their time: `steps` steps in `wall_s` seconds, of
+    which `syncs` host reads of the loop state (one per sync_every steps)."""
+
+    steps: int = 0
+    wall_s: float = 0.0
+    syncs: int = 0
+
+
+class _State:
+    """The loop's device tensors for B rows. seq [B, max_len + 1] int64: the committed tokens (column max_len takes the
+    writes that land nowhere); length, prompt_len, max_new [B] int64; done [B] bool; step [1] int64 (the uniforms row
+    of the next step); the per-row counters steps, accepted, rejections [B] int64 and, per draft position,
+    position_accepted and position_reached [B, k] int64 (RequestStats' meaning); uniforms [max_len, B, width] fp32."""
+
+    def __init__(self, batch: int, max_len: int, k: int, device: torch.device):
+        z = dict(dtype=torch.int64, device=device)
+        self.seq = torch.zeros(batch, max_len + 1, **z)
+        self.length, self.prompt_len, self.max_new = (torch.zeros(batch, **z) for _ in range(3))
+        self.steps, self.accepted, self.rejections = (torch.zeros(batch, **z) for _ in range(3))
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.position_accepted, self.position_reached = torch.zeros(batch, k, **z), torch.zeros(batch, k, **z)
+        self.step = torch.zeros(1, **z)
+        self.uniforms = torch.zeros(max_len, batch, 2 * k + 1, dtype=torch.float32, device=device)
+
+    def tensors(self) -> List[torch.Tensor]:
+        return [v for v in vars(self).values() if isinstance(v, torch.Tensor)]
+
+
+class _TransformerDraft:
+    """A Transformer draft with its own cache. Between steps the cache holds each row's committed tokens but the last
+    two, which the next propose re-reads (positions L-2, L-1) before drafting."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache
+
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, features, last: torch.Tensor) -> None:
+        self.model(tokens, positions, self.cache, kv_len=None, compute_logits=False)
+
+    def first_logits(self, s: _State) -> torch.Tensor:
+        positions = (s.length - 2).unsqueeze(1) + torch.arange(2, device=s.length.device)
+        return self.model(s.seq.gather(1, positions), positions, self.cache, kv_len=None)[:, -1]
+
+    def next_logits(self, d: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        return self.model(d.unsqueeze(1), position.unsqueeze(1), self.cache, kv_len=None)[:, 0]
+
+    def commit(self, features, received: torch.Tensor) -> None:
+        pass
+
+
+class _FeatureHead:
+    """An EAGLE-style head (FeatureDraft) with its own cache and the target features it has not read yet: unread
+    [B, k+1, width] of which the first n_unread [B] are valid, the features that produced the row's last n_unread
+    committed tokens. Its cache holds the positions before them."""
+
+    def __init__(self, head: FeatureDraft, cache, batch: int, k: int, dtype: torch.dtype, device: torch.device):
+        self.head, self.cache = head, cache
+        self.unread = torch.zeros(batch, k + 1, head.config.feature_width, dtype=dtype, device=device)
+        self.n_unread = torch.ones(batch, dtype=torch.int64, device=device)
+        self.pred = None  # the head's latest predicted features [B, 1, dim], fed back while drafting
+
+    def tensors(self) -> List[torch.Tensor]:
+        return [self.unread, self.n_unread]
+
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, features: torch.Tensor,
+                last: torch.Tensor) -> None:
+        """features [B, T, width] of prompt[:-1] (tokens [B, T], right-padded; every prompt has 2+ tokens): the head
+        reads all but each row's last feature (index last [B] int64), which stays unread for the first step."""
+        if tokens.shape[1] > 1:
+            self.head(self.head.read(features[:, :-1]), tokens[:, 1:], positions[:, :-1], self.cache, kv_len=None)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        self.unread[:, 0] = features[rows, last]
+        self.n_unread.fill_(1)
+
+    def first_logits(self, s: _State) -> torch.Tensor:
+        """Reads the unread features f_m..f_(L-2) with tokens x_(m+1)..x_(L-1) (m = L-1-n_unread, padded to k+1)."""
+        k1 = self.unread.shape[1]
+        start = s.length - 1 - self.n_unread
+        positions = start.unsqueeze(1) + torch.arange(k1, device=start.device)
+        tokens = s.seq.gather(1, positions + 1)
+        pred = self.head(self.head.read(self.unread), tokens, positions, self.cache, kv_len=None)
+        self.pred = pred.gather(1, (self.n_unread - 1).view(-1, 1, 1).expand(-1, 1, pred.shape[-1]))
+        return self.head.logits(self.pred[:, 0])
+
+    def next_logits(self, d: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        self.pred = self.head(self.pred, d.unsqueeze(1), (position - 1).unsqueeze(1), self.cache, kv_len=None)
+        return self.head.logits(self.pred[:, 0])
+
+    def commit(self, features: torch.Tensor, received: torch.Tensor) -> None:
+        """features [B, k+1, width]: the target's at the verified tokens; a row that received n tokens reads the
+        first n next step (a finished row, n = 0, keeps its state)."""
+        took = received > 0
+        self.unread.copy_(torch.where(took.view(-1, 1, 1), features.to(self.unread.dtype), self.unread))
+        self.n_unread.copy_(torch.where(took, received, self.n_unread))
+
+
+class DeviceLoop:
+    """Decodes waves of requests for a SpeculativeEngine (engine.device_loop), captured as CUDA graphs when
+    engine.cuda_graphs, else eagerly with the same code and the same random numbers."""
+
+    def __init__(self, engine, sync_every: int = 8):
+        self.engine = engine
+        self.sync_every = sync_every
+        self.timing = WaveTiming()
+        self._decoders = {}  # (batch, speculative) -> _Decoder, kept for graph replay across calls
+
+    def run(self, reqs, batch: int, speculative: bool, gen: torch.Generator) -> None:
+        """Decodes every request (engine _Request objects, filled in place), `batch` at a time."""
+        key = (batch, speculative)
+        if key not in self._decoders:
+            self._decoders[key] = _Decoder(self.engine, batch, speculative)
+        decoder = self._decoders[key]
+        self.timing = WaveTiming()
+        for start in range(0, len(reqs), batch):
+            decoder.wave(reqs[start:start + batch], gen, self.sync_every, self.timing)
+
+    @torch.inference_mode()  # (the loop's state tensors were made under generate()'s inference mode)
+    def step_seconds(self, batch: int, speculative: bool, repeats: int = 50) -> float:
+        """The device time of one captured step of this width (after a generate() call captured it): `repeats`
+        replays back to back between two CUDA events, so no host work stands between them. Leaves the loop state
+        of the latest wave changed (its outputs were already read)."""
+        decoder = self._decoders.get((batch, speculative))
+        if decoder is None or decoder.graph is None:
+            raise ValueError(f"no captured step for batch {batch} (speculative={speculative}): run generate() on "
+                             "CUDA with cuda_graphs first")
+        decoder.state.step.zero_()  # (replays index the uniforms by the step counter: stay within them)
+        repeats = max(1, min(repeats, decoder.state.uniforms.shape[0] - 2))
+        decoder.graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            decoder.graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0 / repeats
+
+
+class _Decoder:
+    """Caches, state and (captured) step of one batch width."""
+
+    def __init__(self, engine, batch: int, speculative: bool):
+        e = self.engine = engine
+        self.batch, self.device, self.dtype = batch, e.device, e.dtype
+        self.k = e.k if speculative else 0
+        self.target = e.target.model
+        self.target_cache = self.target.new_cache(batch, e.max_len, e.device, e.dtype)
+        self.draft = None
+        if speculative:
+            model = e.draft_model.model
+            cache = model.new_cache(batch, e.max_len, e.device, e.dtype)
+            self.draft = (_FeatureHead(model, cache, batch, self.k, e.dtype, e.device)
+                          if isinstance(model, FeatureDraft) else _TransformerDraft(model, cache))
+        self.state = _State(batch, e.max_len, self.k, e.device)
+        self.eos = torch.tensor(list(e.target.eos_ids) or [-1], dtype=torch.int64, device=e.device)
+        self.flag = NonFiniteFlag(e.device)
+        self.settings = None  # StepSettings of the wave (captured: same tensors for every wave, refilled)
+        self.graph = None
+        # torch.compile fuses the step's elementwise work (norms, RoPE, the sampler's preparation) into fewer kernels;
+        # the compiled step is what the graph captures
+        self.run_step = torch.compile(self.step, dynamic=False) if e.device_loop_compile else self.step
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> None:
+        """propose -> verify -> accept -> commit for every row, on device tensors only."""
+        s, k, settings, e = self.state, self.k, self.settings, self.engine
+        u = s.uniforms.index_select(0, s.step)[0]  # [B, 2k+1]
+        pending_at = (s.length - 1).unsqueeze(1)
+        pending = s.seq.gather(1, pending_at)
+        if self.draft is None:
+            logits = pad_logits(self.target(pending, pending_at, self.target_cache, kv_len=None)[:, 0], e.vocab,
+                                self.dtype)
+            self.flag.check(logits)
+            token = sample(logits, settings.temperature, uniforms=u[:, 0], backend=e.backend, validate=False,
+                           **settings.filters)
+            self._commit(torch.zeros_like(token), token.unsqueeze(1))
+        else:
+            draft_logits, drafts = self._propose(u[:, :k])
+            positions = pending_at + torch.arange(k + 1, device=self.device)
+            taps = self.draft.head.config.taps if isinstance(self.draft, _FeatureHead) else None
+            kw = {} if taps is None else {"return_features": True, "feature_taps": taps}
+            out = self.target(torch.cat([pending, drafts], dim=1), positions, self.target_cache, kv_len=None, **kw)
+            logits, features = out if taps is not None else (out, None)
+            logits = pad_logits(logits, e.vocab, self.dtype)
+            self.flag.check(logits)
+            if not e._filter_draft:
+                logits = settings.filter_target_only(logits)
+            result = speculative_sample(draft_logits, logits, drafts, settings.temperature, uniforms=u[:, k:],
+                                        backend=e.backend, validate=False, **self._draft_filters(),
+                                        **settings.lenience)
+            received = self._commit(result.accepted, result.tokens)
+            self.draft.commit(features, received)
+        s.step += 1
+
+    def _draft_filters(self) -> dict:
+        return self.settings.filters if self.engine._filter_draft else {}
+
+    def _propose(self, u: torch.Tensor):
+        """k drafts per row: q [B, k, V] (engine dtype, padded to its vocabulary) and d [B, k] int64."""
+        s, e = self.state, self.engine
+        logits = self.draft.first_logits(s)
+        qs, ds = [], []
+        for i in range(self.k):
+            q = pad_logits(logits, e.vocab, self.dtype)
+            self.flag.check(q)
+            d = sample(q, self.settings.temperature, uniforms=u[:, i], backend=e.backend, validate=False,
+                       **self._draft_filters()).clamp_(0, q.shape[-1] - 1)
+            qs.append(q)
+            ds.append(d)
+            if i < self.k - 1:
+                logits = self.draft.next_logits(d, s.length + i)
+        return torch.stack(qs, dim=1), torch.stack(ds, dim=1)
+
+    def _commit(self, accepted: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, n] (the op's: accepted drafts, then one more, then -1): each live row takes its first
+        accepted + 1, fewer at its first EOS or its max_new_tokens. Returns the tokens each row received [B]."""
+        s = self.state
+        live = ~s.done
+        j = torch.arange(tokens.shape[1], device=self.device)
+        n = torch.minimum(accepted + 1, s.max_new - (s.length - s.prompt_len))
+        eos = (tokens.unsqueeze(-1) == self.eos).any(dim=-1) & (j < n.unsqueeze(1))
+        hit = eos.any(dim=1)
+        n = torch.where(hit, eos.to(torch.int8).argmax(dim=1) + 1, n) * live
+        nowhere = s.seq.shape[1] - 1
+        slots = torch.where(j < n.unsqueeze(1), s.length.unsqueeze(1) + j, nowhere)
+        s.seq.scatter_(1, slots, tokens)
+        s.length += n
+        s.done |= live & (hit | (s.length - s.prompt_len >= s.max_new))
+        s.steps += live
+        if self.k:
+            s.accepted += accepted * live
+            s.rejections += live & (accepted < self.k)
+            position = torch.arange(self.k, device=self.device)
+            s.position_accepted += (position < accepted.unsqueeze(1)) & live.unsqueeze(1)
+            s.position_reached += (position <= accepted.unsqueeze(1)) & live.unsqueeze(1)
+        return n
+
+    # ------------------------------------------------------------------ a wave
+    def wave(self, reqs, gen: torch.Generator, sync_every: int, timing: WaveTiming) -> None:
+        """Decodes up to `batch` requests (their settings for the whole wave); fills each request in place."""
+        e, s, B = self.engine, self.state, self.batch
+        rows = list(reqs) + [e._dead] * (B - len(reqs))  # idle rows: a stand-in request, done from the start
+        if any(len(r.seq) < 2 for r in reqs):
+            raise ValueError("device_loop needs prompts of at least 2 tokens")
+        now = time.perf_counter()
+        for r in reqs:
+            r.start = now
+        self._load(rows, len(reqs), gen)
+        self._prefill(rows)
+        if e.cuda_graphs and self.graph is None:
+            self._capture()
+        steps = max(r.max_new for r in reqs)
+        t0, done_at = time.perf_counter(), steps
+        for first in range(0, steps, sync_every):
+            for _ in range(min(sync_every, steps - first)):
+                self.graph.replay() if self.graph is not None else self.run_step()
+            timing.syncs += 1
+            all_done, bad = torch.stack([s.done.all(), self.flag.value]).tolist()  # the host's one read
+            if bad:
+                from tempspec_engine.engine import NONFINITE_MESSAGE
+
+                raise FloatingPointError(NONFINITE_MESSAGE)
+            if all_done:
+                done_at = min(steps, first + sync_every)
+                break
+        timing.steps += done_at
+        timing.wall_s += time.perf_counter() - t0
+        self._store(reqs)
+
+    def _load(self, rows, n_live: int, gen: torch.Generator) -> None:
+        s, B = self.state, self.batch
+        lengths = [max(len(r.seq), 2) for r in rows]  # (an idle row's stand-in has one token)
+        s.seq.zero_()
+        s.seq[:, :max(lengths)] = torch.tensor([r.seq + [0] * (max(lengths) - len(r.seq)) for r in rows])
+        for t, values in ((s.length, lengths), (s.prompt_len, lengths), (s.max_new, [r.max_new for r in rows])):
+            t.copy_(torch.tensor(values))
+        s.done.copy_(torch.arange(B) >= n_live)
+        for t in (s.step, s.steps, s.accepted, s.rejections, s.position_accepted, s.position_reached):
+            t.zero_()
+        steps = max(r.max_new for r in rows[:n_live])
+        s.uniforms[:steps] = torch.rand((steps,) + tuple(s.uniforms.shape[1:]), generator=gen, device=self.device)
+        self.flag.reset()
+        settings = StepSettings([r.settings for r in rows], self.device)
+        if self.settings is None or self.graph is None:
+            self.settings = settings
+        else:  # the captured step reads these very tensors
+            if settings.filters.keys() != self.settings.filters.keys() or \
+                    settings.lenience.keys() != self.settings.lenience.keys():
+                self.graph = None  # other kernels: capture again
+                self.settings = settings
+            else:
+                self.settings.temperature.copy_(settings.temperature)
+                for mine, theirs in ((self.settings.filters, settings.filters),
+                                     (self.settings.lenience, settings.lenience)):
+                    for name in mine:
+                        mine[name].copy_(theirs[name])
+
+    def _prefill(self, rows) -> None:
+        """prompt[:-1] of every row through the target and the draft (right-padded, whole-cache attention)."""
+        T = max(max(len(r.seq), 2) for r in rows) - 1
+        tokens = self.state.seq[:, :T]
+        positions = torch.arange(T, device=self.device).expand(self.batch, T)
+        feature = isinstance(self.draft, _FeatureHead)
+        kw = {"return_features": True, "feature_taps": self.draft.head.config.taps} if feature else {}
+        out = self.target(tokens, positions, self.target_cache, kv_len=None, compute_logits=False, **kw)
+        if self.draft is not None:
+            last = self.state.prompt_len - 2
+            self.draft.prefill(tokens, positions, out[1] if feature else None, last)
+
+    def _capture(self) -> None:
+        """Captures step(): warm-up steps on a side stream, then the capture; the loop state is restored after (the
+        warm-up advanced it; what it wrote into the caches lies beyond every row's length)."""
+        tensors = self.state.tensors() + (self.draft.tensors() if isinstance(self.draft, _FeatureHead) else [])
+        saved = [t.clone() for t in tensors]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.run_step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.run_step()
+        for t, v in zip(tensors, saved):
+            t.copy_(v)
+        self.flag.reset()
+        self.graph = graph
+
+    def _store(self, reqs) -> None:
+        """The wave's tokens and counters into the requests (read once the wave has ended)."""
+        s, eos = self.state, set(self.engine.target.eos_ids)
+        n = len(reqs)
+        seq, length, steps, accepted, rejections, taken, reached = (
+            t[:n].tolist() for t in (s.seq, s.length, s.steps, s.accepted, s.rejections, s.position_accepted,
+                                     s.position_reached))
+        now = time.perf_counter()
+        for r, row, L, st, a, rj, tk, rc in zip(reqs, seq, length, steps, accepted, rejections, taken, reached):
+            r.seq = row[:L]
+            generated = r.generated
+            r.finish = "eos" if generated and generated[-1] in eos else "length"
+            stats = r.stats
+            stats.new_tokens, stats.steps, stats.accepted, stats.rejections = len(generated), st, a, rj
+            if self.k:
+                stats.position_proposed, stats.position_accepted, stats.position_reached = [st] * self.k, tk, rc
+            else:
+                stats.plain_steps = st
+            stats.wall_time_s = now - r.start
