@@ -1,9 +1,10 @@
 """CUDA-graph replay of decoder forwards with static shapes (the draft's steps and the verification).
 
-A GraphedDecoder captures model.forward once per (batch, T, logits_index given) over one persistent KVCache and
-the whole cache length (kv_len = max_len, so shapes never change), then replays it: per call only device-to-device
-copies into static input buffers and one graph launch, no host synchronization. Outputs are cloned (the next
-replay overwrites the static output).
+A GraphedDecoder captures model.forward once per (batch, T, logits_index given, keyword options such as
+return_features and feature_taps) over one persistent KVCache and the whole cache length (kv_len = max_len, so shapes
+never change), then replays it: per call only device-to-device copies into static input buffers and one graph launch,
+no host synchronization. Outputs are cloned (the next replay overwrites the static output); a forward that returns
+(logits, features) gives both.
 """
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ class GraphedDecoder:
         self.model, self.cache, self.pool, self.warmup = model, cache, pool, warmup
         self.graphs: Dict[Tuple, tuple] = {}
 
-    def _capture(self, key, tokens, positions, logits_index):
+    def _capture(self, key, tokens, positions, logits_index, kw):
         static = {"tokens": tokens.clone(), "positions": positions.clone(),
                   "logits_index": None if logits_index is None else logits_index.clone()}
 
         def run():
             return self.model(static["tokens"], static["positions"], self.cache, kv_len=None,
-                              logits_index=static["logits_index"])
+                              logits_index=static["logits_index"], **kw)
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -39,14 +40,16 @@ class GraphedDecoder:
         self.graphs[key] = (graph, static, out)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache=None, kv_len: Optional[int] = None,
-                 logits_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        key = (tuple(tokens.shape), logits_index is not None)
+                 logits_index: Optional[torch.Tensor] = None, **kw):
+        """kw: keyword options of model.forward that fix the graph's work (return_features=True, feature_taps=...)."""
+        key = (tuple(tokens.shape), logits_index is not None,
+               tuple(sorted((name, tuple(v) if isinstance(v, (list, tuple)) else v) for name, v in kw.items())))
         if key not in self.graphs:
-            self._capture(key, tokens, positions, logits_index)
+            self._capture(key, tokens, positions, logits_index, kw)
         graph, static, out = self.graphs[key]
         static["tokens"].copy_(tokens)
         static["positions"].copy_(positions)
         if logits_index is not None:
             static["logits_index"].copy_(logits_index)
         graph.replay()
-        return out.clone()
+        return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()

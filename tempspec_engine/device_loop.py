@@ -28,7 +28,7 @@ import torch
 
 from tempspec_engine.models.feature_draft import FeatureDraft
 from tempspec_engine.ops import sample, speculative_sample
-from tempspec_engine.proposers import NonFiniteFlag, pad_logits
+from tempspec_engine.proposers import NONFINITE_MESSAGE, NonFiniteFlag, pad_logits
 from tempspec_engine.sampling import StepSettings
 
 
@@ -141,6 +141,9 @@ class DeviceLoop:
 
     def run(self, reqs, batch: int, speculative: bool, gen: torch.Generator) -> None:
         """Decodes every request (engine _Request objects, filled in place), `batch` at a time."""
+        short = next((r.index for r in reqs if len(r.seq) < 2), None)
+        if short is not None:
+            raise ValueError(f"prompt {short}: device_loop needs prompts of at least 2 tokens")
         key = (batch, speculative)
         if key not in self._decoders:
             self._decoders[key] = _Decoder(self.engine, batch, speculative)
@@ -257,7 +260,9 @@ class _Decoder:
         n = torch.where(hit, eos.to(torch.int8).argmax(dim=1) + 1, n) * live
         nowhere = s.seq.shape[1] - 1
         slots = torch.where(j < n.unsqueeze(1), s.length.unsqueeze(1) + j, nowhere)
-        s.seq.scatter_(1, slots, tokens)
+        # (a row of NaN logits draws an arbitrary id, and the host hears of it only at its next read: keep ids in the
+        # embedding's range until then, so that no forward indexes outside it)
+        s.seq.scatter_(1, slots, tokens.clamp(0, self.engine.target.vocab_size - 1))
         s.length += n
         s.done |= live & (hit | (s.length - s.prompt_len >= s.max_new))
         s.steps += live
@@ -274,8 +279,6 @@ class _Decoder:
         """Decodes up to `batch` requests (their settings for the whole wave); fills each request in place."""
         e, s, B = self.engine, self.state, self.batch
         rows = list(reqs) + [e._dead] * (B - len(reqs))  # idle rows: a stand-in request, done from the start
-        if any(len(r.seq) < 2 for r in reqs):
-            raise ValueError("device_loop needs prompts of at least 2 tokens")
         now = time.perf_counter()
         for r in reqs:
             r.start = now
@@ -291,8 +294,6 @@ class _Decoder:
             timing.syncs += 1
             all_done, bad = torch.stack([s.done.all(), self.flag.value]).tolist()  # the host's one read
             if bad:
-                from tempspec_engine.engine import NONFINITE_MESSAGE
-
                 raise FloatingPointError(NONFINITE_MESSAGE)
             if all_done:
                 done_at = min(steps, first + sync_every)

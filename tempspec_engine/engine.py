@@ -36,8 +36,8 @@ from tempspec_engine.models.llama import Transformer
 from tempspec_engine.models.loading import (LoadedModel, best_device, default_dtype, load_target, own_device_and_dtype,
                                             resolve_device, resolve_dtype)
 from tempspec_engine.ops import sample, speculative_sample
-from tempspec_engine.proposers import (LOOKUP, MODEL, FeatureProposer, HybridProposer, LookupProposer, ModelProposer,
-                                       NonFiniteFlag, Proposal, StepContext, pad_logits)
+from tempspec_engine.proposers import (LOOKUP, MODEL, NONFINITE_MESSAGE, FeatureProposer, HybridProposer,
+                                       LookupProposer, ModelProposer, NonFiniteFlag, Proposal, StepContext, pad_logits)
 from tempspec_engine.sampling import SamplingSettings, StepSettings
 
 
@@ -193,8 +193,6 @@ def matmul_weights(model) -> int:
 
 ALTERNATIVES = 2  # alternative tokens per draft position, by default (SpeculativeEngine's `alternatives`)
 
-NONFINITE_MESSAGE = ("a model produced NaN or +inf logits during generation (overflow in this dtype? try "
-                     "dtype=fp32): the outputs would be invalid")
 
 
 class SpeculativeEngine:
@@ -228,7 +226,8 @@ class SpeculativeEngine:
     static_shapes (default: on CUDA): batch rows keep their slots (finished rows idle until a queued request takes
         them) and attention spans the whole cache, so every forward has a fixed shape; with cuda_graphs (default: on
         CUDA for Llama-family models) the draft steps and the verification replay captured CUDA graphs. The caches
-        and graphs persist across generate() calls. Off (CPU): the batch is compacted and attention spans only the
+        and graphs persist across generate() calls (a feature head's own steps stay eager: only the target's forwards
+        are captured then). Off (CPU): the batch is compacted and attention spans only the
         longest live row.
     """
 
@@ -298,8 +297,9 @@ class SpeculativeEngine:
         self.batch_limit = min(getattr(m.model, "batch_limit", max_batch_size)
                                for m in (self.target, self.draft) if m is not None)
         on_cuda = self.device.type == "cuda"
-        graphable = all(isinstance(m.model, Transformer) or device_loop and isinstance(m.model, FeatureDraft)
-                        for m in (self.target, self.draft_model) if m is not None)
+        # (a feature head's own steps run eagerly in the host loop, beside the target's captured forwards)
+        graphable = isinstance(self.target.model, Transformer) and (
+            self.draft_model is None or isinstance(self.draft_model.model, (Transformer, FeatureDraft)))
         if device_loop:
             self._check_device_loop(k, static_shapes, alternatives, sync_every)
             static_shapes = True
@@ -488,7 +488,8 @@ class SpeculativeEngine:
                 from tempspec_engine.cuda_graphs import GraphedDecoder
 
                 pool = torch.cuda.graph_pool_handle()
-                forwards = [GraphedDecoder(m, c, pool) for m, c in zip(models, caches)]
+                forwards = [GraphedDecoder(m, c, pool) if isinstance(m, Transformer) else _eager(m, static=True)
+                            for m, c in zip(models, caches)]
             else:
                 forwards = [_eager(m, static=True) for m in models]
             self._static_state[key] = (caches, forwards)

@@ -91,6 +91,10 @@ class Proposal(NamedTuple):
         return self.tokens.shape[1]
 
 
+NONFINITE_MESSAGE = ("a model produced NaN or +inf logits during generation (overflow in this dtype? try "
+                     "dtype=fp32): the outputs would be invalid")
+
+
 class NonFiniteFlag:
     """A 0-dim bool on the device, or-ed with every model output (no host synchronization); the engine reads it with
     each step's results."""

@@ -139,3 +139,14 @@ def test_stop_strings_and_one_token_prompts_are_refused(target):
         engine.generate(PROMPTS, 0.0, 5, stop=["x"])
     with pytest.raises(ValueError, match="at least 2 tokens"):
         engine.generate([[5]], 0.0, 5)
+
+
+@pytest.mark.parametrize("broken", ["target", "draft"])
+def test_nan_logits_end_in_one_error(broken):
+    """NaN logits from either model are caught at the next host read (the flag rides along), not sampled from."""
+    target = tiny_target(vocab=64, layers=3, seed=1)
+    head = feature_head(target)
+    with torch.no_grad():
+        (head if broken == "draft" else target.model).norm.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="NaN"):
+        loop_engine(target, head).generate(PROMPTS, 1.0, 10, seed=0)

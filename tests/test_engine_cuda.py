@@ -101,3 +101,22 @@ def test_device_loop_with_graphs_is_lossless(draft):
     out = engine.generate([prompt] * 4000, 1.0, 2, seed=1234)
     assert first_two_chi_square(out, expected) > 1e-3
     assert sum(o.stats.accepted for o in out) > 0
+
+
+@pytest.mark.parametrize("taps", [(), (1,)])
+def test_feature_head_in_the_host_loop_with_graphs(target, taps):
+    """A feature head in the engine's own loop: the target's verification (with its features) replays a captured
+    graph, the head's steps run eagerly; greedy SD equals the target alone, and the same seed gives the eager
+    forwards' tokens at T = 1."""
+    from test_engine_feature_draft import feature_head
+
+    head = feature_head(target, taps=taps)
+    engine = cuda_engine(target, head, k=3)
+    assert engine.cuda_graphs and engine.alternatives == 0
+    base = cuda_engine(target, "none").generate(PROMPTS, 0.0, 30, batch_size=4)
+    for _ in range(2):
+        spec = engine.generate(PROMPTS, 0.0, 30, batch_size=4)
+        assert [s.token_ids for s in spec] == [b.token_ids for b in base]
+    sampled = engine.generate(PROMPTS, 1.0, 30, batch_size=4, seed=5)
+    eager = cuda_engine(target, head, k=3, graphs=False).generate(PROMPTS, 1.0, 30, batch_size=4, seed=5)
+    assert [s.token_ids for s in sampled] == [e.token_ids for e in eager]
