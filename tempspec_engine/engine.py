@@ -218,7 +218,8 @@ class SpeculativeEngine:
         tokens' commit up to EOS and max_new_tokens) on device tensors, captured as one CUDA graph with cuda_graphs,
         the host reading the state once every `sync_every` steps. Needs a fixed k, a Transformer draft or a feature
         head (no lookup), no stop strings or streaming; requests run in waves of the batch width. compile_step:
-        torch.compile that step (fewer, fused kernels; compiled once per shape, at the first call).
+        torch.compile that step (fewer, fused kernels; compiled once per shape, at the first call; they round
+        differently in low precision, so the text can differ from the eager step's).
     max_len: KV-cache capacity per request (prompt + max_new_tokens + k must fit), at most the model's limit
         (default: the smaller of 2048 and that limit).
     allow_download: let target/draft name a Hugging Face hub id (never with HF_HUB_OFFLINE); by default only the
