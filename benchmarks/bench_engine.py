@@ -405,8 +405,9 @@ def run(args) -> int:
                     res = summarize(sums[name], speculative)
                     res["speedup_vs_target_only"] = res["tokens_per_s"] / ar["tokens_per_s"]
                     variant = name.rpartition("/")[2]
-                    if variant in loop_labels:
-                        eng = next(e for v, e in variant_engines.items() if v.endswith("/" + variant))
+                    if variant in loop_labels:  # the engine that ran this row (target_only/<variant>: the first)
+                        eng = variant_engines.get(name) or next(e for v, e in variant_engines.items()
+                                                                if v.endswith("/" + variant))
                         res.update(loop_figures(eng, sums[name], batch, speculative))
                         res["speedup_vs_device_loop_target_only"] = (
                             res["tokens_per_s"] / summarize(sums[f"target_only/{variant}"], False)["tokens_per_s"])
