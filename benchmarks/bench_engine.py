@@ -338,7 +338,11 @@ def run(args) -> int:
             print(f"left out {name}: {failed[name]}", flush=True)
             engines.pop(name, None)
             variant_engines.pop(name, None)
-    loop_labels = sorted({v.rpartition("/")[2] for v, e in variant_engines.items() if e.device_loop is not None})
+    # device-loop variants: label -> the first engine with it, which also runs the target alone through the loop
+    loop_engines = {}
+    for v, e in variant_engines.items():
+        if e.device_loop is not None:
+            loop_engines.setdefault(v.rpartition("/")[2], e)
     rows = []
 
     meta = {"device": str(device), "device_name": device_name(device), "cpu_threads": torch.get_num_threads(),
@@ -379,8 +383,7 @@ def run(args) -> int:
                 methods = [("target_only", lambda c, b=batch: run_engine(base, c, T, args.max_new_tokens, b, False,
                                                                           args.seed, preset, score), False)]
                 # the target alone through each device-loop variant (one per variant label)
-                for variant in loop_labels:
-                    eng = next(e for v, e in variant_engines.items() if v.endswith("/" + variant))
+                for variant, eng in loop_engines.items():
                     methods.append((f"target_only/{variant}", lambda c, e=eng, b=batch: run_engine(
                         e, c, T, args.max_new_tokens, b, False, args.seed, preset, score), False))
                 for name, eng in engines.items():
@@ -405,9 +408,8 @@ def run(args) -> int:
                     res = summarize(sums[name], speculative)
                     res["speedup_vs_target_only"] = res["tokens_per_s"] / ar["tokens_per_s"]
                     variant = name.rpartition("/")[2]
-                    if variant in loop_labels:  # the engine that ran this row (target_only/<variant>: the first)
-                        eng = variant_engines.get(name) or next(e for v, e in variant_engines.items()
-                                                                if v.endswith("/" + variant))
+                    if variant in loop_engines:  # the engine that ran this row
+                        eng = variant_engines.get(name, loop_engines[variant])
                         res.update(loop_figures(eng, sums[name], batch, speculative))
                         res["speedup_vs_device_loop_target_only"] = (
                             res["tokens_per_s"] / summarize(sums[f"target_only/{variant}"], False)["tokens_per_s"])

@@ -64,10 +64,16 @@ class _State:
 
 class _TransformerDraft:
     """A Transformer draft with its own cache. Between steps the cache holds each row's committed tokens but the last
-    two, which the next propose re-reads (positions L-2, L-1) before drafting."""
+    two, which the next propose re-reads (positions L-2, L-1) before drafting. It reads no target features
+    (feature_taps None) and keeps no device state of its own beside its cache."""
+
+    feature_taps = None
 
     def __init__(self, model, cache):
         self.model, self.cache = model, cache
+
+    def tensors(self) -> List[torch.Tensor]:
+        return []
 
     def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, features, last: torch.Tensor) -> None:
         self.model(tokens, positions, self.cache, kv_len=None, compute_logits=False)
@@ -86,10 +92,12 @@ class _TransformerDraft:
 class _FeatureHead:
     """An EAGLE-style head (FeatureDraft) with its own cache and the target features it has not read yet: unread
     [B, k+1, width] of which the first n_unread [B] are valid, the features that produced the row's last n_unread
-    committed tokens. Its cache holds the positions before them."""
+    committed tokens. Its cache holds the positions before them. feature_taps: the target blocks whose outputs it
+    reads beside the final features (the target's forwards return features whenever this is not None)."""
 
     def __init__(self, head: FeatureDraft, cache, batch: int, k: int, dtype: torch.dtype, device: torch.device):
         self.head, self.cache = head, cache
+        self.feature_taps = head.config.taps
         self.unread = torch.zeros(batch, k + 1, head.config.feature_width, dtype=dtype, device=device)
         self.n_unread = torch.ones(batch, dtype=torch.int64, device=device)
         self.pred = None  # the head's latest predicted features [B, 1, dim], fed back while drafting
@@ -188,6 +196,9 @@ class _Decoder:
             cache = model.new_cache(batch, e.max_len, e.device, e.dtype)
             self.draft = (_FeatureHead(model, cache, batch, self.k, e.dtype, e.device)
                           if isinstance(model, FeatureDraft) else _TransformerDraft(model, cache))
+        taps = None if self.draft is None else self.draft.feature_taps
+        # what the target's forwards are asked for beside the logits: a feature head's features
+        self.feature_kw = {} if taps is None else {"return_features": True, "feature_taps": taps}
         self.state = _State(batch, e.max_len, self.k, e.device)
         self.eos = torch.tensor(list(e.target.eos_ids) or [-1], dtype=torch.int64, device=e.device)
         self.flag = NonFiniteFlag(e.device)
@@ -214,10 +225,9 @@ class _Decoder:
         else:
             draft_logits, drafts = self._propose(u[:, :k])
             positions = pending_at + torch.arange(k + 1, device=self.device)
-            taps = self.draft.head.config.taps if isinstance(self.draft, _FeatureHead) else None
-            kw = {} if taps is None else {"return_features": True, "feature_taps": taps}
-            out = self.target(torch.cat([pending, drafts], dim=1), positions, self.target_cache, kv_len=None, **kw)
-            logits, features = out if taps is not None else (out, None)
+            out = self.target(torch.cat([pending, drafts], dim=1), positions, self.target_cache, kv_len=None,
+                              **self.feature_kw)
+            logits, features = out if self.feature_kw else (out, None)
             logits = pad_logits(logits, e.vocab, self.dtype)
             self.flag.check(logits)
             if not e._filter_draft:
@@ -282,11 +292,11 @@ class _Decoder:
         now = time.perf_counter()
         for r in reqs:
             r.start = now
-        self._load(rows, len(reqs), gen)
-        self._prefill(rows)
+        steps = max(r.max_new for r in reqs)  # (every live row gains a token per step)
+        width = self._load(rows, len(reqs), steps, gen)
+        self._prefill(width - 1)
         if e.cuda_graphs and self.graph is None:
             self._capture()
-        steps = max(r.max_new for r in reqs)
         t0, done_at = time.perf_counter(), steps
         for first in range(0, steps, sync_every):
             for _ in range(min(sync_every, steps - first)):
@@ -302,7 +312,9 @@ class _Decoder:
         timing.wall_s += time.perf_counter() - t0
         self._store(reqs)
 
-    def _load(self, rows, n_live: int, gen: torch.Generator) -> None:
+    def _load(self, rows, n_live: int, steps: int, gen: torch.Generator) -> int:
+        """The wave's rows into the loop state, the uniforms of its `steps` steps and its settings; returns the longest
+        prompt's length."""
         s, B = self.state, self.batch
         lengths = [max(len(r.seq), 2) for r in rows]  # (an idle row's stand-in has one token)
         s.seq.zero_()
@@ -312,40 +324,35 @@ class _Decoder:
         s.done.copy_(torch.arange(B) >= n_live)
         for t in (s.step, s.steps, s.accepted, s.rejections, s.position_accepted, s.position_reached):
             t.zero_()
-        steps = max(r.max_new for r in rows[:n_live])
         s.uniforms[:steps] = torch.rand((steps,) + tuple(s.uniforms.shape[1:]), generator=gen, device=self.device)
         self.flag.reset()
         settings = StepSettings([r.settings for r in rows], self.device)
-        if self.settings is None or self.graph is None:
+        same_kernels = self.graph is not None and settings.filters.keys() == self.settings.filters.keys() and \
+            settings.lenience.keys() == self.settings.lenience.keys()
+        if same_kernels:  # the captured step reads these very tensors: refill them
+            self.settings.temperature.copy_(settings.temperature)
+            for mine, theirs in ((self.settings.filters, settings.filters), (self.settings.lenience, settings.lenience)):
+                for name in mine:
+                    mine[name].copy_(theirs[name])
+        else:  # (other filters run other kernels: capture again)
+            self.graph = None
             self.settings = settings
-        else:  # the captured step reads these very tensors
-            if settings.filters.keys() != self.settings.filters.keys() or \
-                    settings.lenience.keys() != self.settings.lenience.keys():
-                self.graph = None  # other kernels: capture again
-                self.settings = settings
-            else:
-                self.settings.temperature.copy_(settings.temperature)
-                for mine, theirs in ((self.settings.filters, settings.filters),
-                                     (self.settings.lenience, settings.lenience)):
-                    for name in mine:
-                        mine[name].copy_(theirs[name])
+        return max(lengths)
 
-    def _prefill(self, rows) -> None:
-        """prompt[:-1] of every row through the target and the draft (right-padded, whole-cache attention)."""
-        T = max(max(len(r.seq), 2) for r in rows) - 1
+    def _prefill(self, T: int) -> None:
+        """prompt[:-1] of every row (T: the longest) through the target and the draft (right-padded, whole-cache
+        attention)."""
         tokens = self.state.seq[:, :T]
         positions = torch.arange(T, device=self.device).expand(self.batch, T)
-        feature = isinstance(self.draft, _FeatureHead)
-        kw = {"return_features": True, "feature_taps": self.draft.head.config.taps} if feature else {}
-        out = self.target(tokens, positions, self.target_cache, kv_len=None, compute_logits=False, **kw)
+        out = self.target(tokens, positions, self.target_cache, kv_len=None, compute_logits=False, **self.feature_kw)
         if self.draft is not None:
             last = self.state.prompt_len - 2
-            self.draft.prefill(tokens, positions, out[1] if feature else None, last)
+            self.draft.prefill(tokens, positions, out[1] if self.feature_kw else None, last)
 
     def _capture(self) -> None:
         """Captures step(): warm-up steps on a side stream, then the capture; the loop state is restored after (the
         warm-up advanced it; what it wrote into the caches lies beyond every row's length)."""
-        tensors = self.state.tensors() + (self.draft.tensors() if isinstance(self.draft, _FeatureHead) else [])
+        tensors = self.state.tensors() + (self.draft.tensors() if self.draft is not None else [])
         saved = [t.clone() for t in tensors]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
