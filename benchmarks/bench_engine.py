@@ -15,7 +15,7 @@ Generation settings beyond temperature (tempspec_engine/sampling.py): --settings
 (e.g. "none;top_p=0.9;top_k=50": the filters apply to the target and, in tempspec, to the draft);
 --compare-draft-filter adds tempspec_sd[<draft>]/target-only, the serving engines' way (draft unfiltered, target
 filtered); --variants "alternatives=0,confidence_stop=0;alternatives=0" adds tempspec_sd[<draft>]/<variant> for each
-draft with a model, the same draft with those SpeculativeEngine settings (alternatives: tokens the target also reads
+draft with a model (with device_loop, every draft), the same draft with those SpeculativeEngine settings (alternatives: tokens the target also reads
 per draft position; confidence_stop 0: k chosen before drafting instead of after each draft; engine.py); a variant
 with device_loop=1,k=K (optionally sync_every=N, compile_step=1) decodes through the device loop
 (tempspec_engine/device_loop.py) and also adds target_only/<variant>, the target alone through it; its rows report
@@ -310,11 +310,11 @@ def run(args) -> int:
                                  cuda_graphs=graphs, **{"k": k, **kw})
 
     engines = {f"tempspec_sd[{d}]": engine(d) for d in drafts}
-    # each model draft again with other engine settings (a draft without a model has nothing they change)
-    # (the device loop drafts with a model alone: a lookup hybrid has no device-loop variant)
+    # each model draft again with other engine settings (a draft without a model has nothing they change, except the
+    # device loop: n-gram lookup alone runs through it too)
     variant_engines = {f"{name}/{label}": engine(d, **kw) for name, d in zip(engines, drafts)
-                       if engines[name].draft_model is not None for label, kw in variants.items()
-                       if not (kw.get("device_loop") and engines[name].lookup is not None)}
+                       for label, kw in variants.items()
+                       if engines[name].draft_model is not None or kw.get("device_loop")}
     base = next(iter(engines.values()))
     hf_target, (hf_drafts, hf_not_run) = None, hf_counterparts(engines)  # recorded even under --no-hf
     if args.no_hf:

@@ -1,25 +1,25 @@
 #!/usr/bin/env bash
 # Device call 1 of 2 (benchmarks/gpu_pack.sh says what to carry): keeps the GGUF's first part and the `gguf` package in
 # /tmp/tempspec_gpu for call 2, builds the CUDA extension for this GPU, then, each stage under its own time limit
-# and the whole under DEADLINE seconds (default 400), the measurements first (nothing else runs beside them):
+# and the whole under DEADLINE seconds (default 420), one thing at a time:
 #   1. the acceptance op at B=64, k=4, V=128256, bf16, plain and with top-k / top-p, against the card's copy bandwidth
-#   2. step costs at Llama-2-7B shapes with random weights (each call replayed as a CUDA graph), and the speedup they
-#      project with the acceptance profiles measured on the default pair (benchmarks/results/profiles_feature1_cpu.json)
-#      and constant ones
-#   3. the tests with a CUDA case (the acceptance op on the cuda and triton backends, the engine with CUDA graphs and
-#      the device loop, the trainer on the GPU), then the rest of the suite with CUDA available (the tests that need
-#      the default target skip: it arrives in call 2). Each test run is its own process group, killed whole when its
-#      time is up (pytest-xdist workers outlive a killed pytest), and logs every test's outcome as it ends (-v).
+#   2. the whole test suite with CUDA available (every CUDA/Triton backend, the engine with CUDA graphs and the device
+#      loop, the trainer on the GPU; the tests that need the default target skip: it arrives in call 2), 16 workers,
+#      each test under --timeout, every outcome logged as it ends (-v) and the slowest listed. The run is its own
+#      process group, killed whole when its time is up (pytest-xdist workers outlive a killed pytest).
+#   3. with the time left: step costs at Llama-2-7B shapes with random weights (each call replayed as a CUDA graph),
+#      and the speedup they project with the acceptance profiles measured on the default pair
+#      (benchmarks/results/profiles_feature1_cpu.json) and constant ones
 # Results and logs under $OUT (or ./gpu_out), at most 8 files (the device tool's limit).
 set -uo pipefail
 OUT=${OUT:-gpu_out}; W=/tmp/tempspec_gpu; mkdir -p "$OUT" $W
 export PYTHONUNBUFFERED=1 PYTHONPATH=$W/site
-START=$(date +%s); DEADLINE=${DEADLINE:-400}
+START=$(date +%s); DEADLINE=${DEADLINE:-420}
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
 limit() { local l; l=$(left); l=$(( l - $2 )); [ $l -gt $1 ] && l=$1; echo $l; }  # min(own limit, left - reserve)
 log() { echo "[$(( $(date +%s) - START )) s] $*" | tee -a "$OUT/session1.log"; }
 run_tests() {  # run_tests SECONDS LOG PYTEST_ARGS...: pytest in its own process group, all of it killed at the limit
-  setsid python3 -m pytest -v -n 8 -p no:cacheprovider -p no:benchmark -rfE "${@:3}" > "$2" 2>&1 &
+  setsid python3 -m pytest -v -n 16 -p no:cacheprovider -p no:benchmark -rfE --durations 25 "${@:3}" > "$2" 2>&1 &
   local pid=$! rc
   ( sleep "$1"; kill -9 -- -$pid 2>/dev/null ) & local killer=$!
   wait $pid; rc=$?
@@ -36,24 +36,18 @@ TORCH_CUDA_ARCH_LIST="$arch" TEMPSPEC_REQUIRE_EXT=1 MAX_JOBS=16 \
 log "build: exit $?"
 python3 -c "import tempspec_engine as t; print('backends on cuda:', t.available_backends('cuda'))" 2>&1 | tee -a "$OUT/session1.log"
 
-timeout $(limit 45 300) python3 benchmarks/bench_acceptance.py --device cuda --dtype bfloat16 --batch 64 --lookahead 4 \
+timeout $(limit 45 60) python3 benchmarks/bench_acceptance.py --device cuda --dtype bfloat16 --batch 64 --lookahead 4 \
   --vocab 128256 --filters "none;top_k=50;top_p=0.9" --output "$OUT/acceptance_b64_k4_v128256.json" > $W/acceptance.log 2>&1
 log "acceptance op: exit $?"; tail -12 $W/acceptance.log | tee -a "$OUT/session1.log"
 
-timeout $(limit 100 200) python3 benchmarks/bench_shapes.py --device cuda --batch-sizes 1,8,32 --ks 1-8 --context 512 \
-  --reps 20 --profiles benchmarks/results/profiles_feature1_cpu.json --alpha 0.6,0.8 \
-  --out "$OUT/shapes_llama2-7b.json" > $W/shapes.log 2>&1
-log "shapes: exit $?"
+run_tests $(limit 300 40) "$OUT/tests.log" tests --timeout 200
+log "tests: exit $?, $(grep -E '(passed|failed)' "$OUT/tests.log" | tail -1)"
 
-GPU_TESTS="tests/test_acceptance_gpu.py tests/test_engine_cuda.py tests/test_trainer_train.py"
-run_tests $(limit 150 60) "$OUT/tests_gpu.log" $GPU_TESTS tests/test_acceptance_exact.py \
-  tests/test_acceptance_edge_cases.py tests/test_acceptance_lossless.py tests/test_input_validation.py \
-  -k "cuda or gpu or triton"
-log "tests with a CUDA case: exit $?, $(tail -1 "$OUT/tests_gpu.log")"
-ignore=""; for f in $GPU_TESTS; do ignore="$ignore --ignore=$f"; done
-t=$(limit 400 5); if [ $t -gt 20 ]; then
-  run_tests $t "$OUT/tests_rest.log" tests $ignore -n 16
-  log "the rest of the suite: exit $?, $(tail -1 "$OUT/tests_rest.log")"
+t=$(limit 120 5); if [ $t -gt 30 ]; then
+  timeout $t python3 benchmarks/bench_shapes.py --device cuda --batch-sizes 1,8,32 --ks 1-8 --context 512 \
+    --reps 20 --profiles benchmarks/results/profiles_feature1_cpu.json --alpha 0.6,0.8 \
+    --out "$OUT/shapes_llama2-7b.json" > $W/shapes.log 2>&1
+  log "shapes: exit $?"
 fi
 tar -czf "$OUT/logs1.tar.gz" -C $W build.log acceptance.log shapes.log 2>/dev/null
 log "done"

@@ -48,7 +48,7 @@ def _parser() -> OneLineParser:
     g.add_argument("--device-loop", action="store_true",
                    help="decode through the device loop: a whole step (draft, verification, acceptance) on device "
                         "tensors, captured as one CUDA graph on CUDA, the host reading its state every --sync-every "
-                        "steps; needs --k N and a model or feature draft (no lookup), no --stop, and prints each text "
+                        "steps; needs --k N (any draft, lookup and hybrids included), no --stop, and prints each text "
                         "when it is done (default: off)")
     g.add_argument("--sync-every", type=positive_int, default=8,
                    help="with --device-loop, steps between the host's reads of the loop state (default: "

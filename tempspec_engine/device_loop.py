@@ -6,7 +6,11 @@ start together; a finished row idles until the wave ends) with a fixed lookahead
 engine's own (engine.py):
   propose   the draft's k tokens and their distributions q: a Transformer draft re-reads the row's last two committed
             tokens, then drafts; a feature head (models/feature_draft.py) reads the target features it has not read
-            yet, then drafts on its own predicted features; no draft: the target alone, one token per step;
+            yet, then drafts on its own predicted features; n-gram lookup (models/lookup_draft.py's rule, searched on
+            the device) proposes what followed the row's tail where it occurred earlier, with one-hot q: alone, a row
+            without a match proposes its last token k times; in front of a model ("lookup+..."), the model drafts
+            for every row (a graph has no branches) and the rows with a match take the lookup's proposal; no draft:
+            the target alone, one token per step;
   verify    the target reads [pending, d1..dk] at positions L-1..L-1+k (L: the row's committed tokens);
   accept    `speculative_sample` (lossless for the row's settings; reference.py states the semantics);
   commit    the received tokens join `seq` up to the row's first EOS and its max_new_tokens, L grows, the proposer
@@ -27,6 +31,7 @@ from typing import List, Optional
 import torch
 
 from tempspec_engine.models.feature_draft import FeatureDraft
+from tempspec_engine.models.lookup_draft import LookupDraft
 from tempspec_engine.ops import sample, speculative_sample
 from tempspec_engine.proposers import NONFINITE_MESSAGE, NonFiniteFlag, pad_logits
 from tempspec_engine.sampling import StepSettings
@@ -87,6 +92,34 @@ class _TransformerDraft:
 
     def commit(self, features, received: torch.Tensor) -> None:
         pass
+
+
+class _Lookup:
+    """n-gram lookup in each row's committed tokens on the device, with LookupDraft's rule (models/lookup_draft.py):
+    the longest tail of max_ngram down to min_ngram tokens that occurred earlier, latest occurrence first; up to k
+    tokens that followed it, a shorter run repeating its last token. No state."""
+
+    def __init__(self, lookup):
+        self.max_ngram, self.min_ngram = lookup.max_ngram, lookup.min_ngram
+
+    def propose(self, s: _State, k: int):
+        """found [B] bool (a tail matched) and tokens [B, k] int64 (a row without a match: its last token k times)."""
+        seq, length = s.seq[:, :-1], s.length  # (the last column takes the writes that land nowhere)
+        width, device = seq.shape[1], seq.device
+        found = torch.zeros_like(length, dtype=torch.bool)
+        after = length - 1  # where the proposal starts: a row without a match repeats its last token
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            tail = seq.gather(1, (length - n).clamp(min=0).unsqueeze(1) + torch.arange(n, device=device))
+            starts = torch.arange(width - n + 1, device=device)
+            # an earlier occurrence ends before the tail does: start <= L - n - 1 (and a tail needs n <= L - 1)
+            hit = (seq.unfold(1, n, 1) == tail.unsqueeze(1)).all(dim=-1) & \
+                (starts <= (length - n - 1).unsqueeze(1))
+            latest = torch.where(hit, starts, -1).amax(dim=1)
+            new = ~found & (latest >= 0)
+            after = torch.where(new, latest + n, after)
+            found |= new
+        index = torch.minimum(after.unsqueeze(1) + torch.arange(k, device=device), (length - 1).unsqueeze(1))
+        return found, seq.gather(1, index)
 
 
 class _FeatureHead:
@@ -191,7 +224,8 @@ class _Decoder:
         self.target = e.target.model
         self.target_cache = self.target.new_cache(batch, e.max_len, e.device, e.dtype)
         self.draft = None
-        if speculative:
+        self.lookup = _Lookup(e.lookup) if speculative and e.lookup is not None else None
+        if speculative and e.draft_model is not None:
             model = e.draft_model.model
             cache = model.new_cache(batch, e.max_len, e.device, e.dtype)
             self.draft = (_FeatureHead(model, cache, batch, self.k, e.dtype, e.device)
@@ -215,7 +249,7 @@ class _Decoder:
         u = s.uniforms.index_select(0, s.step)[0]  # [B, 2k+1]
         pending_at = (s.length - 1).unsqueeze(1)
         pending = s.seq.gather(1, pending_at)
-        if self.draft is None:
+        if not self.k:
             logits = pad_logits(self.target(pending, pending_at, self.target_cache, kv_len=None)[:, 0], e.vocab,
                                 self.dtype)
             self.flag.check(logits)
@@ -236,14 +270,27 @@ class _Decoder:
                                         backend=e.backend, validate=False, **self._draft_filters(),
                                         **settings.lenience)
             received = self._commit(result.accepted, result.tokens)
-            self.draft.commit(features, received)
+            if self.draft is not None:
+                self.draft.commit(features, received)
         s.step += 1
 
     def _draft_filters(self) -> dict:
         return self.settings.filters if self.engine._filter_draft else {}
 
     def _propose(self, u: torch.Tensor):
-        """k drafts per row: q [B, k, V] (engine dtype, padded to its vocabulary) and d [B, k] int64."""
+        """k drafts per row: q [B, k, V] (engine dtype, padded to its vocabulary) and d [B, k] int64, the lookup's
+        where a row's tail matched (q one-hot), the model's elsewhere."""
+        if self.lookup is None:
+            return self._draft(u)
+        found, tokens = self.lookup.propose(self.state, self.k)
+        one_hot = LookupDraft.draft_logits(tokens, self.engine.vocab, self.dtype)
+        if self.draft is None:
+            return one_hot, tokens
+        q, d = self._draft(u)
+        return torch.where(found.view(-1, 1, 1), one_hot, q), torch.where(found.view(-1, 1), tokens, d)
+
+    def _draft(self, u: torch.Tensor):
+        """The model draft's k tokens per row, as _propose returns them."""
         s, e = self.state, self.engine
         logits = self.draft.first_logits(s)
         qs, ds = [], []

@@ -216,8 +216,8 @@ class SpeculativeEngine:
         otherwise.
     device_loop: decode through tempspec_engine/device_loop.py: a whole step (draft, verification, acceptance, the
         tokens' commit up to EOS and max_new_tokens) on device tensors, captured as one CUDA graph with cuda_graphs,
-        the host reading the state once every `sync_every` steps. Needs a fixed k, a Transformer draft or a feature
-        head (no lookup), no stop strings or streaming; requests run in waves of the batch width. compile_step:
+        the host reading the state once every `sync_every` steps. Needs a fixed k; drafts: a Transformer draft, a
+        feature head, n-gram lookup, or lookup in front of either; no stop strings or streaming; requests run in waves of the batch width. compile_step:
         torch.compile that step (fewer, fused kernels; compiled once per shape, at the first call; they round
         differently in low precision, so the text can differ from the eager step's).
     max_len: KV-cache capacity per request (prompt + max_new_tokens + k must fit), at most the model's limit
@@ -336,12 +336,9 @@ class SpeculativeEngine:
         check_positive_int("sync_every", sync_every)
         if not isinstance(self.target.model, Transformer):
             raise ValueError("device_loop needs a Llama-family target (run on tempspec's transformer)")
-        if self.lookup is not None:
-            raise ValueError("device_loop drafts with a model or a feature head: n-gram lookup (and lookup+ hybrids) "
-                             "search the tokens on the host; pass e.g. draft='feature:1' or 'none'")
         if self.draft_model is not None and not isinstance(self.draft_model.model, (Transformer, FeatureDraft)):
             raise ValueError("device_loop needs a tempspec Transformer draft or a feature head")
-        if self.draft_model is not None and k == "auto":
+        if self.proposer is not None and k == "auto":
             raise ValueError("device_loop needs a fixed k (an int): every step of a wave has the same shapes")
         if static_shapes is False:
             raise ValueError("device_loop runs with static shapes (static_shapes=False is not possible)")

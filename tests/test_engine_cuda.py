@@ -62,7 +62,7 @@ def test_sampled_sd_with_graphs_is_lossless(temperature, draft):
     assert sum(o.stats.accepted for o in out) > 0
 
 
-@pytest.mark.parametrize("draft", ["layers:0,3", "feature"])
+@pytest.mark.parametrize("draft", ["layers:0,3", "feature", "lookup", "lookup+layers:0,3"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_device_loop_graph_equals_eager(target, draft, temperature):
     """The device loop's captured step gives the tokens of the same step run eagerly (same seed), replayed across

@@ -24,9 +24,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        """Hugging Face's semantics: x * rsqrt(mean(x^2) + eps) in fp32, rounded to x's dtype, times the weight.
+        F.rms_norm computes it in fp32 for 16-bit inputs (one fused kernel on CUDA instead of seven)."""
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -50,9 +50,12 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled).float()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [B, T, heads, D] with cos, sin_signed [B, T, 1, D] (rope_cos_sin): x * cos +
+    rotate_half(x) * sin, where rotate_half(x) = [-x2, x1]; the sign lives in sin_signed (= [-sin, sin]), so this is
+    [x2, x1] * sin_signed: the same products and sums, bit for bit, in four kernels."""
     h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+    return x * cos + torch.cat((x[..., h:], x[..., :h]), dim=-1) * sin_signed
 
 
 class Attention(nn.Module):
@@ -65,14 +68,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
 
     def forward(self, x, cos, sin, slots, mask, cache: KVCache, layer: int, kv_len: int):
-        """x [B,T,dim]; cos/sin [B,1,T,D]; slots [B,T] (the cache slots the keys are written to); mask
-        [B,1,T,kv_len] bool. Returns [B,T,dim]."""
+        """x [B,T,dim]; cos/sin [B,T,1,D] (rope_cos_sin); slots [B,T] (the cache slots the keys are written to);
+        mask [B,1,T,kv_len] bool. Returns [B,T,dim]."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        # one RoPE over the query and key heads together (RoPE is per head)
+        qk = apply_rope(torch.cat((q, k), dim=2), cos, sin)
+        q, k = qk[:, :, :self.n_heads].transpose(1, 2), qk[:, :, self.n_heads:].transpose(1, 2)
         if cache is None:  # training / scoring a whole sequence: causal attention within it, nothing stored
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
@@ -108,10 +112,11 @@ class Block(nn.Module):
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos, sin [B, 1, T, head_dim] of `dtype` for positions [B, T] (rotate-half layout)."""
-    freqs = positions.unsqueeze(-1).float() * inv_freq  # [B, T, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [B, 1, T, D]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    """cos, sin_signed [B, T, 1, head_dim] of `dtype` for positions [B, T] (rotate-half layout; apply_rope):
+    cos(f) twice, and -sin(f) then sin(f), for the frequencies f = position * inv_freq."""
+    freqs = (positions.unsqueeze(-1).float() * inv_freq).unsqueeze(2)  # [B, T, 1, D/2]
+    sin = freqs.sin().to(dtype)
+    return torch.cat((freqs, freqs), dim=-1).cos().to(dtype), torch.cat((-sin, sin), dim=-1)
 
 
 def run_layers(layers: Sequence[Block], x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor,
