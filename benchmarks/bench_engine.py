@@ -323,14 +323,19 @@ def run(args) -> int:
         hf_target = to_hf_llama(target.model)
         hf_drafts = {name: m if isinstance(m, str) else to_hf_llama(m) for name, m in hf_drafts.items()}
 
-    # Warm-up (allocations, lazy weight pages, CUDA kernels), not timed. A method that fails here is reported and left
-    # out (meta "failed"), so that one that cannot run on this machine does not cost the others their run.
+    # Warm-up (allocations, lazy weight pages, CUDA kernels), not timed, the target alone first. A method that fails
+    # here is reported and left out (meta "failed"), so that one that cannot run on this machine does not cost the
+    # others their run; a device-loop variant whose drafting fails still runs the target alone through the loop.
     failed = {}
+    loop_engines = {}  # device-loop variant label -> the first engine with it, which runs the target alone through it
     for name, eng in list(engines.items()) + list(variant_engines.items()):
         try:
             for batch in batches:  # also captures the CUDA graphs of each batch size
-                eng.generate(prompts[:batch], 0.0, 8, batch_size=batch)
                 eng.generate(prompts[:batch], 0.0, 8, batch_size=batch, speculative=False)
+            if eng.device_loop is not None:
+                loop_engines.setdefault(name.rpartition("/")[2], eng)
+            for batch in batches:
+                eng.generate(prompts[:batch], 0.0, 8, batch_size=batch)
         except Exception as exc:  # noqa: BLE001 (recorded with its message)
             if eng is base:
                 raise
@@ -338,11 +343,6 @@ def run(args) -> int:
             print(f"left out {name}: {failed[name]}", flush=True)
             engines.pop(name, None)
             variant_engines.pop(name, None)
-    # device-loop variants: label -> the first engine with it, which also runs the target alone through the loop
-    loop_engines = {}
-    for v, e in variant_engines.items():
-        if e.device_loop is not None:
-            loop_engines.setdefault(v.rpartition("/")[2], e)
     rows = []
 
     meta = {"device": str(device), "device_name": device_name(device), "cpu_threads": torch.get_num_threads(),

@@ -7,7 +7,7 @@ It builds, with the project's own decoder (tempspec_engine/models/llama.py) on t
   target    the --shapes preset's target (llama2-7b: dim 4096, 32 layers, 32 heads / 32 kv heads of 128, MLP 11008,
             vocab 32000)
   draft     a small separate model with the same vocabulary (llama2-7b: Llama-68M, dim 768, 2 layers, 12 heads, MLP
-            3072)
+            3072; smollm2-135m: 2 blocks of the default target's own shapes)
   feature   an EAGLE-style feature head of the target's width (tempspec_engine/models/feature_draft.py: one decoder
             block with the target's shapes, fc 2*dim -> dim), attached to the target's embedding and output head
 and times, for each batch size B, with a KV cache holding --context positions per row (the engine's calling
@@ -74,6 +74,13 @@ PRESETS: Dict[str, dict] = {
                               intermediate_size=11008),
         "draft": ModelConfig(vocab_size=32000, dim=768, n_layers=2, n_heads=12, n_kv_heads=12, head_dim=64,
                              intermediate_size=3072),
+        "feature_layers": 1,
+    },
+    "smollm2-135m": {  # the default pair: SmolLM2-135M-Instruct and a 2-block draft of its width
+        "target": ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+                              intermediate_size=1536, rope_theta=100000.0, tie_embeddings=True),
+        "draft": ModelConfig(vocab_size=49152, dim=576, n_layers=2, n_heads=9, n_kv_heads=3, head_dim=64,
+                             intermediate_size=1536, rope_theta=100000.0, tie_embeddings=True),
         "feature_layers": 1,
     },
     "tiny": {  # CPU tests
@@ -163,8 +170,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="weights, activations and KV cache (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--shapes", choices=sorted(PRESETS), default="llama2-7b",
-                   help="model shapes: llama2-7b (Llama-2-7B target, Llama-68M draft, 1-block feature head) or tiny "
-                        "(CPU tests) (default: %(default)s)")
+                   help="model shapes: llama2-7b (Llama-2-7B target, Llama-68M draft, 1-block feature head), "
+                        "smollm2-135m (the default target's shapes, a 2-block draft and a 1-block head of its width) "
+                        "or tiny (CPU tests) (default: %(default)s)")
     p.add_argument("--batch-sizes", type=int_list, default=[1, 8, 32], metavar="B,...",
                    help="batch sizes, e.g. 1,8,32 (default: 1,8,32)")
     p.add_argument("--ks", type=int_list, default=list(range(1, 9)), metavar="K,...",
@@ -425,7 +433,8 @@ def run(args) -> int:
         "context": args.context, "batch_sizes": args.batch_sizes, "ks": args.ks, "reps": reps, "warmup": args.warmup,
         "seed": args.seed,
         "timing": "median ms of reps calls after warmup calls, device synchronized before and after each call; eager "
-                  "PyTorch (no CUDA graphs, no torch.compile); logits included, sampling and acceptance not",
+                  "PyTorch on the CPU, each call replayed as a captured CUDA graph on CUDA; no torch.compile; logits "
+                  "included, sampling and acceptance not",
         "projection": "expected_tokens = 1 + sum_{i<=k} prod_{j<=i} alpha_j (a profile shorter than k repeats its last "
                       "value); step_ms = k * <kind>_step_ms + verify_ms[k]; speedup = expected_tokens * "
                       "target_decode_ms / step_ms",

@@ -6,6 +6,7 @@
 #      lookup+feature:1 and feature:1 through the engine's host loop, and the same drafts and the target alone through
 #      the device loop (tempspec_engine/device_loop.py: one CUDA graph per step, the host reading the state every 8
 #      steps) at k 3 and 4, with each step's device time and host overhead
+#   then where a step's device time goes (benchmarks/profile_step.py: the kernels of eager steps, by name)
 #   2. the device loop with its step compiled (torch.compile; the compile is part of the warm-up): lookup+feature:1 at
 #      k 3 and the target alone, batch 1, T 0 and 1, 5 prompts
 #   3. with the time left: batch 8 and 32 (32 prompts), lookup+feature:1, device loop at k 3; then the tests that
@@ -30,6 +31,9 @@ timeout $t python3 benchmarks/bench_engine.py --prompts $SPEC --n-prompts $N1 --
   --batch-sizes 1 --temperatures 0,1 --drafts "lookup+feature:1;feature:1" --no-hf \
   --variants "device_loop=1,k=3;device_loop=1,k=4" --out "$OUT/engine_device_loop_batch1.json" > $W/batch1.log 2>&1
 log "engine batch 1: exit $?"
+timeout $(( $(left) > 200 ? 60 : 20 )) python3 benchmarks/profile_step.py --device $DEV --draft "lookup+feature:1" --k 3 \
+  --steps 20 --max-len 1536 --out "$OUT/profile_step.json" > $W/profile.log 2>&1
+log "profile of a step: exit $?"
 t=$(( $(left) - 10 )); [ $t -gt 200 ] && t=200
 timeout $t python3 benchmarks/bench_engine.py --prompts $SPEC --n-prompts $(( (N1 + 1) / 2 )) --max-new-tokens $NEW \
   --device $DEV --batch-sizes 1 --temperatures 0,1 --drafts "lookup+feature:1" --no-hf \
@@ -48,5 +52,5 @@ if [ $t -gt 20 ] && [ "$DEV" = cuda ]; then
     > "$OUT/tests_default_target.log" 2>&1
   log "tests with the default target: exit $?, $(tail -1 "$OUT/tests_default_target.log")"
 fi
-tar -czf "$OUT/logs2.tar.gz" -C $W target.log batch1.log compiled.log batch8.log 2>/dev/null
+tar -czf "$OUT/logs2.tar.gz" -C $W target.log batch1.log profile.log compiled.log batch8.log 2>/dev/null
 log "done"

@@ -51,8 +51,8 @@ def _parser() -> OneLineParser:
                         "steps; needs --k N (any draft, lookup and hybrids included), no --stop, and prints each text "
                         "when it is done (default: off)")
     g.add_argument("--sync-every", type=positive_int, default=8,
-                   help="with --device-loop, steps between the host's reads of the loop state (default: "
-                        "%(default)s)")
+                   help="with --device-loop, steps between the host's reads of the loop state, fewer near the "
+                        "end of a wave (default: %(default)s)")
     g.add_argument("--quiet", action="store_true", help="no figures on stderr")
     add_debug_flag(g)
     add_sweep_parser(sub)

@@ -1,5 +1,5 @@
 """The decode loop on the device: a whole speculative step as one CUDA graph, its state on the device, and the host
-reading that state once every `sync_every` steps.
+reading that state once every `sync_every` steps (sooner near a wave's end).
 
 SpeculativeEngine(..., device_loop=True) decodes through a DeviceLoop. It runs one wave of requests at a time (they
 start together; a finished row idles until the wave ends) with a fixed lookahead k, and a step reads, as the
@@ -16,7 +16,10 @@ engine's own (engine.py):
   commit    the received tokens join `seq` up to the row's first EOS and its max_new_tokens, L grows, the proposer
             keeps the verified features (a feature head) or nothing (a Transformer draft re-reads its window).
 Nothing in a step reads device memory on the host, so every shape is fixed (the caches and the whole-cache
-attention of static shapes) and the step is captured once per (batch, k, draft) and replayed. The random numbers of
+attention of static shapes) and the step is captured once per (batch, k, draft) and replayed. The host reads the
+state every `sync_every` steps, or sooner near a wave's end: never later than the step at which the row that needs the
+most tokens could be done (each step gives a row at most k+1), so a wave runs no step after its last row is done
+unless a row ended at EOS. The random numbers of
 a wave are drawn up front from the seeded generator, [steps, B, 2k+1] (k for the drafts, k+1 for the acceptance),
 and each step picks its row by the device step counter: the same seed gives the same text, captured or eager.
 Draft positions whose keys a step writes beyond a row's length are masked and rewritten before they are read, as in
@@ -40,7 +43,7 @@ from tempspec_engine.sampling import StepSettings
 @dataclasses.dataclass
 class WaveTiming:
     """How the latest wave's decode steps (prefill excluded) spent their time: `steps` steps in `wall_s` seconds, of
-    which `syncs` host reads of the loop state (one per sync_every steps)."""
+    which `syncs` host reads of the loop state (one per sync_every steps, or sooner near the wave's end)."""
 
     steps: int = 0
     wall_s: float = 0.0
@@ -344,18 +347,20 @@ class _Decoder:
         self._prefill(width - 1)
         if e.cuda_graphs and self.graph is None:
             self._capture()
-        t0, done_at = time.perf_counter(), steps
-        for first in range(0, steps, sync_every):
-            for _ in range(min(sync_every, steps - first)):
+        t0, ran, needed = time.perf_counter(), 0, steps
+        while needed > 0 and ran < steps:
+            # a step gives a live row 1 to k+1 tokens: the row that needs the most cannot be done (but by EOS) within
+            # fewer than ceil(needed / (k+1)) steps, so the host reads no later than that, nor sync_every steps on
+            n = min(sync_every, -(-needed // (self.k + 1)), steps - ran)
+            for _ in range(n):
                 self.graph.replay() if self.graph is not None else self.run_step()
+            ran += n
             timing.syncs += 1
-            all_done, bad = torch.stack([s.done.all(), self.flag.value]).tolist()  # the host's one read
+            needs = torch.where(s.done, 0, s.max_new - (s.length - s.prompt_len))
+            needed, bad = torch.stack([needs.max(), self.flag.value.to(torch.int64)]).tolist()  # the host's one read
             if bad:
                 raise FloatingPointError(NONFINITE_MESSAGE)
-            if all_done:
-                done_at = min(steps, first + sync_every)
-                break
-        timing.steps += done_at
+        timing.steps += ran
         timing.wall_s += time.perf_counter() - t0
         self._store(reqs)
 

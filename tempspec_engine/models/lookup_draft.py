@@ -48,6 +48,8 @@ class LookupDraft:
 
     @staticmethod
     def draft_logits(tokens: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
-        """One-hot logits [B, k, vocab]: 0 at the proposed token, -inf elsewhere. tokens [B, k] int64."""
-        logits = torch.full((*tokens.shape, vocab), float("-inf"), dtype=dtype, device=tokens.device)
-        return logits.scatter_(2, tokens.unsqueeze(-1), 0.0)
+        """One-hot logits [B, k, vocab] of `dtype`: 0 at the proposed token, -inf elsewhere. tokens [B, k] int64.
+        (One `where` between two 0-dim tensors of `dtype`: no in-place write, and a compiler cannot promote it.)"""
+        hit = tokens.unsqueeze(-1) == torch.arange(vocab, device=tokens.device)
+        zero = torch.zeros((), dtype=dtype, device=tokens.device)
+        return torch.where(hit, zero, torch.full((), float("-inf"), dtype=dtype, device=tokens.device))
