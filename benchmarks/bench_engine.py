@@ -15,10 +15,11 @@ Generation settings beyond temperature (tempspec_engine/sampling.py): --settings
 (e.g. "none;top_p=0.9;top_k=50": the filters apply to the target and, in tempspec, to the draft);
 --compare-draft-filter adds tempspec_sd[<draft>]/target-only, the serving engines' way (draft unfiltered, target
 filtered); --variants "alternatives=0,confidence_stop=0;alternatives=0" adds tempspec_sd[<draft>]/<variant> for each
-draft with a model (with device_loop, every draft), the same draft with those SpeculativeEngine settings (alternatives: tokens the target also reads
-per draft position; confidence_stop 0: k chosen before drafting instead of after each draft; engine.py); a variant
-with device_loop=1,k=K (optionally sync_every=N, compile_step=1) decodes through the device loop
-(tempspec_engine/device_loop.py) and also adds target_only/<variant>, the target alone through it; its rows report
+draft with a model (with device_loop, every draft), the same draft with those SpeculativeEngine settings
+(alternatives: tokens the target also reads per draft position; confidence_stop 0: k chosen before drafting instead
+of after each draft; engine.py); a variant with device_loop=1,k=K (optionally sync_every=N, compile_step=1) decodes
+through the device loop (tempspec_engine/device_loop.py) and also adds target_only/<variant>, the target alone
+through it (measured even when the variant's drafting fails its warm-up); its rows report
 the loop's steps, host reads and, on CUDA, the device time of one captured step and the host overhead (the share of
 the steps' wall time the device was not stepping) and speedup_vs_device_loop_target_only;
 --lenience 1,0.8,0.5,0.3 adds tempspec_sd[<draft>]@<eps> (lossy acceptance) and scores every tempspec method's

@@ -19,9 +19,9 @@ Nothing in a step reads device memory on the host, so every shape is fixed (the 
 attention of static shapes) and the step is captured once per (batch, k, draft) and replayed. The host reads the
 state every `sync_every` steps, or sooner near a wave's end: never later than the step at which the row that needs the
 most tokens could be done (each step gives a row at most k+1), so a wave runs no step after its last row is done
-unless a row ended at EOS. The random numbers of
-a wave are drawn up front from the seeded generator, [steps, B, 2k+1] (k for the drafts, k+1 for the acceptance),
-and each step picks its row by the device step counter: the same seed gives the same text, captured or eager.
+unless a row ended at EOS. The random numbers of a wave are drawn up front from the seeded generator, [steps, B, 2k+1]
+(k for the drafts, k+1 for the acceptance), and each step picks its row by the device step counter: the same seed
+gives the same text, captured or eager.
 Draft positions whose keys a step writes beyond a row's length are masked and rewritten before they are read, as in
 the engine (kv_cache.py).
 """
