@@ -5,7 +5,7 @@
 #   1. the engine at batch 1 (10 Spec-Bench prompts, 64 new tokens, T 0 and 1): the target alone and SD with
 #      lookup+feature:1 and feature:1 through the engine's host loop, and the same drafts and the target alone through
 #      the device loop (tempspec_engine/device_loop.py: one CUDA graph per step, the host reading the state every 8
-#      steps) at k 3 and 4, with each step's device time and host overhead
+#      steps) at k 2 and 3 (k 4 did no better than 3 on the H200), with each step's device time and host overhead
 #   then where a step's device time goes (benchmarks/profile_step.py: the kernels of eager steps, by name)
 #   2. the device loop with its step compiled (torch.compile; the compile is part of the warm-up): lookup+feature:1 at
 #      k 3 and the target alone, batch 1, T 0 and 1, 5 prompts
@@ -29,7 +29,7 @@ SPEC=.cache/gpu/b/prompts/spec_bench_question.jsonl
 t=$(( $(left) - 120 )); [ $t -gt 170 ] && t=170
 timeout $t python3 benchmarks/bench_engine.py --prompts $SPEC --n-prompts $N1 --max-new-tokens $NEW --device $DEV \
   --batch-sizes 1 --temperatures 0,1 --drafts "lookup+feature:1;feature:1" --no-hf \
-  --variants "device_loop=1,k=3;device_loop=1,k=4" --out "$OUT/engine_device_loop_batch1.json" > $W/batch1.log 2>&1
+  --variants "device_loop=1,k=2;device_loop=1,k=3" --out "$OUT/engine_device_loop_batch1.json" > $W/batch1.log 2>&1
 log "engine batch 1: exit $?"
 timeout $(( $(left) > 200 ? 60 : 20 )) python3 benchmarks/profile_step.py --device $DEV --draft "lookup+feature:1" --k 3 \
   --steps 20 --max-len 1536 --out "$OUT/profile_step.json" > $W/profile.log 2>&1
