@@ -33,12 +33,12 @@ def target():
 def drafts(target):
     return {"layers:0": "layers:0", "feature": feature_head(target), "feature/vocab:40": feature_head(target,
             draft_vocab=40), "feature+taps": feature_head(target, taps=(1,)), "lookup": "lookup",
-            "lookup+layers:0": "lookup+layers:0", "lookup+feature": "lookup+feature"}
+            "lookup+layers:0": "lookup+layers:0"}
 
 
 def loop_engine_for(target, name, **kw):
-    """loop_engine with drafts(target)[name]; "lookup+feature" puts lookup in front of a feature head object (a spec
-    names only shipped heads), as SpeculativeEngine does for "lookup+feature:1": self.lookup with min_ngram 2."""
+    """loop_engine with drafts(target)[name], or, for "lookup+feature", lookup in front of a feature head object (a
+    spec names only shipped heads), as SpeculativeEngine does for "lookup+feature:1": self.lookup with min_ngram 2."""
     if name != "lookup+feature":
         return loop_engine(target, drafts(target)[name], **kw)
     engine = loop_engine(target, feature_head(target), **kw)
@@ -110,14 +110,12 @@ def test_lookup_proposes_what_the_host_rule_proposes():
         state.seq[:, max_len] = 7  # (the column that takes writes landing nowhere is never read)
         state.length.copy_(lengths)
         found, tokens = _Lookup(lookup).propose(state, k)
-        matched = 0
         for b in range(B):
             row = state.seq[b, :lengths[b]].tolist()
             want = lookup.propose_row(row, k)
             assert bool(found[b]) == bool(want)
             want = (want + [want[-1] if want else row[-1]] * k)[:k]
             assert tokens[b].tolist() == want, (b, row)
-            matched += bool(want)
         assert 0 < int(found.sum()) < B
 
 
