@@ -28,9 +28,11 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tempspec_engine.cli_args import positive_int  # noqa: E402
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command  # noqa: E402
 from tempspec_engine.engine import SpeculativeEngine  # noqa: E402
 from tempspec_engine.measure import sync_device  # noqa: E402
+from tempspec_engine.models.loading import resolve_dtype  # noqa: E402
 from tempspec_engine.run_meta import collect_meta  # noqa: E402
 
 PROG = "profile_step"
@@ -79,18 +81,14 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="(default: %(default)s)")
     p.add_argument("--draft", default="lookup+feature:1",
                    help="draft spec for the speculative mode (models/draft.py) (default: %(default)s)")
-    p.add_argument("--k", type=int, default=3, help="drafts per step (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=20, help="profiled steps per mode (default: %(default)s)")
-    p.add_argument("--top", type=int, default=30, help="names listed per mode (default: %(default)s)")
-    p.add_argument("--max-len", type=int, default=512,
+    p.add_argument("--k", type=positive_int, default=3, help="drafts per step (default: %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=20, help="profiled steps per mode (default: %(default)s)")
+    p.add_argument("--top", type=positive_int, default=30, help="names listed per mode (default: %(default)s)")
+    p.add_argument("--max-len", type=positive_int, default=512,
                    help="KV-cache length (the step attends over all of it) (default: %(default)s)")
     p.add_argument("--out", default=None, help="JSON path (default: print only)")
     add_debug_flag(p)
-    args = p.parse_args(argv)
-    for name in ("k", "steps", "top", "max_len"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
@@ -99,9 +97,10 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    engine = SpeculativeEngine(None, args.draft, device=args.device, dtype=dtype, k=args.k, max_len=args.max_len,
-                               device_loop=True, cuda_graphs=False)
+    if args.draft == "none":
+        raise ValueError("--draft: the speculative mode needs a draft spec, got 'none'")
+    engine = SpeculativeEngine(None, args.draft, device=args.device, dtype=resolve_dtype(args.dtype), k=args.k,
+                               max_len=args.max_len, device_loop=True, cuda_graphs=False)
     prompt_ids = engine.encode(PROMPT, chat_template=True)
     result = {"benchmark": "profile_step", "device": str(engine.device), "dtype": args.dtype, "draft": args.draft,
               "k": args.k, "steps": args.steps, "max_len": args.max_len,
