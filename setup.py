@@ -20,8 +20,11 @@ def _extension_build():
         warnings.warn("torch is not installed at build time: tempspec_engine._C is not built")
         return [], {}
 
-    sources = ["csrc/bindings.cpp", "csrc/acceptance_cpu.cpp"]
-    cxx_flags = ["-O3"]  # the C++ standard is the one torch's cpp_extension chooses for its own headers
+    sources = ["csrc/bindings.cpp", "csrc/acceptance_cpu.cpp", "csrc/linear_cpu.cpp"]
+    # the C++ standard is the one torch's cpp_extension chooses for its own headers. -fopenmp: at::parallel_for is
+    # inline and runs serially without it; the libgomp.so.1 this records is the one torch has already loaded
+    cxx_flags = ["-O3", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     with_cuda = (
         os.environ.get("TEMPSPEC_NO_CUDA", "0") != "1"
         and cpp_extension.CUDA_HOME is not None
@@ -34,9 +37,11 @@ def _extension_build():
             sources + ["csrc/acceptance_cuda.cu"],
             define_macros=[("TEMPSPEC_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            extra_link_args=link_flags,
         )
     else:
-        ext = cpp_extension.CppExtension("tempspec_engine._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = cpp_extension.CppExtension("tempspec_engine._C", sources, extra_compile_args={"cxx": cxx_flags},
+                                         extra_link_args=link_flags)
 
     class OptionalBuildExtension(cpp_extension.BuildExtension):
         """Warns instead of failing when the extension does not compile (no compiler, unsupported toolchain)."""

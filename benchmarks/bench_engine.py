@@ -47,6 +47,7 @@ from tempspec_engine.checks import LENIENCE  # noqa: E402
 from tempspec_engine.cli_args import lookahead, positive_int  # noqa: E402
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command  # noqa: E402
 from tempspec_engine.engine import ALTERNATIVES, SpeculativeEngine  # noqa: E402
+from tempspec_engine.linear import cpu_kernel_enabled  # noqa: E402
 from tempspec_engine.measure import (acceptance_by_position, add_figures, alpha_se, sync_device,  # noqa: E402
                                      timed_generate)
 from tempspec_engine.models.draft import DEFAULT_DRAFT  # noqa: E402
@@ -358,6 +359,8 @@ def run(args) -> int:
             "hf_not_run": hf_not_run, "failed": failed, "complete": False}
     if device.type == "cuda":
         meta.update(cuda=torch.version.cuda, driver=nvidia_driver())
+    else:
+        meta.update(cpu_linear_kernel=cpu_kernel_enabled())
 
     def write():
         """The JSON so far, atomically: a run cut short keeps every finished row."""

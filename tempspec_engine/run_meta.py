@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from tempspec_engine.linear import cpu_kernel_enabled
+
 VERSIONED = ("transformers", "numpy", "matplotlib", "triton")  # besides python, torch and tempspec
 
 
@@ -59,7 +61,8 @@ def package_version(name: str) -> Optional[str]:
 def collect_meta(device) -> dict:
     """Hardware, versions, command line and time of the run: device_name, cpu, cpu_count, torch_threads, platform,
     versions {python, torch, tempspec, and transformers / numpy / matplotlib / triton where installed}, command,
-    date (UTC, ISO 8601 to the second); loadavg [1, 5, 15 min] on CPU; cuda (its version) on a CUDA device."""
+    date (UTC, ISO 8601 to the second); on CPU loadavg [1, 5, 15 min] and cpu_linear_kernel (whether bf16 linear
+    layers run tempspec's kernel: tempspec_engine/linear.py); cuda (its version) on a CUDA device."""
     device = torch.device(device)
     from tempspec_engine import __version__ as tempspec_version
 
@@ -75,6 +78,8 @@ def collect_meta(device) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if device.type == "cpu" and hasattr(os, "getloadavg"):
         meta["loadavg"] = list(os.getloadavg())
+    if device.type == "cpu":
+        meta["cpu_linear_kernel"] = cpu_kernel_enabled()
     if device.type == "cuda" and torch.version.cuda:
         meta["cuda"] = torch.version.cuda
     return meta

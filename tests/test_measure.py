@@ -265,6 +265,7 @@ def test_collect_meta_keys():
     assert {"python", "torch", "tempspec"} <= set(meta["versions"])
     assert meta["device_name"] == meta["cpu"] and "cuda" not in meta
     assert ("loadavg" in meta) == hasattr(os, "getloadavg")
+    assert isinstance(meta["cpu_linear_kernel"], bool)
     assert datetime.datetime.fromisoformat(meta["date"]).utcoffset() == datetime.timedelta(0)
     json.dumps(meta, allow_nan=False)
 

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tempspec_engine.kv_cache import KVCache
+from tempspec_engine.linear import Linear, linear
 from tempspec_engine.models.config import ModelConfig
 from tempspec_engine.models.draft_checkpoint import (DRAFT_FILE, WEIGHTS_FILE, check_weights_fit, draft_format,
                                                      read_info, read_weights, weights_path)
@@ -146,12 +147,12 @@ class FeatureDraft(nn.Module):
         super().__init__()
         self.config = config
         block_cfg = config.block_config()
-        self.fc = nn.Linear(2 * config.dim, config.dim, bias=False)
+        self.fc = Linear(2 * config.dim, config.dim, bias=False)
         # with taps: the target's final features and its tapped block outputs (each RMS-normalized) -> dim, starting
         # as [I, 0] (built without drawing random numbers: a seeded head draws the same weights with taps as without)
         self.fuse = None
         if config.taps:
-            fuse = nn.Linear(config.feature_width, config.dim, bias=False, device="meta")
+            fuse = Linear(config.feature_width, config.dim, bias=False, device="meta")
             self.fuse = fuse.to_empty(device=self.fc.weight.device)
             if not self.fuse.weight.is_meta:
                 self.reset_fuse()
@@ -257,7 +258,7 @@ class FeatureDraft(nn.Module):
         token map, over the full vocabulary [..., V], in the target head's dtype. Only these N head rows are
         computed (sample here and map with d2t when only the draft's proposal is needed)."""
         w = self.head_rows()
-        return F.linear(features.to(w.dtype), w)
+        return linear(features.to(w.dtype), w)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """The target's output head on predicted features [..., dim] -> logits [..., V_target] in the head weight's

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tempspec_engine.kv_cache import KVCache
+from tempspec_engine.linear import Linear, linear
 from tempspec_engine.models.config import ModelConfig
 
 
@@ -63,10 +64,10 @@ class Attention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
-        self.q_proj = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=c.qkv_bias)
-        self.k_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
-        self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
-        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
+        self.q_proj = Linear(c.dim, c.n_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
 
     def forward(self, x, cos, sin, slots, mask, cache: KVCache, layer: int, kv_len: int):
         """x [B,T,dim]; cos/sin [B,T,1,D] (rope_cos_sin); slots [B,T] (the cache slots the keys are written to);
@@ -91,9 +92,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(c.dim, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.dim, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.dim, bias=False)
+        self.gate_proj = Linear(c.dim, c.intermediate_size, bias=False)
+        self.up_proj = Linear(c.dim, c.intermediate_size, bias=False)
+        self.down_proj = Linear(c.intermediate_size, c.dim, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -168,7 +169,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(layers if layers is not None else [Block(config) for _ in range(config.n_layers)])
         self.norm = norm or RMSNorm(config.dim, config.rms_eps)
         if lm_head is None and not config.tie_embeddings:
-            lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+            lm_head = Linear(config.dim, config.vocab_size, bias=False)
         self.lm_head = lm_head
         self.vocab_limit = vocab_limit
         self._inv_freq = rope_inv_freq(config)  # fp32 on purpose: not a buffer, so .to(dtype) leaves it alone
@@ -229,7 +230,7 @@ class Transformer(nn.Module):
 
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
         """The output head on final-norm features [..., dim] -> logits [..., V] (-inf beyond vocab_limit)."""
-        logits = F.linear(features, self.output_weight())
+        logits = linear(features, self.output_weight())
         if self.vocab_limit is not None and self.vocab_limit < self.config.vocab_size:
             logits = F.pad(logits, (0, self.config.vocab_size - self.vocab_limit), value=float("-inf"))
         return logits

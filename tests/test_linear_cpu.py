@@ -1,0 +1,149 @@
+"""tempspec's bf16 linear kernel for AVX2 CPUs (csrc/linear_cpu.cpp) against the readable reference: the fp32 product
+x.float() @ w.float().T (+ bias) rounded once to bf16; and the dispatch rule of tempspec_engine.linear."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tempspec_engine import linear as linear_mod
+from tempspec_engine.models.config import ModelConfig
+from tempspec_engine.models.llama import Transformer
+
+_C = linear_mod._extension()
+needs_kernel = pytest.mark.skipif(_C is None or not _C.linear_bf16_cpu_supported(),
+                                  reason="the extension is not built or this CPU lacks AVX2/FMA")
+
+
+def reference(x, w, b=None):
+    """fp32 products and sums, one rounding to bf16 at the end."""
+    y = x.float() @ w.float().T
+    return y if b is None else y + b.float()
+
+
+def assert_rounded_from(y: torch.Tensor, ref32: torch.Tensor) -> None:
+    """y (bf16) is ref32 rounded to bf16, up to one bf16 step and fp32 summation-order noise."""
+    assert y.dtype == torch.bfloat16 and y.shape == ref32.shape
+    err = (y.float() - ref32).abs()
+    bound = ref32.abs() * 2.0 ** -8 + 1e-4 * (1 + ref32.abs().max())
+    assert bool((err <= bound).all()), f"max error {err.max().item()} beyond one bf16 step"
+
+
+@needs_kernel
+@pytest.mark.parametrize("K", [1, 7, 8, 577])
+@pytest.mark.parametrize("N", [1, 3, 4, 13])
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 13, 70])
+def test_kernel_matches_reference(K, N, M):
+    g = torch.Generator().manual_seed(K * 1000 + N * 10 + M)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    w = torch.randn(N, K, generator=g).bfloat16()
+    b = torch.randn(N, generator=g).bfloat16()
+    assert_rounded_from(_C.linear_bf16_cpu(x, w), reference(x, w))
+    assert_rounded_from(_C.linear_bf16_cpu(x, w, b), reference(x, w, b))
+
+
+@needs_kernel
+def test_kernel_leading_dims_and_empty():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 64, generator=g).bfloat16()
+    w = torch.randn(33, 64, generator=g).bfloat16()
+    y = _C.linear_bf16_cpu(x, w)
+    assert y.shape == (2, 5, 33)
+    assert_rounded_from(y, reference(x, w))
+    assert _C.linear_bf16_cpu(x[:, :0], w).shape == (2, 0, 33)
+
+
+@needs_kernel
+def test_kernel_rows_do_not_depend_on_the_batch():
+    """Row m of the product is the same bits whether it is computed alone or among 70 rows (verification of k+1
+    tokens gives the logits k+1 decodes give)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(70, 576, generator=g).bfloat16()
+    w = torch.randn(300, 576, generator=g).bfloat16()
+    y = _C.linear_bf16_cpu(x, w)
+    for m in (0, 1, 2, 63, 64, 69):
+        assert torch.equal(_C.linear_bf16_cpu(x[m:m + 1], w), y[m:m + 1])
+    assert torch.equal(_C.linear_bf16_cpu(x[3:8], w), y[3:8])
+
+
+@needs_kernel
+def test_kernel_rejects_bad_input():
+    w = torch.zeros(4, 8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        _C.linear_bf16_cpu(torch.zeros(2, 8), w)
+    with pytest.raises(RuntimeError, match="last dimension"):
+        _C.linear_bf16_cpu(torch.zeros(2, 7, dtype=torch.bfloat16), w)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        _C.linear_bf16_cpu(torch.zeros(2, 4, dtype=torch.bfloat16), w.T)
+
+
+@needs_kernel
+def test_custom_op_registration():
+    """The torch.library op (what torch.compile traces) passes torch's own consistency checks."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 16, generator=g).bfloat16()
+    w = torch.randn(8, 16, generator=g).bfloat16()
+    torch.library.opcheck(linear_mod.linear_bf16_cpu, (x, w, None))
+    torch.library.opcheck(linear_mod.linear_bf16_cpu, (x, w, torch.randn(8, generator=g).bfloat16()))
+
+
+@pytest.fixture
+def policy(monkeypatch):
+    """Sets TEMPSPEC_CPU_LINEAR for one test and forgets the decision before and after."""
+    def set_policy(value):
+        monkeypatch.setenv("TEMPSPEC_CPU_LINEAR", value)
+        linear_mod.cpu_kernel_enabled.cache_clear()
+    yield set_policy
+    monkeypatch.undo()
+    linear_mod.cpu_kernel_enabled.cache_clear()
+
+
+def test_policy_off_and_bad_value(policy):
+    policy("0")
+    assert linear_mod.cpu_kernel_enabled() is False
+    policy("sometimes")
+    with pytest.raises(ValueError, match="TEMPSPEC_CPU_LINEAR must be one of auto, 1, 0"):
+        linear_mod.cpu_kernel_enabled()
+
+
+@needs_kernel
+def test_dispatch(policy):
+    """With the kernel on, bf16 CPU inference goes through it; fp32 and anything needing gradients goes to F.linear."""
+    policy("1")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 40, generator=g).bfloat16()
+    w = torch.randn(24, 40, generator=g).bfloat16()
+    assert torch.equal(linear_mod.linear(x, w), _C.linear_bf16_cpu(x, w))
+    wg = w.clone().requires_grad_()
+    y = linear_mod.linear(x, wg)
+    assert y.requires_grad and torch.equal(y.detach(), F.linear(x, w))
+    y.float().sum().backward()
+    assert wg.grad is not None
+    xf, wf = x.float(), w.float()
+    assert torch.equal(linear_mod.linear(xf, wf), F.linear(xf, wf))
+
+
+@needs_kernel
+def test_transformer_logits_with_the_kernel(policy, monkeypatch):
+    """A bf16 Transformer runs every projection and its head through the kernel under inference, and its logits are
+    within bf16 rounding of the same model through F.linear."""
+    cfg = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96)
+    torch.manual_seed(4)
+    model = Transformer(cfg).bfloat16().eval()
+    tokens = torch.randint(0, 97, (2, 9))
+    positions = torch.arange(9).expand(2, 9)
+    calls = []
+    kernel = _C.linear_bf16_cpu
+
+    def counted(*args):
+        calls.append(args[1].shape)
+        return kernel(*args)
+
+    monkeypatch.setattr(_C, "linear_bf16_cpu", counted)
+    with torch.inference_mode():
+        policy("0")
+        ref = model(tokens, positions, None).float()
+        assert not calls
+        policy("1")
+        out = model(tokens, positions, None).float()
+    assert len(calls) == 2 * 7 + 1  # q, k, v, o, gate, up, down per block, then the head
+    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
