@@ -47,7 +47,6 @@ from tempspec_engine.checks import LENIENCE  # noqa: E402
 from tempspec_engine.cli_args import lookahead, positive_int  # noqa: E402
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command  # noqa: E402
 from tempspec_engine.engine import ALTERNATIVES, SpeculativeEngine  # noqa: E402
-from tempspec_engine.linear import cpu_kernel_enabled  # noqa: E402
 from tempspec_engine.measure import (acceptance_by_position, add_figures, alpha_se, sync_device,  # noqa: E402
                                      timed_generate)
 from tempspec_engine.models.draft import DEFAULT_DRAFT  # noqa: E402
@@ -56,7 +55,7 @@ from tempspec_engine.models.llama import Transformer  # noqa: E402
 from tempspec_engine.models.loading import load_default_target, resolve_device, resolve_dtype  # noqa: E402
 from tempspec_engine.prompts import read_prompts  # noqa: E402
 from tempspec_engine.results import RUNS_DIR, fresh_results_path, write_json  # noqa: E402
-from tempspec_engine.run_meta import device_name, nvidia_driver, package_version  # noqa: E402
+from tempspec_engine.run_meta import cpu_kernels_meta, device_name, nvidia_driver, package_version  # noqa: E402
 from tempspec_engine.sampling import filters_label, parse_filters  # noqa: E402
 from tempspec_engine.threads import set_threads  # noqa: E402
 
@@ -360,7 +359,7 @@ def run(args) -> int:
     if device.type == "cuda":
         meta.update(cuda=torch.version.cuda, driver=nvidia_driver())
     else:
-        meta.update(cpu_linear_kernel=cpu_kernel_enabled())
+        meta.update(cpu_kernels_meta())
 
     def write():
         """The JSON so far, atomically: a run cut short keeps every finished row."""

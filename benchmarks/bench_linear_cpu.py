@@ -99,11 +99,17 @@ def run(args) -> int:
             print(f"{n:>6}x{k:<5} M={m:<4} tempspec {ours:8.3f} ms  torch bf16 {torch_bf16:8.3f} ms  "
                   f"fp32 {torch_fp32:8.3f} ms  ({row['speedup_vs_torch_bf16']:.2f}x, "
                   f"{row['tempspec_weight_gb_s']:.1f} GB/s of weights)", flush=True)
+    return write_result("linear_cpu", cpu_kernel_enabled(), args, rows)
+
+
+def write_result(benchmark: str, engine_uses_kernel: bool, args, rows: list, **extra) -> int:
+    """Writes a kernel microbenchmark's JSON (benchmark, device, engine_uses_kernel, the timing rule of time_ms, meta,
+    rows, and `extra`) to args.out or a fresh results path, and says where."""
     meta = collect_meta("cpu")
-    result = {"benchmark": "linear_cpu", "device": meta["device_name"], "engine_uses_kernel": cpu_kernel_enabled(),
+    result = {"benchmark": benchmark, "device": meta["device_name"], "engine_uses_kernel": engine_uses_kernel, **extra,
               "timing": f"median of {args.rounds} means of {args.reps} calls after 3 warm-up calls",
               "meta": meta, "rows": rows}
-    out = args.out or fresh_results_path("linear_cpu")
+    out = args.out or fresh_results_path(benchmark)
     write_json(result, out)
     print(f"wrote {out}")
     return 0

@@ -1,5 +1,6 @@
 // Python bindings of tempspec_engine._C: the CPU ops always, the CUDA ops when built with TEMPSPEC_WITH_CUDA.
 #include "acceptance.h"
+#include "attention.h"
 #include "linear.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -10,8 +11,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fused acceptance step with top-k / top-p / min-p filters and lenience (CPU)");
   m.def("sample_filtered_cpu", &tempspec::sample_filtered_cpu,
         "fused sampler with top-k / top-p / min-p filters (CPU)");
-  m.def("linear_bf16_cpu", &tempspec::linear_bf16_cpu, "bf16 linear layer, weights read once for all rows (AVX2)",
+  m.def("linear_bf16_cpu", &tempspec::linear_bf16_cpu,
+        "bf16 linear layer, weights read once for all rows, batch-invariant rows (AVX2)",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none());
+  m.def("attention_cpu", &tempspec::attention_cpu,
+        "attention of a few queries over a KV cache, fp32 math, batch-invariant rows (AVX2)", pybind11::arg("q"),
+        pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("mask") = pybind11::none(), pybind11::arg("scale"));
   m.def("linear_bf16_cpu_supported", &tempspec::linear_bf16_cpu_supported, "whether this CPU has AVX2 and FMA");
 #ifdef TEMPSPEC_WITH_CUDA
   m.def("speculative_sample_cuda", &tempspec::speculative_sample_cuda, "fused acceptance step (CUDA)");

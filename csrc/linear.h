@@ -1,4 +1,5 @@
-// The bf16 linear layer for AVX2 CPUs (csrc/linear_cpu.cpp). Wrapper and dispatch rule: tempspec_engine/linear.py.
+// The bf16 linear layer for CPUs with AVX2 (csrc/linear_cpu.cpp). Wrapper and dispatch rule:
+// tempspec_engine/linear.py.
 //
 //   linear_bf16_cpu(x [..., K] bf16, weight [N, K] bf16 contiguous, bias [N] or None) -> [..., N] bf16
 //   linear_bf16_cpu_supported() -> whether this CPU has AVX2 and FMA (the kernel needs both)

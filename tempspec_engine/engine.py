@@ -29,6 +29,7 @@ import torch
 
 from tempspec_engine.adaptive_k import AdaptiveK
 from tempspec_engine.checks import check_positive_int, is_int, per_prompt
+from tempspec_engine.linear import torch_bf16_matmul_is_fast
 from tempspec_engine.measure import acceptance_by_position
 from tempspec_engine.models.draft import check_spec_form, default_draft, make_draft, make_lookup, split_hybrid
 from tempspec_engine.models.feature_draft import FeatureDraft
@@ -194,6 +195,14 @@ def matmul_weights(model) -> int:
 ALTERNATIVES = 2  # alternative tokens per draft position, by default (SpeculativeEngine's `alternatives`)
 
 
+def wide_verification_is_cheap(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a target forward over the 1 + k (1 + ALTERNATIVES) tokens of a tree costs about what one over k + 1
+    costs, so that alternatives pay by default. Not on a CPU whose torch has oneDNN's bf16 product (AVX-512 BF16 or
+    AMX), in bf16: there products of more than a few rows cost in proportion (tempspec_engine/linear.py), and on a
+    2-core Zen 4 EPYC the default draft ran at 0.97x the target alone with alternatives and 1.12x without (8
+    Spec-Bench prompts, T=0: README, "The CPU kernels")."""
+    return not (device.type == "cpu" and dtype == torch.bfloat16 and torch_bf16_matmul_is_fast())
+
 
 class SpeculativeEngine:
     """Loads a target and a draft, owns both KV caches and generates losslessly.
@@ -212,8 +221,8 @@ class SpeculativeEngine:
         Default: on except on CUDA, where the host read would stall the device between draft steps.
     alternatives: how many alternative tokens a model draft names per draft position for the target to read in the
         same verification (the module docstring; 0: none). Default: ALTERNATIVES with a model draft on a Llama-family
-        target (tempspec's transformer), except under CUDA graphs (captured for the chain's shapes) or device_loop; 0
-        otherwise.
+        target (tempspec's transformer), except under CUDA graphs (captured for the chain's shapes) or device_loop, or
+        where a wider verification costs more (wide_verification_is_cheap); 0 otherwise.
     device_loop: decode through tempspec_engine/device_loop.py: a whole step (draft, verification, acceptance, the
         tokens' commit up to EOS and max_new_tokens) on device tensors, captured as one CUDA graph with cuda_graphs,
         the host reading the state once every `sync_every` steps (sooner near a wave's end, so that no step runs
@@ -312,7 +321,7 @@ class SpeculativeEngine:
         tree_ok = (self.draft_model is not None and isinstance(self.target.model, Transformer) and not self.cuda_graphs
                    and not device_loop)
         if alternatives is None:
-            alternatives = ALTERNATIVES if tree_ok else 0
+            alternatives = ALTERNATIVES if tree_ok and wide_verification_is_cheap(self.device, self.dtype) else 0
         if not (is_int(alternatives) and alternatives >= 0):
             raise ValueError(f"alternatives must be an integer >= 0, got {alternatives!r}")
         if alternatives and not tree_ok:
@@ -550,10 +559,10 @@ class SpeculativeEngine:
             if proposer is not None and proposer.needs_features:
                 # the target hands its features to the feature draft, which reads them when it next proposes
                 _, features = models[0](tokens, positions, caches[0], kv_len=T, compute_logits=False,
-                                        return_features=True, feature_taps=proposer.feature_taps)
+                                        return_features=True, feature_taps=proposer.feature_taps, from_start=True)
                 decoders = []
             for model, cache in decoders:
-                model(tokens, positions, cache, kv_len=T, compute_logits=False)
+                model(tokens, positions, cache, kv_len=T, compute_logits=False, from_start=True)
         if proposer is not None:
             proposer.start(reqs, features)
 

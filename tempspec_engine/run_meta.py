@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from tempspec_engine.linear import cpu_kernel_enabled
+from tempspec_engine.attention import cpu_attention_enabled
+from tempspec_engine.linear import ALL_ROWS, cpu_kernel_enabled, cpu_kernel_max_rows, torch_bf16_matmul_is_fast
 
 VERSIONED = ("transformers", "numpy", "matplotlib", "triton")  # besides python, torch and tempspec
 
@@ -58,11 +59,23 @@ def package_version(name: str) -> Optional[str]:
         return None
 
 
+def cpu_kernels_meta() -> dict:
+    """Which of tempspec's CPU kernels this process uses: onednn_bf16, cpu_linear_kernel, cpu_linear_kernel_max_rows,
+    cpu_attention_kernel (collect_meta)."""
+    rows = cpu_kernel_max_rows()
+    return {"onednn_bf16": torch_bf16_matmul_is_fast(), "cpu_linear_kernel": cpu_kernel_enabled(),
+            "cpu_linear_kernel_max_rows": "all" if rows == ALL_ROWS else rows,
+            "cpu_attention_kernel": cpu_attention_enabled()}
+
+
 def collect_meta(device) -> dict:
     """Hardware, versions, command line and time of the run: device_name, cpu, cpu_count, torch_threads, platform,
     versions {python, torch, tempspec, and transformers / numpy / matplotlib / triton where installed}, command,
-    date (UTC, ISO 8601 to the second); on CPU loadavg [1, 5, 15 min] and cpu_linear_kernel (whether bf16 linear
-    layers run tempspec's kernel: tempspec_engine/linear.py); cuda (its version) on a CUDA device."""
+    date (UTC, ISO 8601 to the second); on CPU loadavg [1, 5, 15 min], onednn_bf16 (whether torch has a fast bf16
+    matrix product here), cpu_linear_kernel (whether bf16 linear layers run tempspec's kernel) and
+    cpu_linear_kernel_max_rows ("all" or the most input rows it takes: tempspec_engine/linear.py),
+    cpu_attention_kernel (whether attention of a few queries runs tempspec's kernel: tempspec_engine/attention.py);
+    cuda (its version) on a CUDA device."""
     device = torch.device(device)
     from tempspec_engine import __version__ as tempspec_version
 
@@ -79,7 +92,7 @@ def collect_meta(device) -> dict:
     if device.type == "cpu" and hasattr(os, "getloadavg"):
         meta["loadavg"] = list(os.getloadavg())
     if device.type == "cpu":
-        meta["cpu_linear_kernel"] = cpu_kernel_enabled()
+        meta.update(cpu_kernels_meta())
     if device.type == "cuda" and torch.version.cuda:
         meta["cuda"] = torch.version.cuda
     return meta

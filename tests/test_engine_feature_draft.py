@@ -146,3 +146,30 @@ def test_feature_cache_tests_follow_alternatives(tmp_path):
     """The cache test above is only as good as the alternatives it meets: in this setting the head's corrections
     hit its alternatives."""
     assert test_feature_cache_after_rejections_equals_a_fresh_pass(0.0, "head", (), tmp_path) > 0
+
+
+@pytest.mark.skipif(not __import__("tempspec_engine.linear").linear.kernel_available(),
+                    reason="the extension is not built or this CPU lacks AVX2/FMA")
+@pytest.mark.parametrize("batch", [1, 4])
+def test_greedy_sd_in_bf16_equals_the_target_with_the_cpu_kernels(batch, monkeypatch):
+    """With every linear layer and every few-query attention through tempspec's CPU kernels (whose rows do not depend
+    on the other rows), verifying k+1 tokens computes the logits k+1 decodes compute, bit for bit: greedy SD equals
+    the target alone token for token in bf16 too, not only in fp32."""
+    from tempspec_engine import attention, linear
+
+    monkeypatch.setenv("TEMPSPEC_CPU_LINEAR", "1")
+    monkeypatch.setenv("TEMPSPEC_CPU_ATTENTION", "1")
+    linear.cpu_kernel_max_rows.cache_clear()
+    attention.cpu_attention_enabled.cache_clear()
+    try:
+        target = tiny_target(vocab=64, layers=3, seed=2)
+        engine = SpeculativeEngine(target, feature_head(target, seed=3), device="cpu", dtype=torch.bfloat16, k=3,
+                                   max_len=128)
+        want = engine.generate(PROMPTS, 0.0, 40, speculative=False, batch_size=batch)
+        got = engine.generate(PROMPTS, 0.0, 40, batch_size=batch)
+    finally:
+        monkeypatch.undo()
+        linear.cpu_kernel_max_rows.cache_clear()
+        attention.cpu_attention_enabled.cache_clear()
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert sum(o.stats.accepted for o in got) > 0 and sum(o.stats.rejections for o in got) > 0

@@ -90,18 +90,39 @@ def policy(monkeypatch):
     """Sets TEMPSPEC_CPU_LINEAR for one test and forgets the decision before and after."""
     def set_policy(value):
         monkeypatch.setenv("TEMPSPEC_CPU_LINEAR", value)
-        linear_mod.cpu_kernel_enabled.cache_clear()
+        linear_mod.cpu_kernel_max_rows.cache_clear()
     yield set_policy
     monkeypatch.undo()
-    linear_mod.cpu_kernel_enabled.cache_clear()
+    linear_mod.cpu_kernel_max_rows.cache_clear()
 
 
 def test_policy_off_and_bad_value(policy):
     policy("0")
-    assert linear_mod.cpu_kernel_enabled() is False
+    assert linear_mod.cpu_kernel_enabled() is False and linear_mod.cpu_kernel_max_rows() == 0
     policy("sometimes")
     with pytest.raises(ValueError, match="TEMPSPEC_CPU_LINEAR must be one of auto, 1, 0"):
         linear_mod.cpu_kernel_enabled()
+
+
+@needs_kernel
+@pytest.mark.parametrize("onednn_bf16", [False, True])
+def test_auto_policy_rows(policy, monkeypatch, onednn_bf16):
+    """auto: every call through the kernel where torch has no fast bf16 product; where it has one (oneDNN), calls of
+    up to ONEDNN_CROSSOVER_ROWS input rows through the kernel and larger ones (a prefill) through F.linear."""
+    monkeypatch.setattr(linear_mod, "torch_bf16_matmul_is_fast", lambda: onednn_bf16)
+    policy("auto")
+    limit = linear_mod.ONEDNN_CROSSOVER_ROWS
+    assert linear_mod.cpu_kernel_max_rows() == (limit if onednn_bf16 else linear_mod.ALL_ROWS)
+    calls = []
+    kernel = _C.linear_bf16_cpu
+    monkeypatch.setattr(_C, "linear_bf16_cpu", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    w = torch.randn(24, 40).bfloat16()
+    with torch.inference_mode():
+        linear_mod.linear(torch.randn(2, limit // 2, 40).bfloat16(), w)
+        linear_mod.linear(torch.randn(limit + 1, 40).bfloat16(), w)
+    assert calls == ([(2, limit // 2, 40)] if onednn_bf16 else [(2, limit // 2, 40), (limit + 1, 40)])
+    policy("1")
+    assert linear_mod.cpu_kernel_max_rows() == linear_mod.ALL_ROWS
 
 
 @needs_kernel

@@ -59,8 +59,9 @@ class HFDecoder(nn.Module):
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: HFCacheState,
                 kv_len: Optional[int] = None, logits_index: Optional[torch.Tensor] = None,
-                compute_logits: bool = True) -> Optional[torch.Tensor]:
-        """tokens, positions [1, T] (consecutive positions; the cache is cropped to the first)."""
+                compute_logits: bool = True, from_start: bool = False) -> Optional[torch.Tensor]:
+        """tokens, positions [1, T] (consecutive positions; the cache is cropped to the first). from_start:
+        Transformer's prefill promise, which needs nothing here (the model's own attention is causal)."""
         if tokens.shape[0] != 1:
             raise ValueError("Hugging Face fallback models run at batch size 1")
         start = int(positions[0, 0])

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tempspec_engine.attention import attend
 from tempspec_engine.kv_cache import KVCache
 from tempspec_engine.linear import Linear, linear
 from tempspec_engine.models.config import ModelConfig
@@ -69,9 +70,10 @@ class Attention(nn.Module):
         self.v_proj = Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
 
-    def forward(self, x, cos, sin, slots, mask, cache: KVCache, layer: int, kv_len: int):
+    def forward(self, x, cos, sin, slots, mask, cache: KVCache, layer: int, kv_len: int, causal: bool = False):
         """x [B,T,dim]; cos/sin [B,T,1,D] (rope_cos_sin); slots [B,T] (the cache slots the keys are written to);
-        mask [B,1,T,kv_len] bool. Returns [B,T,dim]."""
+        mask [B,1,T,kv_len] bool, or None with causal=True (query t sees keys 0..t: a prefill from position 0).
+        Returns [B,T,dim]."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
@@ -84,8 +86,7 @@ class Attention(nn.Module):
             return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         cache.write(layer, k, v, slots)
         keys, values = cache.k[layer][:, :, :kv_len], cache.v[layer][:, :, :kv_len]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                             enable_gqa=self.n_kv != self.n_heads)
+        out = attend(q, keys, values, mask, causal=causal)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -108,8 +109,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.dim, c.rms_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, slots, mask, cache, layer, kv_len):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, mask, cache, layer, kv_len)
+    def forward(self, x, cos, sin, slots, mask, cache, layer, kv_len, causal: bool = False):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, mask, cache, layer, kv_len, causal)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -123,16 +124,17 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 
 def run_layers(layers: Sequence[Block], x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor,
                cache: Optional[KVCache], kv_len: Optional[int] = None, last_query: bool = False,
-               keep: Sequence[int] = (), tree: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-               ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+               keep: Sequence[int] = (), tree: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+               from_start: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """The decoder blocks on x [B, T, dim] with RoPE at positions [B, T], under Transformer.forward's cache
     conventions: with a cache, each layer writes its T keys at `positions` and attends over cache positions
     [0, kv_len) (default: all) where key position <= query position (no mask with last_query=True); cache=None:
     plain causal attention over the T inputs (training). tree = (slots, visible), each [B, T] int64: the keys are
     written at `slots` instead, and query t attends to the slots <= visible[b, t] and to its own slot (a token tree
-    whose branches share positions: Transformer.forward). Returns the last block's output [B, T, dim] and the
-    outputs of the blocks whose indices are in `keep`, in that order (each [B, T, dim]; the residual stream, no
-    norm)."""
+    whose branches share positions: Transformer.forward). from_start=True promises positions 0..T-1 in every row and
+    kv_len == T (a prefill): attention is then causal with no mask (SDPA skips the masked half). Returns the last
+    block's output [B, T, dim] and the outputs of the blocks whose indices are in `keep`, in that order (each
+    [B, T, dim]; the residual stream, no norm)."""
     if cache is None:
         kv_len, last_query = x.shape[1], True  # no explicit mask: attention is causal
     kv_len = cache.max_len if kv_len is None else kv_len
@@ -144,10 +146,10 @@ def run_layers(layers: Sequence[Block], x: torch.Tensor, inv_freq: torch.Tensor,
         slots, visible = tree
         mask = (keys <= visible.view(B, 1, -1, 1)) | (keys == slots.view(B, 1, -1, 1))
     else:
-        mask = None if last_query else keys <= positions.view(B, 1, -1, 1)
+        mask = None if last_query or from_start else keys <= positions.view(B, 1, -1, 1)
     kept = {}
     for i, block in enumerate(layers):
-        x = block(x, cos, sin, slots, mask, cache, i, kv_len)
+        x = block(x, cos, sin, slots, mask, cache, i, kv_len, from_start and cache is not None)
         if i in keep:
             kept[i] = x
     return x, [kept[i] for i in keep]
@@ -190,13 +192,15 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Optional[KVCache],
                 kv_len: Optional[int] = None, logits_index: Optional[torch.Tensor] = None,
                 compute_logits: bool = True, last_query: bool = False, return_features: bool = False,
-                feature_taps: Sequence[int] = (), tree: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                feature_taps: Sequence[int] = (), tree: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                from_start: bool = False
                 ) -> Union[Optional[torch.Tensor], Tuple[Optional[torch.Tensor], torch.Tensor]]:
         """tokens, positions: [B, T] int64 (row b's token t sits at positions[b, t]; keys at positions <= it are
         visible). Writes the T keys per layer into `cache` (lengths untouched: the caller owns them) and attends
         over cache positions [0, kv_len) (default: the whole cache). logits_index [B] picks one position per row.
         last_query=True promises a single query per row at position kv_len - 1: attention then needs no mask
-        (CPU SDPA is much faster without one).
+        (CPU SDPA is much faster without one). from_start=True promises tokens at positions 0..T-1 in every row
+        and kv_len == T (a prefill into an empty cache row): causal attention, no mask.
         cache=None (training, scoring): plain causal attention over the T given tokens (positions 0..T-1 in order,
         right padding only); differentiable.
         Returns logits [B, T or 1, V] in the model dtype, or None when compute_logits is False.
@@ -215,7 +219,8 @@ class Transformer(nn.Module):
         taps = tuple(feature_taps) if return_features else ()
         if any(not 0 <= i < self.n_layers for i in taps):
             raise ValueError(f"feature_taps {list(taps)} must be block indices in 0..{self.n_layers - 1}")
-        x, kept = run_layers(self.layers, x, self._inv_freq, positions, cache, kv_len, last_query, taps, tree)
+        x, kept = run_layers(self.layers, x, self._inv_freq, positions, cache, kv_len, last_query, taps, tree,
+                             from_start)
         if not compute_logits and not return_features:
             return None
         if logits_index is not None:

@@ -1,0 +1,87 @@
+"""Microbenchmark of tempspec's CPU attention kernel for a few queries (csrc/attention_cpu.cpp) against torch's SDPA.
+
+For each cache length L and each number of queries T (a decode is T = 1, a verification of k drafts T = k + 1), it
+times attention of T queries per row over L cached positions, with the engine's layout (a [B, T, H, D] projection
+viewed as [B, H, T, D], the first L positions of a longer cache, a causal bool mask) through tempspec's kernel and
+through F.scaled_dot_product_attention, in bf16. Default shapes: the default target's (9 query heads, 3 key heads,
+head dimension 64), batch 1.
+
+    python benchmarks/bench_attention_cpu.py --lengths 256,512,1400 --queries 1,2,5,9 \
+        --out benchmarks/results/attention_cpu_<cpu>.json
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, ".."), HERE]
+
+from bench_linear_cpu import int_list, time_ms, write_result  # noqa: E402
+from tempspec_engine.attention import cpu_attention_enabled, kernel_attention  # noqa: E402
+from tempspec_engine.cli_args import positive_int  # noqa: E402
+from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command  # noqa: E402
+from tempspec_engine.linear import kernel_available  # noqa: E402
+from tempspec_engine.results import RUNS_DIR  # noqa: E402
+from tempspec_engine.threads import set_threads  # noqa: E402
+
+PROG = "bench_attention_cpu"
+
+
+def parse_args(argv=None):
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int_list, default=[256, 512, 1400],
+                   help="cached positions L (default: 256,512,1400)")
+    p.add_argument("--queries", type=int_list, default=[1, 2, 5, 9], help="queries per row T (default: 1,2,5,9)")
+    p.add_argument("--batch", type=positive_int, default=1, help="rows B (default: %(default)s)")
+    p.add_argument("--heads", type=positive_int, default=9, help="query heads (default: %(default)s)")
+    p.add_argument("--kv-heads", type=positive_int, default=3, help="key/value heads (default: %(default)s)")
+    p.add_argument("--head-dim", type=positive_int, default=64, help="head dimension (default: %(default)s)")
+    p.add_argument("--reps", type=positive_int, default=200, help="calls per timing (default: %(default)s)")
+    p.add_argument("--rounds", type=positive_int, default=3,
+                   help="timings per cell, the median reported (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: 0, the cores other processes leave free)")
+    p.add_argument("--out", default=None, help=f"JSON path (default: a new file {RUNS_DIR}/attention_cpu-<time>.json)")
+    add_debug_flag(p)
+    return p.parse_args(argv)
+
+
+def run(args) -> int:
+    if not kernel_available():
+        raise ValueError("tempspec's CPU attention kernel is not available here (the extension is not built, or this "
+                         "CPU lacks AVX2/FMA)")
+    if args.heads % args.kv_heads:
+        raise ValueError(f"--kv-heads {args.kv_heads} must divide --heads {args.heads}")
+    set_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, D = args.batch, args.heads, args.kv_heads, args.head_dim
+    rows = []
+    for L in args.lengths:
+        k = torch.randn(B, Hkv, L + 64, D, generator=g).bfloat16()[:, :, :L]
+        v = torch.randn(B, Hkv, L + 64, D, generator=g).bfloat16()[:, :, :L]
+        for T in args.queries:
+            if T > L:
+                continue
+            q = torch.randn(B, T, H, D, generator=g).bfloat16().transpose(1, 2)
+            mask = torch.arange(L).view(1, 1, 1, L) <= torch.arange(L - T, L).view(1, 1, T, 1)
+            ours = time_ms(lambda: kernel_attention(q, k, v, mask), args.reps, args.rounds)
+            sdpa = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != Hkv),
+                           args.reps, args.rounds)
+            rows.append({"B": B, "H": H, "Hkv": Hkv, "D": D, "L": L, "T": T, "tempspec_ms": ours, "sdpa_ms": sdpa,
+                         "speedup_vs_sdpa": sdpa / ours})
+            print(f"L={L:<5} T={T:<3} tempspec {ours:7.3f} ms  sdpa {sdpa:7.3f} ms  ({sdpa / ours:.2f}x)", flush=True)
+    return write_result("attention_cpu", cpu_attention_enabled(), args, rows, dtype="bfloat16")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_command(PROG, lambda: run(args), getattr(args, "debug", False))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
