@@ -21,12 +21,11 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), HERE]
 
-from bench_linear_cpu import int_list, time_ms, write_result  # noqa: E402
+from bench_linear_cpu import add_timing_arguments, int_list, time_ms, write_result  # noqa: E402
 from tempspec_engine.attention import cpu_attention_enabled, kernel_attention  # noqa: E402
 from tempspec_engine.cli_args import positive_int  # noqa: E402
-from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command  # noqa: E402
+from tempspec_engine.cli_errors import OneLineParser, run_command  # noqa: E402
 from tempspec_engine.linear import kernel_available  # noqa: E402
-from tempspec_engine.results import RUNS_DIR  # noqa: E402
 from tempspec_engine.threads import set_threads  # noqa: E402
 
 PROG = "bench_attention_cpu"
@@ -41,13 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=positive_int, default=9, help="query heads (default: %(default)s)")
     p.add_argument("--kv-heads", type=positive_int, default=3, help="key/value heads (default: %(default)s)")
     p.add_argument("--head-dim", type=positive_int, default=64, help="head dimension (default: %(default)s)")
-    p.add_argument("--reps", type=positive_int, default=200, help="calls per timing (default: %(default)s)")
-    p.add_argument("--rounds", type=positive_int, default=3,
-                   help="timings per cell, the median reported (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (default: 0, the cores other processes leave free)")
-    p.add_argument("--out", default=None, help=f"JSON path (default: a new file {RUNS_DIR}/attention_cpu-<time>.json)")
-    add_debug_flag(p)
+    add_timing_arguments(p, "attention_cpu", reps=200)
     return p.parse_args(argv)
 
 

@@ -53,14 +53,19 @@ def parse_args(argv=None):
     p.add_argument("--shapes", type=shape_list, default=shape_list(DEFAULT_SHAPES),
                    help=f"weight shapes NxK,... (default: {DEFAULT_SHAPES}, the default target's)")
     p.add_argument("--rows", type=int_list, default=[1, 2, 4, 8, 16, 64], help="input rows M (default: 1,2,4,8,16,64)")
-    p.add_argument("--reps", type=positive_int, default=20, help="calls per timing (default: %(default)s)")
+    add_timing_arguments(p, "linear_cpu", reps=20)
+    return p.parse_args(argv)
+
+
+def add_timing_arguments(p: argparse.ArgumentParser, benchmark: str, reps: int) -> None:
+    """The arguments every kernel microbenchmark shares: --reps, --rounds (time_ms), --threads, --out, --debug."""
+    p.add_argument("--reps", type=positive_int, default=reps, help="calls per timing (default: %(default)s)")
     p.add_argument("--rounds", type=positive_int, default=3,
                    help="timings per cell, the median reported (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default: 0, the cores other processes leave free)")
-    p.add_argument("--out", default=None, help=f"JSON path (default: a new file {RUNS_DIR}/linear_cpu-<time>.json)")
+    p.add_argument("--out", default=None, help=f"JSON path (default: a new file {RUNS_DIR}/{benchmark}-<time>.json)")
     add_debug_flag(p)
-    return p.parse_args(argv)
 
 
 def time_ms(fn, reps: int, rounds: int) -> float:

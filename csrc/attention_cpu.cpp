@@ -9,9 +9,9 @@
 // key head (its G query heads times the T queries) and loads each key and value once for all of them. Each row's
 // arithmetic is its own: its scores (one fp32 accumulator per vector lane over the head dimension, lanes summed in a
 // fixed order), their maximum, then exp(score - max) (a vectorized Cephes expf) summed and the values weighted in key
-// order. Masked keys are skipped, not added as zeros, so a
-// row's result does not depend on the other rows, on T or on L beyond the keys it sees (batch invariant, like
-// csrc/linear_cpu.cpp: verifying k+1 tokens attends exactly as k+1 decodes do). A row that sees no key is zero.
+// order. Masked keys are skipped, not added as zeros, so a row's result does not depend on the other rows, on T or on
+// L beyond the keys it sees (batch invariant, like csrc/linear_cpu.cpp: verifying k+1 tokens attends exactly as k+1
+// decodes do). A row that sees no key is zero.
 #include "attention.h"
 
 #include <ATen/Parallel.h>
@@ -199,8 +199,11 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
               "attention_cpu: the last dimension of q, k, v must be contiguous");
   at::Tensor m;
   if (mask.has_value() && mask->defined()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 4 && mask->device().is_cpu(),
-                "attention_cpu: mask must be a CPU bool tensor [B or 1, heads or 1, T, L]");
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 4 && mask->device().is_cpu() &&
+                    (mask->size(0) == B || mask->size(0) == 1) && (mask->size(1) == H || mask->size(1) == 1) &&
+                    mask->size(2) == T && mask->size(3) == L,
+                "attention_cpu: mask must be a CPU bool tensor [B or 1, heads or 1, T, L] = [", B, " or 1, ", H,
+                " or 1, ", T, ", ", L, "], got ", mask->scalar_type(), " ", mask->sizes());
     m = mask->expand({B, H, T, L});
   }
   // [B, T, H, D] in memory, returned as a [B, H, T, D] view: the caller's transpose(1, 2) is then free

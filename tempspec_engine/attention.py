@@ -12,25 +12,20 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from tempspec_engine.linear import kernel_available
+from tempspec_engine.linear import kernel_available, kernel_policy
 
 MAX_KERNEL_QUERIES = 32  # queries per row up to which the CPU kernel runs (decode, verification, drafting)
-POLICIES = ("auto", "1", "0")
 
 
 @functools.lru_cache(maxsize=None)
 def cpu_attention_enabled() -> bool:
     """Whether CPU attention of a few queries runs tempspec's kernel in this process (decided once)."""
-    policy = os.environ.get("TEMPSPEC_CPU_ATTENTION", "auto").strip().lower() or "auto"
-    if policy not in POLICIES:
-        raise ValueError(f"TEMPSPEC_CPU_ATTENTION must be one of {', '.join(POLICIES)}, got {policy!r}")
-    return policy != "0" and kernel_available()
+    return kernel_policy("TEMPSPEC_CPU_ATTENTION") != "0" and kernel_available()
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

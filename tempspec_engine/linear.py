@@ -29,6 +29,15 @@ ONEDNN_CROSSOVER_ROWS = 8
 ALL_ROWS = 1 << 62
 
 
+def kernel_policy(variable: str) -> str:
+    """The value of a CPU kernel's policy variable (TEMPSPEC_CPU_LINEAR, TEMPSPEC_CPU_ATTENTION): one of POLICIES,
+    "auto" when unset or empty; anything else is refused, naming the variable."""
+    policy = os.environ.get(variable, "auto").strip().lower() or "auto"
+    if policy not in POLICIES:
+        raise ValueError(f"{variable} must be one of {', '.join(POLICIES)}, got {policy!r}")
+    return policy
+
+
 @functools.lru_cache(maxsize=None)
 def _extension():
     try:
@@ -62,9 +71,7 @@ def kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 def cpu_kernel_max_rows() -> int:
     """The most input rows (the product of x's leading dimensions) for which a bf16 linear layer on the CPU runs
     tempspec's kernel in this process: 0 (never), ONEDNN_CROSSOVER_ROWS or ALL_ROWS (decided once)."""
-    policy = os.environ.get("TEMPSPEC_CPU_LINEAR", "auto").strip().lower() or "auto"
-    if policy not in POLICIES:
-        raise ValueError(f"TEMPSPEC_CPU_LINEAR must be one of {', '.join(POLICIES)}, got {policy!r}")
+    policy = kernel_policy("TEMPSPEC_CPU_LINEAR")
     if policy == "0" or not kernel_available():
         return 0
     return ALL_ROWS if policy == "1" or not torch_bf16_matmul_is_fast() else ONEDNN_CROSSOVER_ROWS

@@ -95,6 +95,8 @@ def test_kernel_rejects_bad_input():
         att.kernel_attention(q, strided, strided)
     with pytest.raises(RuntimeError, match="bool"):
         att.kernel_attention(q, k, v, torch.ones(1, 1, 1, 3))
+    with pytest.raises(RuntimeError, match=r"mask must be .*\[1 or 1, 4 or 1, 1, 3\], got Bool \[1, 1, 1, 4\]"):
+        att.kernel_attention(q, k, v, torch.ones(1, 1, 1, 4, dtype=torch.bool))
 
 
 @needs_kernel
