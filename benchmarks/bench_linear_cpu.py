@@ -4,7 +4,9 @@ For each weight shape [N, K] (the default target's projections and its output he
 input rows M (a decode is M = batch, a verification of k drafts M = batch * (k + 1)), it times y = x @ w.T in bf16
 through tempspec's kernel and through F.linear, and F.linear in fp32 for reference, and reports each time and the
 weight bandwidth (bytes of bf16 weights over the time). On a CPU where torch has no fast bf16 matrix product the
-F.linear time grows with M and the kernel's does not, until M is large enough for the arithmetic to count.
+F.linear time grows with M and the kernel's does not, until M is large enough for the arithmetic to count. Where the
+kernel runs its avx512bf16 variant (tempspec_engine/linear.py, kernel_isa), the avx2 variant is timed too, in the same
+run (tempspec_avx2_ms).
 
     python benchmarks/bench_linear_cpu.py --rows 1,2,4,8,16 --out benchmarks/results/linear_cpu_<cpu>.json
 """
@@ -24,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from tempspec_engine.cli_args import positive_int  # noqa: E402
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command  # noqa: E402
-from tempspec_engine.linear import cpu_kernel_enabled, kernel_available, kernel_linear  # noqa: E402
+from tempspec_engine.linear import cpu_kernel_enabled, kernel_available, kernel_isa, kernel_linear  # noqa: E402
 from tempspec_engine.results import RUNS_DIR, fresh_results_path, write_json  # noqa: E402
 from tempspec_engine.run_meta import collect_meta  # noqa: E402
 from tempspec_engine.threads import set_threads  # noqa: E402
@@ -86,6 +88,7 @@ def run(args) -> int:
         raise ValueError("tempspec's CPU linear kernel is not available here (the extension is not built, or this "
                          "CPU lacks AVX2/FMA)")
     set_threads(args.threads)
+    isa = kernel_isa()
     g = torch.Generator().manual_seed(0)
     rows = []
     for n, k in args.shapes:
@@ -100,11 +103,15 @@ def run(args) -> int:
             row = {"N": n, "K": k, "M": m, "tempspec_bf16_ms": ours, "torch_bf16_ms": torch_bf16,
                    "torch_fp32_ms": torch_fp32, "speedup_vs_torch_bf16": torch_bf16 / ours,
                    "tempspec_weight_gb_s": 2 * n * k / ours / 1e6}
+            line = ""
+            if isa != "avx2":  # the fallback variant too, side by side
+                row["tempspec_avx2_ms"] = time_ms(lambda: kernel_linear(x, w, isa="avx2"), args.reps, args.rounds)
+                line = f"  avx2 variant {row['tempspec_avx2_ms']:8.3f} ms"
             rows.append(row)
             print(f"{n:>6}x{k:<5} M={m:<4} tempspec {ours:8.3f} ms  torch bf16 {torch_bf16:8.3f} ms  "
                   f"fp32 {torch_fp32:8.3f} ms  ({row['speedup_vs_torch_bf16']:.2f}x, "
-                  f"{row['tempspec_weight_gb_s']:.1f} GB/s of weights)", flush=True)
-    return write_result("linear_cpu", cpu_kernel_enabled(), args, rows)
+                  f"{row['tempspec_weight_gb_s']:.1f} GB/s of weights){line}", flush=True)
+    return write_result("linear_cpu", cpu_kernel_enabled(), args, rows, kernel_isa=isa)
 
 
 def write_result(benchmark: str, engine_uses_kernel: bool, args, rows: list, **extra) -> int:

@@ -1,4 +1,4 @@
-// AVX2 helpers shared by the CPU kernels (csrc/linear_cpu.cpp, csrc/attention_cpu.cpp). Every function carries the
+// AVX2 helpers shared by the CPU kernels (csrc/linear_cpu.cpp, csrc/attention_cpu.cpp, csrc/layer_ops_cpu.cpp). Every function carries the
 // avx2/fma target attribute, so the files that include this build for any x86-64 and check the CPU at run time.
 #pragma once
 #include <ATen/ATen.h>
@@ -23,6 +23,27 @@ TEMPSPEC_AVX2 inline float lane_sum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// exp of 8 lanes (Cephes' expf: x = n ln2 + f with |f| <= ln2 / 2, exp(f) by a degree-6 polynomial, 2^n put in the
+// exponent bits; about 1 ulp over the clamped range [-87.3, 88.3], what softmax (x <= 0) and SiLU use).
+// Inputs below -87.3 give about 1e-38, above 88.3 about 2e38.
+TEMPSPEC_AVX2 inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  x = _mm256_min_ps(x, _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  f = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), f);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(f, f), _mm256_add_ps(f, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
 }  // namespace tempspec

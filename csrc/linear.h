@@ -1,14 +1,20 @@
-// The bf16 linear layer for CPUs with AVX2 (csrc/linear_cpu.cpp). Wrapper and dispatch rule:
+// The bf16 linear layer for CPUs with AVX2, or AVX-512 BF16 (csrc/linear_cpu.cpp). Wrapper and dispatch rule:
 // tempspec_engine/linear.py.
 //
-//   linear_bf16_cpu(x [..., K] bf16, weight [N, K] bf16 contiguous, bias [N] or None) -> [..., N] bf16
+//   linear_bf16_cpu(x [..., K] bf16, weight [N, K] bf16 contiguous, bias [N] or None, isa = "") -> [..., N] bf16
+//       isa: "" (the best variant this CPU runs), "avx2" or "avx512bf16"
 //   linear_bf16_cpu_supported() -> whether this CPU has AVX2 and FMA (the kernel needs both)
+//   linear_bf16_cpu_isa() -> the variant "" picks: "avx512bf16", "avx2", or "" (none)
 #pragma once
 #include <torch/extension.h>
 
+#include <string>
+
 namespace tempspec {
 
-at::Tensor linear_bf16_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+at::Tensor linear_bf16_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                           const std::string& isa);
 bool linear_bf16_cpu_supported();
+std::string linear_bf16_cpu_isa();
 
 }  // namespace tempspec

@@ -3,17 +3,21 @@
 // Why: on an AVX2 CPU without AVX-512 BF16/AMX, torch's bf16 matmul multiplies one input row at a time, so verifying
 // k+1 tokens costs k+1 decodes and a prefill of P tokens P of them; on a CPU with oneDNN's bf16 product, its calls
 // on a few rows cost tens of microseconds each (a 135M model's decode took 40 ms through it, 18 ms here).
-// Here every weight is read from memory once per call, whatever M: the weights convert to fp32 in registers
-// (a bf16 is the top half of an fp32) and each converted vector is multiplied with up to 8 input rows.
-// (An AVX-512 BF16 variant, vdpbf16ps on bf16 pairs, was tried on a Zen 4 EPYC: within 1 ms of this one on a 17-25 ms
-// forward of the default target, so it was not kept.)
+// Here every weight is read from memory once per call, whatever M, in one of two variants chosen at run time:
+//   avx512bf16  (Zen 4, Sapphire Rapids and later) vdpbf16ps multiplies the bf16 weights with bf16 input pairs as
+//               they are, 32 products per instruction: verifying 4 drafts on the default target costs 1.2-1.3
+//               decodes, against 1.5-1.7 with the avx2 variant on the same Zen 4 (benchmarks/bench_linear_cpu.py).
+//   avx2        the weights convert to fp32 in registers (a bf16 is the top half of an fp32) and each converted
+//               vector is multiplied with up to 8 fp32 input rows.
 //
-// Layout: the N outputs are cut into tiles of kTileN weight rows (a few KB, held in L1 while every input row passes
-// over them); threads split the tiles. Inputs go in chunks of kChunkM rows (held in L2). Over a tile, the rows go in
-// passes of 8 (then the 1-7 left), each pass one weight row against those rows, one accumulator per row.
-// Each output element is one fp32 accumulator per vector lane over k in order, then the lanes summed in a fixed
-// order, then the K % 8 tail: the result of row m does not depend on M, on the other rows, on the pass that computed
-// it or on the thread split (a batch-invariant product: verifying k+1 tokens gives the logits k+1 decodes give).
+// Layout (both): the N outputs are cut into tiles of kTileN weight rows (a few KB, held in L1 while every input row
+// passes over them); threads split the tiles. Inputs go in chunks of kChunkM rows (held in L2). Over a tile, the rows
+// go in passes of 8 (then the 1-7 left), each pass one weight row against those rows, one accumulator set per row.
+// (Measured: passes over two or four weight rows at once were slower on the memory-bound output head, 20% on a
+// 2-core AVX2 EPYC and up to 2x on a Zen 4.) Each output element is summed in an order that depends on K alone, then
+// rounded once to bf16: the result of row m does not depend on M, on the other rows, on the pass that computed it
+// or on the thread split (a batch-invariant product: verifying k+1 tokens gives the logits k+1 decodes give). The
+// two variants sum in different orders (and vdpbf16ps flushes denormals): their results may differ in the last bit.
 #include "linear.h"
 
 #include <ATen/Parallel.h>
@@ -22,7 +26,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <vector>
+
+#define TEMPSPEC_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
 namespace tempspec {
 namespace {
@@ -30,10 +37,11 @@ namespace {
 constexpr int64_t kTileN = 4;    // weight rows per tile
 constexpr int64_t kChunkM = 64;  // input rows per chunk: 64 x K fp32 stays in L2 for K up to a few thousand
 
-// One weight row (w) against MT input rows (x fp32, row stride K) -> y[j * ldy] (bf16).
+// ---- avx2: one weight row (w) against MT fp32 input rows (x, row stride K) -> y[j * ldy] (bf16). Per output: one
+// fp32 accumulator per lane over k in steps of 8, the lanes summed in a fixed order, then the K % 8 tail.
 template <int MT>
-TEMPSPEC_AVX2 void pass(const at::BFloat16* w, const float* x, const float* bias, int64_t K, at::BFloat16* y,
-                        int64_t ldy) {
+TEMPSPEC_AVX2 void pass_avx2(const at::BFloat16* w, const float* x, const float* bias, int64_t K, at::BFloat16* y,
+                             int64_t ldy) {
   __m256 acc[MT];
 #pragma GCC unroll 8
   for (int j = 0; j < MT; ++j) acc[j] = _mm256_setzero_ps();
@@ -51,36 +59,94 @@ TEMPSPEC_AVX2 void pass(const at::BFloat16* w, const float* x, const float* bias
   }
 }
 
-// MT input rows over the n (<= kTileN) weight rows of a tile, one weight row at a time. (Measured: on a 2-core AVX2
-// EPYC two weight rows against 3 or 4 input rows ran a 49152 x 576 head 20% slower; on a 2-core Zen 4 EPYC four
-// weight rows against a single input row ran it at 17 GB/s of weights, one at 37 GB/s.)
+// The sum of 16 lanes in a fixed order (the two halves added, then lane_sum). (Through memory: GCC 12's
+// _mm512_reduce_add_ps warns of an uninitialized register in its own header.)
+TEMPSPEC_AVX512BF16 inline float lane_sum16(__m512 v) {
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, v);
+  return lane_sum(_mm256_add_ps(_mm256_load_ps(lanes), _mm256_load_ps(lanes + 8)));
+}
+
+// ---- avx512bf16: one weight row (w) against MT bf16 input rows (x, row stride K) -> y[j * ldy] (bf16). Per output:
+// two sets of 16 fp32 lanes (two dependency chains), lane l of set u summing the pairs k = 32c + 2l, 32c + 2l + 1
+// of the chunks c with c % 2 == u, the K % 32 tail masked to zero; then the sets added and the lanes reduced.
 template <int MT>
-TEMPSPEC_AVX2 void passes(const at::BFloat16* w, const float* x, const float* bias, int64_t K, int64_t n,
-                          at::BFloat16* y, int64_t ldy) {
-  for (int64_t i = 0; i < n; ++i) pass<MT>(w + i * K, x, bias == nullptr ? nullptr : bias + i, K, y + i, ldy);
+TEMPSPEC_AVX512BF16 void pass_avx512bf16(const at::BFloat16* w, const at::BFloat16* x, const float* bias, int64_t K,
+                                         at::BFloat16* y, int64_t ldy) {
+  __m512 acc[2][MT];
+#pragma GCC unroll 8
+  for (int j = 0; j < MT; ++j) acc[0][j] = acc[1][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k), w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
+#pragma GCC unroll 8
+    for (int j = 0; j < MT; ++j) {
+      acc[0][j] = _mm512_dpbf16_ps(acc[0][j], (__m512bh)_mm512_loadu_si512(x + j * K + k), w0);
+      acc[1][j] = _mm512_dpbf16_ps(acc[1][j], (__m512bh)_mm512_loadu_si512(x + j * K + k + 32), w1);
+    }
+  }
+  for (int u = 0; k < K; k += 32, u ^= 1) {
+    const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
+    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + k);
+#pragma GCC unroll 8
+    for (int j = 0; j < MT; ++j)
+      acc[u][j] = _mm512_dpbf16_ps(acc[u][j], (__m512bh)_mm512_maskz_loadu_epi16(mask, x + j * K + k), wv);
+  }
+  for (int j = 0; j < MT; ++j) {
+    float s = lane_sum16(_mm512_add_ps(acc[0][j], acc[1][j]));
+    if (bias != nullptr) s += *bias;
+    y[j * ldy] = at::BFloat16(s);
+  }
+}
+
+// The two variants as types: Input is the element type of x as the pass reads it, pass<MT> the pass.
+struct Avx2 {
+  using Input = float;
+  template <int MT>
+  static void pass(const at::BFloat16* w, const float* x, const float* bias, int64_t K, at::BFloat16* y, int64_t ldy) {
+    pass_avx2<MT>(w, x, bias, K, y, ldy);
+  }
+};
+
+struct Avx512Bf16 {
+  using Input = at::BFloat16;
+  template <int MT>
+  static void pass(const at::BFloat16* w, const at::BFloat16* x, const float* bias, int64_t K, at::BFloat16* y,
+                   int64_t ldy) {
+    pass_avx512bf16<MT>(w, x, bias, K, y, ldy);
+  }
+};
+
+// MT input rows over the n (<= kTileN) weight rows of a tile, one weight row at a time.
+template <class V, int MT>
+void passes(const at::BFloat16* w, const typename V::Input* x, const float* bias, int64_t K, int64_t n,
+            at::BFloat16* y, int64_t ldy) {
+  for (int64_t i = 0; i < n; ++i) V::template pass<MT>(w + i * K, x, bias == nullptr ? nullptr : bias + i, K, y + i, ldy);
 }
 
 // All `rows` input rows over one tile of n weight rows.
-TEMPSPEC_AVX2 void tile(const at::BFloat16* w, const float* x, const float* bias, int64_t K, int64_t n, int64_t rows,
-                        at::BFloat16* y, int64_t ldy) {
+template <class V>
+void tile(const at::BFloat16* w, const typename V::Input* x, const float* bias, int64_t K, int64_t n, int64_t rows,
+          at::BFloat16* y, int64_t ldy) {
   int64_t m = 0;
-  for (; m + 8 <= rows; m += 8) passes<8>(w, x + m * K, bias, K, n, y + m * ldy, ldy);
-  const float* xm = x + m * K;
+  for (; m + 8 <= rows; m += 8) passes<V, 8>(w, x + m * K, bias, K, n, y + m * ldy, ldy);
+  const typename V::Input* xm = x + m * K;
   at::BFloat16* ym = y + m * ldy;
   switch (rows - m) {
-    case 7: passes<7>(w, xm, bias, K, n, ym, ldy); break;
-    case 6: passes<6>(w, xm, bias, K, n, ym, ldy); break;
-    case 5: passes<5>(w, xm, bias, K, n, ym, ldy); break;
-    case 4: passes<4>(w, xm, bias, K, n, ym, ldy); break;
-    case 3: passes<3>(w, xm, bias, K, n, ym, ldy); break;
-    case 2: passes<2>(w, xm, bias, K, n, ym, ldy); break;
-    case 1: passes<1>(w, xm, bias, K, n, ym, ldy); break;
+    case 7: passes<V, 7>(w, xm, bias, K, n, ym, ldy); break;
+    case 6: passes<V, 6>(w, xm, bias, K, n, ym, ldy); break;
+    case 5: passes<V, 5>(w, xm, bias, K, n, ym, ldy); break;
+    case 4: passes<V, 4>(w, xm, bias, K, n, ym, ldy); break;
+    case 3: passes<V, 3>(w, xm, bias, K, n, ym, ldy); break;
+    case 2: passes<V, 2>(w, xm, bias, K, n, ym, ldy); break;
+    case 1: passes<V, 1>(w, xm, bias, K, n, ym, ldy); break;
     default: break;
   }
 }
 
-TEMPSPEC_AVX2 void linear_avx2(const at::BFloat16* w, const float* x, const float* bias, int64_t M, int64_t N,
-                               int64_t K, at::BFloat16* y) {
+template <class V>
+void run(const at::BFloat16* w, const typename V::Input* x, const float* bias, int64_t M, int64_t N, int64_t K,
+         at::BFloat16* y) {
   const int64_t tiles = (N + kTileN - 1) / kTileN;
   // about 64K multiply-adds per task, so small layers do not pay for threads they cannot use
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, kTileN * K * std::min(M, kChunkM)));
@@ -89,30 +155,45 @@ TEMPSPEC_AVX2 void linear_avx2(const at::BFloat16* w, const float* x, const floa
       const int64_t rows = std::min(kChunkM, M - m0);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n0 = t * kTileN;
-        tile(w + n0 * K, x + m0 * K, bias == nullptr ? nullptr : bias + n0, K, std::min(kTileN, N - n0), rows,
-             y + m0 * N + n0, N);
+        tile<V>(w + n0 * K, x + m0 * K, bias == nullptr ? nullptr : bias + n0, K, std::min(kTileN, N - n0), rows,
+                y + m0 * N + n0, N);
       }
     }
   });
 }
 
-}  // namespace
-
-bool linear_bf16_cpu_supported() {
+bool cpu_has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
-at::Tensor linear_bf16_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+bool cpu_has_avx512bf16() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512bf16");
+}
+
+}  // namespace
+
+bool linear_bf16_cpu_supported() { return cpu_has_avx2(); }
+
+std::string linear_bf16_cpu_isa() { return cpu_has_avx512bf16() ? "avx512bf16" : (cpu_has_avx2() ? "avx2" : ""); }
+
+at::Tensor linear_bf16_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                           const std::string& isa) {
   TORCH_CHECK(linear_bf16_cpu_supported(), "linear_bf16_cpu needs a CPU with AVX2 and FMA");
+  const std::string best = linear_bf16_cpu_isa();
+  const std::string use = isa.empty() ? best : isa;
+  TORCH_CHECK(use == "avx2" || (use == "avx512bf16" && best == "avx512bf16"), "linear_bf16_cpu: isa ", isa,
+              " is not one this CPU runs (it runs avx2", best == "avx512bf16" ? " and avx512bf16)" : ")");
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "linear_bf16_cpu: CPU tensors only");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
               "linear_bf16_cpu: x and weight must be bfloat16");
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "linear_bf16_cpu: weight must be a contiguous [N, K]");
   const int64_t K = weight.size(1), N = weight.size(0);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "linear_bf16_cpu: x's last dimension must be ", K);
-  const at::Tensor xf = x.reshape({-1, K}).to(at::kFloat).contiguous();
-  const int64_t M = xf.size(0);
+  const at::Tensor x2 = x.reshape({-1, K});
+  const int64_t M = x2.size(0);
   at::Tensor bf;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->device().is_cpu(), "linear_bf16_cpu: bias must be [N]");
@@ -121,9 +202,15 @@ at::Tensor linear_bf16_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   at::Tensor y = at::empty({M, N}, x.options());
-  if (M > 0 && N > 0) {
-    linear_avx2(weight.data_ptr<at::BFloat16>(), xf.data_ptr<float>(), bf.defined() ? bf.data_ptr<float>() : nullptr,
-                M, N, K, y.data_ptr<at::BFloat16>());
+  if (M == 0 || N == 0) return y.view(out_shape);
+  const float* b = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  const at::BFloat16* w = weight.data_ptr<at::BFloat16>();
+  if (use == "avx512bf16") {
+    const at::Tensor xb = x2.contiguous();
+    run<Avx512Bf16>(w, xb.data_ptr<at::BFloat16>(), b, M, N, K, y.data_ptr<at::BFloat16>());
+  } else {
+    const at::Tensor xf = x2.to(at::kFloat).contiguous();
+    run<Avx2>(w, xf.data_ptr<float>(), b, M, N, K, y.data_ptr<at::BFloat16>());
   }
   return y.view(out_shape);
 }

@@ -34,12 +34,6 @@ class KVCache:
         """A view of rows [start, stop): writes through it land in this cache."""
         return KVCache._from_parts([k[start:stop] for k in self.k], [v[start:stop] for v in self.v], self.max_len)
 
-    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor) -> None:
-        """Stores k_new, v_new [B, H_kv, T, D] at the per-row positions [B, T] (int64) of `layer`."""
-        rows = torch.arange(positions.shape[0], device=positions.device).unsqueeze(1)
-        self.k[layer][rows, :, positions] = k_new.transpose(1, 2)
-        self.v[layer][rows, :, positions] = v_new.transpose(1, 2)
-
     def move(self, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copies the keys and values at slot src[i] to slot dst[i] of row rows[i], in every layer (int64 [n] each):
         a verified tree branch joins the row's positions in order."""

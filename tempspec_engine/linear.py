@@ -3,10 +3,12 @@
 On a CPU without oneDNN's bf16 matrix product (AVX2 without AVX-512: `torch.ops.mkldnn._is_mkldnn_bf16_supported()`
 is False), torch multiplies bf16 matrices one input row at a time, so verifying k+1 tokens costs k+1 decodes and SD
 cannot pay. There `linear` runs `csrc/linear_cpu.cpp` instead, which reads each weight once for all rows (fp32
-products and sums, bf16 out, like torch's) and whose every output row is independent of the other rows.
+sums, bf16 out, like torch's) and whose every output row is independent of the other rows.
 On a CPU with oneDNN's bf16 product, each of its calls on a few rows costs tens of microseconds (the default target's
-decode took 40 ms through it on a 2-core Zen 4, 18 ms through the kernel), while on many rows (a prefill) it is about
-three times as fast as the kernel: there the kernel takes calls of up to ONEDNN_CROSSOVER_ROWS input rows.
+decode took 40 ms through it on a 2-core Zen 4, 18 ms through the kernel), while on many rows (a prefill) it is
+faster than the kernel: there the kernel takes calls of up to ONEDNN_CROSSOVER_ROWS[kernel_isa()] input rows.
+The kernel has two variants (kernel_isa): "avx512bf16" (vdpbf16ps, on CPUs with AVX-512 BF16) and "avx2";
+`TEMPSPEC_CPU_LINEAR_ISA=avx2` makes a CPU with both run the avx2 one (default auto: the best).
 
 `TEMPSPEC_CPU_LINEAR` chooses: `auto` (default: the rules above), `1` (every call, whenever the CPU has AVX2 and FMA:
 every row batch-invariant), `0` (never). The kernel has no backward: anything that needs gradients goes through
@@ -23,9 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 POLICIES = ("auto", "1", "0")
-# Input rows up to which the kernel beats oneDNN's bf16 product (measured on a 2-core Zen 4 EPYC: at 8 rows they are
-# within 10% on the default target's shapes, beyond it oneDNN pulls ahead)
-ONEDNN_CROSSOVER_ROWS = 8
+# Input rows up to which the kernel's variant beats oneDNN's bf16 product in a forward of the default target
+# (measured on a 2-core Zen 4 EPYC: the avx2 variant was within 10% at 8 rows, oneDNN ahead beyond; the avx512bf16
+# variant verified 8, 16, 24, 32, 48 tokens in 23-24, 41, 52-53, 67-68, 89-96 ms against oneDNN's 36-39, 44-49,
+# 52-57, 59-66, 74-91: benchmarks/results/shapes_smollm2-135m_cpu-amd-epyc-zen4_bf16_crossover_linear_{1,0}.json)
+ONEDNN_CROSSOVER_ROWS = {"avx2": 8, "avx512bf16": 24}
 ALL_ROWS = 1 << 62
 
 
@@ -61,20 +65,39 @@ def kernel_available() -> bool:
     return ext is not None and bool(ext.linear_bf16_cpu_supported())
 
 
-def kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def kernel_isa() -> str:
+    """The kernel's variant in this process: TEMPSPEC_CPU_LINEAR_ISA (avx2 or avx512bf16) when set, else the best
+    this CPU runs ("avx512bf16" or "avx2"); "" where kernel_available() is False. A variant the CPU cannot run is
+    refused, naming the variable."""
+    if not kernel_available():
+        return ""
+    best = _extension().linear_bf16_cpu_isa()
+    wanted = os.environ.get("TEMPSPEC_CPU_LINEAR_ISA", "").strip().lower()
+    runs = ("avx2", "avx512bf16") if best == "avx512bf16" else ("avx2",)
+    if wanted in ("", "auto"):
+        return best
+    if wanted not in runs:
+        raise ValueError(f"TEMPSPEC_CPU_LINEAR_ISA must be auto or a variant this CPU runs ({', '.join(runs)}), "
+                         f"got {wanted!r}")
+    return wanted
+
+
+def kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  isa: str = "") -> torch.Tensor:
     """The kernel itself (needs kernel_available()): x [..., K] bf16, weight [N, K] bf16 contiguous, bias [N] or
-    None, all on the CPU -> [..., N] bf16."""
-    return _extension().linear_bf16_cpu(x, weight, bias)
+    None, all on the CPU -> [..., N] bf16; isa: the variant, "" for kernel_isa()."""
+    return _extension().linear_bf16_cpu(x, weight, bias, isa or kernel_isa())
 
 
 @functools.lru_cache(maxsize=None)
 def cpu_kernel_max_rows() -> int:
     """The most input rows (the product of x's leading dimensions) for which a bf16 linear layer on the CPU runs
-    tempspec's kernel in this process: 0 (never), ONEDNN_CROSSOVER_ROWS or ALL_ROWS (decided once)."""
+    tempspec's kernel in this process: 0 (never), ONEDNN_CROSSOVER_ROWS[kernel_isa()] or ALL_ROWS (decided once)."""
     policy = kernel_policy("TEMPSPEC_CPU_LINEAR")
     if policy == "0" or not kernel_available():
         return 0
-    return ALL_ROWS if policy == "1" or not torch_bf16_matmul_is_fast() else ONEDNN_CROSSOVER_ROWS
+    return ALL_ROWS if policy == "1" or not torch_bf16_matmul_is_fast() else ONEDNN_CROSSOVER_ROWS[kernel_isa()]
 
 
 def cpu_kernel_enabled() -> bool:

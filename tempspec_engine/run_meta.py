@@ -14,7 +14,9 @@ from typing import Optional
 import torch
 
 from tempspec_engine.attention import cpu_attention_enabled
-from tempspec_engine.linear import ALL_ROWS, cpu_kernel_enabled, cpu_kernel_max_rows, torch_bf16_matmul_is_fast
+from tempspec_engine.layer_ops import cpu_layer_ops_enabled
+from tempspec_engine.linear import (ALL_ROWS, cpu_kernel_enabled, cpu_kernel_max_rows, kernel_isa,
+                                    torch_bf16_matmul_is_fast)
 
 VERSIONED = ("transformers", "numpy", "matplotlib", "triton")  # besides python, torch and tempspec
 
@@ -60,21 +62,23 @@ def package_version(name: str) -> Optional[str]:
 
 
 def cpu_kernels_meta() -> dict:
-    """Which of tempspec's CPU kernels this process uses: onednn_bf16, cpu_linear_kernel, cpu_linear_kernel_max_rows,
-    cpu_attention_kernel (collect_meta)."""
+    """Which of tempspec's CPU kernels this process uses: onednn_bf16, cpu_linear_kernel, cpu_linear_kernel_isa (its
+    variant, or None), cpu_linear_kernel_max_rows, cpu_attention_kernel, cpu_layer_ops (collect_meta)."""
     rows = cpu_kernel_max_rows()
     return {"onednn_bf16": torch_bf16_matmul_is_fast(), "cpu_linear_kernel": cpu_kernel_enabled(),
+            "cpu_linear_kernel_isa": kernel_isa() if cpu_kernel_enabled() else None,
             "cpu_linear_kernel_max_rows": "all" if rows == ALL_ROWS else rows,
-            "cpu_attention_kernel": cpu_attention_enabled()}
+            "cpu_attention_kernel": cpu_attention_enabled(), "cpu_layer_ops": cpu_layer_ops_enabled()}
 
 
 def collect_meta(device) -> dict:
     """Hardware, versions, command line and time of the run: device_name, cpu, cpu_count, torch_threads, platform,
     versions {python, torch, tempspec, and transformers / numpy / matplotlib / triton where installed}, command,
     date (UTC, ISO 8601 to the second); on CPU loadavg [1, 5, 15 min], onednn_bf16 (whether torch has a fast bf16
-    matrix product here), cpu_linear_kernel (whether bf16 linear layers run tempspec's kernel) and
-    cpu_linear_kernel_max_rows ("all" or the most input rows it takes: tempspec_engine/linear.py),
-    cpu_attention_kernel (whether attention of a few queries runs tempspec's kernel: tempspec_engine/attention.py);
+    matrix product here), cpu_linear_kernel (whether bf16 linear layers run tempspec's kernel), cpu_linear_kernel_isa
+    (its variant: avx512bf16 or avx2) and cpu_linear_kernel_max_rows ("all" or the most input rows it takes: tempspec_engine/linear.py),
+    cpu_attention_kernel (whether attention of a few queries runs tempspec's kernel: tempspec_engine/attention.py),
+    cpu_layer_ops (whether norms, SiLU products, RoPE and cache stores run the fused kernels: layer_ops.py);
     cuda (its version) on a CUDA device."""
     device = torch.device(device)
     from tempspec_engine import __version__ as tempspec_version

@@ -23,9 +23,11 @@ def test_tiny_run_schema(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["benchmark"] == "linear_cpu" and isinstance(result["engine_uses_kernel"], bool)
     assert [(r["N"], r["K"], r["M"]) for r in result["rows"]] == [(24, 40, 1), (24, 40, 5), (3, 9, 1), (3, 9, 5)]
+    assert result["kernel_isa"] in ("avx2", "avx512bf16")
     for r in result["rows"]:
         for key in ("tempspec_bf16_ms", "torch_bf16_ms", "torch_fp32_ms", "speedup_vs_torch_bf16"):
             assert r[key] > 0
+        assert ("tempspec_avx2_ms" in r) == (result["kernel_isa"] == "avx512bf16")
     assert "wrote" in capsys.readouterr().out
 
 

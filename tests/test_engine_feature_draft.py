@@ -173,3 +173,24 @@ def test_greedy_sd_in_bf16_equals_the_target_with_the_cpu_kernels(batch, monkeyp
         attention.cpu_attention_enabled.cache_clear()
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert sum(o.stats.accepted for o in got) > 0 and sum(o.stats.rejections for o in got) > 0
+
+
+def test_cpu_prefill_computes_no_padding(monkeypatch):
+    """On the CPU each prompt is prefilled alone (the target sees one row of len(prompt) - 1 tokens), and the text
+    equals that of one right-padded batch prefill (the GPU's way) token for token, with a feature draft that reads
+    the prefill's features."""
+    target = tiny_target(vocab=64, layers=3, seed=4)
+    engine = SpeculativeEngine(target, feature_head(target, seed=5), device="cpu", dtype=torch.float32, k=3,
+                               max_len=128)
+    shapes = []
+    forward = target.model.forward
+    monkeypatch.setattr(target.model, "forward",
+                        lambda tokens, *a, **kw: shapes.append((tuple(tokens.shape), kw.get("from_start", False)))
+                        or forward(tokens, *a, **kw))
+    got = engine.generate(PROMPTS, 0.0, 20, batch_size=4)
+    assert [s for s, prefill in shapes if prefill] == [(1, len(p) - 1) for p in PROMPTS if len(p) > 1]
+    monkeypatch.setattr(engine, "_prefill_groups", lambda lens: [(0, len(lens))])
+    shapes.clear()
+    padded = engine.generate(PROMPTS, 0.0, 20, batch_size=4)
+    assert [s for s, prefill in shapes if prefill] == [(4, max(len(p) for p in PROMPTS) - 1)]
+    assert [o.token_ids for o in got] == [o.token_ids for o in padded]

@@ -1,5 +1,6 @@
-"""tempspec's bf16 linear kernel for AVX2 CPUs (csrc/linear_cpu.cpp) against the readable reference: the fp32 product
-x.float() @ w.float().T (+ bias) rounded once to bf16; and the dispatch rule of tempspec_engine.linear."""
+"""tempspec's bf16 linear kernel for CPUs (csrc/linear_cpu.cpp), each of its variants (avx2, avx512bf16) this CPU
+runs, against the readable reference: the fp32 product x.float() @ w.float().T (+ bias) rounded once to bf16; and
+the dispatch rule of tempspec_engine.linear."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,10 @@ from tempspec_engine.models.llama import Transformer
 _C = linear_mod._extension()
 needs_kernel = pytest.mark.skipif(_C is None or not _C.linear_bf16_cpu_supported(),
                                   reason="the extension is not built or this CPU lacks AVX2/FMA")
+# the kernel's variants this CPU runs: each is checked on its own ("avx512bf16" only on CPUs with AVX-512 BF16)
+ISAS = [pytest.param("avx2", marks=needs_kernel),
+        pytest.param("avx512bf16", marks=pytest.mark.skipif(
+            _C is None or _C.linear_bf16_cpu_isa() != "avx512bf16", reason="this CPU lacks AVX-512 BF16"))]
 
 
 def reference(x, w, b=None):
@@ -27,17 +32,46 @@ def assert_rounded_from(y: torch.Tensor, ref32: torch.Tensor) -> None:
     assert bool((err <= bound).all()), f"max error {err.max().item()} beyond one bf16 step"
 
 
-@needs_kernel
-@pytest.mark.parametrize("K", [1, 7, 8, 577])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("K", [1, 7, 8, 31, 33, 64, 577])
 @pytest.mark.parametrize("N", [1, 3, 4, 13])
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 13, 70])
-def test_kernel_matches_reference(K, N, M):
+def test_kernel_matches_reference(K, N, M, isa):
     g = torch.Generator().manual_seed(K * 1000 + N * 10 + M)
     x = torch.randn(M, K, generator=g).bfloat16()
     w = torch.randn(N, K, generator=g).bfloat16()
     b = torch.randn(N, generator=g).bfloat16()
-    assert_rounded_from(_C.linear_bf16_cpu(x, w), reference(x, w))
-    assert_rounded_from(_C.linear_bf16_cpu(x, w, b), reference(x, w, b))
+    assert_rounded_from(_C.linear_bf16_cpu(x, w, isa=isa), reference(x, w))
+    assert_rounded_from(_C.linear_bf16_cpu(x, w, b, isa=isa), reference(x, w, b))
+
+
+@needs_kernel
+def test_kernel_variant():
+    """The default variant is the best this CPU runs; asking for one it cannot run is refused in one line."""
+    isa = _C.linear_bf16_cpu_isa()
+    assert isa in ("avx2", "avx512bf16") and linear_mod.kernel_isa() == isa
+    x, w = torch.randn(3, 40).bfloat16(), torch.randn(5, 40).bfloat16()
+    assert torch.equal(_C.linear_bf16_cpu(x, w), _C.linear_bf16_cpu(x, w, isa=isa))
+    with pytest.raises(RuntimeError, match="isa sse is not one this CPU runs"):
+        _C.linear_bf16_cpu(x, w, isa="sse")
+
+
+@needs_kernel
+def test_variant_variable(monkeypatch):
+    """TEMPSPEC_CPU_LINEAR_ISA picks the variant the engine's calls run; one the CPU cannot run is refused."""
+    try:
+        monkeypatch.setenv("TEMPSPEC_CPU_LINEAR_ISA", "avx2")
+        linear_mod.kernel_isa.cache_clear()
+        assert linear_mod.kernel_isa() == "avx2"
+        x, w = torch.randn(3, 40).bfloat16(), torch.randn(5, 40).bfloat16()
+        assert torch.equal(linear_mod.kernel_linear(x, w), _C.linear_bf16_cpu(x, w, isa="avx2"))
+        monkeypatch.setenv("TEMPSPEC_CPU_LINEAR_ISA", "neon")
+        linear_mod.kernel_isa.cache_clear()
+        with pytest.raises(ValueError, match="TEMPSPEC_CPU_LINEAR_ISA must be auto or a variant this CPU runs"):
+            linear_mod.kernel_isa()
+    finally:
+        monkeypatch.undo()
+        linear_mod.kernel_isa.cache_clear()
 
 
 @needs_kernel
@@ -51,17 +85,19 @@ def test_kernel_leading_dims_and_empty():
     assert _C.linear_bf16_cpu(x[:, :0], w).shape == (2, 0, 33)
 
 
-@needs_kernel
-def test_kernel_rows_do_not_depend_on_the_batch():
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("K", [576, 600])
+def test_kernel_rows_do_not_depend_on_the_batch(isa, K):
     """Row m of the product is the same bits whether it is computed alone or among 70 rows (verification of k+1
     tokens gives the logits k+1 decodes give)."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(70, 576, generator=g).bfloat16()
-    w = torch.randn(300, 576, generator=g).bfloat16()
-    y = _C.linear_bf16_cpu(x, w)
+    x = torch.randn(70, K, generator=g).bfloat16()
+    w = torch.randn(300, K, generator=g).bfloat16()
+    y = _C.linear_bf16_cpu(x, w, isa=isa)
     for m in (0, 1, 2, 63, 64, 69):
-        assert torch.equal(_C.linear_bf16_cpu(x[m:m + 1], w), y[m:m + 1])
-    assert torch.equal(_C.linear_bf16_cpu(x[3:8], w), y[3:8])
+        assert torch.equal(_C.linear_bf16_cpu(x[m:m + 1], w, isa=isa), y[m:m + 1])
+    for a, b in ((3, 8), (8, 17), (60, 70)):
+        assert torch.equal(_C.linear_bf16_cpu(x[a:b], w, isa=isa), y[a:b])
 
 
 @needs_kernel
@@ -105,13 +141,16 @@ def test_policy_off_and_bad_value(policy):
 
 
 @needs_kernel
+@pytest.mark.parametrize("isa", ["avx2", "avx512bf16"])
 @pytest.mark.parametrize("onednn_bf16", [False, True])
-def test_auto_policy_rows(policy, monkeypatch, onednn_bf16):
+def test_auto_policy_rows(policy, monkeypatch, onednn_bf16, isa):
     """auto: every call through the kernel where torch has no fast bf16 product; where it has one (oneDNN), calls of
-    up to ONEDNN_CROSSOVER_ROWS input rows through the kernel and larger ones (a prefill) through F.linear."""
+    up to ONEDNN_CROSSOVER_ROWS[variant] input rows through the kernel and larger ones (a prefill) through
+    F.linear."""
     monkeypatch.setattr(linear_mod, "torch_bf16_matmul_is_fast", lambda: onednn_bf16)
+    monkeypatch.setattr(linear_mod, "kernel_isa", lambda: isa)
     policy("auto")
-    limit = linear_mod.ONEDNN_CROSSOVER_ROWS
+    limit = linear_mod.ONEDNN_CROSSOVER_ROWS[isa]
     assert linear_mod.cpu_kernel_max_rows() == (limit if onednn_bf16 else linear_mod.ALL_ROWS)
     calls = []
     kernel = _C.linear_bf16_cpu

@@ -266,9 +266,10 @@ def test_collect_meta_keys():
     assert meta["device_name"] == meta["cpu"] and "cuda" not in meta
     assert ("loadavg" in meta) == hasattr(os, "getloadavg")
     assert isinstance(meta["cpu_linear_kernel"], bool) and isinstance(meta["onednn_bf16"], bool)
-    assert isinstance(meta["cpu_attention_kernel"], bool)
+    assert isinstance(meta["cpu_attention_kernel"], bool) and isinstance(meta["cpu_layer_ops"], bool)
     rows = meta["cpu_linear_kernel_max_rows"]
     assert rows == "all" or (isinstance(rows, int) and (rows > 0) == meta["cpu_linear_kernel"])
+    assert meta["cpu_linear_kernel_isa"] in (("avx2", "avx512bf16") if meta["cpu_linear_kernel"] else (None,))
     assert datetime.datetime.fromisoformat(meta["date"]).utcoffset() == datetime.timedelta(0)
     json.dumps(meta, allow_nan=False)
 

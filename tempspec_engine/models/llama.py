@@ -1,8 +1,10 @@
 """A small Llama-family decoder (gpt-fast style) that reads and writes a preallocated KVCache.
 
 RMSNorm, rotary embeddings (rotate-half convention, as Hugging Face stores the weights), grouped-query attention
-through scaled_dot_product_attention with an explicit mask built from per-row positions, SwiGLU MLP, optional
-tied embeddings. Weights load from a Hugging Face Llama/Mistral/Qwen2 state dict.
+with a mask built from per-row positions (attention.attend: tempspec's CPU kernel for a few queries, SDPA otherwise),
+SwiGLU MLP, optional tied embeddings. The projections go through linear.linear, the norms, SiLU product, RoPE and
+cache store through layer_ops (fused CPU kernels where they apply). Weights load from a Hugging Face
+Llama/Mistral/Qwen2 state dict.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from torch import nn
 
 from tempspec_engine.attention import attend
 from tempspec_engine.kv_cache import KVCache
+from tempspec_engine.layer_ops import add_rms_norm, apply_rope, rms_norm, rope_store, silu_mul
 from tempspec_engine.linear import Linear, linear
 from tempspec_engine.models.config import ModelConfig
 
@@ -26,10 +29,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Hugging Face's semantics: x * rsqrt(mean(x^2) + eps) in fp32, rounded to x's dtype, times the weight.
-        F.rms_norm computes it in fp32 for 16-bit inputs, in torch's fused kernel where it has one (one kernel
-        where the written-out formula launched seven)."""
-        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        """Hugging Face's semantics: x * rsqrt(mean(x^2) + eps) in fp32, rounded to x's dtype, times the weight
+        (layer_ops.rms_norm_reference; one fused kernel on the CPU)."""
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -53,14 +55,6 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled).float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x [B, T, heads, D] with cos, sin_signed [B, T, 1, D] (rope_cos_sin): x * cos +
-    rotate_half(x) * sin, where rotate_half(x) = [-x2, x1]; the sign lives in sin_signed (= [-sin, sin]), so this is
-    [x2, x1] * sin_signed: the same products and sums, bit for bit, in four kernels."""
-    h = x.shape[-1] // 2
-    return x * cos + torch.cat((x[..., h:], x[..., :h]), dim=-1) * sin_signed
-
-
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -77,14 +71,15 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        # one RoPE over the query and key heads together (RoPE is per head)
-        qk = apply_rope(torch.cat((q, k), dim=2), cos, sin)
-        q, k = qk[:, :, :self.n_heads].transpose(1, 2), qk[:, :, self.n_heads:].transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
         if cache is None:  # training / scoring a whole sequence: causal attention within it, nothing stored
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+            # one RoPE over the query and key heads together (RoPE is per head)
+            qk = apply_rope(torch.cat((q, k), dim=2), cos, sin)
+            q, k = qk[:, :, :self.n_heads].transpose(1, 2), qk[:, :, self.n_heads:].transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True,
+                                                 enable_gqa=self.n_kv != self.n_heads)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-        cache.write(layer, k, v, slots)
+        q = rope_store(q, k, v, cos, sin, cache.k[layer], cache.v[layer], slots).transpose(1, 2)
         keys, values = cache.k[layer][:, :, :kv_len], cache.v[layer][:, :, :kv_len]
         out = attend(q, keys, values, mask, causal=causal)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
@@ -98,7 +93,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(c.intermediate_size, c.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -110,12 +105,14 @@ class Block(nn.Module):
         self.mlp = MLP(c)
 
     def forward(self, x, cos, sin, slots, mask, cache, layer, kv_len, causal: bool = False):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, mask, cache, layer, kv_len, causal)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        delta = self.self_attn(self.input_layernorm(x), cos, sin, slots, mask, cache, layer, kv_len, causal)
+        norm = self.post_attention_layernorm
+        x, h = add_rms_norm(x, delta, norm.weight, norm.eps)  # x + delta, then its norm: one kernel on the CPU
+        return x + self.mlp(h)
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos, sin_signed [B, T, 1, head_dim] of `dtype` for positions [B, T] (rotate-half layout; apply_rope):
+    """cos, sin_signed [B, T, 1, head_dim] of `dtype` for positions [B, T] (rotate-half layout; layer_ops.apply_rope):
     cos(f) twice, and -sin(f) then sin(f), for the frequencies f = position * inv_freq."""
     freqs = (positions.unsqueeze(-1).float() * inv_freq).unsqueeze(2)  # [B, T, 1, D/2]
     sin = freqs.sin().to(dtype)
