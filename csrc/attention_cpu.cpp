@@ -4,8 +4,8 @@
 // mask[b, h, t, j] lets through (all of them without a mask); G = H / Hkv query heads share a key head. fp32 scores,
 // softmax and sums whatever the input dtype (bf16 or fp32), the output rounded to the input dtype.
 //
-// Why: torch's CPU flash attention spends ~0.3 ms per layer on a single query over 512 keys (four times what it
-// spends on two queries), which is a third of a 135M model's decode. Here a task takes up to kRows query rows of one
+// Why: torch's CPU flash attention spends ~0.3 ms per layer on a single query over 512 keys (2.8 times what it
+// spends on two queries: benchmarks/results/attention_cpu_amd-epyc-zen4.json), a third of a 135M model's decode. Here a task takes up to kRows query rows of one
 // key head (its G query heads times the T queries) and loads each key and value once for all of them. Each row's
 // arithmetic is its own: its scores (one fp32 accumulator per vector lane over the head dimension, lanes summed in a
 // fixed order), their maximum, then exp(score - max) (a vectorized Cephes expf) summed and the values weighted in key

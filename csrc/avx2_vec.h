@@ -1,5 +1,6 @@
-// AVX2 helpers shared by the CPU kernels (csrc/linear_cpu.cpp, csrc/attention_cpu.cpp, csrc/layer_ops_cpu.cpp). Every function carries the
-// avx2/fma target attribute, so the files that include this build for any x86-64 and check the CPU at run time.
+// AVX2 helpers shared by the CPU kernels (csrc/linear_cpu.cpp, csrc/attention_cpu.cpp, csrc/layer_ops_cpu.cpp).
+// Every function carries the avx2/fma target attribute, so the files that include this build for any x86-64 and check
+// the CPU at run time.
 #pragma once
 #include <ATen/ATen.h>
 

@@ -53,3 +53,20 @@ def draft_sample(draft, temperature, generator):
     probs = torch.softmax(draft.float() / safe_t[:, None, None], dim=-1).reshape(B * k, V)
     drawn = torch.multinomial(probs, 1, generator=generator).reshape(B, k)
     return torch.where(greedy[:, None], draft.float().argmax(-1), drawn)
+
+
+@pytest.fixture
+def kernel_policy(monkeypatch):
+    """set(variable, value, *decisions): sets a CPU kernel's policy variable (TEMPSPEC_CPU_LINEAR, ...) for one test
+    and forgets the cached decisions (lru_cache functions) that read it, before and after."""
+    cached = []
+
+    def set_policy(variable, value, *decisions):
+        monkeypatch.setenv(variable, value)
+        for decision in decisions:
+            decision.cache_clear()
+            cached.append(decision)
+    yield set_policy
+    monkeypatch.undo()
+    for decision in cached:
+        decision.cache_clear()

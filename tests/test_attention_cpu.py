@@ -109,22 +109,10 @@ def test_custom_op_registration():
 
 
 @pytest.fixture
-def policy(monkeypatch):
-    """Sets TEMPSPEC_CPU_ATTENTION for one test and forgets the decision before and after."""
-    def set_policy(value):
-        monkeypatch.setenv("TEMPSPEC_CPU_ATTENTION", value)
-        att.cpu_attention_enabled.cache_clear()
-    yield set_policy
-    monkeypatch.undo()
-    att.cpu_attention_enabled.cache_clear()
+def policy(kernel_policy):
+    """Sets TEMPSPEC_CPU_ATTENTION for one test (conftest.kernel_policy)."""
+    return lambda value: kernel_policy("TEMPSPEC_CPU_ATTENTION", value, att.cpu_attention_enabled)
 
-
-def test_policy_off_and_bad_value(policy):
-    policy("0")
-    assert att.cpu_attention_enabled() is False
-    policy("maybe")
-    with pytest.raises(ValueError, match="TEMPSPEC_CPU_ATTENTION must be one of auto, 1, 0"):
-        att.cpu_attention_enabled()
 
 
 @needs_kernel

@@ -26,14 +26,9 @@ def assert_within_one_step(y: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 @pytest.fixture
-def policy(monkeypatch):
-    """Sets TEMPSPEC_CPU_LAYER_OPS for one test and forgets the decision before and after."""
-    def set_policy(value):
-        monkeypatch.setenv("TEMPSPEC_CPU_LAYER_OPS", value)
-        ops.cpu_layer_ops_enabled.cache_clear()
-    yield set_policy
-    monkeypatch.undo()
-    ops.cpu_layer_ops_enabled.cache_clear()
+def policy(kernel_policy):
+    """Sets TEMPSPEC_CPU_LAYER_OPS for one test (conftest.kernel_policy)."""
+    return lambda value: kernel_policy("TEMPSPEC_CPU_LAYER_OPS", value, ops.cpu_layer_ops_enabled)
 
 
 @needs_kernel
@@ -132,13 +127,6 @@ def test_custom_op_registration():
     q, k, v, cos, sin, caches, slots = rope_inputs(torch.float32)
     torch.library.opcheck(ops.rope_store_cpu, (q, k, v, cos, sin, caches[0, 1:].clone(), caches[1, 1:].clone(), slots))
 
-
-def test_policy_off_and_bad_value(policy):
-    policy("0")
-    assert ops.cpu_layer_ops_enabled() is False
-    policy("often")
-    with pytest.raises(ValueError, match="TEMPSPEC_CPU_LAYER_OPS must be one of auto, 1, 0"):
-        ops.cpu_layer_ops_enabled()
 
 
 @needs_kernel

@@ -57,21 +57,15 @@ def test_kernel_variant():
 
 
 @needs_kernel
-def test_variant_variable(monkeypatch):
+def test_variant_variable(kernel_policy):
     """TEMPSPEC_CPU_LINEAR_ISA picks the variant the engine's calls run; one the CPU cannot run is refused."""
-    try:
-        monkeypatch.setenv("TEMPSPEC_CPU_LINEAR_ISA", "avx2")
-        linear_mod.kernel_isa.cache_clear()
-        assert linear_mod.kernel_isa() == "avx2"
-        x, w = torch.randn(3, 40).bfloat16(), torch.randn(5, 40).bfloat16()
-        assert torch.equal(linear_mod.kernel_linear(x, w), _C.linear_bf16_cpu(x, w, isa="avx2"))
-        monkeypatch.setenv("TEMPSPEC_CPU_LINEAR_ISA", "neon")
-        linear_mod.kernel_isa.cache_clear()
-        with pytest.raises(ValueError, match="TEMPSPEC_CPU_LINEAR_ISA must be auto or a variant this CPU runs"):
-            linear_mod.kernel_isa()
-    finally:
-        monkeypatch.undo()
-        linear_mod.kernel_isa.cache_clear()
+    kernel_policy("TEMPSPEC_CPU_LINEAR_ISA", "avx2", linear_mod.kernel_isa)
+    assert linear_mod.kernel_isa() == "avx2"
+    x, w = torch.randn(3, 40).bfloat16(), torch.randn(5, 40).bfloat16()
+    assert torch.equal(linear_mod.kernel_linear(x, w), _C.linear_bf16_cpu(x, w, isa="avx2"))
+    kernel_policy("TEMPSPEC_CPU_LINEAR_ISA", "neon", linear_mod.kernel_isa)
+    with pytest.raises(ValueError, match="TEMPSPEC_CPU_LINEAR_ISA must be auto or a variant this CPU runs"):
+        linear_mod.kernel_isa()
 
 
 @needs_kernel
@@ -122,22 +116,10 @@ def test_custom_op_registration():
 
 
 @pytest.fixture
-def policy(monkeypatch):
-    """Sets TEMPSPEC_CPU_LINEAR for one test and forgets the decision before and after."""
-    def set_policy(value):
-        monkeypatch.setenv("TEMPSPEC_CPU_LINEAR", value)
-        linear_mod.cpu_kernel_max_rows.cache_clear()
-    yield set_policy
-    monkeypatch.undo()
-    linear_mod.cpu_kernel_max_rows.cache_clear()
+def policy(kernel_policy):
+    """Sets TEMPSPEC_CPU_LINEAR for one test (conftest.kernel_policy)."""
+    return lambda value: kernel_policy("TEMPSPEC_CPU_LINEAR", value, linear_mod.cpu_kernel_max_rows)
 
-
-def test_policy_off_and_bad_value(policy):
-    policy("0")
-    assert linear_mod.cpu_kernel_enabled() is False and linear_mod.cpu_kernel_max_rows() == 0
-    policy("sometimes")
-    with pytest.raises(ValueError, match="TEMPSPEC_CPU_LINEAR must be one of auto, 1, 0"):
-        linear_mod.cpu_kernel_enabled()
 
 
 @needs_kernel
