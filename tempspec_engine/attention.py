@@ -1,9 +1,10 @@
 """Attention over a KV cache: torch's scaled_dot_product_attention, or tempspec's CPU kernel for a few queries.
 
 torch's CPU flash attention is slow for one query row (about 0.3 ms per layer over 512 keys, 2.8 times its time for
-two rows in benchmarks/results/attention_cpu_amd-epyc-zen4.json: a third of a 135M model's decode on a 2-core CPU). `attend` sends up to MAX_KERNEL_QUERIES queries per row
-on the CPU to `csrc/attention_cpu.cpp`, which computes each query row alone in fp32 (so a row's result does not depend
-on how many rows are computed with it: verification attends exactly as decoding does), and everything else to SDPA.
+two rows in benchmarks/results/attention_cpu_amd-epyc-zen4.json: a third of a 135M model's decode on a 2-core CPU).
+`attend` sends up to MAX_KERNEL_QUERIES queries per row on the CPU to `csrc/attention_cpu.cpp`, which computes each
+query row alone in fp32 (so a row's result does not depend on how many rows are computed with it: verification
+attends exactly as decoding does), and everything else to SDPA.
 
 `TEMPSPEC_CPU_ATTENTION` chooses: `auto` / `1` (default: the kernel where it applies), `0` (always SDPA).
 `attention_reference` states the semantics both follow.
