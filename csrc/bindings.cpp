@@ -24,7 +24,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("delta"), pybind11::arg("weight"), pybind11::arg("eps"));
   m.def("silu_mul_cpu", &tempspec::silu_mul_cpu, "silu(gate) * up (CPU)");
   m.def("rope_store_cpu", &tempspec::rope_store_cpu, "RoPE of q and k, k and v stored in the KV cache (CPU)");
-  m.def("layer_ops_cpu_supported", &tempspec::layer_ops_cpu_supported, "whether this CPU has AVX2 and FMA");
   m.def("linear_bf16_cpu_isa", &tempspec::linear_bf16_cpu_isa,
         "the linear kernel's variant on this CPU: avx512bf16, avx2 or empty");
 #ifdef TEMPSPEC_WITH_CUDA

@@ -7,11 +7,13 @@
 //   rope_store_cpu(q [B, T, H, D], k [B, T, Hkv, D], v [B, T, Hkv, D], cos [B, T, 1, D], sin [B, T, 1, D],
 //                  k_cache [B, Hkv, L, D], v_cache [B, Hkv, L, D], slots [B, T] int64)
 //       -> RoPE(q) [B, T, H, D]; writes RoPE(k) and v to the caches at slots[b, t] (last dimensions contiguous)
-//   layer_ops_cpu_supported() -> whether this CPU has AVX2 and FMA (rms_norm_cpu and silu_mul_cpu need both)
+// rms_norm_cpu and silu_mul_cpu need AVX2 and FMA (linear_bf16_cpu_supported()).
 #pragma once
 #include <torch/extension.h>
 
 #include <vector>
+
+#include "linear.h"
 
 namespace tempspec {
 
@@ -20,6 +22,5 @@ std::vector<at::Tensor> rms_norm_cpu(const at::Tensor& x, const c10::optional<at
 at::Tensor silu_mul_cpu(const at::Tensor& gate, const at::Tensor& up);
 at::Tensor rope_store_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
                           const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots);
-bool layer_ops_cpu_supported();
 
 }  // namespace tempspec

@@ -112,14 +112,9 @@ void rope_row(const T* x, const T* cos, const T* sin, int64_t D, T* out) {
 
 }  // namespace
 
-bool layer_ops_cpu_supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-
 std::vector<at::Tensor> rms_norm_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& delta,
                                      const at::Tensor& weight, double eps) {
-  TORCH_CHECK(layer_ops_cpu_supported(), "rms_norm_cpu needs a CPU with AVX2 and FMA");
+  TORCH_CHECK(linear_bf16_cpu_supported(), "rms_norm_cpu needs a CPU with AVX2 and FMA");
   const bool add = delta.has_value() && delta->defined();
   check_cpu_same_dtype("rms_norm_cpu", add ? std::initializer_list<at::Tensor>{x, *delta, weight}
                                            : std::initializer_list<at::Tensor>{x, weight});
@@ -139,7 +134,7 @@ std::vector<at::Tensor> rms_norm_cpu(const at::Tensor& x, const c10::optional<at
 }
 
 at::Tensor silu_mul_cpu(const at::Tensor& gate, const at::Tensor& up) {
-  TORCH_CHECK(layer_ops_cpu_supported(), "silu_mul_cpu needs a CPU with AVX2 and FMA");
+  TORCH_CHECK(linear_bf16_cpu_supported(), "silu_mul_cpu needs a CPU with AVX2 and FMA");
   check_cpu_same_dtype("silu_mul_cpu", {gate, up});
   TORCH_CHECK(gate.sizes() == up.sizes(), "silu_mul_cpu: gate and up must have the same shape");
   const at::Tensor gc = gate.contiguous(), uc = up.contiguous();

@@ -5,8 +5,9 @@
 // on a few rows cost tens of microseconds each (a 135M model's decode took 40 ms through it, 18 ms here).
 // Here every weight is read from memory once per call, whatever M, in one of two variants chosen at run time:
 //   avx512bf16  (Zen 4, Sapphire Rapids and later) vdpbf16ps multiplies the bf16 weights with bf16 input pairs as
-//               they are, 32 products per instruction: verifying 4 drafts on the default target costs 1.2-1.3
-//               decodes, against 1.5-1.7 with the avx2 variant on the same Zen 4 (benchmarks/bench_linear_cpu.py).
+//               they are, 32 products per instruction: on a 2-core Zen 4 the default target's 49152 x 576 output
+//               head took 1.14, 2.19, 3.16 ms at 1, 5, 8 input rows, against 1.67, 2.61, 4.70 through the avx2
+//               variant (benchmarks/results/linear_cpu_amd-epyc-zen4.json).
 //   avx2        the weights convert to fp32 in registers (a bf16 is the top half of an fp32) and each converted
 //               vector is multiplied with up to 8 fp32 input rows.
 //
@@ -162,11 +163,6 @@ void run(const at::BFloat16* w, const typename V::Input* x, const float* bias, i
   });
 }
 
-bool cpu_has_avx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-
 bool cpu_has_avx512bf16() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -175,9 +171,14 @@ bool cpu_has_avx512bf16() {
 
 }  // namespace
 
-bool linear_bf16_cpu_supported() { return cpu_has_avx2(); }
+bool linear_bf16_cpu_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
 
-std::string linear_bf16_cpu_isa() { return cpu_has_avx512bf16() ? "avx512bf16" : (cpu_has_avx2() ? "avx2" : ""); }
+std::string linear_bf16_cpu_isa() {
+  return cpu_has_avx512bf16() ? "avx512bf16" : (linear_bf16_cpu_supported() ? "avx2" : "");
+}
 
 at::Tensor linear_bf16_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                            const std::string& isa) {

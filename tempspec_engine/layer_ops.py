@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from tempspec_engine.linear import kernel_policy
+from tempspec_engine.linear import kernel_available, kernel_policy
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -66,7 +66,7 @@ def _extension():
         from tempspec_engine import _C
     except ImportError:
         return None
-    return _C if hasattr(_C, "rms_norm_cpu") and _C.layer_ops_cpu_supported() else None
+    return _C if hasattr(_C, "rms_norm_cpu") and kernel_available() else None
 
 
 @functools.lru_cache(maxsize=None)
