@@ -6,6 +6,8 @@
 
 #include <immintrin.h>
 
+#include <type_traits>
+
 #define TEMPSPEC_AVX2 __attribute__((target("avx2,fma")))
 
 namespace tempspec {
@@ -16,6 +18,36 @@ TEMPSPEC_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 TEMPSPEC_AVX2 inline __m256 load8(const at::BFloat16* p) {
   const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+// The bit patterns of 8 fp32 lanes rounded to bf16 as at::BFloat16's conversion rounds (to nearest, ties to even; NaN
+// to the quiet NaN 0x7FC0), the low 16 bits zero: as fp32 they are the rounded values.
+TEMPSPEC_AVX2 inline __m256i bf16_bits8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
+                                        _mm256_set1_epi32(0x7FFF));
+  const __m256i r = _mm256_and_si256(_mm256_add_epi32(u, bias), _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), nan);
+}
+
+// 8 fp32 lanes as a T holds them (T = float: themselves; bf16: rounded), what torch stores between two operators.
+template <typename T>
+TEMPSPEC_AVX2 inline __m256 rounded8(__m256 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return _mm256_castsi256_ps(bf16_bits8(v));
+  }
+}
+
+// Stores 8 fp32 lanes as 8 floats, or as 8 bf16 rounded as rounded8 rounds.
+TEMPSPEC_AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+
+TEMPSPEC_AVX2 inline void store8(at::BFloat16* p, __m256 v) {
+  const __m256i b = _mm256_srli_epi32(bf16_bits8(v), 16);  // 0..0xFFFF: packus keeps them as they are
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
 }
 
 // The sum of the 8 lanes, always in the same order ((0+4) + (2+6)) + ((1+5) + (3+7)).

@@ -16,6 +16,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bf16 linear layer, weights read once for all rows, batch-invariant rows (AVX2 or AVX-512 BF16)",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("isa") = "");
+  m.def("linear_bf16_cpu_many", &tempspec::linear_bf16_cpu_many,
+        "linear_bf16_cpu of several weights of one K on one input, in one call", pybind11::arg("x"),
+        pybind11::arg("weights"), pybind11::arg("biases"), pybind11::arg("isa") = "");
   m.def("attention_cpu", &tempspec::attention_cpu,
         "attention of a few queries over a KV cache, fp32 math, batch-invariant rows (AVX2)", pybind11::arg("q"),
         pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("mask") = pybind11::none(), pybind11::arg("scale"));

@@ -7,7 +7,7 @@
 //   rope_store_cpu(q [B, T, H, D], k [B, T, Hkv, D], v [B, T, Hkv, D], cos [B, T, 1, D], sin [B, T, 1, D],
 //                  k_cache [B, Hkv, L, D], v_cache [B, Hkv, L, D], slots [B, T] int64)
 //       -> RoPE(q) [B, T, H, D]; writes RoPE(k) and v to the caches at slots[b, t] (last dimensions contiguous)
-// rms_norm_cpu and silu_mul_cpu need AVX2 and FMA (linear_bf16_cpu_supported()).
+// All three need AVX2 and FMA (linear_bf16_cpu_supported()).
 #pragma once
 #include <torch/extension.h>
 

@@ -17,7 +17,13 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
+
+// Every product and sum rounds as torch's operators round it: no a * b + c contracted into an FMA.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 
 namespace tempspec {
 namespace {
@@ -62,7 +68,18 @@ TEMPSPEC_AVX2 float sum_of_squares(const T* x, int64_t n) {
 template <typename T>
 TEMPSPEC_AVX2 void norm_row(const T* x, const T* w, float eps, int64_t n, T* y) {
   const float r = 1.f / std::sqrt(sum_of_squares(x, n) / static_cast<float>(n) + eps);
-  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<T>(static_cast<float>(w[i]) * rounded<T>(static_cast<float>(x[i]) * r));
+  const __m256 rv = _mm256_set1_ps(r);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(y + i, _mm256_mul_ps(load8(w + i), rounded8<T>(_mm256_mul_ps(load8(x + i), rv))));
+  for (; i < n; ++i) y[i] = static_cast<T>(static_cast<float>(w[i]) * rounded<T>(static_cast<float>(x[i]) * r));
+}
+
+// h = x + delta over one row of n values.
+template <typename T>
+TEMPSPEC_AVX2 void add_row(const T* x, const T* delta, int64_t n, T* h) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(h + i, _mm256_add_ps(load8(x + i), load8(delta + i)));
+  for (; i < n; ++i) h[i] = static_cast<T>(static_cast<float>(x[i]) + static_cast<float>(delta[i]));
 }
 
 template <typename T>
@@ -71,10 +88,8 @@ void rms_norm_rows(const T* x, const T* delta, const T* w, float eps, int64_t ro
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * n;
       if (delta != nullptr) {  // h = x + delta, rounded, then normalized
-        T* hr = h + r * n;
-        const T* dr = delta + r * n;
-        for (int64_t i = 0; i < n; ++i) hr[i] = static_cast<T>(static_cast<float>(xr[i]) + static_cast<float>(dr[i]));
-        xr = hr;
+        add_row(xr, delta + r * n, n, h + r * n);
+        xr = h + r * n;
       }
       norm_row(xr, w, eps, n, y + r * n);
     }
@@ -84,13 +99,12 @@ void rms_norm_rows(const T* x, const T* delta, const T* w, float eps, int64_t ro
 // y = round(silu(g)) * u over one row of n values (silu(g) = g / (1 + exp(-g)), exp vectorized).
 template <typename T>
 TEMPSPEC_AVX2 void silu_mul_row(const T* g, const T* u, int64_t n, T* y) {
-  alignas(32) float s[8];
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 gv = load8(g + i);
     const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
-    _mm256_store_ps(s, _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e)));
-    for (int j = 0; j < 8; ++j) y[i + j] = static_cast<T>(rounded<T>(s[j]) * static_cast<float>(u[i + j]));
+    const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+    store8(y + i, _mm256_mul_ps(rounded8<T>(s), load8(u + i)));
   }
   for (; i < n; ++i) {
     const float gi = static_cast<float>(g[i]);
@@ -99,10 +113,18 @@ TEMPSPEC_AVX2 void silu_mul_row(const T* g, const T* u, int64_t n, T* y) {
 }
 
 // RoPE of one head row (rotate-half): out[d] = round(round(x[d] * cos[d]) + round(x[d +- D/2] * sin[d])), sin
-// already signed ([-sin, sin]): apply_rope's three operators.
+// already signed ([-sin, sin]): apply_rope's three operators. 8 values at a time where D/2 is a multiple of 8.
 template <typename T>
-void rope_row(const T* x, const T* cos, const T* sin, int64_t D, T* out) {
+TEMPSPEC_AVX2 void rope_row(const T* x, const T* cos, const T* sin, int64_t D, T* out) {
   const int64_t half = D / 2;
+  if (half % 8 == 0) {
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 a = rounded8<T>(_mm256_mul_ps(load8(x + d), load8(cos + d)));
+      const __m256 b = rounded8<T>(_mm256_mul_ps(load8(x + (d < half ? d + half : d - half)), load8(sin + d)));
+      store8(out + d, _mm256_add_ps(a, b));
+    }
+    return;
+  }
   for (int64_t d = 0; d < D; ++d) {
     const float a = rounded<T>(static_cast<float>(x[d]) * static_cast<float>(cos[d]));
     const float b = rounded<T>(static_cast<float>(x[d < half ? d + half : d - half]) * static_cast<float>(sin[d]));
@@ -153,6 +175,7 @@ at::Tensor silu_mul_cpu(const at::Tensor& gate, const at::Tensor& up) {
 
 at::Tensor rope_store_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
                           const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots) {
+  TORCH_CHECK(linear_bf16_cpu_supported(), "rope_store_cpu needs a CPU with AVX2 and FMA");
   check_cpu_same_dtype("rope_store_cpu", {q, k, v, cos, sin, k_cache, v_cache});
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "rope_store_cpu: q, k, v must be [B, T, heads, D]");
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), Hkv = k.size(2);
@@ -191,7 +214,7 @@ at::Tensor rope_store_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
                    k_cache.data_ptr<T_>() + b * k_cache.stride(0) + h * k_cache.stride(1) + s * k_cache.stride(2));
           const T_* vr = v.data_ptr<T_>() + b * v.stride(0) + t * v.stride(1) + h * v.stride(2);
           T_* vc = v_cache.data_ptr<T_>() + b * v_cache.stride(0) + h * v_cache.stride(1) + s * v_cache.stride(2);
-          for (int64_t d = 0; d < D; ++d) vc[d] = vr[d];
+          std::memcpy(vc, vr, static_cast<size_t>(D) * sizeof(T_));
         }
       }
     });

@@ -3,17 +3,24 @@
 //
 //   linear_bf16_cpu(x [..., K] bf16, weight [N, K] bf16 contiguous, bias [N] or None, isa = "") -> [..., N] bf16
 //       isa: "" (the best variant this CPU runs), "avx2" or "avx512bf16"
+//   linear_bf16_cpu_many(x [..., K], weights [N_i, K], biases [N_i] or None (or an empty list), isa = "")
+//       -> [x @ weights[i]^T + biases[i]] ([..., N_i] each): several matrices of one K in one call, each output as
+//       linear_bf16_cpu gives it
 //   linear_bf16_cpu_supported() -> whether this CPU has AVX2 and FMA (the kernel needs both)
 //   linear_bf16_cpu_isa() -> the variant "" picks: "avx512bf16", "avx2", or "" (none)
 #pragma once
 #include <torch/extension.h>
 
 #include <string>
+#include <vector>
 
 namespace tempspec {
 
 at::Tensor linear_bf16_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                            const std::string& isa);
+std::vector<at::Tensor> linear_bf16_cpu_many(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                                             const std::vector<c10::optional<at::Tensor>>& biases,
+                                             const std::string& isa);
 bool linear_bf16_cpu_supported();
 std::string linear_bf16_cpu_isa();
 

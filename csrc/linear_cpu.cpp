@@ -11,6 +11,9 @@
 //   avx2        the weights convert to fp32 in registers (a bf16 is the top half of an fp32) and each converted
 //               vector is multiplied with up to 8 fp32 input rows.
 //
+// A call may take several weight matrices of the same K against one input (a layer's q, k and v projections, or its
+// gate and up): their tiles are split between the threads as one list, one call instead of several.
+//
 // Layout (both): the N outputs are cut into tiles of kTileN weight rows (a few KB, held in L1 while every input row
 // passes over them); threads split the tiles. Inputs go in chunks of kChunkM rows (held in L2). Over a tile, the rows
 // go in passes of 8 (then the 1-7 left), each pass one weight row against those rows, one accumulator set per row.
@@ -145,19 +148,30 @@ void tile(const at::BFloat16* w, const typename V::Input* x, const float* bias, 
   }
 }
 
+// One weight matrix of a call: w [N, K], bias [N] fp32 or nullptr, its output y [M, N].
+struct Part {
+  const at::BFloat16* w;
+  const float* bias;
+  int64_t N;
+  at::BFloat16* y;
+};
+
 template <class V>
-void run(const at::BFloat16* w, const typename V::Input* x, const float* bias, int64_t M, int64_t N, int64_t K,
-         at::BFloat16* y) {
-  const int64_t tiles = (N + kTileN - 1) / kTileN;
+void run(const std::vector<Part>& parts, const typename V::Input* x, int64_t M, int64_t K) {
+  std::vector<int64_t> first(parts.size() + 1, 0);  // the tiles of part p: [first[p], first[p + 1])
+  for (size_t p = 0; p < parts.size(); ++p) first[p + 1] = first[p] + (parts[p].N + kTileN - 1) / kTileN;
   // about 64K multiply-adds per task, so small layers do not pay for threads they cannot use
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, kTileN * K * std::min(M, kChunkM)));
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, first.back(), grain, [&](int64_t begin, int64_t end) {
     for (int64_t m0 = 0; m0 < M; m0 += kChunkM) {
       const int64_t rows = std::min(kChunkM, M - m0);
+      size_t p = 0;
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t n0 = t * kTileN;
-        tile<V>(w + n0 * K, x + m0 * K, bias == nullptr ? nullptr : bias + n0, K, std::min(kTileN, N - n0), rows,
-                y + m0 * N + n0, N);
+        while (t >= first[p + 1]) ++p;
+        const Part& part = parts[p];
+        const int64_t n0 = (t - first[p]) * kTileN;
+        tile<V>(part.w + n0 * K, x + m0 * K, part.bias == nullptr ? nullptr : part.bias + n0, K,
+                std::min(kTileN, part.N - n0), rows, part.y + m0 * part.N + n0, part.N);
       }
     }
   });
@@ -180,40 +194,61 @@ std::string linear_bf16_cpu_isa() {
   return cpu_has_avx512bf16() ? "avx512bf16" : (linear_bf16_cpu_supported() ? "avx2" : "");
 }
 
-at::Tensor linear_bf16_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                           const std::string& isa) {
+std::vector<at::Tensor> linear_bf16_cpu_many(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                                             const std::vector<c10::optional<at::Tensor>>& biases,
+                                             const std::string& isa) {
   TORCH_CHECK(linear_bf16_cpu_supported(), "linear_bf16_cpu needs a CPU with AVX2 and FMA");
   const std::string best = linear_bf16_cpu_isa();
   const std::string use = isa.empty() ? best : isa;
   TORCH_CHECK(use == "avx2" || (use == "avx512bf16" && best == "avx512bf16"), "linear_bf16_cpu: isa ", isa,
               " is not one this CPU runs (it runs avx2", best == "avx512bf16" ? " and avx512bf16)" : ")");
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "linear_bf16_cpu: CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
-              "linear_bf16_cpu: x and weight must be bfloat16");
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "linear_bf16_cpu: weight must be a contiguous [N, K]");
-  const int64_t K = weight.size(1), N = weight.size(0);
+  TORCH_CHECK(!weights.empty(), "linear_bf16_cpu: no weight");
+  TORCH_CHECK(biases.empty() || biases.size() == weights.size(), "linear_bf16_cpu: ", biases.size(), " biases for ",
+              weights.size(), " weights");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16, "linear_bf16_cpu: x must be a bfloat16 CPU tensor");
+  const int64_t K = weights[0].dim() == 2 ? weights[0].size(1) : -1;
+  for (const at::Tensor& w : weights) {
+    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kBFloat16, "linear_bf16_cpu: weights must be bfloat16 CPU tensors");
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == K,
+                "linear_bf16_cpu: every weight must be a contiguous [N, K] with the same K");
+  }
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "linear_bf16_cpu: x's last dimension must be ", K);
   const at::Tensor x2 = x.reshape({-1, K});
   const int64_t M = x2.size(0);
-  at::Tensor bf;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->device().is_cpu(), "linear_bf16_cpu: bias must be [N]");
-    bf = bias->to(at::kFloat).contiguous();
+  std::vector<at::Tensor> outs, fp32_biases;
+  std::vector<Part> parts;
+  for (size_t p = 0; p < weights.size(); ++p) {
+    const int64_t N = weights[p].size(0);
+    const float* b = nullptr;
+    if (!biases.empty() && biases[p].has_value() && biases[p]->defined()) {
+      const at::Tensor& bias = *biases[p];
+      TORCH_CHECK(bias.dim() == 1 && bias.size(0) == N && bias.device().is_cpu(), "linear_bf16_cpu: bias must be [N]");
+      fp32_biases.push_back(bias.to(at::kFloat).contiguous());
+      b = fp32_biases.back().data_ptr<float>();
+    }
+    outs.push_back(at::empty({M, N}, x.options()));
+    if (M > 0 && N > 0) parts.push_back({weights[p].data_ptr<at::BFloat16>(), b, N, outs.back().data_ptr<at::BFloat16>()});
   }
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y.view(out_shape);
-  const float* b = bf.defined() ? bf.data_ptr<float>() : nullptr;
-  const at::BFloat16* w = weight.data_ptr<at::BFloat16>();
-  if (use == "avx512bf16") {
-    const at::Tensor xb = x2.contiguous();
-    run<Avx512Bf16>(w, xb.data_ptr<at::BFloat16>(), b, M, N, K, y.data_ptr<at::BFloat16>());
-  } else {
-    const at::Tensor xf = x2.to(at::kFloat).contiguous();
-    run<Avx2>(w, xf.data_ptr<float>(), b, M, N, K, y.data_ptr<at::BFloat16>());
+  if (!parts.empty()) {
+    if (use == "avx512bf16") {
+      const at::Tensor xb = x2.contiguous();
+      run<Avx512Bf16>(parts, xb.data_ptr<at::BFloat16>(), M, K);
+    } else {
+      const at::Tensor xf = x2.to(at::kFloat).contiguous();
+      run<Avx2>(parts, xf.data_ptr<float>(), M, K);
+    }
   }
-  return y.view(out_shape);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  for (size_t p = 0; p < outs.size(); ++p) {
+    shape.back() = weights[p].size(0);
+    outs[p] = outs[p].view(shape);
+  }
+  return outs;
+}
+
+at::Tensor linear_bf16_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                           const std::string& isa) {
+  return linear_bf16_cpu_many(x, {weight}, {bias}, isa)[0];
 }
 
 }  // namespace tempspec

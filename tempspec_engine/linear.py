@@ -10,6 +10,10 @@ faster than the kernel: there the kernel takes calls of up to ONEDNN_CROSSOVER_R
 The kernel has two variants (kernel_isa): "avx512bf16" (vdpbf16ps, on CPUs with AVX-512 BF16) and "avx2";
 `TEMPSPEC_CPU_LINEAR_ISA=avx2` makes a CPU with both run the avx2 one (default auto: the best).
 
+`linears` multiplies one input by several weights of one K (a layer's q, k and v; its gate and up) in one kernel
+call: each output is what `linear` gives, and a decode pays one call's overhead instead of three (the default
+target's forward makes 121 calls instead of 211).
+
 `TEMPSPEC_CPU_LINEAR` chooses: `auto` (default: the rules above), `1` (every call, whenever the CPU has AVX2 and FMA:
 every row batch-invariant), `0` (never). The kernel has no backward: anything that needs gradients goes through
 F.linear.
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +94,12 @@ def kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return _extension().linear_bf16_cpu(x, weight, bias, isa or kernel_isa())
 
 
+def kernel_linears(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
+                   isa: str = "") -> List[torch.Tensor]:
+    """kernel_linear of x by each weight (one K; a bias or None each) in one call -> [..., N_i] bf16 each."""
+    return _extension().linear_bf16_cpu_many(x, list(weights), list(biases), isa or kernel_isa())
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_kernel_max_rows() -> int:
     """The most input rows (the product of x's leading dimensions) for which a bf16 linear layer on the CPU runs
@@ -117,17 +127,46 @@ def _(x, weight, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through tempspec's kernel for bf16 on the CPU up to cpu_kernel_max_rows() rows."""
-    if (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+@torch.library.custom_op("tempspec::linears_bf16_cpu", mutates_args=())
+def linears_bf16_cpu(x: torch.Tensor, weights: List[torch.Tensor],
+                     biases: List[Optional[torch.Tensor]]) -> List[torch.Tensor]:
+    """kernel_linears as an op torch.compile sees (eager calls go to kernel_linears directly)."""
+    return kernel_linears(x, weights, biases)
+
+
+@linears_bf16_cpu.register_fake
+def _(x, weights, biases):
+    return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
+
+
+def _kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether x @ weight^T (+ bias) runs tempspec's kernel: bf16 on the CPU, a contiguous weight, no gradient
+    wanted, at most cpu_kernel_max_rows() rows."""
+    return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
             and weight.is_contiguous() and (bias is None or bias.dtype == torch.bfloat16)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))
-            and x.numel() <= cpu_kernel_max_rows() * x.shape[-1]):
+            and x.numel() <= cpu_kernel_max_rows() * x.shape[-1])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), through tempspec's kernel for bf16 on the CPU up to cpu_kernel_max_rows() rows."""
+    if _kernel_applies(x, weight, bias):
         if torch.compiler.is_compiling():
             return linear_bf16_cpu(x, weight, bias)
         return kernel_linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def linears(x: torch.Tensor, layers: Sequence[nn.Linear]) -> List[torch.Tensor]:
+    """[layer(x) for layer in layers] for linear layers of one input width, in one kernel call where `linear` would
+    run the kernel for each (each result the same)."""
+    if all(_kernel_applies(x, layer.weight, layer.bias) for layer in layers):
+        weights, biases = [layer.weight for layer in layers], [layer.bias for layer in layers]
+        if torch.compiler.is_compiling():
+            return linears_bf16_cpu(x, weights, biases)
+        return kernel_linears(x, weights, biases)
+    return [layer(x) for layer in layers]
 
 
 class Linear(nn.Linear):

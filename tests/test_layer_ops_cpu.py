@@ -48,6 +48,20 @@ def test_rms_norm_matches_reference(dtype, shape):
 
 
 @needs_kernel
+def test_bf16_rounding_of_special_values():
+    """The vectorized rounding to bf16 is torch's, bit for bit, for ties, overflow to inf, infinities and NaN (the
+    residual add of 16 values runs two vectors of 8)."""
+    big = torch.finfo(torch.bfloat16).max
+    x = torch.tensor([1, 1, 1, 256, big, big, -big, float("inf"), float("inf"), float("nan"), 0, -0.0, 3, 5, 7, 9],
+                     dtype=torch.bfloat16)
+    d = torch.tensor([2 ** -8, 3 * 2 ** -8, -2 ** -8, 1, big, big / 256, -big, -float("inf"), 1, 1, -0.0, -0.0,
+                      2 ** -7, 2 ** -6, 2 ** -5, 2 ** -20], dtype=torch.bfloat16)
+    h, _ = _C.rms_norm_cpu(x.view(1, 16), d.view(1, 16), torch.ones(16, dtype=torch.bfloat16), 1e-5)
+    bits = lambda t: t.view(torch.int16)  # noqa: E731 (NaN != NaN: compare the bits)
+    assert torch.equal(bits(h.view(16)), bits(x + d))
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 1536), (3, 4, 96), (2, 11)])
 def test_silu_mul_matches_reference(dtype, shape):
@@ -73,10 +87,11 @@ def rope_inputs(dtype, B=2, T=3, H=6, Hkv=2, D=16, L=12, seed=0):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_store_matches_reference_bit_for_bit(dtype):
+@pytest.mark.parametrize("D", [16, 12])  # 8 values at a time where D/2 is a multiple of 8, else one at a time
+def test_rope_store_matches_reference_bit_for_bit(dtype, D):
     """RoPE rounds as apply_rope's three operators do, so the kernel's query and stored keys are the reference's bits;
     the caches are row views (as KVCache.rows gives) and only the given slots change."""
-    q, k, v, cos, sin, caches, slots = rope_inputs(dtype)
+    q, k, v, cos, sin, caches, slots = rope_inputs(dtype, D=D)
     ref_caches = caches.clone()
     out = _C.rope_store_cpu(q, k, v, cos, sin, caches[0, 1:], caches[1, 1:], slots)
     ref = ops.rope_store_reference(q, k, v, cos, sin, ref_caches[0, 1:], ref_caches[1, 1:], slots)

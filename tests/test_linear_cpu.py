@@ -115,6 +115,55 @@ def test_custom_op_registration():
     torch.library.opcheck(linear_mod.linear_bf16_cpu, (x, w, torch.randn(8, generator=g).bfloat16()))
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("M", [1, 5, 70])
+@pytest.mark.parametrize("K", [64, 577])
+def test_many_weights_in_one_call(isa, M, K):
+    """Several weights of one K in one call: each output is the bits of its own call (with or without a bias), its
+    shape x's leading dimensions and its N; tiles of different weights share the threads."""
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    x = torch.randn(M, K, generator=g).bfloat16().view(M, 1, K)
+    weights = [torch.randn(n, K, generator=g).bfloat16() for n in (300, 1, 13, 4)]
+    biases = [torch.randn(300, generator=g).bfloat16(), None, None, torch.randn(4, generator=g).bfloat16()]
+    outs = _C.linear_bf16_cpu_many(x, weights, biases, isa)
+    assert [o.shape for o in outs] == [(M, 1, w.shape[0]) for w in weights]
+    for w, b, out in zip(weights, biases, outs):
+        assert torch.equal(out, _C.linear_bf16_cpu(x, w, b, isa=isa))
+    assert all(torch.equal(a, _C.linear_bf16_cpu(x, w, isa=isa))
+               for a, w in zip(_C.linear_bf16_cpu_many(x, weights, [], isa), weights))
+
+
+@needs_kernel
+def test_many_weights_reject_bad_input():
+    x = torch.zeros(2, 8, dtype=torch.bfloat16)
+    w = torch.zeros(4, 8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="no weight"):
+        _C.linear_bf16_cpu_many(x, [], [])
+    with pytest.raises(RuntimeError, match="the same K"):
+        _C.linear_bf16_cpu_many(x, [w, torch.zeros(4, 9, dtype=torch.bfloat16)], [])
+    with pytest.raises(RuntimeError, match="1 biases for 2 weights"):
+        _C.linear_bf16_cpu_many(x, [w, w], [None])
+
+
+@needs_kernel
+def test_linears(policy):
+    """linear.linears: one kernel call for every layer under bf16 inference, each result its layer's own; anything
+    that needs gradients (or fp32) runs the layers one by one, gradients reaching each weight."""
+    policy("1")
+    torch.manual_seed(6)
+    layers = [linear_mod.Linear(40, n, bias=bias).bfloat16() for n, bias in ((24, True), (8, False))]
+    x = torch.randn(3, 2, 40).bfloat16()
+    with torch.inference_mode():
+        outs = linear_mod.linears(x, layers)
+        assert all(torch.equal(o, _C.linear_bf16_cpu(x, l.weight, l.bias)) for o, l in zip(outs, layers))
+    outs = linear_mod.linears(x, layers)
+    assert all(o.requires_grad and torch.equal(o.detach(), F.linear(x, l.weight, l.bias)) for o, l in zip(outs, layers))
+    sum(o.float().sum() for o in outs).backward()
+    assert all(l.weight.grad is not None for l in layers)
+    torch.library.opcheck(linear_mod.linears_bf16_cpu, (x, [l.weight.detach() for l in layers],
+                                                        [layers[0].bias.detach(), None]))
+
+
 @pytest.fixture
 def policy(kernel_policy):
     """Sets TEMPSPEC_CPU_LINEAR for one test (conftest.kernel_policy)."""
@@ -173,19 +222,24 @@ def test_transformer_logits_with_the_kernel(policy, monkeypatch):
     tokens = torch.randint(0, 97, (2, 9))
     positions = torch.arange(9).expand(2, 9)
     calls = []
-    kernel = _C.linear_bf16_cpu
+    one, many = _C.linear_bf16_cpu, _C.linear_bf16_cpu_many
 
-    def counted(*args):
-        calls.append(args[1].shape)
-        return kernel(*args)
+    def counted_one(*args):
+        calls.append(1)
+        return one(*args)
 
-    monkeypatch.setattr(_C, "linear_bf16_cpu", counted)
+    def counted_many(*args):
+        calls.append(len(args[1]))
+        return many(*args)
+
+    monkeypatch.setattr(_C, "linear_bf16_cpu", counted_one)
+    monkeypatch.setattr(_C, "linear_bf16_cpu_many", counted_many)
     with torch.inference_mode():
         policy("0")
         ref = model(tokens, positions, None).float()
         assert not calls
         policy("1")
         out = model(tokens, positions, None).float()
-    assert len(calls) == 2 * 7 + 1  # q, k, v, o, gate, up, down per block, then the head
+    assert calls == [3, 1, 2, 1] * 2 + [1]  # per block: q, k, v in one call, o, gate and up in one, down; the head
     torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9

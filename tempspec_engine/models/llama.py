@@ -2,9 +2,9 @@
 
 RMSNorm, rotary embeddings (rotate-half convention, as Hugging Face stores the weights), grouped-query attention
 with a mask built from per-row positions (attention.attend: tempspec's CPU kernel for a few queries, SDPA otherwise),
-SwiGLU MLP, optional tied embeddings. The projections go through linear.linear, the norms, SiLU product, RoPE and
-cache store through layer_ops (fused CPU kernels where they apply). Weights load from a Hugging Face
-Llama/Mistral/Qwen2 state dict.
+SwiGLU MLP, optional tied embeddings. The projections go through linear.linear (q, k and v in one call, gate and up
+in one: linear.linears), the norms, SiLU product, RoPE and cache store through layer_ops (fused CPU kernels where
+they apply). Weights load from a Hugging Face Llama/Mistral/Qwen2 state dict.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from torch import nn
 from tempspec_engine.attention import attend
 from tempspec_engine.kv_cache import KVCache
 from tempspec_engine.layer_ops import add_rms_norm, apply_rope, rms_norm, rope_store, silu_mul
-from tempspec_engine.linear import Linear, linear
+from tempspec_engine.linear import Linear, linear, linears
 from tempspec_engine.models.config import ModelConfig
 
 
@@ -69,9 +69,10 @@ class Attention(nn.Module):
         mask [B,1,T,kv_len] bool, or None with causal=True (query t sees keys 0..t: a prefill from position 0).
         Returns [B,T,dim]."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        q, k, v = linears(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim)
         if cache is None:  # training / scoring a whole sequence: causal attention within it, nothing stored
             # one RoPE over the query and key heads together (RoPE is per head)
             qk = apply_rope(torch.cat((q, k), dim=2), cos, sin)
@@ -93,7 +94,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(c.intermediate_size, c.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(silu_mul(*linears(x, (self.gate_proj, self.up_proj))))
 
 
 class Block(nn.Module):
