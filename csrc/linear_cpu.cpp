@@ -206,12 +206,16 @@ std::vector<at::Tensor> linear_bf16_cpu_many(const at::Tensor& x, const std::vec
   TORCH_CHECK(biases.empty() || biases.size() == weights.size(), "linear_bf16_cpu: ", biases.size(), " biases for ",
               weights.size(), " weights");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16, "linear_bf16_cpu: x must be a bfloat16 CPU tensor");
-  const int64_t K = weights[0].dim() == 2 ? weights[0].size(1) : -1;
-  for (const at::Tensor& w : weights) {
-    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kBFloat16, "linear_bf16_cpu: weights must be bfloat16 CPU tensors");
-    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == K,
-                "linear_bf16_cpu: every weight must be a contiguous [N, K] with the same K");
+  for (size_t p = 0; p < weights.size(); ++p) {
+    const at::Tensor& w = weights[p];
+    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kBFloat16, "linear_bf16_cpu: weight ", p,
+                " must be a bfloat16 CPU tensor, got ", w.scalar_type(), " on ", w.device());
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "linear_bf16_cpu: weight ", p, " must be a contiguous [N, K], got ",
+                w.sizes(), w.dim() == 2 ? " (not contiguous)" : "");
+    TORCH_CHECK(w.size(1) == weights[0].size(1), "linear_bf16_cpu: every weight must have the same K: weight ", p,
+                " has K = ", w.size(1), ", weight 0 has ", weights[0].size(1));
   }
+  const int64_t K = weights[0].size(1);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "linear_bf16_cpu: x's last dimension must be ", K);
   const at::Tensor x2 = x.reshape({-1, K});
   const int64_t M = x2.size(0);
@@ -222,7 +226,8 @@ std::vector<at::Tensor> linear_bf16_cpu_many(const at::Tensor& x, const std::vec
     const float* b = nullptr;
     if (!biases.empty() && biases[p].has_value() && biases[p]->defined()) {
       const at::Tensor& bias = *biases[p];
-      TORCH_CHECK(bias.dim() == 1 && bias.size(0) == N && bias.device().is_cpu(), "linear_bf16_cpu: bias must be [N]");
+      TORCH_CHECK(bias.dim() == 1 && bias.size(0) == N && bias.device().is_cpu(), "linear_bf16_cpu: bias ", p,
+                  " must be a CPU tensor [", N, "] (its weight's N), got ", bias.sizes(), " on ", bias.device());
       fp32_biases.push_back(bias.to(at::kFloat).contiguous());
       b = fp32_biases.back().data_ptr<float>();
     }
