@@ -13,6 +13,9 @@ It builds, with the project's own decoder (tempspec_engine/models/llama.py) on t
 and times, for each batch size B, with a KV cache holding --context positions per row (the engine's calling
 conventions: positions per row, kv_len = the last position + 1, an attention mask except for one CPU row):
   target_decode_ms   one target forward of 1 token per row, logits included (the target alone: 1 token per step)
+  prefill_ms         one target forward of --context tokens per row from position 0, no logits (a prompt's prefill,
+                     the same for every method, SD or not; at B > 1 every row in one forward, where the engine on a
+                     CPU prefills each row alone)
   verify_ms[k]       one target forward of k+1 tokens per row (the verification of k drafts), all k+1 logits
   draft_step_ms      one draft forward of 1 token per row, logits included (sampling not included)
   feature_step_ms    one feature-head forward of 1 position per row plus the target's output head on its prediction
@@ -295,8 +298,9 @@ def time_ms(fn: Callable[[], object], device, reps: int, warmup: int) -> dict:
 
 def measure_batch(target, draft, head, B: int, ks: Sequence[int], context: int, device, reps: int, warmup: int,
                   generator: torch.Generator) -> dict:
-    """The step costs at batch size B (module docstring): {target_decode, draft_step, feature_step: time_ms dicts,
-    verify: {k: time_ms dict}}. Caches hold context + max(ks) + 1 positions; rows all sit at position `context`."""
+    """The step costs at batch size B (module docstring): {prefill, target_decode, draft_step, feature_step: time_ms
+    dicts, verify: {k: time_ms dict}}. Caches hold context + max(ks) + 1 positions; rows all sit at position
+    `context`."""
     max_len = context + max(ks) + 1
     vocab = target.config.vocab_size
     one_row_cpu = B == 1 and torch.device(device).type == "cpu"  # the engine's _eager: no mask for one CPU row
@@ -314,6 +318,10 @@ def measure_batch(target, draft, head, B: int, ks: Sequence[int], context: int, 
     pred = torch.randn(B, 1, head.config.dim, device=device, generator=generator).to(head.fc.weight.dtype)
     out = {}
     with torch.inference_mode():
+        prompt = tokens(context)
+        out["prefill"] = time_ms(lambda: target(prompt, torch.arange(context, device=device).expand(B, context),
+                                                t_cache, kv_len=context, compute_logits=False, from_start=True),
+                                 device, reps, warmup)
         out["target_decode"] = time_ms(lambda: target(one_tok, one_pos, t_cache, kv_len=context + 1,
                                                       last_query=one_row_cpu), device, reps, warmup)
         verify = {}
@@ -337,11 +345,13 @@ def timing_rows(measured: Dict[int, dict]) -> List[dict]:
     rows = []
     for B, m in measured.items():
         for k, v in m["verify"].items():
-            rows.append({"B": B, "k": k, "target_decode_ms": m["target_decode"]["median_ms"],
+            rows.append({"B": B, "k": k, "prefill_ms": m["prefill"]["median_ms"],
+                         "target_decode_ms": m["target_decode"]["median_ms"],
                          "verify_ms": v["median_ms"], "verify_over_decode": v["median_ms"] /
                          m["target_decode"]["median_ms"], "draft_step_ms": m["draft_step"]["median_ms"],
                          "feature_step_ms": m["feature_step"]["median_ms"],
-                         "spread_ms": {"target_decode": [m["target_decode"]["min_ms"], m["target_decode"]["max_ms"]],
+                         "spread_ms": {"prefill": [m["prefill"]["min_ms"], m["prefill"]["max_ms"]],
+                                       "target_decode": [m["target_decode"]["min_ms"], m["target_decode"]["max_ms"]],
                                        "verify": [v["min_ms"], v["max_ms"]],
                                        "draft_step": [m["draft_step"]["min_ms"], m["draft_step"]["max_ms"]],
                                        "feature_step": [m["feature_step"]["min_ms"], m["feature_step"]["max_ms"]]}})
@@ -375,14 +385,16 @@ def print_report(result: dict) -> None:
     print(f"random-weight step times, ms (median of {result['reps']}): {result['preset']} {result['dtype']} on "
           f"{result['device']}, context {result['context']}")
     ks = result["ks"]
-    print(f"{'B':>4} {'decode':>9} {'draft':>9} {'feature':>9}  " + " ".join(f"{'v k=' + str(k):>9}" for k in ks))
+    print(f"{'B':>4} {'prefill':>9} {'decode':>9} {'draft':>9} {'feature':>9}  "
+          + " ".join(f"{'v k=' + str(k):>9}" for k in ks))
     seen = set()
     for t in result["timings"]:
         if t["B"] in seen:
             continue
         seen.add(t["B"])
         verify = {r["k"]: r["verify_ms"] for r in result["timings"] if r["B"] == t["B"]}
-        print(f"{t['B']:>4} {t['target_decode_ms']:>9.3f} {t['draft_step_ms']:>9.3f} {t['feature_step_ms']:>9.3f}  "
+        print(f"{t['B']:>4} {t['prefill_ms']:>9.3f} {t['target_decode_ms']:>9.3f} {t['draft_step_ms']:>9.3f} "
+              f"{t['feature_step_ms']:>9.3f}  "
               + " ".join(f"{verify[k]:>9.3f}" for k in ks))
     print("PROJECTED speedup over the target alone (random-weight timings x assumed acceptance; NOT measured):")
     print(f"{'B':>4} {'kind':>8} {'profile':>16} {'best k':>6} {'tok/step':>8} {'step ms':>9} {'speedup':>8}")
@@ -412,7 +424,7 @@ def run(args) -> int:
         print(f"B={B}: measured", file=sys.stderr, flush=True)
     timings = timing_rows(measured)
     for t in timings:
-        for key in ("target_decode_ms", "verify_ms", "draft_step_ms", "feature_step_ms"):
+        for key in ("prefill_ms", "target_decode_ms", "verify_ms", "draft_step_ms", "feature_step_ms"):
             if not (math.isfinite(t[key]) and t[key] > 0):
                 raise ValueError(f"B={t['B']} k={t['k']}: {key} = {t[key]} is not a positive time")
     projections, best = projection_rows(timings, profiles)

@@ -15,10 +15,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16_cpu", &tempspec::linear_bf16_cpu,
         "bf16 linear layer, weights read once for all rows, batch-invariant rows (AVX2 or AVX-512 BF16)",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none(),
-        pybind11::arg("isa") = "");
+        pybind11::arg("isa") = "", pybind11::arg("packed") = pybind11::none());
   m.def("linear_bf16_cpu_many", &tempspec::linear_bf16_cpu_many,
         "linear_bf16_cpu of several weights of one K on one input, in one call", pybind11::arg("x"),
-        pybind11::arg("weights"), pybind11::arg("biases"), pybind11::arg("isa") = "");
+        pybind11::arg("weights"), pybind11::arg("biases"), pybind11::arg("isa") = "",
+        pybind11::arg("packed") = std::vector<c10::optional<at::Tensor>>());
+  m.def("linear_bf16_cpu_pack", &tempspec::linear_bf16_cpu_pack,
+        "a weight [N, K] in the layout linear_bf16_cpu's avx512bf16 variant reads (pass it as `packed`)",
+        pybind11::arg("weight"));
   m.def("attention_cpu", &tempspec::attention_cpu,
         "attention of a few queries over a KV cache, fp32 math, batch-invariant rows (AVX2)", pybind11::arg("q"),
         pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("mask") = pybind11::none(), pybind11::arg("scale"));

@@ -4,24 +4,30 @@
 // k+1 tokens costs k+1 decodes and a prefill of P tokens P of them; on a CPU with oneDNN's bf16 product, its calls
 // on a few rows cost tens of microseconds each (a 135M model's decode took 40 ms through it, 18 ms here).
 // Here every weight is read from memory once per call, whatever M, in one of two variants chosen at run time:
-//   avx512bf16  (Zen 4, Sapphire Rapids and later) vdpbf16ps multiplies the bf16 weights with bf16 input pairs as
-//               they are, 32 products per instruction: on a 2-core Zen 4 the default target's 49152 x 576 output
-//               head took 1.14, 2.19, 3.16 ms at 1, 5, 8 input rows, against 1.67, 2.61, 4.70 through the avx2
-//               variant (benchmarks/results/linear_cpu_amd-epyc-zen4.json).
+//   avx512bf16  (Zen 4, Sapphire Rapids and later) on weights packed once (linear_bf16_cpu_pack): tiles of 32
+//               outputs whose (k, k + 1) pairs sit side by side, so that one vdpbf16ps multiplies an input pair,
+//               broadcast, with the pairs of 16 outputs and adds to their 16 fp32 accumulators. A tile is one
+//               contiguous stream; 2 x MT accumulators (MT <= 8 input rows per pass) stay in registers, and nothing is
+//               reduced across lanes at the end. On a 2-core Zen 4 the default target's layers and head took the same
+//               time as the row-major pass this replaced at 1 input row and 1.1-1.6x less at 5-24 rows (whole
+//               forwards, old and new kernel alternating in one process), and they beat oneDNN at every size up to 512
+//               rows (tempspec_engine/linear.py, ONEDNN_CROSSOVER_ROWS).
 //   avx2        the weights convert to fp32 in registers (a bf16 is the top half of an fp32) and each converted
-//               vector is multiplied with up to 8 fp32 input rows.
+//               vector is multiplied with up to 8 fp32 input rows, one weight row at a time.
 //
 // A call may take several weight matrices of the same K against one input (a layer's q, k and v projections, or its
 // gate and up): their tiles are split between the threads as one list, one call instead of several.
 //
-// Layout (both): the N outputs are cut into tiles of kTileN weight rows (a few KB, held in L1 while every input row
-// passes over them); threads split the tiles. Inputs go in chunks of kChunkM rows (held in L2). Over a tile, the rows
-// go in passes of 8 (then the 1-7 left), each pass one weight row against those rows, one accumulator set per row.
-// (Measured: passes over two or four weight rows at once were slower on the memory-bound output head, 20% on a
-// 2-core AVX2 EPYC and up to 2x on a Zen 4.) Each output element is summed in an order that depends on K alone, then
-// rounded once to bf16: the result of row m does not depend on M, on the other rows, on the pass that computed it
-// or on the thread split (a batch-invariant product: verifying k+1 tokens gives the logits k+1 decodes give). The
-// two variants sum in different orders (and vdpbf16ps flushes denormals): their results may differ in the last bit.
+// Layout of the avx2 variant: the N outputs are cut into tiles of kTileN weight rows (a few KB, held in L1 while every
+// input row passes over them); threads split the tiles. Inputs go in chunks of kChunkM rows (held in L2). Over a
+// tile, the rows go in passes of 8 (then the 1-7 left), each pass one weight row against those rows, one accumulator
+// set per row. (Measured: passes over two or four weight rows at once were slower on the memory-bound output head, 20%
+// on a 2-core AVX2 EPYC.) The avx512bf16 variant: packed tiles of 32 outputs split between the threads, inputs in
+// chunks of kPackM rows.
+// Both: each output element is summed in an order that depends on K alone, then rounded once to bf16: the result of
+// row m does not depend on M, on the other rows, on the pass that computed it or on the thread split (a
+// batch-invariant product: verifying k+1 tokens gives the logits k+1 decodes give). The two variants sum in different
+// orders (and vdpbf16ps flushes denormals): their results may differ in the last bit.
 #include "linear.h"
 
 #include <ATen/Parallel.h>
@@ -30,6 +36,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -63,61 +70,12 @@ TEMPSPEC_AVX2 void pass_avx2(const at::BFloat16* w, const float* x, const float*
   }
 }
 
-// The sum of 16 lanes in a fixed order (the two halves added, then lane_sum). (Through memory: GCC 12's
-// _mm512_reduce_add_ps warns of an uninitialized register in its own header.)
-TEMPSPEC_AVX512BF16 inline float lane_sum16(__m512 v) {
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, v);
-  return lane_sum(_mm256_add_ps(_mm256_load_ps(lanes), _mm256_load_ps(lanes + 8)));
-}
-
-// ---- avx512bf16: one weight row (w) against MT bf16 input rows (x, row stride K) -> y[j * ldy] (bf16). Per output:
-// two sets of 16 fp32 lanes (two dependency chains), lane l of set u summing the pairs k = 32c + 2l, 32c + 2l + 1
-// of the chunks c with c % 2 == u, the K % 32 tail masked to zero; then the sets added and the lanes reduced.
-template <int MT>
-TEMPSPEC_AVX512BF16 void pass_avx512bf16(const at::BFloat16* w, const at::BFloat16* x, const float* bias, int64_t K,
-                                         at::BFloat16* y, int64_t ldy) {
-  __m512 acc[2][MT];
-#pragma GCC unroll 8
-  for (int j = 0; j < MT; ++j) acc[0][j] = acc[1][j] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64) {
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k), w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
-#pragma GCC unroll 8
-    for (int j = 0; j < MT; ++j) {
-      acc[0][j] = _mm512_dpbf16_ps(acc[0][j], (__m512bh)_mm512_loadu_si512(x + j * K + k), w0);
-      acc[1][j] = _mm512_dpbf16_ps(acc[1][j], (__m512bh)_mm512_loadu_si512(x + j * K + k + 32), w1);
-    }
-  }
-  for (int u = 0; k < K; k += 32, u ^= 1) {
-    const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
-    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + k);
-#pragma GCC unroll 8
-    for (int j = 0; j < MT; ++j)
-      acc[u][j] = _mm512_dpbf16_ps(acc[u][j], (__m512bh)_mm512_maskz_loadu_epi16(mask, x + j * K + k), wv);
-  }
-  for (int j = 0; j < MT; ++j) {
-    float s = lane_sum16(_mm512_add_ps(acc[0][j], acc[1][j]));
-    if (bias != nullptr) s += *bias;
-    y[j * ldy] = at::BFloat16(s);
-  }
-}
-
-// The two variants as types: Input is the element type of x as the pass reads it, pass<MT> the pass.
+// The avx2 variant as a type: Input is the element type of x as the pass reads it, pass<MT> the pass.
 struct Avx2 {
   using Input = float;
   template <int MT>
   static void pass(const at::BFloat16* w, const float* x, const float* bias, int64_t K, at::BFloat16* y, int64_t ldy) {
     pass_avx2<MT>(w, x, bias, K, y, ldy);
-  }
-};
-
-struct Avx512Bf16 {
-  using Input = at::BFloat16;
-  template <int MT>
-  static void pass(const at::BFloat16* w, const at::BFloat16* x, const float* bias, int64_t K, at::BFloat16* y,
-                   int64_t ldy) {
-    pass_avx512bf16<MT>(w, x, bias, K, y, ldy);
   }
 };
 
@@ -177,6 +135,137 @@ void run(const std::vector<Part>& parts, const typename V::Input* x, int64_t M, 
   });
 }
 
+// ---- avx512bf16 on packed weights. linear_bf16_cpu_pack lays a weight [N, K] out as tiles of kPackN outputs:
+// packed[t][p][i][h] = w[t * kPackN + i][2 p + h] (zero beyond N and K), so one 64-byte load holds the pairs
+// (k = 2p, 2p + 1) of 16 outputs and a tile is one contiguous stream. Per pair p and input row j, vdpbf16ps adds
+// x[j][2p] w[n][2p] + x[j][2p + 1] w[n][2p + 1] (the input pair broadcast) to the fp32 accumulator of each output n:
+// one accumulator per output, summed over p = 0, 1, ... in order, no lane reduction at the end. A tile's 2 x MT
+// accumulators stay in registers while the weight stream passes once per pass of MT <= 8 input rows.
+constexpr int64_t kPackN = 32;   // outputs per packed tile: two 16-lane accumulators per input row
+constexpr int64_t kPackM = 128;  // input rows per chunk: 128 x K bf16 stays in L2 with a tile for K up to ~3000
+
+// 16 fp32 lanes -> 16 bf16 at y, rounded as at::BFloat16 rounds (nearest, ties to even; NaN to 0x7FC0).
+TEMPSPEC_AVX512BF16 inline void store16(at::BFloat16* y, __m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i round = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                         _mm512_set1_epi32(0x7FFF));
+  __m512i bits = _mm512_srli_epi32(_mm512_add_epi32(u, round), 16);
+  bits = _mm512_mask_mov_epi32(bits, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), _mm512_cvtepi32_epi16(bits));
+}
+
+// MT input rows (x, row stride K, bf16) over one packed tile (wp, pairs = ceil(K / 2) rows of kPackN uint32) ->
+// y[j * ldy + i] for the n <= kPackN outputs i of the tile; bias: the tile's n fp32 biases or nullptr.
+template <int MT>
+TEMPSPEC_AVX512BF16 void packed_pass(const uint32_t* wp, const at::BFloat16* x, const float* bias, int64_t K,
+                                     at::BFloat16* y, int64_t ldy, int64_t n) {
+  __m512 acc[2][MT];
+#pragma GCC unroll 8
+  for (int j = 0; j < MT; ++j) acc[0][j] = acc[1][j] = _mm512_setzero_ps();
+  const int64_t full = K / 2;
+  for (int64_t p = 0; p < full; ++p) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp + p * kPackN);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wp + p * kPackN + 16);
+#pragma GCC unroll 8
+    for (int j = 0; j < MT; ++j) {
+      int32_t pair;
+      std::memcpy(&pair, x + j * K + 2 * p, sizeof(pair));
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+      acc[0][j] = _mm512_dpbf16_ps(acc[0][j], w0, xb);
+      acc[1][j] = _mm512_dpbf16_ps(acc[1][j], w1, xb);
+    }
+  }
+  if (K % 2) {  // the last pair is (x[K - 1], 0)
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp + full * kPackN);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wp + full * kPackN + 16);
+#pragma GCC unroll 8
+    for (int j = 0; j < MT; ++j) {
+      uint16_t last;
+      std::memcpy(&last, x + j * K + K - 1, sizeof(last));
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(last));
+      acc[0][j] = _mm512_dpbf16_ps(acc[0][j], w0, xb);
+      acc[1][j] = _mm512_dpbf16_ps(acc[1][j], w1, xb);
+    }
+  }
+  const __mmask16 m0 = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+  const __mmask16 m1 = n >= 32 ? __mmask16(0xFFFF) : n <= 16 ? __mmask16(0) : __mmask16((1u << (n - 16)) - 1);
+  const __m512 b0 = bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m0, bias);
+  const __m512 b1 = bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m1, bias + 16);
+  for (int j = 0; j < MT; ++j) {
+    const __m512 s0 = bias == nullptr ? acc[0][j] : _mm512_add_ps(acc[0][j], b0);
+    const __m512 s1 = bias == nullptr ? acc[1][j] : _mm512_add_ps(acc[1][j], b1);
+    at::BFloat16* yj = y + j * ldy;
+    if (n == kPackN) {
+      store16(yj, s0);
+      store16(yj + 16, s1);
+    } else {  // the last tile of a weight whose N is not a multiple of kPackN
+      alignas(64) at::BFloat16 out[kPackN];
+      store16(out, s0);
+      store16(out + 16, s1);
+      std::memcpy(yj, out, n * sizeof(at::BFloat16));
+    }
+  }
+}
+
+// All `rows` input rows over one packed tile, in ceil(rows / 8) passes of as even sizes as can be (9 rows go as 5 + 4,
+// not 8 + 1: a pass of one or two rows has too few accumulator chains to hide vdpbf16ps's latency).
+TEMPSPEC_AVX512BF16 void packed_tile(const uint32_t* wp, const at::BFloat16* x, const float* bias, int64_t K,
+                                     int64_t rows, at::BFloat16* y, int64_t ldy, int64_t n) {
+  const int64_t passes = (rows + 7) / 8;
+  for (int64_t q = 0, m = 0; q < passes; ++q) {
+    const int64_t size = (rows - m) / (passes - q);  // the later passes take the remainder's extra rows
+    const at::BFloat16* xm = x + m * K;
+    at::BFloat16* ym = y + m * ldy;
+    switch (size) {
+      case 8: packed_pass<8>(wp, xm, bias, K, ym, ldy, n); break;
+      case 7: packed_pass<7>(wp, xm, bias, K, ym, ldy, n); break;
+      case 6: packed_pass<6>(wp, xm, bias, K, ym, ldy, n); break;
+      case 5: packed_pass<5>(wp, xm, bias, K, ym, ldy, n); break;
+      case 4: packed_pass<4>(wp, xm, bias, K, ym, ldy, n); break;
+      case 3: packed_pass<3>(wp, xm, bias, K, ym, ldy, n); break;
+      case 2: packed_pass<2>(wp, xm, bias, K, ym, ldy, n); break;
+      case 1: packed_pass<1>(wp, xm, bias, K, ym, ldy, n); break;
+      default: break;
+    }
+    m += size;
+  }
+}
+
+// One packed weight of a call: its tiles, bias [N] fp32 or nullptr, its output y [M, N].
+struct PackedPart {
+  const uint32_t* wp;
+  const float* bias;
+  int64_t N;
+  at::BFloat16* y;
+};
+
+void run_packed(const std::vector<PackedPart>& parts, const at::BFloat16* x, int64_t M, int64_t K) {
+  const int64_t pairs = (K + 1) / 2;
+  std::vector<int64_t> first(parts.size() + 1, 0);  // the tiles of part p: [first[p], first[p + 1])
+  for (size_t p = 0; p < parts.size(); ++p) first[p + 1] = first[p] + (parts[p].N + kPackN - 1) / kPackN;
+  // about 64K multiply-adds per task, so small layers do not pay for threads they cannot use
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, kPackN * K * std::min(M, kPackM)));
+  at::parallel_for(0, first.back(), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < M; m0 += kPackM) {
+      const int64_t rows = std::min(kPackM, M - m0);
+      size_t p = 0;
+      for (int64_t t = begin; t < end; ++t) {
+        while (t >= first[p + 1]) ++p;
+        const PackedPart& part = parts[p];
+        const int64_t n0 = (t - first[p]) * kPackN;
+        packed_tile(part.wp + (t - first[p]) * pairs * kPackN, x + m0 * K,
+                    part.bias == nullptr ? nullptr : part.bias + n0, K, rows, part.y + m0 * part.N + n0, part.N,
+                    std::min(kPackN, part.N - n0));
+      }
+    }
+  });
+}
+
+// The packed layout's shape for a weight [N, K]: [ceil(N / kPackN), ceil(K / 2), 2 kPackN] bf16.
+std::vector<int64_t> packed_shape(int64_t N, int64_t K) {
+  return {(N + kPackN - 1) / kPackN, (K + 1) / 2, 2 * kPackN};
+}
+
 bool cpu_has_avx512bf16() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -194,9 +283,22 @@ std::string linear_bf16_cpu_isa() {
   return cpu_has_avx512bf16() ? "avx512bf16" : (linear_bf16_cpu_supported() ? "avx2" : "");
 }
 
+at::Tensor linear_bf16_cpu_pack(const at::Tensor& weight) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kBFloat16 && weight.dim() == 2,
+              "linear_bf16_cpu_pack: the weight must be a bfloat16 CPU tensor [N, K], got ", weight.scalar_type(),
+              " ", weight.sizes(), " on ", weight.device());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  const std::vector<int64_t> shape = packed_shape(N, K);
+  at::Tensor padded = at::zeros({shape[0] * kPackN, shape[1] * 2}, weight.options());
+  padded.narrow(0, 0, N).narrow(1, 0, K).copy_(weight);
+  // [tiles, kPackN, pairs, 2] -> [tiles, pairs, kPackN, 2]
+  return padded.view({shape[0], kPackN, shape[1], 2}).permute({0, 2, 1, 3}).contiguous().view(shape);
+}
+
 std::vector<at::Tensor> linear_bf16_cpu_many(const at::Tensor& x, const std::vector<at::Tensor>& weights,
                                              const std::vector<c10::optional<at::Tensor>>& biases,
-                                             const std::string& isa) {
+                                             const std::string& isa,
+                                             const std::vector<c10::optional<at::Tensor>>& packed) {
   TORCH_CHECK(linear_bf16_cpu_supported(), "linear_bf16_cpu needs a CPU with AVX2 and FMA");
   const std::string best = linear_bf16_cpu_isa();
   const std::string use = isa.empty() ? best : isa;
@@ -205,6 +307,8 @@ std::vector<at::Tensor> linear_bf16_cpu_many(const at::Tensor& x, const std::vec
   TORCH_CHECK(!weights.empty(), "linear_bf16_cpu: no weight");
   TORCH_CHECK(biases.empty() || biases.size() == weights.size(), "linear_bf16_cpu: ", biases.size(), " biases for ",
               weights.size(), " weights");
+  TORCH_CHECK(packed.empty() || packed.size() == weights.size(), "linear_bf16_cpu: ", packed.size(),
+              " packed weights for ", weights.size(), " weights");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16, "linear_bf16_cpu: x must be a bfloat16 CPU tensor");
   for (size_t p = 0; p < weights.size(); ++p) {
     const at::Tensor& w = weights[p];
@@ -219,8 +323,9 @@ std::vector<at::Tensor> linear_bf16_cpu_many(const at::Tensor& x, const std::vec
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "linear_bf16_cpu: x's last dimension must be ", K);
   const at::Tensor x2 = x.reshape({-1, K});
   const int64_t M = x2.size(0);
-  std::vector<at::Tensor> outs, fp32_biases;
+  std::vector<at::Tensor> outs, fp32_biases, packs;
   std::vector<Part> parts;
+  std::vector<PackedPart> packed_parts;
   for (size_t p = 0; p < weights.size(); ++p) {
     const int64_t N = weights[p].size(0);
     const float* b = nullptr;
@@ -232,16 +337,32 @@ std::vector<at::Tensor> linear_bf16_cpu_many(const at::Tensor& x, const std::vec
       b = fp32_biases.back().data_ptr<float>();
     }
     outs.push_back(at::empty({M, N}, x.options()));
-    if (M > 0 && N > 0) parts.push_back({weights[p].data_ptr<at::BFloat16>(), b, N, outs.back().data_ptr<at::BFloat16>()});
+    if (M == 0 || N == 0) continue;
+    if (use != "avx512bf16") {
+      parts.push_back({weights[p].data_ptr<at::BFloat16>(), b, N, outs.back().data_ptr<at::BFloat16>()});
+      continue;
+    }
+    if (!packed.empty() && packed[p].has_value() && packed[p]->defined()) {
+      const at::Tensor& wp = *packed[p];
+      TORCH_CHECK(wp.device().is_cpu() && wp.scalar_type() == at::kBFloat16 && wp.is_contiguous() &&
+                      wp.sizes() == at::IntArrayRef(packed_shape(N, K)),
+                  "linear_bf16_cpu: packed weight ", p, " must be linear_bf16_cpu_pack of weight ", p,
+                  ": a contiguous bfloat16 CPU tensor ", at::IntArrayRef(packed_shape(N, K)), ", got ",
+                  wp.scalar_type(), " ", wp.sizes(), wp.is_contiguous() ? "" : " (not contiguous)");
+      packs.push_back(wp);
+    } else {
+      packs.push_back(linear_bf16_cpu_pack(weights[p]));
+    }
+    packed_parts.push_back({reinterpret_cast<const uint32_t*>(packs.back().data_ptr<at::BFloat16>()), b, N,
+                            outs.back().data_ptr<at::BFloat16>()});
+  }
+  if (!packed_parts.empty()) {
+    const at::Tensor xb = x2.contiguous();
+    run_packed(packed_parts, xb.data_ptr<at::BFloat16>(), M, K);
   }
   if (!parts.empty()) {
-    if (use == "avx512bf16") {
-      const at::Tensor xb = x2.contiguous();
-      run<Avx512Bf16>(parts, xb.data_ptr<at::BFloat16>(), M, K);
-    } else {
-      const at::Tensor xf = x2.to(at::kFloat).contiguous();
-      run<Avx2>(parts, xf.data_ptr<float>(), M, K);
-    }
+    const at::Tensor xf = x2.to(at::kFloat).contiguous();
+    run<Avx2>(parts, xf.data_ptr<float>(), M, K);
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   for (size_t p = 0; p < outs.size(); ++p) {
@@ -252,8 +373,8 @@ std::vector<at::Tensor> linear_bf16_cpu_many(const at::Tensor& x, const std::vec
 }
 
 at::Tensor linear_bf16_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                           const std::string& isa) {
-  return linear_bf16_cpu_many(x, {weight}, {bias}, isa)[0];
+                           const std::string& isa, const c10::optional<at::Tensor>& packed) {
+  return linear_bf16_cpu_many(x, {weight}, {bias}, isa, {packed})[0];
 }
 
 }  // namespace tempspec

@@ -198,9 +198,10 @@ ALTERNATIVES = 2  # alternative tokens per draft position, by default (Speculati
 def wide_verification_is_cheap(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a target forward over the 1 + k (1 + ALTERNATIVES) tokens of a tree costs about what one over k + 1
     costs, so that alternatives pay by default. Not on a CPU whose torch has oneDNN's bf16 product (AVX-512 BF16 or
-    AMX), in bf16: there products of more than a few rows cost in proportion (tempspec_engine/linear.py), and on a
-    2-core Zen 4 EPYC the default draft ran at 0.97x the target alone with alternatives and 1.12x without (8
-    Spec-Bench prompts, T=0: README, "The CPU kernels")."""
+    AMX), in bf16: there the extra rows cost more than the tokens they add. On a 2-core Zen 4 EPYC, even with the
+    packed linear kernel (a verification of 4 drafts for 1.1 decodes), the default draft ran at 1.26x the target
+    alone with two alternatives and 1.27x without at T=0, 1.08x and 1.16x at T=1 (20 Spec-Bench prompts: README,
+    "Packed weights for the linear kernel")."""
     return not (device.type == "cpu" and dtype == torch.bfloat16 and torch_bf16_matmul_is_fast())
 
 

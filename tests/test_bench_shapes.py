@@ -67,7 +67,7 @@ def test_tiny_cpu_run_schema(tmp_path, capsys):
     assert set(res["shapes"]) == {"target", "draft", "feature"} and res["shapes"]["feature"]["dim"] == 64
     assert sorted((r["B"], r["k"]) for r in res["timings"]) == [(1, 1), (1, 2), (2, 1), (2, 2)]
     for r in res["timings"]:
-        for key in ("target_decode_ms", "verify_ms", "draft_step_ms", "feature_step_ms"):
+        for key in ("prefill_ms", "target_decode_ms", "verify_ms", "draft_step_ms", "feature_step_ms"):
             assert r[key] > 0
     assert set(res["profiles"]["draft"]) == {"alpha=0.6", "measured"}
     assert res["profiles"]["feature"]["measured"] == [0.8, 0.6]

@@ -102,6 +102,11 @@ def test_feature_cache_after_rejections_equals_a_fresh_pass(temperature, draft, 
     """The head's cache after rejections equals a fresh pass over the accepted prefix. With taps (saved and loaded
     through a directory), the fresh pass reads the target's features with those blocks' outputs: a proposer that fed
     the head other columns, or none of them, fails here."""
+    check_feature_cache_after_rejections(temperature, draft, taps, tmp_path)
+
+
+def check_feature_cache_after_rejections(temperature, draft, taps, tmp_path) -> int:
+    """The checks of the test above; returns the run's alternative hits."""
     target = tiny_target(vocab=32, layers=2, seed=4, scale=3.0)
     head = feature_head(target, seed=3, taps=taps)
     if draft != "head":
@@ -145,7 +150,7 @@ def test_feature_cache_after_rejections_equals_a_fresh_pass(temperature, draft, 
 def test_feature_cache_tests_follow_alternatives(tmp_path):
     """The cache test above is only as good as the alternatives it meets: in this setting the head's corrections
     hit its alternatives."""
-    assert test_feature_cache_after_rejections_equals_a_fresh_pass(0.0, "head", (), tmp_path) > 0
+    assert check_feature_cache_after_rejections(0.0, "head", (), tmp_path) > 0
 
 
 @pytest.mark.skipif(not __import__("tempspec_engine.linear").linear.kernel_available(),

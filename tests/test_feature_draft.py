@@ -286,6 +286,9 @@ def test_restricted_vocabulary_logits(first):
     with torch.no_grad():
         model.lm_head.weight.mul_(2.0)
         assert torch.allclose(head.logits(pred)[..., d2t], 2 * got[..., d2t], atol=1e-5)
+    with torch.inference_mode():  # gathered under inference, still a normal tensor: the CPU kernel packs it once
+        model.lm_head.weight.add_(0.0)
+        assert not head.head_rows().is_inference()
 
 
 def test_token_map_from_counts_orders_ties_and_fills():

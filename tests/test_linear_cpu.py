@@ -34,7 +34,7 @@ def assert_rounded_from(y: torch.Tensor, ref32: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("K", [1, 7, 8, 31, 33, 64, 577])
-@pytest.mark.parametrize("N", [1, 3, 4, 13])
+@pytest.mark.parametrize("N", [1, 3, 4, 13, 32, 45])
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 13, 70])
 def test_kernel_matches_reference(K, N, M, isa):
     g = torch.Generator().manual_seed(K * 1000 + N * 10 + M)
@@ -172,20 +172,23 @@ def policy(kernel_policy):
 
 
 @needs_kernel
-@pytest.mark.parametrize("isa", ["avx2", "avx512bf16"])
 @pytest.mark.parametrize("onednn_bf16", [False, True])
-def test_auto_policy_rows(policy, monkeypatch, onednn_bf16, isa):
-    """auto: every call through the kernel where torch has no fast bf16 product; where it has one (oneDNN), calls of
-    up to ONEDNN_CROSSOVER_ROWS[variant] input rows through the kernel and larger ones (a prefill) through
-    F.linear."""
+def test_auto_policy_rows(policy, monkeypatch, onednn_bf16):
+    """auto: every call through the kernel where torch has no fast bf16 product, or where the kernel's avx512bf16
+    variant runs; with oneDNN's bf16 product and the avx2 variant, calls of up to ONEDNN_CROSSOVER_ROWS["avx2"] input
+    rows through the kernel and larger ones (a prefill) through F.linear."""
     monkeypatch.setattr(linear_mod, "torch_bf16_matmul_is_fast", lambda: onednn_bf16)
-    monkeypatch.setattr(linear_mod, "kernel_isa", lambda: isa)
+    monkeypatch.setattr(linear_mod, "kernel_isa", lambda: "avx512bf16")
     policy("auto")
-    limit = linear_mod.ONEDNN_CROSSOVER_ROWS[isa]
+    assert linear_mod.ONEDNN_CROSSOVER_ROWS["avx512bf16"] == linear_mod.ALL_ROWS
+    assert linear_mod.cpu_kernel_max_rows() == linear_mod.ALL_ROWS
+    monkeypatch.setattr(linear_mod, "kernel_isa", lambda: "avx2")
+    policy("auto")
+    limit = linear_mod.ONEDNN_CROSSOVER_ROWS["avx2"]
     assert linear_mod.cpu_kernel_max_rows() == (limit if onednn_bf16 else linear_mod.ALL_ROWS)
     calls = []
-    kernel = _C.linear_bf16_cpu
-    monkeypatch.setattr(_C, "linear_bf16_cpu", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    kernel = _C.linear_bf16_cpu_many  # (linear's calls go through kernel_linears)
+    monkeypatch.setattr(_C, "linear_bf16_cpu_many", lambda *a: calls.append(a[0].shape) or kernel(*a))
     w = torch.randn(24, 40).bfloat16()
     with torch.inference_mode():
         linear_mod.linear(torch.randn(2, limit // 2, 40).bfloat16(), w)
@@ -193,6 +196,91 @@ def test_auto_policy_rows(policy, monkeypatch, onednn_bf16, isa):
     assert calls == ([(2, limit // 2, 40)] if onednn_bf16 else [(2, limit // 2, 40), (limit + 1, 40)])
     policy("1")
     assert linear_mod.cpu_kernel_max_rows() == linear_mod.ALL_ROWS
+
+
+needs_avx512bf16 = pytest.mark.skipif(_C is None or _C.linear_bf16_cpu_isa() != "avx512bf16",
+                                      reason="this CPU lacks AVX-512 BF16")
+
+
+@needs_avx512bf16
+@pytest.mark.parametrize("N, K", [(1, 1), (32, 64), (45, 7), (70, 576)])
+def test_packed_layout(N, K):
+    """linear_bf16_cpu_pack: packed[t, p, 2 i + h] = w[32 t + i, 2 p + h], zero beyond N and K; a call given the packed
+    weight returns what a call packing it itself returns."""
+    g = torch.Generator().manual_seed(N * 100 + K)
+    w = torch.randn(N, K, generator=g).bfloat16()
+    packed = _C.linear_bf16_cpu_pack(w)
+    tiles, pairs = -(-N // 32), -(-K // 2)
+    assert packed.shape == (tiles, pairs, 64) and packed.dtype == torch.bfloat16
+    padded = torch.zeros(tiles * 32, pairs * 2, dtype=torch.bfloat16)
+    padded[:N, :K] = w
+    for t in range(tiles):
+        for p in range(pairs):
+            for i in range(32):
+                assert torch.equal(packed[t, p, 2 * i:2 * i + 2], padded[32 * t + i, 2 * p:2 * p + 2])
+    x = torch.randn(3, K, generator=g).bfloat16()
+    b = torch.randn(N, generator=g).bfloat16()
+    assert torch.equal(_C.linear_bf16_cpu(x, w, b, isa="avx512bf16", packed=packed),
+                       _C.linear_bf16_cpu(x, w, b, isa="avx512bf16"))
+
+
+@needs_avx512bf16
+def test_packed_weights_rejected_when_wrong():
+    """A packed weight that cannot be its weight's (shape, dtype, layout) or a list of the wrong length is refused."""
+    x = torch.zeros(2, 8, dtype=torch.bfloat16)
+    w = torch.zeros(4, 8, dtype=torch.bfloat16)
+    good = _C.linear_bf16_cpu_pack(w)
+    with pytest.raises(RuntimeError, match=r"packed weight 0 must be linear_bf16_cpu_pack of weight 0"):
+        _C.linear_bf16_cpu(x, w, isa="avx512bf16", packed=_C.linear_bf16_cpu_pack(torch.zeros(4, 10).bfloat16()))
+    with pytest.raises(RuntimeError, match="packed weight 1 must be"):
+        _C.linear_bf16_cpu_many(x, [w, w], [], "avx512bf16", [good, good.float()])
+    with pytest.raises(RuntimeError, match="1 packed weights for 2 weights"):
+        _C.linear_bf16_cpu_many(x, [w, w], [], "avx512bf16", [good])
+    with pytest.raises(RuntimeError, match=r"must be a bfloat16 CPU tensor \[N, K\]"):
+        _C.linear_bf16_cpu_pack(torch.zeros(4, 8))
+
+
+@needs_avx512bf16
+def test_packed_weight_follows_its_weight(policy):
+    """packed_weight and Linear.packed pack once and again only when the weight changes: in place (an optimizer step,
+    load_state_dict) or by a new tensor; a view of a weight (the engine's head rows) is packed as itself."""
+    policy("1")
+    g = torch.Generator().manual_seed(7)
+    layer = linear_mod.Linear(40, 70).bfloat16()
+    x = torch.randn(5, 40, generator=g).bfloat16()
+
+    def fresh():
+        return _C.linear_bf16_cpu(x, layer.weight.detach().clone(), layer.bias.detach().clone(), isa="avx512bf16")
+
+    with torch.inference_mode():
+        first = layer.packed()
+        assert layer.packed() is first and torch.equal(layer(x), fresh())
+    with torch.no_grad():
+        layer.weight.add_(1.0)  # an optimizer's in-place step
+    with torch.inference_mode():
+        assert layer.packed() is not first and torch.equal(layer(x), fresh())
+        layer.load_state_dict({"weight": torch.randn(70, 40, generator=g).bfloat16(), "bias": layer.bias.detach()})
+        assert torch.equal(layer(x), fresh())
+    layer.weight = torch.nn.Parameter(torch.randn(70, 40, generator=g).bfloat16())
+    with torch.inference_mode():
+        assert torch.equal(layer(x), fresh())
+    w = torch.randn(90, 40, generator=g).bfloat16()
+    view = w[:50]
+    packed = linear_mod.packed_weight(view)
+    assert linear_mod.packed_weight(w[:50]) is packed  # a new view object of the same rows: the same entry
+    assert torch.equal(linear_mod.kernel_linear(x, w[:50]), _C.linear_bf16_cpu(x, w[:50].clone(), isa="avx512bf16"))
+    w[:50] = 0.0
+    assert linear_mod.packed_weight(w[:50]) is not packed
+    assert not linear_mod.kernel_linear(x, w[:50]).any()
+    with torch.inference_mode():  # no version counter to tell a change by: the avx2 variant reads it as it is
+        w_inference = torch.randn(3, 40, generator=g).bfloat16()
+        assert linear_mod.packed_weight(w_inference) is None
+        assert torch.equal(linear_mod.kernel_linear(x, w_inference), _C.linear_bf16_cpu(x, w_inference, isa="avx2"))
+        made_here = linear_mod.Linear(40, 8).bfloat16()  # a layer built under inference: the same rule
+        assert made_here.packed() is None
+        assert torch.equal(made_here(x), _C.linear_bf16_cpu(x, made_here.weight, made_here.bias, isa="avx2"))
+        assert all(torch.equal(a, _C.linear_bf16_cpu(x, made_here.weight, made_here.bias, isa="avx2"))
+                   for a in linear_mod.linears(x, [made_here, made_here]))
 
 
 @needs_kernel

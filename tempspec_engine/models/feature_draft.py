@@ -207,7 +207,9 @@ class FeatureDraft(nn.Module):
         if self._rows_cache is None or self._rows_cache[0] != key:
             d2t = self.d2t.to(w.device)
             first = bool(torch.equal(d2t.cpu(), torch.arange(n)))
-            self._rows_cache = (key, None if first else w.detach().index_select(0, d2t))
+            with torch.inference_mode(False):  # a normal tensor even under inference: the CPU kernel packs it once
+                rows = None if first else w.detach().index_select(0, d2t)
+            self._rows_cache = (key, rows)
         rows = self._rows_cache[1]
         return w[:n] if rows is None else rows
 
