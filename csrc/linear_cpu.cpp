@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #define TEMPSPEC_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
@@ -79,6 +80,43 @@ struct Avx2 {
   }
 };
 
+// Calls pass(std::integral_constant<int, MT>()) for MT = rows, 1 to 8: a pass is compiled for each row count, so
+// that its accumulators stay in registers.
+template <class Pass>
+void with_rows(int64_t rows, Pass&& pass) {
+  switch (rows) {
+    case 8: pass(std::integral_constant<int, 8>()); break;
+    case 7: pass(std::integral_constant<int, 7>()); break;
+    case 6: pass(std::integral_constant<int, 6>()); break;
+    case 5: pass(std::integral_constant<int, 5>()); break;
+    case 4: pass(std::integral_constant<int, 4>()); break;
+    case 3: pass(std::integral_constant<int, 3>()); break;
+    case 2: pass(std::integral_constant<int, 2>()); break;
+    case 1: pass(std::integral_constant<int, 1>()); break;
+    default: break;
+  }
+}
+
+// Splits the tiles of every part of a call (tile_n outputs each; a part has N outputs) between the threads as one
+// list, about 64K multiply-adds per task so that small layers do not pay for threads they cannot use, and calls
+// tile(part, n0, m0, rows) for each of a task's tiles (outputs n0 ..) and each chunk of chunk_m input rows (m0 ..).
+template <class P, class Tile>
+void for_each_tile(const std::vector<P>& parts, int64_t tile_n, int64_t chunk_m, int64_t M, int64_t K, Tile&& tile) {
+  std::vector<int64_t> first(parts.size() + 1, 0);  // the tiles of part p: [first[p], first[p + 1])
+  for (size_t p = 0; p < parts.size(); ++p) first[p + 1] = first[p] + (parts[p].N + tile_n - 1) / tile_n;
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, tile_n * K * std::min(M, chunk_m)));
+  at::parallel_for(0, first.back(), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < M; m0 += chunk_m) {
+      const int64_t rows = std::min(chunk_m, M - m0);
+      size_t p = 0;
+      for (int64_t t = begin; t < end; ++t) {
+        while (t >= first[p + 1]) ++p;
+        tile(parts[p], (t - first[p]) * tile_n, m0, rows);
+      }
+    }
+  });
+}
+
 // MT input rows over the n (<= kTileN) weight rows of a tile, one weight row at a time.
 template <class V, int MT>
 void passes(const at::BFloat16* w, const typename V::Input* x, const float* bias, int64_t K, int64_t n,
@@ -86,24 +124,13 @@ void passes(const at::BFloat16* w, const typename V::Input* x, const float* bias
   for (int64_t i = 0; i < n; ++i) V::template pass<MT>(w + i * K, x, bias == nullptr ? nullptr : bias + i, K, y + i, ldy);
 }
 
-// All `rows` input rows over one tile of n weight rows.
+// All `rows` input rows over one tile of n weight rows, in passes of 8 (then the 1-7 left).
 template <class V>
 void tile(const at::BFloat16* w, const typename V::Input* x, const float* bias, int64_t K, int64_t n, int64_t rows,
           at::BFloat16* y, int64_t ldy) {
   int64_t m = 0;
   for (; m + 8 <= rows; m += 8) passes<V, 8>(w, x + m * K, bias, K, n, y + m * ldy, ldy);
-  const typename V::Input* xm = x + m * K;
-  at::BFloat16* ym = y + m * ldy;
-  switch (rows - m) {
-    case 7: passes<V, 7>(w, xm, bias, K, n, ym, ldy); break;
-    case 6: passes<V, 6>(w, xm, bias, K, n, ym, ldy); break;
-    case 5: passes<V, 5>(w, xm, bias, K, n, ym, ldy); break;
-    case 4: passes<V, 4>(w, xm, bias, K, n, ym, ldy); break;
-    case 3: passes<V, 3>(w, xm, bias, K, n, ym, ldy); break;
-    case 2: passes<V, 2>(w, xm, bias, K, n, ym, ldy); break;
-    case 1: passes<V, 1>(w, xm, bias, K, n, ym, ldy); break;
-    default: break;
-  }
+  with_rows(rows - m, [&](auto mt) { passes<V, decltype(mt)::value>(w, x + m * K, bias, K, n, y + m * ldy, ldy); });
 }
 
 // One weight matrix of a call: w [N, K], bias [N] fp32 or nullptr, its output y [M, N].
@@ -116,22 +143,9 @@ struct Part {
 
 template <class V>
 void run(const std::vector<Part>& parts, const typename V::Input* x, int64_t M, int64_t K) {
-  std::vector<int64_t> first(parts.size() + 1, 0);  // the tiles of part p: [first[p], first[p + 1])
-  for (size_t p = 0; p < parts.size(); ++p) first[p + 1] = first[p] + (parts[p].N + kTileN - 1) / kTileN;
-  // about 64K multiply-adds per task, so small layers do not pay for threads they cannot use
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, kTileN * K * std::min(M, kChunkM)));
-  at::parallel_for(0, first.back(), grain, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < M; m0 += kChunkM) {
-      const int64_t rows = std::min(kChunkM, M - m0);
-      size_t p = 0;
-      for (int64_t t = begin; t < end; ++t) {
-        while (t >= first[p + 1]) ++p;
-        const Part& part = parts[p];
-        const int64_t n0 = (t - first[p]) * kTileN;
-        tile<V>(part.w + n0 * K, x + m0 * K, part.bias == nullptr ? nullptr : part.bias + n0, K,
-                std::min(kTileN, part.N - n0), rows, part.y + m0 * part.N + n0, part.N);
-      }
-    }
+  for_each_tile(parts, kTileN, kChunkM, M, K, [&](const Part& part, int64_t n0, int64_t m0, int64_t rows) {
+    tile<V>(part.w + n0 * K, x + m0 * K, part.bias == nullptr ? nullptr : part.bias + n0, K,
+            std::min(kTileN, part.N - n0), rows, part.y + m0 * part.N + n0, part.N);
   });
 }
 
@@ -145,13 +159,15 @@ constexpr int64_t kPackN = 32;   // outputs per packed tile: two 16-lane accumul
 constexpr int64_t kPackM = 128;  // input rows per chunk: 128 x K bf16 stays in L2 with a tile for K up to ~3000
 
 // 16 fp32 lanes -> 16 bf16 at y, rounded as at::BFloat16 rounds (nearest, ties to even; NaN to 0x7FC0).
+// (The maskz forms with a full mask: GCC 12's unmasked ones start from an undefined register and warn of it.)
 TEMPSPEC_AVX512BF16 inline void store16(at::BFloat16* y, __m512 v) {
+  const __mmask16 all = 0xFFFF;
   const __m512i u = _mm512_castps_si512(v);
-  const __m512i round = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+  const __m512i round = _mm512_add_epi32(_mm512_and_si512(_mm512_maskz_srli_epi32(all, u, 16), _mm512_set1_epi32(1)),
                                          _mm512_set1_epi32(0x7FFF));
-  __m512i bits = _mm512_srli_epi32(_mm512_add_epi32(u, round), 16);
+  __m512i bits = _mm512_maskz_srli_epi32(all, _mm512_add_epi32(u, round), 16);
   bits = _mm512_mask_mov_epi32(bits, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), _mm512_cvtepi32_epi16(bits));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), _mm512_maskz_cvtepi32_epi16(all, bits));
 }
 
 // MT input rows (x, row stride K, bf16) over one packed tile (wp, pairs = ceil(K / 2) rows of kPackN uint32) ->
@@ -214,19 +230,7 @@ TEMPSPEC_AVX512BF16 void packed_tile(const uint32_t* wp, const at::BFloat16* x, 
   const int64_t passes = (rows + 7) / 8;
   for (int64_t q = 0, m = 0; q < passes; ++q) {
     const int64_t size = (rows - m) / (passes - q);  // the later passes take the remainder's extra rows
-    const at::BFloat16* xm = x + m * K;
-    at::BFloat16* ym = y + m * ldy;
-    switch (size) {
-      case 8: packed_pass<8>(wp, xm, bias, K, ym, ldy, n); break;
-      case 7: packed_pass<7>(wp, xm, bias, K, ym, ldy, n); break;
-      case 6: packed_pass<6>(wp, xm, bias, K, ym, ldy, n); break;
-      case 5: packed_pass<5>(wp, xm, bias, K, ym, ldy, n); break;
-      case 4: packed_pass<4>(wp, xm, bias, K, ym, ldy, n); break;
-      case 3: packed_pass<3>(wp, xm, bias, K, ym, ldy, n); break;
-      case 2: packed_pass<2>(wp, xm, bias, K, ym, ldy, n); break;
-      case 1: packed_pass<1>(wp, xm, bias, K, ym, ldy, n); break;
-      default: break;
-    }
+    with_rows(size, [&](auto mt) { packed_pass<decltype(mt)::value>(wp, x + m * K, bias, K, y + m * ldy, ldy, n); });
     m += size;
   }
 }
@@ -241,23 +245,9 @@ struct PackedPart {
 
 void run_packed(const std::vector<PackedPart>& parts, const at::BFloat16* x, int64_t M, int64_t K) {
   const int64_t pairs = (K + 1) / 2;
-  std::vector<int64_t> first(parts.size() + 1, 0);  // the tiles of part p: [first[p], first[p + 1])
-  for (size_t p = 0; p < parts.size(); ++p) first[p + 1] = first[p] + (parts[p].N + kPackN - 1) / kPackN;
-  // about 64K multiply-adds per task, so small layers do not pay for threads they cannot use
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, kPackN * K * std::min(M, kPackM)));
-  at::parallel_for(0, first.back(), grain, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < M; m0 += kPackM) {
-      const int64_t rows = std::min(kPackM, M - m0);
-      size_t p = 0;
-      for (int64_t t = begin; t < end; ++t) {
-        while (t >= first[p + 1]) ++p;
-        const PackedPart& part = parts[p];
-        const int64_t n0 = (t - first[p]) * kPackN;
-        packed_tile(part.wp + (t - first[p]) * pairs * kPackN, x + m0 * K,
-                    part.bias == nullptr ? nullptr : part.bias + n0, K, rows, part.y + m0 * part.N + n0, part.N,
-                    std::min(kPackN, part.N - n0));
-      }
-    }
+  for_each_tile(parts, kPackN, kPackM, M, K, [&](const PackedPart& part, int64_t n0, int64_t m0, int64_t rows) {
+    packed_tile(part.wp + n0 * pairs, x + m0 * K, part.bias == nullptr ? nullptr : part.bias + n0, K, rows,
+                part.y + m0 * part.N + n0, part.N, std::min(kPackN, part.N - n0));
   });
 }
 
