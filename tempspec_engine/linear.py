@@ -10,7 +10,8 @@ ONEDNN_CROSSOVER_ROWS[kernel_isa()] input rows: the avx2 variant's few, the avx5
 The kernel has two variants (kernel_isa): "avx512bf16" (vdpbf16ps, on CPUs with AVX-512 BF16) and "avx2";
 `TEMPSPEC_CPU_LINEAR_ISA=avx2` makes a CPU with both run the avx2 one (default auto: the best). The avx512bf16
 variant reads each weight in a packed layout (`packed_weight`: tiles of 32 outputs with their input pairs side by
-side), made once per weight and kept while the weight is unchanged; it doubles the memory those weights take.
+side), made once per weight and kept while the weight is unchanged; it doubles the memory those weights take
+(`TEMPSPEC_CPU_LINEAR_ISA=avx2` keeps none, at the avx2 variant's speed).
 
 `linears` multiplies one input by several weights of one K (a layer's q, k and v; its gate and up) in one kernel
 call: each output is what `linear` gives, and a decode pays one call's overhead instead of three (the default
