@@ -318,10 +318,9 @@ def measure_batch(target, draft, head, B: int, ks: Sequence[int], context: int, 
     pred = torch.randn(B, 1, head.config.dim, device=device, generator=generator).to(head.fc.weight.dtype)
     out = {}
     with torch.inference_mode():
-        prompt = tokens(context)
-        out["prefill"] = time_ms(lambda: target(prompt, torch.arange(context, device=device).expand(B, context),
-                                                t_cache, kv_len=context, compute_logits=False, from_start=True),
-                                 device, reps, warmup)
+        prompt, prompt_pos = tokens(context), torch.arange(context, device=device).expand(B, context)
+        out["prefill"] = time_ms(lambda: target(prompt, prompt_pos, t_cache, kv_len=context, compute_logits=False,
+                                                from_start=True), device, reps, warmup)
         out["target_decode"] = time_ms(lambda: target(one_tok, one_pos, t_cache, kv_len=context + 1,
                                                       last_query=one_row_cpu), device, reps, warmup)
         verify = {}
