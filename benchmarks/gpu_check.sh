@@ -46,13 +46,13 @@ log "acceptance op: exit $?"; tail -12 $W/acceptance.log | tee -a "$OUT/session1
 # the tests with a CUDA case first (by name, module names included: the rest is what CI runs on its CPUs)
 run_tests $(limit 240 60) "$OUT/tests_gpu.log" tests -k "cuda or gpu or triton" --timeout 200
 log "tests with a CUDA case: exit $?, $(grep -E '(passed|failed)' "$OUT/tests_gpu.log" | tail -1)"
-reserve=5; [ "${SHAPES:-0}" = 1 ] && reserve=110  # (the shapes stage wants about 100 s)
+reserve=5; [ "${SHAPES:-0}" = 1 ] && reserve=130  # (the shapes stage wants about 120 s with its prefills)
 t=$(limit 300 $reserve); if [ $t -gt 30 ]; then
   run_tests $t "$OUT/tests_rest.log" tests -k "not (cuda or gpu or triton)" --timeout 200
   log "the rest of the suite: exit $?, $(grep -E '(passed|failed)' "$OUT/tests_rest.log" | tail -1)"
 fi
 
-t=$(limit 120 5); if [ "${SHAPES:-0}" = 1 ] && [ $t -gt 60 ]; then
+t=$(limit 140 5); if [ "${SHAPES:-0}" = 1 ] && [ $t -gt 60 ]; then
   timeout $t python3 benchmarks/bench_shapes.py --device cuda --batch-sizes 1,8,32 --ks 1-8 --context 512 \
     --reps 20 --profiles benchmarks/results/profiles_feature1_cpu.json --alpha 0.6,0.8 \
     --out "$OUT/shapes_llama2-7b.json" > $W/shapes.log 2>&1
