@@ -158,16 +158,13 @@ void run(const std::vector<Part>& parts, const typename V::Input* x, int64_t M, 
 constexpr int64_t kPackN = 32;   // outputs per packed tile: two 16-lane accumulators per input row
 constexpr int64_t kPackM = 128;  // input rows per chunk: 128 x K bf16 stays in L2 with a tile for K up to ~3000
 
-// 16 fp32 lanes -> 16 bf16 at y, rounded as at::BFloat16 rounds (nearest, ties to even; NaN to 0x7FC0).
-// (The maskz forms with a full mask: GCC 12's unmasked ones start from an undefined register and warn of it.)
+// 16 fp32 lanes -> 16 bf16 at y, rounded as at::BFloat16 rounds: store8 (avx2_vec.h) of each half. (The halves go
+// through memory: GCC 12's 512-to-256-bit extracts start from an undefined register and warn of it.)
 TEMPSPEC_AVX512BF16 inline void store16(at::BFloat16* y, __m512 v) {
-  const __mmask16 all = 0xFFFF;
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i round = _mm512_add_epi32(_mm512_and_si512(_mm512_maskz_srli_epi32(all, u, 16), _mm512_set1_epi32(1)),
-                                         _mm512_set1_epi32(0x7FFF));
-  __m512i bits = _mm512_maskz_srli_epi32(all, _mm512_add_epi32(u, round), 16);
-  bits = _mm512_mask_mov_epi32(bits, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), _mm512_maskz_cvtepi32_epi16(all, bits));
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, v);
+  store8(y, _mm256_load_ps(lanes));
+  store8(y + 8, _mm256_load_ps(lanes + 8));
 }
 
 // MT input rows (x, row stride K, bf16) over one packed tile (wp, pairs = ceil(K / 2) rows of kPackN uint32) ->
