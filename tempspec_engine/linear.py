@@ -251,11 +251,6 @@ class Linear(nn.Linear):
         self._kernel = (w, b, w._version, w.data_ptr(), isa, args)
         return args
 
-    def packed(self) -> Optional[torch.Tensor]:
-        """packed_weight(self.weight) where the kernel runs its avx512bf16 variant on it, else None."""
-        args = self.kernel_args()
-        return None if args is None else args[2]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _input_takes_kernel(x):
             args = self.kernel_args()

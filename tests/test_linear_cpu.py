@@ -242,7 +242,7 @@ def test_packed_weights_rejected_when_wrong():
 
 @needs_avx512bf16
 def test_packed_weight_follows_its_weight(policy):
-    """packed_weight and Linear.packed pack once and again only when the weight changes: in place (an optimizer step,
+    """packed_weight and Linear.kernel_args pack once and again only when the weight changes: in place (an optimizer step,
     load_state_dict) or by a new tensor; a view of a weight (the engine's head rows) is packed as itself."""
     policy("1")
     g = torch.Generator().manual_seed(7)
@@ -253,12 +253,12 @@ def test_packed_weight_follows_its_weight(policy):
         return _C.linear_bf16_cpu(x, layer.weight.detach().clone(), layer.bias.detach().clone(), isa="avx512bf16")
 
     with torch.inference_mode():
-        first = layer.packed()
-        assert layer.packed() is first and torch.equal(layer(x), fresh())
+        first = layer.kernel_args()[2]  # the packed weight
+        assert layer.kernel_args()[2] is first and torch.equal(layer(x), fresh())
     with torch.no_grad():
         layer.weight.add_(1.0)  # an optimizer's in-place step
     with torch.inference_mode():
-        assert layer.packed() is not first and torch.equal(layer(x), fresh())
+        assert layer.kernel_args()[2] is not first and torch.equal(layer(x), fresh())
         layer.load_state_dict({"weight": torch.randn(70, 40, generator=g).bfloat16(), "bias": layer.bias.detach()})
         assert torch.equal(layer(x), fresh())
     layer.weight = torch.nn.Parameter(torch.randn(70, 40, generator=g).bfloat16())
@@ -277,7 +277,7 @@ def test_packed_weight_follows_its_weight(policy):
         assert linear_mod.packed_weight(w_inference) is None
         assert torch.equal(linear_mod.kernel_linear(x, w_inference), _C.linear_bf16_cpu(x, w_inference, isa="avx2"))
         made_here = linear_mod.Linear(40, 8).bfloat16()  # a layer built under inference: the same rule
-        assert made_here.packed() is None
+        assert made_here.kernel_args() is None  # (under avx512bf16: nothing to run but through the avx2 variant)
         assert torch.equal(made_here(x), _C.linear_bf16_cpu(x, made_here.weight, made_here.bias, isa="avx2"))
         assert all(torch.equal(a, _C.linear_bf16_cpu(x, made_here.weight, made_here.bias, isa="avx2"))
                    for a in linear_mod.linears(x, [made_here, made_here]))
