@@ -554,33 +554,33 @@ class SpeculativeEngine:
         return [(0, len(lens))]
 
     def _prefill(self, reqs, models, caches, proposer):
-        """Runs prompt[:-1] of each request through every model, in the groups of _prefill_groups."""
+        """Runs prompt[:-1] of each request through every model, in the groups of _prefill_groups, and starts the
+        proposer on each group (a feature draft's head reads the target's features of its group: proposers.py)."""
         now = time.perf_counter()
         for r in reqs:
             r.start = now
         lens = [len(r.seq) - 1 for r in reqs]
-        T = max(lens)
-        features = None
-        if T > 0:
-            needs_features = proposer is not None and proposer.needs_features
-            for a, b in self._prefill_groups(lens):
-                width = max(lens[a:b])
-                tokens = torch.tensor([r.seq[:-1] + [0] * (width - l) for r, l in zip(reqs[a:b], lens[a:b])],
-                                      device=self.device)
-                positions = torch.arange(width, device=self.device).expand(b - a, width)
-                rows = [c.rows(a, b) for c in caches]
-                if needs_features:
-                    # the target hands its features to the feature draft, which reads them when it next proposes
-                    _, part = models[0](tokens, positions, rows[0], kv_len=width, compute_logits=False,
+        needs_features = proposer is not None and proposer.needs_features
+        started = set()
+        for a, b in self._prefill_groups(lens) if max(lens) > 0 else ():
+            width = max(lens[a:b])
+            tokens = torch.tensor([r.seq[:-1] + [0] * (width - l) for r, l in zip(reqs[a:b], lens[a:b])],
+                                  device=self.device)
+            positions = torch.arange(width, device=self.device).expand(b - a, width)
+            rows = [c.rows(a, b) for c in caches]
+            features = None
+            if needs_features:  # the target hands its features to the feature draft
+                _, features = models[0](tokens, positions, rows[0], kv_len=width, compute_logits=False,
                                         return_features=True, feature_taps=proposer.feature_taps, from_start=True)
-                    if features is None:
-                        features = part.new_zeros(len(reqs), T, part.shape[-1])
-                    features[a:b, :width] = part
-                else:
-                    for model, cache in zip(models, rows):
-                        model(tokens, positions, cache, kv_len=width, compute_logits=False, from_start=True)
-        if proposer is not None:
-            proposer.start(reqs, features)
+            else:
+                for model, cache in zip(models, rows):
+                    model(tokens, positions, cache, kv_len=width, compute_logits=False, from_start=True)
+            if proposer is not None:
+                proposer.start(reqs[a:b], features, rows[1:])
+            started.update(range(a, b))
+        for i in range(len(reqs)):  # one-token prompts: nothing to prefill
+            if proposer is not None and i not in started:
+                proposer.start(reqs[i:i + 1], None, [c.rows(i, i + 1) for c in caches[1:]])
 
     def _to_host(self, *results: torch.Tensor) -> list:
         """Copies a step's int64 results ([B] or [B, n]) to the host as lists, together with the non-finite flag, in

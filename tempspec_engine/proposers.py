@@ -1,8 +1,9 @@
 """Proposers: who proposes the draft tokens of a speculative step, and the state each of them keeps.
 
 The engine's step reads propose -> verify -> accept -> commit (engine.py). A proposer
-  start(reqs, features): requests were just prefilled (features: the target's final features of prompt[:-1], given
-      to a proposer with `needs_features`, followed by the outputs of its blocks `feature_taps` when it names any);
+  start(reqs, features, caches): requests were just prefilled, together (features: the target's final features of
+      prompt[:-1] [len(reqs), T, width], right-padded, given to a proposer with `needs_features`, followed by the
+      outputs of its blocks `feature_taps` when it names any; caches: its models' caches, rows of these requests);
   propose(ctx, caches, forwards, k_max) -> Proposal, or None when no row has anything to propose (the engine then
       runs a plain target step): k tokens per row and the distribution each was drawn from (one-hot for lookup), so
       that the acceptance stays lossless; a model draft picks k before drafting (ctx.choose_k) or, given a
@@ -181,7 +182,7 @@ class LookupProposer:
     def __init__(self, lookup):
         self.lookup = lookup
 
-    def start(self, reqs, features=None) -> None:
+    def start(self, reqs, features=None, caches=()) -> None:
         pass
 
     def matches(self, ctx: StepContext, k_max: int) -> List[List[int]]:
@@ -221,7 +222,7 @@ class ModelProposer:
         self.flag = flag
         self.cached: Dict[int, int] = {}
 
-    def start(self, reqs, features=None) -> None:
+    def start(self, reqs, features=None, caches=()) -> None:
         """Requests just prefilled (prompt[:-1] in every cache)."""
         for r in reqs:
             self.cached[r.index] = len(r.seq) - 1
@@ -275,8 +276,8 @@ class HybridProposer:
         self.models = model.models
         self.needs_features, self.feature_taps = model.needs_features, model.feature_taps
 
-    def start(self, reqs, features=None) -> None:
-        self.model.start(reqs, features)
+    def start(self, reqs, features=None, caches=()) -> None:
+        self.model.start(reqs, features, caches)
 
     def propose(self, ctx: StepContext, caches, forwards, k_max: int) -> Proposal:
         found = self.lookup.matches(ctx, k_max)
@@ -325,13 +326,24 @@ class FeatureProposer:
         steps: the target's features were read up to the first unread one."""
         return length - 1 - self.unread[index].shape[0]
 
-    def start(self, reqs, features: Optional[torch.Tensor] = None) -> None:
-        """Requests just prefilled: features [len(reqs), T, feature_width] of prompt[:-1] (row b valid on
-        len(seq) - 1)."""
+    def start(self, reqs, features: Optional[torch.Tensor] = None, caches=()) -> None:
+        """Requests just prefilled together: features [len(reqs), T, feature_width] of prompt[:-1] (row b valid on
+        its first n = len(seq) - 1; None when every prompt has one token). The head's own prefill: it reads
+        (f_p, x_{p+1}) for p < n - 1 into its cache now, in one pass from position 0 (right-padded rows: the padding
+        keys lie beyond a row's cached positions and are overwritten before anything attends to them), and leaves
+        f_{n-1} unread for the first step. So a step's extension reads a few features per row, never a whole prompt
+        padded to the batch's longest."""
+        n = [len(r.seq) - 1 for r in reqs]
+        T = max(n) - 1
+        if T > 0:
+            (cache,) = caches
+            dev = features.device
+            tokens = torch.tensor([(r.seq[1:m] + [0] * T)[:T] for r, m in zip(reqs, n)], device=dev)
+            positions = torch.arange(T, device=dev).expand(len(reqs), T)
+            self.head(self.head.read(features[:, :T]), tokens, positions, cache, kv_len=T, from_start=True)
         none_yet = self.head.fc.weight.new_zeros(0, self.head.config.feature_width)  # a one-token prompt has none
-        for b, r in enumerate(reqs):
-            n = len(r.seq) - 1
-            self.unread[r.index] = features[b, :n] if n > 0 else none_yet
+        for b, (r, m) in enumerate(zip(reqs, n)):
+            self.unread[r.index] = features[b, m - 1:m].clone() if m > 0 else none_yet
 
     def propose(self, ctx: StepContext, caches, forwards, k_max: int) -> Proposal:
         (cache,) = caches

@@ -199,3 +199,46 @@ def test_cpu_prefill_computes_no_padding(monkeypatch):
     padded = engine.generate(PROMPTS, 0.0, 20, batch_size=4)
     assert [s for s, prefill in shapes if prefill] == [(4, max(len(p) for p in PROMPTS) - 1)]
     assert [o.token_ids for o in got] == [o.token_ids for o in padded]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_head_prefill_equals_a_fresh_pass_over_each_prompt(padded, monkeypatch):
+    """FeatureProposer.start runs the head over each prompt's features right after the target's prefill (one
+    right-padded pass when the rows are prefilled together, the GPU's way): its cache then holds, row by row, what a
+    fresh batch-1 pass over (f_p, x_{p+1}), p < n - 1 computes, and the one feature left unread is f_{n-1}."""
+    target = tiny_target(vocab=64, layers=3, seed=4)
+    engine = SpeculativeEngine(target, feature_head(target, seed=6), device="cpu", dtype=torch.float32, k=3,
+                               max_len=64, static_shapes=True)
+    if padded:
+        monkeypatch.setattr(engine, "_prefill_groups", lambda lens: [(0, len(lens))])
+    proposer, seen = engine.proposer, {}
+    start = proposer.start
+
+    def start_and_look(reqs, features=None, caches=()):
+        start(reqs, features, caches)
+        for b, r in enumerate(reqs):
+            seen[r.index] = ([(k[b].clone(), v[b].clone()) for k, v in zip(caches[0].k, caches[0].v)]
+                             if caches else None, proposer.unread[r.index].clone())
+
+    monkeypatch.setattr(proposer, "start", start_and_look)
+    engine.generate(PROMPTS, 0.0, 2, batch_size=4)
+    head = proposer.head
+    assert sorted(seen) == list(range(len(PROMPTS)))
+    for i, prompt in enumerate(PROMPTS):
+        n = len(prompt) - 1
+        kv, unread = seen[i]
+        assert unread.shape[0] == min(n, 1)
+        if n == 0:
+            continue
+        with torch.no_grad():
+            _, feats = target.model(torch.tensor([prompt[:n]]), torch.arange(n).unsqueeze(0), None,
+                                    compute_logits=False, return_features=True)
+            torch.testing.assert_close(unread, feats[0, n - 1:n].to(unread.dtype), atol=1e-5, rtol=1e-5)
+            if n == 1:
+                continue
+            fresh = head.new_cache(1, 64)
+            head(head.read(feats[:, :n - 1]), torch.tensor([prompt[1:n]]), torch.arange(n - 1).unsqueeze(0), fresh,
+                 kv_len=n - 1)
+        for (k, v), fk, fv in zip(kv, fresh.k, fresh.v):
+            torch.testing.assert_close(k[:, :n - 1], fk[0, :, :n - 1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v[:, :n - 1], fv[0, :, :n - 1], atol=1e-5, rtol=1e-5)

@@ -124,7 +124,8 @@ class FeatureDraft(nn.Module):
 
     Inference (positions are sequence positions, shared with the target). Committed tokens x_0..x_n, where x_n was
     just sampled from the target's logits at position n-1, so the target's features f_0..f_{n-1} are known. The
-    head's cache holds positions 0..m-1 (m = 0 after the prompt's prefill; m <= n-1 later):
+    head's cache holds positions 0..m-1 (m <= n-1; m = n-1 after the prompt's prefill, where the head reads every
+    prompt feature but the last in one pass from position 0):
       1. extend: features f_m..f_{n-1} (positions m..n-1) with tokens x_{m+1}..x_n (the token each feature produced):
              pred = head(head.read(f), x, positions, cache, kv_len=n);  d_1 ~ head.logits(pred[:, -1:])
              (the distribution of x_{n+1})
@@ -238,13 +239,15 @@ class FeatureDraft(nn.Module):
         return self
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-                cache: Optional[KVCache], kv_len: Optional[int] = None, last_query: bool = False) -> torch.Tensor:
+                cache: Optional[KVCache], kv_len: Optional[int] = None, last_query: bool = False,
+                from_start: bool = False) -> torch.Tensor:
         """features [B, T, dim] (any float dtype: read() of the target's features at positions[b, t], or the head's
         own predictions), tokens [B, T] int64 (tokens[b, t] = x_{p+1}, the token that feature produced), positions
         [B, T] int64. With a cache: writes its T keys per layer at `positions` and attends over [0, kv_len)
         (default: the whole cache) where key position <= query position (last_query=True: one query per row at
-        kv_len - 1, no mask); the caller tracks how many positions are valid. cache=None: causal over the T inputs
-        (positions in order; training).
+        kv_len - 1, no mask; from_start=True: positions 0..T-1 in every row and kv_len == T, a prefill: causal, no
+        mask); the caller tracks how many positions are valid. cache=None: causal over the T inputs (positions in
+        order; training).
         Returns the predicted features of positions p + 1, [B, T, dim] in the head's dtype (after its final norm:
         feed them to logits() or back into forward)."""
         dtype = self.fc.weight.dtype
@@ -252,7 +255,8 @@ class FeatureDraft(nn.Module):
         x = self.fc(torch.cat((features.to(dtype), emb.to(dtype)), dim=-1))
         if self._inv_freq.device != positions.device:
             self._inv_freq = self._inv_freq.to(positions.device)
-        x, _ = run_layers(self.layers, x, self._inv_freq, positions, cache, kv_len, last_query)
+        x, _ = run_layers(self.layers, x, self._inv_freq, positions, cache, kv_len, last_query,
+                          from_start=from_start)
         return self.norm(x)
 
     def draft_logits(self, features: torch.Tensor) -> torch.Tensor:
