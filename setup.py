@@ -21,7 +21,7 @@ def _extension_build():
         return [], {}
 
     sources = ["csrc/bindings.cpp", "csrc/acceptance_cpu.cpp", "csrc/linear_cpu.cpp", "csrc/attention_cpu.cpp",
-               "csrc/layer_ops_cpu.cpp"]
+               "csrc/prefill_attention_cpu.cpp", "csrc/layer_ops_cpu.cpp"]
     # the C++ standard is the one torch's cpp_extension chooses for its own headers. -fopenmp: at::parallel_for is
     # inline and runs serially without it; the libgomp.so.1 this records is the one torch has already loaded
     cxx_flags = ["-O3", "-fopenmp"]

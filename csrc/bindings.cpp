@@ -26,6 +26,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_cpu", &tempspec::attention_cpu,
         "attention of a few queries over a KV cache, fp32 math, batch-invariant rows (AVX2)", pybind11::arg("q"),
         pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("mask") = pybind11::none(), pybind11::arg("scale"));
+  m.def("prefill_attention_cpu", &tempspec::prefill_attention_cpu,
+        "causal attention of a whole prompt from position 0, bf16 products with fp32 sums (AVX-512 BF16)",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("scale"));
+  m.def("cpu_has_avx512bf16", &tempspec::cpu_has_avx512bf16, "whether this CPU has AVX-512 BF16");
   m.def("linear_bf16_cpu_supported", &tempspec::linear_bf16_cpu_supported, "whether this CPU has AVX2 and FMA");
   m.def("rms_norm_cpu", &tempspec::rms_norm_cpu, "RMSNorm times its weight, after an optional residual add (CPU)",
         pybind11::arg("x"), pybind11::arg("delta"), pybind11::arg("weight"), pybind11::arg("eps"));

@@ -11,6 +11,8 @@
 //       variant streams it (32 outputs per tile, their (k, k + 1) pairs side by side; zero padding)
 //   linear_bf16_cpu_supported() -> whether this CPU has AVX2 and FMA (the kernel needs both)
 //   linear_bf16_cpu_isa() -> the variant "" picks: "avx512bf16", "avx2", or "" (none)
+//   cpu_has_avx512bf16() -> whether this CPU runs the avx512bf16 variants (of this kernel and of
+//       csrc/prefill_attention_cpu.cpp)
 #pragma once
 #include <torch/extension.h>
 
@@ -28,5 +30,6 @@ std::vector<at::Tensor> linear_bf16_cpu_many(const at::Tensor& x, const std::vec
 at::Tensor linear_bf16_cpu_pack(const at::Tensor& weight);
 bool linear_bf16_cpu_supported();
 std::string linear_bf16_cpu_isa();
+bool cpu_has_avx512bf16();
 
 }  // namespace tempspec

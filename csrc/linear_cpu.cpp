@@ -32,7 +32,7 @@
 
 #include <ATen/Parallel.h>
 
-#include "avx2_vec.h"
+#include "avx512_vec.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -40,8 +40,6 @@
 #include <string>
 #include <type_traits>
 #include <vector>
-
-#define TEMPSPEC_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
 namespace tempspec {
 namespace {
@@ -158,15 +156,6 @@ void run(const std::vector<Part>& parts, const typename V::Input* x, int64_t M, 
 constexpr int64_t kPackN = 32;   // outputs per packed tile: two 16-lane accumulators per input row
 constexpr int64_t kPackM = 128;  // input rows per chunk: 128 x K bf16 stays in L2 with a tile for K up to ~3000
 
-// 16 fp32 lanes -> 16 bf16 at y, rounded as at::BFloat16 rounds: store8 (avx2_vec.h) of each half. (The halves go
-// through memory: GCC 12's 512-to-256-bit extracts start from an undefined register and warn of it.)
-TEMPSPEC_AVX512BF16 inline void store16(at::BFloat16* y, __m512 v) {
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, v);
-  store8(y, _mm256_load_ps(lanes));
-  store8(y + 8, _mm256_load_ps(lanes + 8));
-}
-
 // MT input rows (x, row stride K, bf16) over one packed tile (wp, pairs = ceil(K / 2) rows of kPackN uint32) ->
 // y[j * ldy + i] for the n <= kPackN outputs i of the tile; bias: the tile's n fp32 biases or nullptr.
 template <int MT>
@@ -253,13 +242,13 @@ std::vector<int64_t> packed_shape(int64_t N, int64_t K) {
   return {(N + kPackN - 1) / kPackN, (K + 1) / 2, 2 * kPackN};
 }
 
+}  // namespace
+
 bool cpu_has_avx512bf16() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512bf16");
 }
-
-}  // namespace
 
 bool linear_bf16_cpu_supported() {
   __builtin_cpu_init();

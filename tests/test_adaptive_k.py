@@ -66,9 +66,25 @@ def test_draft_chain_drafts_while_one_more_token_pays():
     chain = cheap.chain([0.0])
     assert [chain.extend([1.0]) for _ in range(6)] == [True] * 5 + [False]
     assert not AdaptiveK(k_max=6, fixed_costs=(1.0, 1.0)).chain([0.0]).extend([0.9])
-    # a batch continues while its rows together gain: one confident row carries three unsure ones at this cost
+    # a batch continues while its rows together gain: two confident rows carry two unsure ones at this cost
     chain = cheap.chain([0.0] * 4)
-    assert chain.extend([0.99, 0.3, 0.3, 0.3]) and not cheap.chain([0.0] * 4).extend([0.2, 0.2, 0.2, 0.2])
+    assert chain.extend([0.99, 0.99, 0.3, 0.3]) and not cheap.chain([0.0] * 4).extend([0.2, 0.2, 0.2, 0.2])
+    # the wider the batch, the dearer one more verified position: a draft of confidence 0.6 continues alone, not in
+    # a batch of 8 such rows
+    assert cheap.chain([0.0]).extend([0.6]) and not cheap.chain([0.0] * 8).extend([0.6] * 8)
     # unmeasured costs (no timings yet): the first steps draft initial_k tokens, as choose() does
     chain = AdaptiveK(k_max=8, initial_k=3).chain([0.0])
     assert [chain.extend([0.5]) for _ in range(3)] == [True, True, False]
+
+
+def test_the_cost_model_prices_every_verified_token_of_the_batch():
+    """With fixed costs a forward over n tokens (all rows) costs 1 + slope (n - 1) times one: one row verifying k+1
+    tokens costs 1 + 0.05 k, 4 rows verifying 2 each 1.35; so the same acceptance picks a shorter lookahead for a
+    batch of 8 rows than for one."""
+    est = AdaptiveK(k_max=8, fixed_costs=(0.07, 1.0))
+    assert est.verify_cost(4) == pytest.approx(1.2) and est.verify_cost(1, rows=4) == pytest.approx(1.35)
+    assert est.step_cost(2, rows=4) == pytest.approx(2 * 0.07 * 1.15 + 1 + 0.05 * 11)
+    assert est.choose([0.0]) == 3 and est.choose([0.0] * 8) == 1  # (the prior acceptance, 0.6)
+    measured = AdaptiveK(k_max=8)  # measured timings are those of the batch running: rows change nothing
+    measured.update(2, [0.0], [1], 0.02, 0.1)
+    assert measured.step_cost(2, rows=8) == measured.step_cost(2) == pytest.approx(0.02 + 0.1)

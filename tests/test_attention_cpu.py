@@ -1,6 +1,7 @@
-"""tempspec's CPU attention kernel for a few queries (csrc/attention_cpu.cpp) against the readable reference
-(tempspec_engine.attention.attention_reference, itself checked against torch's SDPA), its batch invariance, and the
-dispatch of tempspec_engine.attention.attend and of the transformer's prefill (from_start)."""
+"""tempspec's CPU attention kernels, for a few queries (csrc/attention_cpu.cpp) and for a causal prefill
+(csrc/prefill_attention_cpu.cpp), against the readable reference (tempspec_engine.attention.attention_reference, itself
+checked against torch's SDPA), their batch invariance, and the dispatch of tempspec_engine.attention.attend and of the
+transformer's prefill (from_start)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,8 @@ from tempspec_engine.models.llama import Transformer
 
 needs_kernel = pytest.mark.skipif(not att.kernel_available(),
                                   reason="the extension is not built or this CPU lacks AVX2/FMA")
+needs_prefill_kernel = pytest.mark.skipif(not att.cpu_has_avx512bf16(),
+                                          reason="the extension is not built or this CPU lacks AVX-512 BF16")
 
 
 def cache_like(B, Hkv, L, D, dtype, g):
@@ -156,3 +159,69 @@ def test_prefill_from_start_matches_the_masked_prefill(T):
     for layer in range(cfg.n_layers):
         torch.testing.assert_close(caches[1].k[layer], caches[0].k[layer])
         torch.testing.assert_close(caches[1].v[layer], caches[0].v[layer])
+
+
+@needs_prefill_kernel
+@pytest.mark.parametrize("B,H,Hkv,T,D", [(1, 9, 3, 33, 64), (2, 4, 2, 130, 64), (1, 4, 1, 70, 128), (1, 2, 2, 64, 64),
+                                         (1, 3, 3, 1, 64), (2, 6, 3, 200, 128)])
+def test_prefill_kernel_matches_reference(B, H, Hkv, T, D):
+    """Causal attention of a whole prompt: within two bf16 steps (the output's rounding and the weights' rounding to
+    bf16 before their product with the values) of the fp32 reference, and no further from it than torch's bf16 SDPA
+    is by more than one step."""
+    g = torch.Generator().manual_seed(T * 10 + D)
+    q, (k, v) = queries(B, H, T, D, torch.bfloat16, g), cache_like(B, Hkv, T, D, torch.bfloat16, g)
+    out = att.kernel_prefill_attention(q, k, v)
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    want = att.attention_reference(q, k, v, torch.ones(T, T, dtype=torch.bool).tril().view(1, 1, T, T)).float()
+    ours = (out.float() - want).abs().max().item()
+    sdpa = (F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).float() - want).abs().max().item()
+    assert ours <= 2 ** -6 and ours <= sdpa + 2 ** -7, (ours, sdpa)
+
+
+@needs_prefill_kernel
+def test_prefill_kernel_rows_do_not_depend_on_the_prompt_length_or_the_batch():
+    """A query's result depends on its own keys alone: a prompt's first n queries attend as the prompt cut to n does,
+    and a row of a right-padded batch as that row alone (what lets the GPU's padded prefill and the CPU's row by row
+    one give the same text)."""
+    g = torch.Generator().manual_seed(4)
+    q, (k, v) = queries(2, 9, 150, 64, torch.bfloat16, g), cache_like(2, 3, 150, 64, torch.bfloat16, g)
+    full = att.kernel_prefill_attention(q, k, v)
+    for n in (33, 64, 97):
+        cut = att.kernel_prefill_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n])
+        assert torch.equal(cut, full[:, :, :n])
+    alone = att.kernel_prefill_attention(q[1:], k[1:], v[1:])
+    assert torch.equal(alone, full[1:])
+
+
+@needs_prefill_kernel
+def test_prefill_kernel_rejects_bad_input():
+    from tempspec_engine import _C
+
+    g = torch.Generator().manual_seed(5)
+    q, (k, v) = queries(1, 4, 40, 64, torch.bfloat16, g), cache_like(1, 2, 40, 64, torch.bfloat16, g)
+    with pytest.raises(RuntimeError, match="must be bfloat16"):
+        _C.prefill_attention_cpu(q.float(), k.float(), v.float(), 0.125)
+    with pytest.raises(RuntimeError, match="head dimension 64 or 128"):
+        _C.prefill_attention_cpu(q[..., :32], k[..., :32], v[..., :32], 0.125)
+    with pytest.raises(RuntimeError, match="as many keys as queries"):
+        _C.prefill_attention_cpu(q, k[:, :, :39], v[:, :, :39], 0.125)
+    with pytest.raises(RuntimeError, match="kv_heads dividing"):
+        _C.prefill_attention_cpu(q, k[:, :1].expand(1, 3, 40, 64), v[:, :1].expand(1, 3, 40, 64), 0.125)
+    torch.library.opcheck(att.prefill_attention_cpu, (q, k, v))
+
+
+@needs_prefill_kernel
+def test_prefill_dispatch(policy):
+    """attend(causal=True) sends a bf16 prefill of more than MAX_KERNEL_QUERIES queries with head dimension 64 or 128
+    to the prefill kernel; fp32, other head dimensions and the policy off go to SDPA."""
+    policy("auto")
+    g = torch.Generator().manual_seed(6)
+    n = att.MAX_KERNEL_QUERIES + 8
+    q, (k, v) = queries(1, 4, n, 64, torch.bfloat16, g), cache_like(1, 2, n, 64, torch.bfloat16, g)
+    assert torch.equal(att.attend(q, k, v, causal=True), att.kernel_prefill_attention(q, k, v))
+    for qq, kk, vv in ((q.float(), k.float(), v.float()), (q[..., :32], k[..., :32], v[..., :32])):
+        assert torch.equal(att.attend(qq, kk, vv, causal=True),
+                           F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True))
+    policy("0")
+    assert torch.equal(att.attend(q, k, v, causal=True),
+                       F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
