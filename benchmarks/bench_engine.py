@@ -9,7 +9,10 @@ For each temperature, on the first N prompts of a Spec-Bench style JSONL file (f
                 unless --no-hf
 Each row reports tokens/s (generated tokens over wall seconds of the whole set), alpha and mean accepted drafts per
 step, and the speedup over target_only at the same batch size; draft_time_s / target_time_s follow the one timing
-rule of tempspec_engine/measure.py (each engine step once).
+rule of tempspec_engine/measure.py (each engine step once). The engine's rows also report prefill_time_s (the prompts
+through every model, each prefill once), decode_tokens_per_s (tokens over the wall seconds outside prefill) and
+decode_speedup_vs_target_only: prefill is the same work with or without a draft, so with short answers it bounds the
+end-to-end speedup, and the decode speedup is what speculation itself gained.
 
 Generation settings beyond temperature (tempspec_engine/sampling.py): --settings runs every method under each preset
 (e.g. "none;top_p=0.9;top_k=50": the filters apply to the target and, in tempspec, to the draft);
@@ -47,8 +50,8 @@ from tempspec_engine.checks import LENIENCE  # noqa: E402
 from tempspec_engine.cli_args import lookahead, positive_int  # noqa: E402
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command  # noqa: E402
 from tempspec_engine.engine import ALTERNATIVES, SpeculativeEngine  # noqa: E402
-from tempspec_engine.measure import (acceptance_by_position, add_figures, alpha_se, sync_device,  # noqa: E402
-                                     timed_generate)
+from tempspec_engine.measure import (acceptance_by_position, add_figures, alpha_se, decode_seconds,  # noqa: E402
+                                     sync_device, timed_generate)
 from tempspec_engine.models.draft import DEFAULT_DRAFT  # noqa: E402
 from tempspec_engine.models.feature_draft import FeatureDraft  # noqa: E402
 from tempspec_engine.models.llama import Transformer  # noqa: E402
@@ -156,8 +159,13 @@ def run_hf(hf_target, hf_draft, prompt_ids, temperature, max_new, eos_ids, k, se
 
 def summarize(sums: dict, speculative: bool) -> dict:
     """tokens/s over the whole set, alpha (accepted / (accepted + rejections)) with its binomial standard error
-    alpha_se, accepted drafts per step, and (speculative) the acceptance per draft position with its raw counts."""
+    alpha_se, accepted drafts per step, and (speculative) the acceptance per draft position with its raw counts; for
+    the engine's rows also prefill_time_s and decode_tokens_per_s (tokens over the wall seconds outside prefill:
+    tempspec_engine/measure.py)."""
     out = {"tokens": sums["tokens"], "seconds": sums["seconds"], "tokens_per_s": sums["tokens"] / sums["seconds"]}
+    decode = decode_seconds(sums)
+    if decode is not None:
+        out.update(prefill_time_s=sums["prefill_time_s"], decode_tokens_per_s=sums["tokens"] / decode)
     if "nll" in sums:
         out["target_nll"] = sums["nll"] / max(sums["tokens"], 1)
     if "steps" in sums:
@@ -410,6 +418,8 @@ def run(args) -> int:
                 for name, _, speculative in methods:
                     res = summarize(sums[name], speculative)
                     res["speedup_vs_target_only"] = res["tokens_per_s"] / ar["tokens_per_s"]
+                    if "decode_tokens_per_s" in res:  # the same, prefill left out of both
+                        res["decode_speedup_vs_target_only"] = res["decode_tokens_per_s"] / ar["decode_tokens_per_s"]
                     variant = name.rpartition("/")[2]
                     if variant in loop_engines:  # the engine that ran this row
                         eng = variant_engines.get(name, loop_engines[variant])

@@ -33,6 +33,7 @@ from typing import List, Optional
 
 import torch
 
+from tempspec_engine.measure import charge_prefill, sync_device
 from tempspec_engine.models.feature_draft import FeatureDraft
 from tempspec_engine.models.lookup_draft import LookupDraft
 from tempspec_engine.ops import sample, speculative_sample
@@ -344,7 +345,10 @@ class _Decoder:
             r.start = now
         steps = max(r.max_new for r in reqs)  # (every live row gains a token per step)
         width = self._load(rows, len(reqs), steps, gen)
+        prefill_start = time.perf_counter()
         self._prefill(width - 1)
+        sync_device(self.device)  # (one wait per wave: the prefill's seconds, apart from the steps')
+        charge_prefill([r.stats for r in reqs], [len(r.seq) - 1 for r in reqs], time.perf_counter() - prefill_start)
         if e.cuda_graphs and self.graph is None:
             self._capture()
         t0, ran, needed = time.perf_counter(), 0, steps

@@ -29,8 +29,7 @@ import torch
 
 from tempspec_engine.adaptive_k import AdaptiveK
 from tempspec_engine.checks import check_positive_int, is_int, per_prompt
-from tempspec_engine.linear import torch_bf16_matmul_is_fast
-from tempspec_engine.measure import acceptance_by_position
+from tempspec_engine.measure import acceptance_by_position, charge_prefill, sync_device
 from tempspec_engine.models.draft import check_spec_form, default_draft, make_draft, make_lookup, split_hybrid
 from tempspec_engine.models.feature_draft import FeatureDraft
 from tempspec_engine.models.llama import Transformer
@@ -64,6 +63,9 @@ class RequestStats:
     plain_steps: int = 0  # steps with no proposal (the target alone: no lookup match, or speculative=False)
     draft_time_s: float = 0.0
     target_time_s: float = 0.0
+    # wall seconds of the prefill that read this request's prompt (the prompt through every model and the proposer's
+    # start), a prefill of several rows shared by their prompt tokens: summed over requests, each prefill once
+    prefill_time_s: float = 0.0
     wall_time_s: float = 0.0
     # per draft position i (0 .. k_max-1): draft tokens proposed at position i of a step (a step that proposed at least
     # i+1 tokens), how many of those were accepted (sum(position_accepted) == accepted), and how many were reached:
@@ -197,12 +199,13 @@ ALTERNATIVES = 2  # alternative tokens per draft position, by default (Speculati
 
 def wide_verification_is_cheap(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a target forward over the 1 + k (1 + ALTERNATIVES) tokens of a tree costs about what one over k + 1
-    costs, so that alternatives pay by default. Not on a CPU whose torch has oneDNN's bf16 product (AVX-512 BF16 or
-    AMX), in bf16: there the extra rows cost more than the tokens they add. On a 2-core Zen 4 EPYC, even with the
-    packed linear kernel (a verification of 4 drafts for 1.1 decodes), the default draft ran at 1.26x the target
-    alone with two alternatives and 1.27x without at T=0, 1.08x and 1.16x at T=1 (20 Spec-Bench prompts: README,
-    "Packed weights for the linear kernel")."""
-    return not (device.type == "cpu" and dtype == torch.bfloat16 and torch_bf16_matmul_is_fast())
+    costs, so that alternatives pay by default. Not on a CPU in bf16, where tempspec's linear kernel (or oneDNN) does
+    arithmetic for every row: the extra rows cost more than the tokens they add. On a 2-core Zen 4 EPYC (AVX-512 BF16,
+    the packed kernel) the default draft ran at 1.26x the target alone with two alternatives and 1.27x without at T=0,
+    1.08x and 1.16x at T=1; on a 2-core Zen 1 EPYC (AVX2, the avx2 kernel) at 1.14x and 1.18x at T=0, 0.94x and
+    1.09x at T=1 (20 Spec-Bench prompts, 64 new tokens: README, "Packed weights for the linear kernel" and "Prefill,
+    counted apart")."""
+    return not (device.type == "cpu" and dtype == torch.bfloat16)
 
 
 class SpeculativeEngine:
@@ -555,7 +558,8 @@ class SpeculativeEngine:
 
     def _prefill(self, reqs, models, caches, proposer):
         """Runs prompt[:-1] of each request through every model, in the groups of _prefill_groups, and starts the
-        proposer on each group (a feature draft's head reads the target's features of its group: proposers.py)."""
+        proposer on each group (a feature draft's head reads the target's features of its group: proposers.py).
+        Charges each group's wall seconds to its requests' prefill_time_s (one device sync per group on a GPU)."""
         now = time.perf_counter()
         for r in reqs:
             r.start = now
@@ -563,6 +567,7 @@ class SpeculativeEngine:
         needs_features = proposer is not None and proposer.needs_features
         started = set()
         for a, b in self._prefill_groups(lens) if max(lens) > 0 else ():
+            t0 = time.perf_counter()
             width = max(lens[a:b])
             tokens = torch.tensor([r.seq[:-1] + [0] * (width - l) for r, l in zip(reqs[a:b], lens[a:b])],
                                   device=self.device)
@@ -577,6 +582,8 @@ class SpeculativeEngine:
                     model(tokens, positions, cache, kv_len=width, compute_logits=False, from_start=True)
             if proposer is not None:
                 proposer.start(reqs[a:b], features, rows[1:])
+            sync_device(self.device)
+            charge_prefill([r.stats for r in reqs[a:b]], lens[a:b], time.perf_counter() - t0)
             started.update(range(a, b))
         for i in range(len(reqs)):  # one-token prompts: nothing to prefill
             if proposer is not None and i not in started:

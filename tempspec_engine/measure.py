@@ -17,6 +17,10 @@ last covers every step of the call once. Hence:
 With width 1 that is the sum over the requests; with all requests in one batch, the request that ended last (the
 max over them), never row 0 (it may end first). Exact up to float rounding. Outside every step's time: prefill,
 a lookup that proposed nothing (its step runs the target alone), commits; `seconds` (wall) includes them.
+
+Prefill is charged apart (charge_prefill): each prefill's wall seconds go to the requests it read, shared by their
+prompt tokens, so prefill_time_s = the sum over requests counts every prefill once, and seconds - prefill_time_s is
+the call's decode time (decode_seconds): what speculative decoding can shorten.
 """
 from __future__ import annotations
 
@@ -95,6 +99,22 @@ def sync_device(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def charge_prefill(stats: Sequence, prompt_tokens: Sequence[int], seconds: float) -> None:
+    """Adds the wall `seconds` of one prefill to the prefill_time_s of the RequestStats it read, in proportion to
+    their prompt tokens (equal shares when none has any)."""
+    total = sum(prompt_tokens)
+    for s, n in zip(stats, prompt_tokens):
+        s.prefill_time_s += seconds * (n / total if total else 1.0 / len(stats))
+
+
+def decode_seconds(figures: dict) -> Optional[float]:
+    """seconds - prefill_time_s of timed_generate's figures (summed over calls or not); None without prefill_time_s
+    (figures of another generator, e.g. Hugging Face's)."""
+    if "prefill_time_s" not in figures:
+        return None
+    return figures["seconds"] - figures["prefill_time_s"]
+
+
 def step_times(stats: Sequence, width: int) -> Tuple[int, float, float]:
     """(engine steps, draft seconds, target seconds) of one generate() call from its RequestStats in prompt order
     and its batch width, by the rule of the module docstring."""
@@ -112,8 +132,9 @@ def timed_generate(engine, prompts, temperature=0.0, max_new_tokens=128, *, batc
     syncs; returns (outputs, figures). figures: tokens (generated), seconds (wall, perf_counter), steps / accepted /
     rejections / lookup_steps / plain_steps (summed over requests), position_proposed / _accepted / _reached (lists per
     draft position, summed elementwise over requests), engine_steps (batched steps), draft_time_s and target_time_s
-    (seconds, each step once: see the module docstring); with engine.device_loop, loop_steps, loop_wall_s and
-    loop_syncs (its batched steps, their wall seconds, prefill excluded, and its host reads)."""
+    (seconds, each step once: see the module docstring), prefill_time_s (summed over requests: each prefill once);
+    with engine.device_loop, loop_steps, loop_wall_s and loop_syncs (its batched steps, their wall seconds, prefill
+    excluded, and its host reads)."""
     sync_device(engine.device)
     t0 = time.perf_counter()
     outs = engine.generate(prompts, temperature, max_new_tokens, batch_size=batch_size, **kwargs)
@@ -128,7 +149,8 @@ def timed_generate(engine, prompts, temperature=0.0, max_new_tokens=128, *, batc
         for s in stats:
             total = add_lists(total, getattr(s, key))
         figures[key] = total
-    figures.update(engine_steps=steps, draft_time_s=draft, target_time_s=target)
+    figures.update(engine_steps=steps, draft_time_s=draft, target_time_s=target,
+                   prefill_time_s=sum(s.prefill_time_s for s in stats))
     if getattr(engine, "device_loop", None) is not None:  # its steps and their wall seconds (prefill excluded): device_loop.py
         timing = engine.device_loop.timing
         figures.update(loop_steps=timing.steps, loop_wall_s=timing.wall_s, loop_syncs=timing.syncs)

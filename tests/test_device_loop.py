@@ -60,6 +60,7 @@ def test_greedy_device_loop_equals_the_target(target, name, batch):
     # no step runs after a wave's last row is done (no EOS here): the host reads the state early enough
     waves = [got[i:i + batch] for i in range(0, len(got), batch)]
     assert engine.device_loop.timing.steps == sum(max(o.stats.steps for o in w) for w in waves)
+    assert all(o.stats.prefill_time_s > 0 for o in got)  # each wave's prefill, shared by its rows
     alone = engine.generate(PROMPTS, 0.0, [30, 12, 30, 21], batch_size=batch, speculative=False)
     assert [o.token_ids for o in alone] == [o.token_ids for o in want]
     assert all(o.stats.plain_steps == o.stats.steps == len(o.token_ids) for o in alone)

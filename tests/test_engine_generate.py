@@ -314,16 +314,14 @@ def test_draft_cache_after_rejections_equals_a_fresh_pass(draft, temperature):
         torch.testing.assert_close(caches[1].v[layer][0, :, :n], fresh.v[layer][0, :, :n], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("onednn_bf16", [False, True])
-def test_alternatives_default_follows_the_cost_of_a_wide_verification(target, monkeypatch, onednn_bf16):
-    """On a CPU whose torch has oneDNN's bf16 product, a bf16 engine names no alternatives by default (a wider
-    verification costs in proportion there); in fp32, or without oneDNN's bf16 product, it names ALTERNATIVES."""
+def test_alternatives_default_follows_the_cost_of_a_wide_verification(target):
+    """On a CPU a bf16 engine names no alternatives by default (a wider verification costs in proportion there, with
+    tempspec's linear kernel or oneDNN's); in fp32 it names ALTERNATIVES."""
     from tempspec_engine import engine as engine_mod
 
-    monkeypatch.setattr(engine_mod, "torch_bf16_matmul_is_fast", lambda: onednn_bf16)
     bf16 = SpeculativeEngine(target, "layers:0", device="cpu", dtype=torch.bfloat16, max_len=64)
     fp32 = SpeculativeEngine(target, "layers:0", device="cpu", dtype=torch.float32, max_len=64)
-    assert bf16.alternatives == (0 if onednn_bf16 else engine_mod.ALTERNATIVES)
+    assert bf16.alternatives == 0 and not engine_mod.wide_verification_is_cheap(torch.device("cpu"), torch.bfloat16)
     assert fp32.alternatives == engine_mod.ALTERNATIVES
     assert SpeculativeEngine(target, "layers:0", device="cpu", dtype=torch.bfloat16, max_len=64,
                              alternatives=1).alternatives == 1  # an explicit choice stands

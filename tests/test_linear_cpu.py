@@ -80,13 +80,14 @@ def test_kernel_leading_dims_and_empty():
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("K", [576, 600])
+@pytest.mark.parametrize("K", [576, 577, 600])
 def test_kernel_rows_do_not_depend_on_the_batch(isa, K):
     """Row m of the product is the same bits whether it is computed alone or among 70 rows (verification of k+1
-    tokens gives the logits k+1 decodes give)."""
+    tokens gives the logits k+1 decodes give); an odd N leaves a last tile of one weight row, K = 577 a tail past the
+    last 8 inputs."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(70, K, generator=g).bfloat16()
-    w = torch.randn(300, K, generator=g).bfloat16()
+    w = torch.randn(301, K, generator=g).bfloat16()
     y = _C.linear_bf16_cpu(x, w, isa=isa)
     for m in (0, 1, 2, 63, 64, 69):
         assert torch.equal(_C.linear_bf16_cpu(x[m:m + 1], w, isa=isa), y[m:m + 1])

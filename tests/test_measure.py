@@ -1,13 +1,14 @@
 """tempspec_engine/measure.py, run_meta.py and results.write_json on tiny random models: the summed figures of a timed
 generate() call, its draft/target seconds counting every engine step once (rows that end at different steps, more
 prompts than rows), bench_engine using the same rule, the counts per draft position and the standard error of alpha,
-the metadata keys and the JSON writer."""
+prefill charged apart from the steps, the metadata keys and the JSON writer."""
 import datetime
 import importlib.util
 import itertools
 import json
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -19,7 +20,9 @@ from trainer_fixtures import one_thread  # noqa: E402
 from tempspec_engine import engine as engine_mod  # noqa: E402
 from tempspec_engine.engine import SpeculativeEngine  # noqa: E402
 from tempspec_engine.measure import (COUNTS, POSITION_COUNTS, acceptance_by_position, add_figures,  # noqa: E402
-                                     alpha_se, speedup_interval, step_times, timed_generate)
+                                     alpha_se, charge_prefill, decode_seconds, speedup_interval, step_times,
+                                     timed_generate)
+from tempspec_engine.models.feature_draft import FeatureDraft, FeatureDraftConfig  # noqa: E402
 from tempspec_engine.results import write_json  # noqa: E402
 from tempspec_engine.run_meta import collect_meta  # noqa: E402
 
@@ -94,6 +97,37 @@ def test_more_prompts_than_rows(target, step_log, draft, static_shapes, speculat
     assert sum(o.stats.target_time_s for o in outs) > fig["target_time_s"]  # shared steps counted once
     if not speculative:
         assert fig["draft_time_s"] == 0 and fig["plain_steps"] == fig["steps"] == 43
+
+
+@pytest.mark.parametrize("draft, speculative", [("feature", True), ("layers:0", True), ("none", False)])
+def test_prefill_time_counts_each_prefill_once(target, draft, speculative):
+    """5 prompts on 2 rows (queued requests prefilled as rows free up): prefill_time_s is the sum over requests, every
+    prompt of 2+ tokens was charged, a one-token prompt (nothing to prefill) was not, and prefill lies outside the
+    steps' time within the call's wall seconds ("feature": a head that reads the target's features at prefill)."""
+    if draft == "feature":
+        draft = FeatureDraft(FeatureDraftConfig.for_target(target.model.config)).attach(
+            target.model.embed_tokens, target.model.lm_head).eval()
+    eng = make_engine(target, draft)
+    outs, fig = timed_generate(eng, PROMPTS, 0.0, 6, batch_size=2, seed=0, speculative=speculative)
+    stats = [o.stats for o in outs]
+    assert fig["prefill_time_s"] == sum(s.prefill_time_s for s in stats)
+    assert [s.prefill_time_s > 0 for s in stats] == [len(p) > 1 for p in PROMPTS]
+    assert fig["prefill_time_s"] + fig["draft_time_s"] + fig["target_time_s"] <= fig["seconds"]
+    assert decode_seconds(fig) == fig["seconds"] - fig["prefill_time_s"] and decode_seconds({"seconds": 1.0}) is None
+
+
+def test_one_prefill_of_several_rows_is_shared_by_prompt_tokens(target, monkeypatch):
+    """A prefill of several rows (a GPU's: _prefill_groups) charges each request its share of prompt[:-1] tokens; a
+    clock that ticks 1 s per reading makes the prefill take exactly 1 s."""
+    ticks = itertools.count()
+    monkeypatch.setattr(engine_mod, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    monkeypatch.setattr(SpeculativeEngine, "_prefill_groups", lambda self, lens: [(0, len(lens))])
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[3]]  # 2, 3 and 1 tokens to prefill
+    outs = make_engine(target).generate(prompts, 0.0, 4, batch_size=3, seed=0)
+    assert [o.stats.prefill_time_s for o in outs] == [2 / 6, 3 / 6, 1 / 6]
+    stats = [types.SimpleNamespace(prefill_time_s=0.0) for _ in range(2)]
+    charge_prefill(stats, [0, 0], 3.0)  # no prompt tokens at all: equal shares
+    assert [s.prefill_time_s for s in stats] == [1.5, 1.5]
 
 
 def test_step_times_lanes():
@@ -246,6 +280,9 @@ def test_bench_engine_summary_keys():
             "alternative_hits": 1, "plain_steps": 1, "draft_time_s": 0.5, "target_time_s": 1.0, "position_proposed": [3, 3, 2, 0],
             "position_accepted": [3, 2, 1, 0], "position_reached": [3, 3, 2, 0]}
     res = bench.summarize(sums, True)
+    assert "decode_tokens_per_s" not in res  # figures without prefill_time_s (Hugging Face's)
+    res = bench.summarize({**sums, "prefill_time_s": 0.5}, True)
+    assert res["decode_tokens_per_s"] == 12 / 1.5 and res["prefill_time_s"] == 0.5
     assert res["alpha"] == 0.75 and res["alpha_se"] == math.sqrt(0.75 * 0.25 / 8)
     assert res["acceptance_by_position"] == [1.0, 2 / 3, 0.5, None]
     assert res["conditional_acceptance_by_position"] == [1.0, 2 / 3, 0.5, None]
