@@ -53,6 +53,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def cache_views(B: int, Hkv: int, L: int, D: int, g: torch.Generator):
+    """Random bf16 keys and values [B, Hkv, L, D], each a view of the first L positions of a cache of L + 64 (as the
+    engine's KV cache hands them over: strided, not contiguous)."""
+    return tuple(torch.randn(B, Hkv, L + 64, D, generator=g).bfloat16()[:, :, :L] for _ in range(2))
+
+
 def run(args) -> int:
     if not kernel_available():
         raise ValueError("tempspec's CPU attention kernel is not available here (the extension is not built, or this "
@@ -66,8 +72,7 @@ def run(args) -> int:
     B, H, Hkv, D = args.batch, args.heads, args.kv_heads, args.head_dim
     rows = []
     for L in args.lengths:
-        k = torch.randn(B, Hkv, L + 64, D, generator=g).bfloat16()[:, :, :L]
-        v = torch.randn(B, Hkv, L + 64, D, generator=g).bfloat16()[:, :, :L]
+        k, v = cache_views(B, Hkv, L, D, g)
         for T in args.queries:
             if T > L:
                 continue
@@ -93,8 +98,7 @@ def run_prefill(args) -> int:
     B, H, Hkv, D = args.batch, args.heads, args.kv_heads, args.head_dim
     rows = []
     for L in args.lengths:
-        k = torch.randn(B, Hkv, L + 64, D, generator=g).bfloat16()[:, :, :L]
-        v = torch.randn(B, Hkv, L + 64, D, generator=g).bfloat16()[:, :, :L]
+        k, v = cache_views(B, Hkv, L, D, g)
         q = torch.randn(B, L, H, D, generator=g).bfloat16().transpose(1, 2)
         ours = time_ms(lambda: kernel_prefill_attention(q, k, v), args.reps, args.rounds)
         sdpa = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv),
