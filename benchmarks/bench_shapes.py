@@ -19,6 +19,9 @@ conventions: positions per row, kv_len = the last position + 1, an attention mas
   verify_ms[k]       one target forward of k+1 tokens per row (the verification of k drafts), all k+1 logits
   draft_step_ms      one draft forward of 1 token per row, logits included (sampling not included)
   feature_step_ms    one feature-head forward of 1 position per row plus the target's output head on its prediction
+and fits the engine's cost model to them (tempspec_engine/adaptive_k.py: what each more token of a forward costs, in
+one-row decodes): one slope for every token (verify_slope_fit), and one for the first KNEE more tokens with another
+beyond (verify_cost_fit).
 Each time is the median of --reps calls after --warmup calls, the device synchronized (measure.sync_device) before and
 after every call; eager PyTorch on the CPU, each call replayed as a captured CUDA graph on CUDA (no launch overhead in
 the figures, as in the engine's static-shape paths); no torch.compile.
@@ -357,6 +360,43 @@ def timing_rows(measured: Dict[int, dict]) -> List[dict]:
     return rows
 
 
+KNEE = 4  # the more tokens of a forward that verify_cost_fit prices at its first slope
+
+
+def _cost_points(timings: List[dict]) -> List[tuple]:
+    """(n - 1, cost - 1) for the timed forwards of n > 1 tokens, all rows together (the B-row decodes, n = B, and the
+    verifications, n = B (k + 1)), the cost in one-row decodes; [] without a B = 1 decode to measure them against."""
+    one = next((t["target_decode_ms"] for t in timings if t["B"] == 1), None)
+    points = {(t["B"], t["B"]): t["target_decode_ms"] for t in timings}
+    points.update({(t["B"], t["B"] * (t["k"] + 1)): t["verify_ms"] for t in timings})
+    return [(n - 1, ms / one - 1) for (_, n), ms in points.items() if n > 1] if one else []
+
+
+def _through_origin(xy: List[tuple]) -> float:
+    return max(0.0, sum(x * y for x, y in xy) / sum(x * x for x, _ in xy))
+
+
+def verify_slope_fit(timings: List[dict]):
+    """The flat slope of the engine's seeded cost model (tempspec_engine/adaptive_k.py: a forward over n tokens, all
+    rows together, costs 1 + slope (n - 1) one-row decodes; the engine's verify_slope), least squares through the
+    origin over _cost_points; None without points."""
+    xy = _cost_points(timings)
+    return _through_origin(xy) if xy else None
+
+
+def verify_cost_fit(timings: List[dict]):
+    """The cost model with a knee (adaptive_k.py: 1 + slope min(n - 1, KNEE) + beyond max(0, n - 1 - KNEE), the form
+    of adaptive_k.VERIFY_COSTS): {"slope", "knee", "beyond"}, each slope fitted through its segment's origin; None
+    unless both segments have points."""
+    xy = _cost_points(timings)
+    few, more = [p for p in xy if p[0] <= KNEE], [p for p in xy if p[0] > KNEE]
+    if not few or not more:
+        return None
+    slope = _through_origin(few)
+    return {"slope": slope, "knee": KNEE,
+            "beyond": _through_origin([(x - KNEE, y - slope * KNEE) for x, y in more])}
+
+
 def projection_rows(timings: List[dict], profiles: Dict[str, Dict[str, List[float]]]):
     """(rows: one per B, k, draft kind, profile; best: one per B, draft kind, profile, at its best k)."""
     rows, best = [], []
@@ -395,6 +435,13 @@ def print_report(result: dict) -> None:
         print(f"{t['B']:>4} {t['prefill_ms']:>9.3f} {t['target_decode_ms']:>9.3f} {t['draft_step_ms']:>9.3f} "
               f"{t['feature_step_ms']:>9.3f}  "
               + " ".join(f"{verify[k]:>9.3f}" for k in ks))
+    if result["verify_slope_fit"] is not None:
+        print(f"cost-model slope per verified token (fit): {result['verify_slope_fit']:.3f} (the engine's "
+              f"verify_slope, --verify-slope of tempspec generate)")
+    fit = result["verify_cost_fit"]
+    if fit is not None:
+        print(f"with a knee: {fit['slope']:.3f} per token for the first {fit['knee']} more, {fit['beyond']:.3f} beyond "
+              f"(the form of tempspec_engine/adaptive_k.py VERIFY_COSTS)")
     print("PROJECTED speedup over the target alone (random-weight timings x assumed acceptance; NOT measured):")
     print(f"{'B':>4} {'kind':>8} {'profile':>16} {'best k':>6} {'tok/step':>8} {'step ms':>9} {'speedup':>8}")
     for b in result["best"]:
@@ -452,6 +499,8 @@ def run(args) -> int:
         "profiles": profiles,
         "meta": meta,
         "timings": timings,
+        "verify_slope_fit": verify_slope_fit(timings),
+        "verify_cost_fit": verify_cost_fit(timings),
         "projections": projections,
         "best": best,
     }

@@ -8,16 +8,23 @@ position and per temperature (rounded to 0.05) from decayed counts (accepted / r
 position before it with two pseudo-observations. The step's cost is k draft forwards plus one verification of k+1
 tokens, both measured (with the alternatives a draft names, engine.py, inside the verification; the cost model below
 leaves them out: at these sizes a few more verified tokens cost next to nothing), and we pick the k in [k_min, k_max]
-that maximizes the batch's expected tokens per second.
+that maximizes the batch's expected tokens per second. The engine lets k be 0 (k_min = 0): where no draft length
+pays, the step runs the target alone, and after `explore_every` such steps in a row one step drafts anyway, so that the
+acceptance estimates keep learning (each exploration that changes nothing doubles that gap, up to EXPLORE_GAP_GROWTH
+times; an answer of k >= 1 resets it).
 
 Measured timings carry noise, so two runs with the same seed could pick different k and so sample different text.
 With `fixed_costs` the costs come from a model instead: the engine passes the weights each forward multiplies a token
 by, draft against target, and a forward over n tokens, all rows of the batch together, costs (1 + slope * (n - 1))
 times one token's (slope = verify_slope_prior). So a draft forward of B rows costs (1 + slope (B - 1)) draft weights
 and the verification of k+1 tokens per row (1 + slope (B (k+1) - 1)) target weights: the wider the batch, the dearer
-each drafted position, as measured on a 2-core Zen 4 (bf16, the default target: 4 rows verifying 2 or 5 tokens each
-cost 1.45 and 2.2 one-row decodes, 0.06 per token). The choices then depend on the accepted counts alone, and a seeded
-run repeats token for token.
+each drafted position. The costs depend on the machine (VERIFY_COSTS; benchmarks/bench_shapes.py fits them): on a
+2-core Zen 4 EPYC (AVX-512 BF16, bf16, the default target) 4 rows verifying 2 or 5 tokens each cost 1.45 and 2.2
+one-row decodes, about 0.06 per token. On a 2-core Zen 1 EPYC (AVX2) the first few more tokens cost little and the
+later ones more, as the forward turns from reading weights to doing arithmetic: one row verifying 2 to 5 tokens costs
+1.07-1.30 decodes, 4 rows verifying 2 to 5 tokens each 1.77-3.78; so there a forward over n tokens costs
+1 + slope min(n - 1, knee) + beyond max(0, n - 1 - knee). The choices then depend on the accepted counts alone, and a
+seeded run repeats token for token.
 
 Stopping on confidence (DraftChain, EAGLE-2's observation): a draft model's own probability of its top token says
 much about whether that token will be accepted. Teacher-forced on held-out Spec-Bench responses, the shipped
@@ -37,6 +44,15 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 CONFIDENCE_BINS = 10  # the calibration of a draft's confidence: acceptance per tenth of [0, 1]
 
+# The cost model's (slope, (knee, beyond) or None) per more token of a forward (module docstring), by the CPU kernel
+# variant that runs a bf16 forward (linear.kernel_isa()); DEFAULT_VERIFY_SLOPE, flat, everywhere else. avx2: fitted by
+# `benchmarks/bench_shapes.py --batch-sizes 1,4 --ks 1-4 --context 336` on a 2-core Zen 1 EPYC
+# (benchmarks/results/shapes_smollm2-135m_cpu-amd-epyc-avx2_bf16_slope_fit.json: 0.070-0.075 per token up to 4 more,
+# 0.167 beyond, in two runs); avx512bf16: the flat slope measured before on a 2-core Zen 4 EPYC (0.02-0.07 per token).
+DEFAULT_VERIFY_SLOPE = 0.05
+VERIFY_COSTS = {"avx2": (0.075, (4, 0.17)), "avx512bf16": (DEFAULT_VERIFY_SLOPE, None)}
+EXPLORE_GAP_GROWTH = 16  # the longest run of plain steps between explorations: this many times explore_every
+
 
 def expected_tokens(alpha: Union[float, Sequence[float]], k: int) -> float:
     """Expected tokens emitted by one step (accepted drafts plus the corrected/bonus token). alpha: one acceptance
@@ -53,12 +69,20 @@ class AdaptiveK:
     """Running estimates of alpha_j (per temperature) and of step costs; `choose` returns the best k."""
 
     def __init__(self, k_min: int = 1, k_max: int = 8, initial_k: int = 4, prior_alpha: float = 0.6,
-                 decay: float = 0.98, verify_slope_prior: float = 0.05,
-                 fixed_costs: Optional[Tuple[float, float]] = None):
+                 decay: float = 0.98, verify_slope_prior: float = DEFAULT_VERIFY_SLOPE,
+                 fixed_costs: Optional[Tuple[float, float]] = None, explore_every: int = 16,
+                 verify_beyond: Optional[Tuple[int, float]] = None):
         """fixed_costs: (cost of one draft forward, cost of verifying one token) in any common unit; then the
-        timings given to update() are not used (see the module docstring)."""
+        timings given to update() are not used (see the module docstring). verify_slope_prior, verify_beyond =
+        (knee, beyond): the cost model's price of each more token of a forward, the first knee of them and the others
+        (None: verify_slope_prior for all). k_min = 0: choose() may answer 0 (no draft pays), at first never more than
+        explore_every times in a row (the module docstring)."""
         self.k_min, self.k_max, self.initial_k = k_min, k_max, initial_k
+        self.explore_every = explore_every
+        self._plain_run = 0  # choose()'s answers of 0 in a row
+        self._explore_gap = explore_every  # answers of 0 in a row before the next exploration
         self.prior_alpha, self.decay, self.verify_slope_prior = prior_alpha, decay, verify_slope_prior
+        self.verify_beyond = verify_beyond
         # temperature bucket -> [accepted, reached] per draft position 1..k_max (decayed)
         self.counts: Dict[float, List[List[float]]] = {}
         self.fixed = fixed_costs is not None
@@ -96,8 +120,10 @@ class AdaptiveK:
                draft_seconds: float, verify_seconds: float,
                confidences: Optional[Sequence[Sequence[float]]] = None) -> None:
         """Records one step: per-row temperatures and accepted counts; wall seconds of the k drafts and the verify;
-        confidences: per row, the confidence of each of its k drafts (DraftChain.confidences) or None, or None."""
-        for r, (t, a) in enumerate(zip(temperatures, accepted)):
+        confidences: per row, the confidence of each of its k drafts (DraftChain.confidences) or None, or None.
+        k = 0, a step of the target alone: only its time counts (nothing was proposed, so the estimates of
+        acceptance stay as they are)."""
+        for r, (t, a) in enumerate(zip(temperatures, accepted) if k > 0 else ()):
             rows = self.counts.setdefault(self._bucket(t), [[0.0, 0.0] for _ in range(self.k_max)])
             bins = None if confidences is None or confidences[r] is None else self.calibration.setdefault(
                 self._bucket(t), [[0.0, 0.0] for _ in range(CONFIDENCE_BINS)])
@@ -121,8 +147,14 @@ class AdaptiveK:
         self.verify_time[k] = verify_seconds if old is None else 0.9 * old + 0.1 * verify_seconds
 
     def _forward_cost(self, weight: float, tokens: int) -> float:
-        """The cost model's forward over `tokens` tokens (every row together): weight x (1 + slope (tokens - 1))."""
-        return weight * (1 + self.verify_slope_prior * (tokens - 1))
+        """The cost model's forward over `tokens` tokens (every row together): weight x (1 + slope (tokens - 1)), or
+        with verify_beyond = (knee, beyond) weight x (1 + slope min(tokens - 1, knee) + beyond max(0, tokens - 1 -
+        knee))."""
+        more = tokens - 1
+        if self.verify_beyond is None:
+            return weight * (1 + self.verify_slope_prior * more)
+        knee, beyond = self.verify_beyond
+        return weight * (1 + self.verify_slope_prior * min(more, knee) + beyond * max(0, more - knee))
 
     def draft_cost(self, rows: int = 1) -> float:
         """One draft forward of `rows` rows: the cost model's, or the measured seconds (of the batch running)."""
@@ -148,19 +180,30 @@ class AdaptiveK:
         base = self.verify_time[k0] / (1 + self.verify_slope_prior * k0)
         return base * (1 + self.verify_slope_prior * k)
 
-    def choose(self, temperatures: Sequence[float]) -> int:
-        """The k maximizing sum over rows of expected tokens, divided by the step's expected time."""
+    def choose(self, temperatures: Sequence[float], rows: Optional[int] = None) -> int:
+        """The k in [k_min, k_max] maximizing the batch's expected tokens divided by the step's expected time (ties:
+        the smaller k). temperatures: those of the rows whose proposals come from this estimator's draft; rows: the
+        rows the step verifies (default: as many), each of the others expecting one token whatever k (the target's
+        own). An answer of 0 (the target alone pays best) after enough of them in a row (the module docstring) is the
+        best k >= 1 instead. Call it once per step: it counts its answers."""
         if not self.fixed and (self.draft_time is None or not self.verify_time):
             return self.initial_k
+        rows = len(temperatures) if rows is None else rows
         per_bucket = {}
         alphas = [per_bucket.setdefault(self._bucket(t), self.acceptance(t)) for t in temperatures]
-        best_k, best_rate = self.initial_k, -1.0
-        for k in range(self.k_min, self.k_max + 1):
-            tokens = sum(expected_tokens(a, k) for a in alphas)
-            rate = tokens / self.step_cost(k, len(alphas))
-            if rate > best_rate:
-                best_k, best_rate = k, rate
-        return best_k
+        rates = {k: (sum(expected_tokens(a, k) for a in alphas) + rows - len(alphas)) / self.step_cost(k, rows)
+                 for k in range(self.k_min, self.k_max + 1)}
+        best = max(rates, key=rates.get)  # (the first of equal rates: the smaller k)
+        if best == 0:
+            self._plain_run += 1
+            if self._plain_run <= self._explore_gap:
+                return 0
+            self._explore_gap = min(2 * self._explore_gap, EXPLORE_GAP_GROWTH * self.explore_every)
+            best = max((k for k in rates if k > 0), key=rates.get)
+        else:
+            self._explore_gap = self.explore_every
+        self._plain_run = 0
+        return best
 
     def chain(self, temperatures: Sequence[float], k_max: Optional[int] = None) -> "DraftChain":
         """A DraftChain for one step of rows at `temperatures` (the live rows, in order), at most k_max drafts

@@ -10,7 +10,8 @@ import sys
 from typing import List, Optional, Sequence
 
 from tempspec_engine import __version__
-from tempspec_engine.cli_args import DRAFT_FORMS, add_model_arguments, add_sampling_arguments, positive_int, sampling_kwargs
+from tempspec_engine.cli_args import (DRAFT_FORMS, add_model_arguments, add_sampling_arguments, non_negative_float,
+                                      positive_int, sampling_kwargs)
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command
 from tempspec_engine.sweep import add_sweep_parser, sweep_command
 
@@ -42,6 +43,10 @@ def _parser() -> OneLineParser:
                    help="tokens a model draft names per draft position besides its own for the target to read in "
                         "the same verification, 0 for none (default: 2 with a model draft on a Llama-family target, "
                         "else 0)")
+    g.add_argument("--verify-slope", type=non_negative_float, default=None,
+                   help="with --k auto, the cost model's price of each more verified token, in decodes of one token "
+                        "the same for every token (benchmarks/bench_shapes.py fits yours; default: the costs measured "
+                        "for this CPU's kernel variant, tempspec_engine/adaptive_k.py VERIFY_COSTS)")
     g.add_argument("--no-confidence-stop", action="store_true",
                    help="with --k auto, choose k before drafting instead of stopping on the draft's confidence "
                         "(default: stop on confidence, except on CUDA)")
@@ -95,7 +100,7 @@ def generate_command(args, out=None, err=None) -> int:
     set_threads(args.threads)
     engine = SpeculativeEngine(args.target, args.draft, device=args.device, dtype=args.dtype, k=args.k,
                                max_len=args.max_len, allow_download=args.allow_download,
-                               alternatives=args.alternatives,
+                               alternatives=args.alternatives, verify_slope=args.verify_slope,
                                confidence_stop=False if args.no_confidence_stop else None,
                                device_loop=args.device_loop, sync_every=args.sync_every)
     single = len(args.prompt) == 1

@@ -24,6 +24,17 @@ def positive_int(text: str) -> int:
     return n
 
 
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (argparse type)."""
+    try:
+        x = float(text)
+    except ValueError:
+        x = -1.0
+    if not 0 <= x < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return x
+
+
 def lookahead(text: str):
     """--k: 'auto' or an integer >= 1."""
     if text == "auto":

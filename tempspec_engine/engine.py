@@ -27,8 +27,9 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from tempspec_engine.adaptive_k import AdaptiveK
+from tempspec_engine.adaptive_k import DEFAULT_VERIFY_SLOPE, VERIFY_COSTS, AdaptiveK
 from tempspec_engine.checks import check_positive_int, is_int, per_prompt
+from tempspec_engine.linear import cpu_kernel_enabled, kernel_isa
 from tempspec_engine.measure import acceptance_by_position, charge_prefill, sync_device
 from tempspec_engine.models.draft import check_spec_form, default_draft, make_draft, make_lookup, split_hybrid
 from tempspec_engine.models.feature_draft import FeatureDraft
@@ -208,6 +209,15 @@ def wide_verification_is_cheap(device: torch.device, dtype: torch.dtype) -> bool
     return not (device.type == "cpu" and dtype == torch.bfloat16)
 
 
+def default_verify_cost(device: torch.device, dtype: torch.dtype) -> Tuple[float, Optional[Tuple[int, float]]]:
+    """The seeded cost model's price of each more token of a forward (adaptive_k.py: slope, and (knee, beyond) or
+    None) on `device` in `dtype`: the one measured for the CPU kernel variant that runs them (adaptive_k.VERIFY_COSTS),
+    else DEFAULT_VERIFY_SLOPE for every token."""
+    if device.type == "cpu" and dtype == torch.bfloat16 and cpu_kernel_enabled():
+        return VERIFY_COSTS.get(kernel_isa(), (DEFAULT_VERIFY_SLOPE, None))
+    return DEFAULT_VERIFY_SLOPE, None
+
+
 class SpeculativeEngine:
     """Loads a target and a draft, owns both KV caches and generates losslessly.
 
@@ -218,8 +228,12 @@ class SpeculativeEngine:
         default_draft), a draft spec such as "distilled:1",
         "layers:0,14,29", "lookup+distilled:1" (hybrid) or "random", a path/hub name, a LoadedModel or a
         Transformer; "none" for target-only.
-    k: "auto" (adaptive, see adaptive_k.py; with a seed, chosen without timings so that the text repeats) or a
-        fixed lookahead.
+    k: "auto" (adaptive, see adaptive_k.py; with a seed, chosen without timings so that the text repeats; 0 where
+        no draft length pays: the step then runs the target alone) or a fixed lookahead. k_min: the least lookahead
+        "auto" chooses (1: every step drafts, e.g. to measure acceptance wherever it does not pay).
+    verify_slope: the seeded cost model's price of each more token of a forward, in decodes of one token, the same
+        for every token (adaptive_k.py). Default: default_verify_cost(device, dtype), measured for this machine's
+        kernel variant; `benchmarks/bench_shapes.py` fits both forms on yours.
     confidence_stop: with k="auto", a model draft decides after each token whether one more pays, from its own
         confidence (adaptive_k.py's DraftChain: one host read per draft token) instead of fixing k before drafting.
         Default: on except on CUDA, where the host read would stall the device between draft steps.
@@ -251,9 +265,14 @@ class SpeculativeEngine:
                  backend: str = "auto", static_shapes: Optional[bool] = None, cuda_graphs: Optional[bool] = None,
                  allow_download: bool = False, confidence_stop: Optional[bool] = None,
                  alternatives: Optional[int] = None, device_loop: bool = False, sync_every: int = 8,
-                 compile_step: bool = False):
+                 compile_step: bool = False, verify_slope: Optional[float] = None, k_min: int = 0):
         check_positive_int("max_batch_size", max_batch_size)
+        if verify_slope is not None and not (isinstance(verify_slope, (int, float)) and not isinstance(
+                verify_slope, bool) and 0 <= verify_slope < float("inf")):
+            raise ValueError(f"verify_slope must be a finite number >= 0, got {verify_slope!r}")
         check_positive_int("k_max", k_max)
+        if not (is_int(k_min) and 0 <= k_min <= k_max):
+            raise ValueError(f"k_min must be an integer in [0, k_max = {k_max}], got {k_min!r}")
         if not (isinstance(k, str) and k == "auto" or is_int(k) and k >= 1):
             raise ValueError(f"k must be 'auto' or a positive int, got {k!r}")
         if max_len is not None:
@@ -292,6 +311,7 @@ class SpeculativeEngine:
             self.proposer = HybridProposer(lookup, self.proposer) if self.proposer is not None else lookup
         self.k = k
         self.k_max = k_max if k == "auto" else k
+        self.k_min = int(k_min)
         if confidence_stop and k != "auto":
             raise ValueError(f"confidence_stop needs k='auto', got k={k!r}")
         self.confidence_stop = (k == "auto" and self.device.type != "cuda") if confidence_stop is None \
@@ -332,6 +352,8 @@ class SpeculativeEngine:
             raise ValueError("alternatives need a model draft, a Llama-family target (tempspec's transformer) and no "
                              "CUDA graphs")
         self.alternatives = int(alternatives)
+        self.verify_slope, self.verify_beyond = (default_verify_cost(self.device, self.dtype) if verify_slope is None
+                                                 else (float(verify_slope), None))
         self._static_state = {}  # (batch, speculative) -> (caches, forwards): persistent for graph replay
         self._measured = self._new_estimators(None)
         self.adaptive, self.adaptive_lookup = self._measured
@@ -371,7 +393,8 @@ class SpeculativeEngine:
     def _new_estimators(self, seed: Optional[int]):
         """(model, lookup) AdaptiveK estimators, or (None, None) with a fixed k. Unseeded: measured timings. Seeded:
         the cost model of adaptive_k.py (a draft forward against a verified token: the weights each multiplies a
-        token by), so that the choice of k, and with it the text, depends on the seed and inputs alone."""
+        token by, and the price of each more token of a forward), so that the choice of k, and with it the text, depends on the seed and inputs
+        alone. With k_min = 0 either may answer k = 0 (a step of the target alone) where no draft length pays."""
         if self.k != "auto" or self.draft is None:
             return None, None
 
@@ -379,7 +402,8 @@ class SpeculativeEngine:
             costs = None
             if seed is not None:
                 costs = (matmul_weights(draft_model) / matmul_weights(self.target.model), 1.0)
-            return AdaptiveK(k_max=self.k_max, fixed_costs=costs)
+            return AdaptiveK(k_min=self.k_min, k_max=self.k_max, fixed_costs=costs,
+                             verify_slope_prior=self.verify_slope, verify_beyond=self.verify_beyond)
 
         model = estimator(self.draft_model.model if self.draft_model is not None else self.draft.model)
         lookup = estimator(self.lookup) if self._hybrid else model
@@ -608,8 +632,11 @@ class SpeculativeEngine:
         live = [i for i, r in enumerate(slots) if r is not None]
         live_temps = [reqs[i].temperature for i in live]
 
-        def choose_k(source: str) -> int:
-            return estimators[source].choose(live_temps) if estimators[source] is not None else self.k
+        def choose_k(source: str, rows: Optional[Sequence[int]] = None) -> int:
+            if estimators[source] is None:
+                return self.k
+            temps = live_temps if rows is None else [reqs[i].temperature for i in rows]
+            return estimators[source].choose(temps, len(live))
 
         def draft_chain(source: str):
             est = estimators[source]
@@ -628,7 +655,7 @@ class SpeculativeEngine:
         if proposer is not None:
             proposal = proposer.propose(ctx, caches[1:], forwards[1:], self.k_max)
         if proposal is None:
-            return self._plain_step(ctx, caches[0], forwards[0])
+            return self._plain_step(ctx, caches[0], forwards[0], proposer)
         timer.mark()
         taps = proposer.feature_taps if proposer.needs_features else None
         target_logits, features = self._verify(ctx, proposal, caches[0], forwards[0], taps)
@@ -749,19 +776,29 @@ class SpeculativeEngine:
             result.append(row)
         return result
 
-    def _plain_step(self, ctx: StepContext, cache, forward) -> List[List[int]]:
-        """The target alone: one token per row (speculative=False, or nothing proposed)."""
+    def _plain_step(self, ctx: StepContext, cache, forward, proposer=None) -> List[List[int]]:
+        """The target alone: one token per row (speculative=False, or nothing proposed). A proposer that proposed
+        nothing is told (skipped), with the target's features of the step when it reads them, and the estimators
+        get the step's time (a lookahead of 0)."""
         dev = self.device
         tokens = torch.tensor([[r.seq[-1]] for r in ctx.reqs], device=dev)
         positions = torch.tensor([[n - 1] for n in ctx.lengths], device=dev)
+        taps = proposer.feature_taps if proposer is not None and proposer.needs_features else None
+        kw = {} if taps is None else {"return_features": True, "feature_taps": taps}
         timer = _Timer(dev)
         timer.mark()
-        logits = forward(tokens, positions, cache, max(ctx.lengths), None)
+        out = forward(tokens, positions, cache, max(ctx.lengths), None, **kw)
+        logits, features = out if taps is not None else (out, None)
         timer.mark()
         self._flag.check(logits)
         (out,) = self._to_host(sample(logits[:, 0], ctx.settings.temperature, generator=ctx.generator,
                                       backend=self.backend, validate=False, **ctx.settings.filters))
         (t_target,) = timer.seconds()
+        if proposer is not None:
+            proposer.skipped(ctx, features, [1] * len(ctx.reqs))
+            temperatures = [ctx.reqs[i].temperature for i in ctx.live]
+            for est in {id(e): e for e in (self.adaptive, self.adaptive_lookup) if e is not None}.values():
+                est.update(0, temperatures, [0] * len(temperatures), 0.0, t_target)
         result = []
         for i, (r, t) in enumerate(zip(ctx.reqs, out)):
             if i not in ctx.live:

@@ -4,16 +4,19 @@ The engine's step reads propose -> verify -> accept -> commit (engine.py). A pro
   start(reqs, features, caches): requests were just prefilled, together (features: the target's final features of
       prompt[:-1] [len(reqs), T, width], right-padded, given to a proposer with `needs_features`, followed by the
       outputs of its blocks `feature_taps` when it names any; caches: its models' caches, rows of these requests);
-  propose(ctx, caches, forwards, k_max) -> Proposal, or None when no row has anything to propose (the engine then
-      runs a plain target step): k tokens per row and the distribution each was drawn from (one-hot for lookup), so
-      that the acceptance stays lossless; a model draft picks k before drafting (ctx.choose_k) or, given a
-      DraftChain (ctx.draft_chain), stops when its own confidence says one more draft does not pay (draft_tokens);
+  propose(ctx, caches, forwards, k_max) -> Proposal, or None when no row has anything to propose or no draft
+      length pays (ctx.choose_k answers 0; the engine then runs a plain target step): k tokens per row and the
+      distribution each was drawn from (one-hot for lookup), so that the acceptance stays lossless; a model draft
+      picks k before drafting (ctx.choose_k) or, given a DraftChain (ctx.draft_chain), stops when its own confidence
+      says one more draft does not pay (draft_tokens);
       a model draft also names, per draft position, `ctx.alternatives` more of its likely tokens: the target reads
       them in the same verification forward, so that a correction token equal to one of them comes with one more
       token (the engine's module docstring);
   commit(ctx, proposal, accepted, features, received): told how many of each row's proposals were accepted and how
       many tokens each row received (and, with `needs_features`, given the target's features [B, T, width] of the
-      verified tokens that produced them, in order: features[i, :received[i]]), it updates its own state.
+      verified tokens that produced them, in order: features[i, :received[i]]), it updates its own state;
+  skipped(ctx, features, received): a step in which it proposed nothing (a plain target step, or another proposer's
+      step in a hybrid): the same features and counts, for the tokens committed without it.
 `models` are the models whose KV caches the engine allocates for it (with CUDA graphs where the engine uses them);
 their caches and forwards come back, in that order, to propose().
 
@@ -47,7 +50,9 @@ def pad_logits(logits: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Te
 @dataclasses.dataclass
 class StepContext:
     """What a proposer sees of one step. reqs: the batch rows (idle rows hold a stand-in request); live: indices of
-    the real ones; lengths: committed tokens per row; choose_k(source): the lookahead for proposals from `source`;
+    the real ones; lengths: committed tokens per row; choose_k(source, rows=None): the lookahead for proposals from
+    `source` to `rows` (indices of reqs; default: every live row; the other live rows are verified too, with one token
+    expected of each), 0 where no draft pays this step (call it once per step);
     draft_chain(source): a DraftChain when drafts from `source` stop on confidence, else None; alternatives: the
     alternative tokens a model draft names per draft position (0: none)."""
 
@@ -140,13 +145,13 @@ def other_top_tokens(logits: torch.Tensor, drawn: torch.Tensor, n: int) -> torch
 
 
 def draft_tokens(ctx: StepContext, logits: torch.Tensor, advance: Callable[[torch.Tensor, int], torch.Tensor],
-                 flag: NonFiniteFlag) -> Proposal:
+                 flag: NonFiniteFlag, k: int) -> Proposal:
     """A model draft's proposal, one position at a time: logits [B, V_model] give draft 1; advance(d, i) feeds draft
     i + 1 (d [B] int64) back into the model and returns the logits of the next position. With a DraftChain the draft
-    stops when one more token does not pay (at most its k_max), else after ctx.choose_k(MODEL) tokens. With
+    stops when one more token does not pay (at most its k_max), else after k >= 1 tokens (ctx.choose_k(MODEL)). With
     ctx.alternatives = s > 0, each position also names the s most likely tokens of q other than the drawn one."""
     chain = ctx.draft_chain(MODEL)
-    k = chain.k_max if chain is not None else ctx.choose_k(MODEL)
+    k = chain.k_max if chain is not None else k
     draft_logits, draft_tokens_, alternatives = [], [], []
     for i in range(k):
         q, d = draw(ctx, logits, flag)
@@ -185,6 +190,9 @@ class LookupProposer:
     def start(self, reqs, features=None, caches=()) -> None:
         pass
 
+    def skipped(self, ctx: StepContext, features=None, received=None) -> None:
+        """Stateless: nothing to do."""
+
     def matches(self, ctx: StepContext, k_max: int) -> List[List[int]]:
         return self.lookup.propose([r.seq for r in ctx.reqs], k_max)
 
@@ -199,12 +207,13 @@ class LookupProposer:
         return self.from_all_matches(ctx, self.matches(ctx, k_max))
 
     def from_all_matches(self, ctx: StepContext, found: List[List[int]]) -> Optional[Proposal]:
-        """Every row's proposal, k no longer than the longest match; None when no live row has a match."""
+        """Every row's proposal, k no longer than the longest match; None when no live row has a match or no
+        lookahead pays (ctx.choose_k(LOOKUP) is 0)."""
         matched = [i for i in ctx.live if found[i]]
         if not matched:
             return None
-        k = min(ctx.choose_k(LOOKUP), max(len(found[i]) for i in matched))
-        return self.from_matches(ctx, found, range(len(ctx.reqs)), k)
+        k = min(ctx.choose_k(LOOKUP, matched), max(len(found[i]) for i in matched))
+        return self.from_matches(ctx, found, range(len(ctx.reqs)), k) if k else None
 
     def commit(self, ctx: StepContext, proposal: Proposal, accepted: List[int], features=None, received=None) -> None:
         pass
@@ -227,13 +236,16 @@ class ModelProposer:
         for r in reqs:
             self.cached[r.index] = len(r.seq) - 1
 
-    def propose(self, ctx: StepContext, caches, forwards, k_max: int) -> Proposal:
+    def propose(self, ctx: StepContext, caches, forwards, k_max: int) -> Optional[Proposal]:
         """Catches the cache up, then drafts k tokens with the fused sampler (from the draft's filtered distribution
-        unless only the target is filtered).
+        unless only the target is filtered); None, before any forward, when no draft length pays.
 
         Every row re-reads a window of W >= 2 committed tokens ending at its pending token, covering what the cache
         lacks: its last two tokens after a model step, more after lookup steps. A row shorter than W is padded at its
         end (keys beyond a row's length are overwritten before anything attends to them)."""
+        k = ctx.choose_k(MODEL)
+        if k == 0:
+            return None
         (cache,), (forward,) = caches, forwards
         reqs, lengths, dev = ctx.reqs, ctx.lengths, ctx.device
         kv_len = max(lengths) + k_max
@@ -251,7 +263,7 @@ class ModelProposer:
         def advance(d: torch.Tensor, i: int) -> torch.Tensor:
             return forward(d.unsqueeze(1), (L + i).unsqueeze(1), cache, kv_len, None)[:, 0]
 
-        return draft_tokens(ctx, logits[:, 0], advance, self.flag)
+        return draft_tokens(ctx, logits[:, 0], advance, self.flag, k)
 
     def commit(self, ctx: StepContext, proposal: Proposal, accepted: List[int], features=None, received=None) -> None:
         """The cache holds each row's committed tokens up to the last two (its window re-reads them), or, for a row
@@ -262,7 +274,7 @@ class ModelProposer:
             self.cached[ctx.reqs[i].index] = n if proposal.source[i] == LOOKUP else max(n + accepted[i] - 1, 0)
 
     def skipped(self, ctx: StepContext, features=None, received=None) -> None:
-        """A step in which another proposer proposed: nothing to do (the next window re-reads what was missed)."""
+        """A step without this draft: nothing to do (the next window re-reads what was missed)."""
 
 
 class HybridProposer:
@@ -279,12 +291,14 @@ class HybridProposer:
     def start(self, reqs, features=None, caches=()) -> None:
         self.model.start(reqs, features, caches)
 
-    def propose(self, ctx: StepContext, caches, forwards, k_max: int) -> Proposal:
+    def propose(self, ctx: StepContext, caches, forwards, k_max: int) -> Optional[Proposal]:
         found = self.lookup.matches(ctx, k_max)
         matched = [i for i in ctx.live if found[i]]
         if len(matched) == len(ctx.live):
             return self.lookup.from_all_matches(ctx, found)
         proposal = self.model.propose(ctx, caches, forwards, k_max)
+        if proposal is None:  # no model draft pays: the matched rows' lookups, if those pay, or the target alone
+            return self.lookup.from_all_matches(ctx, found)
         if matched:
             rows = self.lookup.from_matches(ctx, found, matched, proposal.k)
             idx = torch.tensor(matched, device=ctx.device)
@@ -302,6 +316,9 @@ class HybridProposer:
             self.model.commit(ctx, proposal, accepted, features, received)
         else:
             self.model.skipped(ctx, features, received)
+
+    def skipped(self, ctx: StepContext, features=None, received=None) -> None:
+        self.model.skipped(ctx, features, received)
 
 
 class FeatureProposer:
@@ -345,7 +362,10 @@ class FeatureProposer:
         for b, (r, m) in enumerate(zip(reqs, n)):
             self.unread[r.index] = features[b, m - 1:m].clone() if m > 0 else none_yet
 
-    def propose(self, ctx: StepContext, caches, forwards, k_max: int) -> Proposal:
+    def propose(self, ctx: StepContext, caches, forwards, k_max: int) -> Optional[Proposal]:
+        k = ctx.choose_k(MODEL)
+        if k == 0:  # no draft length pays: the unread features wait for the next step that drafts
+            return None
         (cache,) = caches
         reqs, lengths, dev = ctx.reqs, ctx.lengths, ctx.device
         kv_len = max(lengths) + k_max
@@ -373,7 +393,7 @@ class FeatureProposer:
             pred = self.head(pred, d.unsqueeze(1), (L - 1 + i).unsqueeze(1), cache, kv_len)
             return self.head.logits(pred[:, 0])
 
-        return draft_tokens(ctx, self.head.logits(pred[:, 0]), advance, self.flag)
+        return draft_tokens(ctx, self.head.logits(pred[:, 0]), advance, self.flag, k)
 
     def commit(self, ctx: StepContext, proposal: Proposal, accepted: List[int],
                features: Optional[torch.Tensor] = None, received: Optional[List[int]] = None) -> None:
@@ -384,7 +404,8 @@ class FeatureProposer:
             self.unread[ctx.reqs[i].index] = features[i, :received[i]]
 
     def skipped(self, ctx: StepContext, features=None, received=None) -> None:
-        """A step in which another proposer proposed: the features of the tokens it committed join the unread ones."""
+        """A step without this head (a plain target step, or a lookup step): the features of the tokens it committed
+        join the unread ones."""
         for i in ctx.live:
             r = ctx.reqs[i]
             self.unread[r.index] = torch.cat([self.unread[r.index], features[i, :received[i]]])

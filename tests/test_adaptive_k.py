@@ -88,3 +88,37 @@ def test_the_cost_model_prices_every_verified_token_of_the_batch():
     measured = AdaptiveK(k_max=8)  # measured timings are those of the batch running: rows change nothing
     measured.update(2, [0.0], [1], 0.02, 0.1)
     assert measured.step_cost(2, rows=8) == measured.step_cost(2) == pytest.approx(0.02 + 0.1)
+
+
+def test_no_draft_where_none_pays_and_a_draft_every_explore_every_steps():
+    """With k_min = 0 choose() answers 0 where the target alone is faster than any lookahead (a weak draft in a wide
+    batch at a steep slope), but after explore_every such answers in a row it answers the best k >= 1 once, so that
+    the acceptance estimates keep learning; one row of the same draft drafts."""
+    est = AdaptiveK(k_min=0, k_max=4, prior_alpha=0.3, fixed_costs=(0.066, 1.0), verify_slope_prior=0.12,
+                    explore_every=3)
+    # 4 rows: k = 0 costs 1 + 0.12 * 3 = 1.36 for 4 tokens (2.94 per unit); k = 1 costs 0.066 * 1.36 + 1 + 0.12 * 7
+    # = 1.93 for 4 * 1.3 tokens (2.69 per unit)
+    # each exploration that changes nothing doubles the gap before the next one
+    assert [est.choose([0.0] * 4) for _ in range(12)] == [0, 0, 0, 1] + [0] * 6 + [1, 0]
+    assert est.choose([0.0]) >= 1  # one row: 1.3 tokens for 1.19 beats 1 for 1 (and the gap is 3 again)
+    assert [est.choose([0.0] * 4) for _ in range(4)] == [0, 0, 0, 1]
+    # proposals for one row of the four (lookup matches): only that row gains from a lookahead, all four are verified
+    lookup = AdaptiveK(k_min=0, k_max=8, prior_alpha=0.9, fixed_costs=(0.0, 1.0), verify_slope_prior=0.12)
+    assert lookup.choose([0.0] * 4) >= 4 and lookup.choose([0.0], rows=4) == 0
+    assert AdaptiveK(k_max=4, prior_alpha=0.3, fixed_costs=(0.066, 1.0),
+                     verify_slope_prior=0.12).choose([0.0] * 4) == 1  # k_min = 1 (the default) never answers 0
+    assert AdaptiveK(k_min=0, k_max=4, prior_alpha=0.3, fixed_costs=(0.066, 1.0),
+                     verify_slope_prior=0.05).choose([0.0] * 4) >= 1  # a flatter machine: drafting pays
+
+
+def test_a_step_of_the_target_alone_teaches_its_time_only():
+    """update(k=0): the acceptance counts stay as they were (nothing was proposed, no decay), the measured time of a
+    plain step becomes the cost of k = 0."""
+    est = AdaptiveK(k_min=0, k_max=4)
+    est.update(2, [0.0], [1], 0.02, 0.1)
+    counts = [list(c) for c in est.counts[0.0]]
+    est.update(0, [0.0], [0], 0.0, 0.05)
+    assert est.counts[0.0] == counts and est.verify_time[0] == 0.05 and est.step_cost(0) == pytest.approx(0.05)
+    fixed = AdaptiveK(k_min=0, k_max=4, fixed_costs=(0.07, 1.0))
+    fixed.update(0, [0.0], [0], 0.0, 0.05)
+    assert fixed.counts == {} and fixed.verify_time == {} and fixed.step_cost(0) == pytest.approx(1.0)

@@ -47,6 +47,25 @@ def test_project_and_best_k():
     assert best_k([1.0], 0.0, {k: 10.0 for k in (1, 2, 4)}, 10.0) == 4  # free drafts, flat verify: the largest
 
 
+def test_verify_slope_fit():
+    """The cost model's slope, fitted through the origin over the forwards of more than one token: a machine whose
+    forwards cost exactly 1 + 0.1 (n - 1) one-row decodes gives 0.1; no B = 1 decode, no fit."""
+    timings = [{"B": B, "k": k, "target_decode_ms": 10 * (1 + 0.1 * (B - 1)),
+                "verify_ms": 10 * (1 + 0.1 * (B * (k + 1) - 1))} for B in (1, 4) for k in (1, 2, 4)]
+    assert bench_shapes.verify_slope_fit(timings) == pytest.approx(0.1)
+    assert bench_shapes.verify_slope_fit([t for t in timings if t["B"] == 4]) is None
+    flat = [{**t, "verify_ms": t["target_decode_ms"] * 0.9} for t in timings if t["B"] == 1]
+    assert bench_shapes.verify_slope_fit(flat) == 0.0  # (never below 0)
+    fit = bench_shapes.verify_cost_fit(timings)  # a straight line: the same slope on both sides of the knee
+    assert fit["knee"] == 4 and fit["slope"] == pytest.approx(0.1) and fit["beyond"] == pytest.approx(0.1)
+    kneed = [{**t, "verify_ms": 10 * (1 + 0.05 * min(n - 1, 4) + 0.2 * max(0, n - 5))}
+             for t in timings for n in [t["B"] * (t["k"] + 1)]]
+    kneed = [{**t, "target_decode_ms": 10 * (1 + 0.05 * (t["B"] - 1))} for t in kneed]
+    fit = bench_shapes.verify_cost_fit(kneed)
+    assert fit["slope"] == pytest.approx(0.05) and fit["beyond"] == pytest.approx(0.2)
+    assert bench_shapes.verify_cost_fit([t for t in timings if t["B"] == 1 and t["k"] == 1]) is None  # one segment
+
+
 def test_tiny_cpu_run_schema(tmp_path, capsys):
     out = tmp_path / "shapes.json"
     profiles = tmp_path / "profiles.json"
@@ -55,13 +74,16 @@ def test_tiny_cpu_run_schema(tmp_path, capsys):
                             "--reps", "2", "--warmup", "1", "--context", "16", "--alpha", "0.6",
                             "--profiles", str(profiles), "--out", str(out)])
     assert rc == 0
-    assert "PROJECTED" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "PROJECTED" in printed and "cost-model slope per verified token (fit)" in printed
     res = json.loads(out.read_text())
     for key in ("benchmark", "kind", "note", "device", "dtype", "torch", "cuda", "preset", "shapes", "params",
                 "context", "batch_sizes", "ks", "reps", "timing", "projection", "profiles", "meta", "timings",
-                "projections", "best"):
+                "projections", "best", "verify_slope_fit", "verify_cost_fit"):
         assert key in res, key
     assert "projection" in res["kind"] and "random-weight" in res["note"]
+    assert res["verify_slope_fit"] == bench_shapes.verify_slope_fit(res["timings"]) >= 0
+    assert res["verify_cost_fit"] == bench_shapes.verify_cost_fit(res["timings"])  # (None or a dict: tiny's points)
     assert res["dtype"] == "fp32" and res["preset"] == "tiny" and res["cuda"] is None
     assert res["device"] == res["meta"]["device_name"] and res["meta"]["versions"]["torch"] == res["torch"]
     assert set(res["shapes"]) == {"target", "draft", "feature"} and res["shapes"]["feature"]["dim"] == 64

@@ -105,18 +105,45 @@ def test_feature_cache_after_rejections_equals_a_fresh_pass(temperature, draft, 
     check_feature_cache_after_rejections(temperature, draft, taps, tmp_path)
 
 
-def check_feature_cache_after_rejections(temperature, draft, taps, tmp_path) -> int:
-    """The checks of the test above; returns the run's alternative hits."""
+@pytest.mark.parametrize("draft, temperature", [("head", 0.0), ("head", 1.0), ("lookup+head", 1.0)])
+def test_feature_cache_after_steps_of_the_target_alone(temperature, draft, tmp_path):
+    """Where no lookahead pays (a cost model that prices each verified token at 4 decodes), steps run the target
+    alone, the head reading none of them, and now and then a step drafts (adaptive_k's exploration): the head's cache
+    equals a fresh pass over the accepted prefix all the same (it read the plain steps' features before drafting)."""
+    stats = check_feature_cache_after_rejections(temperature, draft, (), tmp_path, k="auto", verify_slope=4.0,
+                                                 max_new=60)
+    assert stats.plain_steps > 16 and stats.steps - stats.plain_steps - stats.lookup_steps > 0  # the head drafted
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("draft", ["head", "lookup+head"])
+def test_greedy_sd_with_steps_of_the_target_alone_equals_the_target(batch, draft, tmp_path):
+    target = tiny_target(vocab=16, layers=3, seed=1)
+    save_feature_draft(feature_head(target), tmp_path / "head", target_name="tiny")
+    spec = str(tmp_path / "head") if draft == "head" else f"lookup+{tmp_path / 'head'}"
+    engine = SpeculativeEngine(target, spec, device="cpu", dtype=torch.float32, max_len=128, verify_slope=4.0)
+    prompts = [[p % 16 for p in prompt] for prompt in PROMPTS]
+    want = engine.generate(prompts, 0.0, 50, speculative=False, batch_size=batch)
+    got = engine.generate(prompts, 0.0, 50, batch_size=batch, seed=0)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    plain = sum(o.stats.plain_steps for o in got)
+    assert 0 < plain < sum(o.stats.steps for o in got) and sum(o.stats.position_proposed[0] for o in got) > 0
+
+
+def check_feature_cache_after_rejections(temperature, draft, taps, tmp_path, max_new=40, **engine_kw):
+    """The checks of the test above, with SpeculativeEngine keywords engine_kw (default k=3: then the run must have
+    rejections); returns the run's RequestStats."""
     target = tiny_target(vocab=32, layers=2, seed=4, scale=3.0)
     head = feature_head(target, seed=3, taps=taps)
     if draft != "head":
         save_feature_draft(head, tmp_path / "head", target_name="tiny")
         head = load_feature_draft(tmp_path / "head", target.model)
     spec = head if draft == "head" else f"lookup+{tmp_path / 'head'}"
-    engine = SpeculativeEngine(target, spec, device="cpu", dtype=torch.float32, k=3, max_len=96, static_shapes=True)
+    engine = SpeculativeEngine(target, spec, device="cpu", dtype=torch.float32, max_len=96, static_shapes=True,
+                               **{"k": 3, **engine_kw})
     head = getattr(engine.proposer, "model", engine.proposer).head
-    out = engine.generate([[3, 1, 4, 1, 5, 9, 2, 6, 3, 1, 4]], temperature, 40, seed=2)[0]
-    assert out.stats.rejections > 0
+    out = engine.generate([[3, 1, 4, 1, 5, 9, 2, 6, 3, 1, 4]], temperature, max_new, seed=2)[0]
+    assert out.stats.rejections > 0 or engine.k == "auto"
     seq = out.prompt_ids + out.token_ids
     # (a last step cut at max_new_tokens leaves fewer committed tokens than the proposer saw: n is then lower)
     n = getattr(engine.proposer, "model", engine.proposer).cached(0, len(seq))
@@ -144,13 +171,13 @@ def check_feature_cache_after_rejections(temperature, draft, taps, tmp_path) -> 
                                    rtol=1e-5)
         torch.testing.assert_close(caches[0].v[layer][0, :, :m], target_fresh.v[layer][0, :, :m], atol=1e-5,
                                    rtol=1e-5)
-    return out.stats.alternative_hits
+    return out.stats
 
 
 def test_feature_cache_tests_follow_alternatives(tmp_path):
     """The cache test above is only as good as the alternatives it meets: in this setting the head's corrections
     hit its alternatives."""
-    assert check_feature_cache_after_rejections(0.0, "head", (), tmp_path) > 0
+    assert check_feature_cache_after_rejections(0.0, "head", (), tmp_path).alternative_hits > 0
 
 
 @pytest.mark.skipif(not __import__("tempspec_engine.linear").linear.kernel_available(),
