@@ -121,7 +121,8 @@ def generate_command(args, out=None, err=None) -> int:
         if not args.quiet:
             s = o.stats
             err.write(f"[{i}] {s.new_tokens} tokens in {s.wall_time_s:.2f}s ({s.tokens_per_s:.1f} tok/s), "
-                      f"{s.steps} steps, {s.tokens_per_step:.2f} tokens/step, alpha {s.alpha:.2f}, "
+                      f"{s.steps} steps ({s.plain_steps} without a draft), {s.tokens_per_step:.2f} tokens/step, "
+                      f"alpha {s.alpha:.2f}, "
                       f"{s.alternative_hits} alternatives taken, prefill {s.prefill_time_s:.2f}s, "
                       f"draft {s.draft_time_s:.2f}s, target {s.target_time_s:.2f}s, finish: {o.finish_reason}\n")
     return 0

@@ -393,8 +393,9 @@ class SpeculativeEngine:
     def _new_estimators(self, seed: Optional[int]):
         """(model, lookup) AdaptiveK estimators, or (None, None) with a fixed k. Unseeded: measured timings. Seeded:
         the cost model of adaptive_k.py (a draft forward against a verified token: the weights each multiplies a
-        token by, and the price of each more token of a forward), so that the choice of k, and with it the text, depends on the seed and inputs
-        alone. With k_min = 0 either may answer k = 0 (a step of the target alone) where no draft length pays."""
+        token by, and the price of each more token of a forward), so that the choice of k, and with it the text,
+        depends on the seed and inputs alone. With k_min = 0 either may answer k = 0 (a step of the target alone)
+        where no draft length pays."""
         if self.k != "auto" or self.draft is None:
             return None, None
 

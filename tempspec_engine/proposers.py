@@ -280,8 +280,8 @@ class ModelProposer:
 class HybridProposer:
     """Lookup where a row's last 2+ tokens occurred earlier, the model (or feature) draft elsewhere. When every live
     row has a match the model does not run (it catches up later); otherwise the model drafts for all rows and the
-    matched rows take the lookup's proposals. Each row's q is the distribution its proposal was drawn from, so every
-    row stays lossless."""
+    matched rows take the lookup's proposals, or, where no model draft pays, the matched rows alone propose. Each
+    row's q is the distribution its proposal was drawn from, so every row stays lossless."""
 
     def __init__(self, lookup: LookupProposer, model):
         self.lookup, self.model = lookup, model

@@ -39,7 +39,9 @@ def test_generate_batch_and_errors(model_dir, capsys):
 
 
 def test_generate_step_options(model_dir, capsys):
-    """--alternatives and --no-confidence-stop reach the engine; the greedy text stays the target's."""
+    """--alternatives, --no-confidence-stop and --verify-slope reach the engine; the greedy text stays the target's.
+    A cost model that prices each verified token at 50 decodes leaves all 8 steps to the target alone (an exploration
+    would come after 16)."""
     base = ["generate", "--prompt", "w3 w4", "--target", str(model_dir), "--device", "cpu", "--dtype", "fp32",
             "--temperature", "0", "--max-new-tokens", "8"]
     assert main(base + ["--no-speculative", "--quiet"]) == 0
@@ -48,6 +50,14 @@ def test_generate_step_options(model_dir, capsys):
         assert main(base + ["--draft", "layers:0"] + extra) == 0
         got = capsys.readouterr()
         assert got.out == want and "alternatives taken" in got.err
+    assert main(base + ["--draft", "layers:0", "--verify-slope", "50", "--seed", "0"]) == 0
+    got = capsys.readouterr()
+    assert got.out == want and "8 steps (8 without a draft)" in got.err
+    with pytest.raises(SystemExit) as exc:
+        main(base + ["--draft", "layers:0", "--verify-slope", "-1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2
+    assert len(err) == 1 and "--verify-slope" in err[0] and "finite number >= 0" in err[0]
     for draft, value, word in (("layers:0", "-1", "alternatives must be an integer >= 0"),
                                ("lookup", "2", "alternatives need a model draft")):
         assert main(base + ["--draft", draft, "--alternatives", value]) == 2
