@@ -22,7 +22,7 @@ each drafted position. The costs depend on the machine (VERIFY_COSTS; benchmarks
 2-core Zen 4 EPYC (AVX-512 BF16, bf16, the default target) 4 rows verifying 2 or 5 tokens each cost 1.45 and 2.2
 one-row decodes, about 0.06 per token. On a 2-core Zen 1 EPYC (AVX2) the first few more tokens cost little and the
 later ones more, as the forward turns from reading weights to doing arithmetic: one row verifying 2 to 5 tokens costs
-1.07-1.30 decodes, 4 rows verifying 2 to 5 tokens each 1.77-3.78; so there a forward over n tokens costs
+1.08-1.31 decodes, 4 rows verifying 2 to 5 tokens each 1.66-3.72; so there a forward over n tokens costs
 1 + slope min(n - 1, knee) + beyond max(0, n - 1 - knee). The choices then depend on the accepted counts alone, and a
 seeded run repeats token for token.
 
