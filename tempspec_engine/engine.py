@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import operator
 import time
 from typing import Callable, List, Optional, Sequence, Tuple, Union
@@ -28,7 +29,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from tempspec_engine.adaptive_k import DEFAULT_VERIFY_SLOPE, VERIFY_COSTS, AdaptiveK
-from tempspec_engine.checks import check_positive_int, is_int, per_prompt
+from tempspec_engine.checks import check_positive_int, is_int, is_real_number, per_prompt
 from tempspec_engine.linear import cpu_kernel_enabled, kernel_isa
 from tempspec_engine.measure import acceptance_by_position, charge_prefill, sync_device
 from tempspec_engine.models.draft import check_spec_form, default_draft, make_draft, make_lookup, split_hybrid
@@ -209,6 +210,14 @@ def wide_verification_is_cheap(device: torch.device, dtype: torch.dtype) -> bool
     return not (device.type == "cpu" and dtype == torch.bfloat16)
 
 
+def feature_kwargs(proposer) -> dict:
+    """The keywords of a target forward that hand `proposer` the target's features, when it reads them
+    (needs_features): return_features and its feature_taps; {} otherwise (no proposer, or one without)."""
+    if proposer is None or not proposer.needs_features:
+        return {}
+    return {"return_features": True, "feature_taps": proposer.feature_taps}
+
+
 def default_verify_cost(device: torch.device, dtype: torch.dtype) -> Tuple[float, Optional[Tuple[int, float]]]:
     """The seeded cost model's price of each more token of a forward (adaptive_k.py: slope, and (knee, beyond) or
     None) on `device` in `dtype`: the one measured for the CPU kernel variant that runs them (adaptive_k.VERIFY_COSTS),
@@ -267,8 +276,7 @@ class SpeculativeEngine:
                  alternatives: Optional[int] = None, device_loop: bool = False, sync_every: int = 8,
                  compile_step: bool = False, verify_slope: Optional[float] = None, k_min: int = 0):
         check_positive_int("max_batch_size", max_batch_size)
-        if verify_slope is not None and not (isinstance(verify_slope, (int, float)) and not isinstance(
-                verify_slope, bool) and 0 <= verify_slope < float("inf")):
+        if verify_slope is not None and not (is_real_number(verify_slope) and 0 <= verify_slope < math.inf):
             raise ValueError(f"verify_slope must be a finite number >= 0, got {verify_slope!r}")
         check_positive_int("k_max", k_max)
         if not (is_int(k_min) and 0 <= k_min <= k_max):
@@ -589,7 +597,7 @@ class SpeculativeEngine:
         for r in reqs:
             r.start = now
         lens = [len(r.seq) - 1 for r in reqs]
-        needs_features = proposer is not None and proposer.needs_features
+        feature_kw = feature_kwargs(proposer)
         started = set()
         for a, b in self._prefill_groups(lens) if max(lens) > 0 else ():
             t0 = time.perf_counter()
@@ -599,9 +607,9 @@ class SpeculativeEngine:
             positions = torch.arange(width, device=self.device).expand(b - a, width)
             rows = [c.rows(a, b) for c in caches]
             features = None
-            if needs_features:  # the target hands its features to the feature draft
+            if feature_kw:  # the target hands its features to the feature draft
                 _, features = models[0](tokens, positions, rows[0], kv_len=width, compute_logits=False,
-                                        return_features=True, feature_taps=proposer.feature_taps, from_start=True)
+                                        from_start=True, **feature_kw)
             else:
                 for model, cache in zip(models, rows):
                     model(tokens, positions, cache, kv_len=width, compute_logits=False, from_start=True)
@@ -658,8 +666,7 @@ class SpeculativeEngine:
         if proposal is None:
             return self._plain_step(ctx, caches[0], forwards[0], proposer)
         timer.mark()
-        taps = proposer.feature_taps if proposer.needs_features else None
-        target_logits, features = self._verify(ctx, proposal, caches[0], forwards[0], taps)
+        target_logits, features = self._verify(ctx, proposal, caches[0], forwards[0], feature_kwargs(proposer))
         timer.mark()
         accepted, tokens, branch = self._accept(ctx, proposal, target_logits)
         t_draft, t_target = timer.seconds()
@@ -667,18 +674,18 @@ class SpeculativeEngine:
         proposer.commit(ctx, proposal, accepted, features, [len(t) for t in tokens])
         return self._commit(ctx, proposal, accepted, tokens, branch, t_draft, t_target)
 
-    def _verify(self, ctx: StepContext, proposal: Proposal, cache, forward, taps: Optional[Tuple[int, ...]]):
+    def _verify(self, ctx: StepContext, proposal: Proposal, cache, forward, feature_kw: dict):
         """The target's logits [B, N, V] in the engine dtype at the N = 1 + k + k s verified tokens: [pending, d1..dk]
         at positions L-1..L-1+k (cache slots the same), then proposal.alternatives (i, j) at position L+i, slot
-        L+k+i s+j (padding ids -1 read as 0); so verified token t sits in slot L-1+t. With taps not None (a feature
-        draft's), also its final features there followed by its blocks `taps` outputs, [B, N, (1 + len(taps)) dim]
-        (else None)."""
+        L+k+i s+j (padding ids -1 read as 0); so verified token t sits in slot L-1+t. With feature_kw not empty
+        (feature_kwargs of a feature draft), also its final features there followed by the outputs of its blocks
+        feature_taps, [B, N, (1 + len(taps)) dim] (else None)."""
         dev, k = self.device, proposal.k
         pending = torch.tensor([[r.seq[-1]] for r in ctx.reqs], device=dev)
         last = torch.tensor(ctx.lengths, device=dev).unsqueeze(1) - 1  # the pending token's position
         positions = last + torch.arange(k + 1, device=dev)
         tokens = torch.cat([pending, proposal.tokens], dim=1)
-        kw = {} if taps is None else {"return_features": True, "feature_taps": taps}
+        kw = dict(feature_kw)
         alternatives = proposal.alternatives
         if alternatives is not None:  # a token tree: each alternative's ancestors are pending and d1..d(i-1)
             depth = torch.arange(k, device=dev).repeat_interleave(alternatives.shape[2])
@@ -687,7 +694,7 @@ class SpeculativeEngine:
             positions = torch.cat([positions, last + 1 + depth], dim=1)
             tokens = torch.cat([tokens, alternatives.flatten(1).clamp(min=0)], dim=1)
         out = forward(tokens, positions, cache, max(ctx.lengths) + tokens.shape[1] - 1, None, **kw)
-        logits, feats = out if taps is not None else (out, None)
+        logits, feats = out if feature_kw else (out, None)
         logits = pad_logits(logits, self.vocab, self.dtype)
         self._flag.check(logits)  # (the draft's logits were checked as they came)
         return logits, feats
@@ -784,12 +791,11 @@ class SpeculativeEngine:
         dev = self.device
         tokens = torch.tensor([[r.seq[-1]] for r in ctx.reqs], device=dev)
         positions = torch.tensor([[n - 1] for n in ctx.lengths], device=dev)
-        taps = proposer.feature_taps if proposer is not None and proposer.needs_features else None
-        kw = {} if taps is None else {"return_features": True, "feature_taps": taps}
+        kw = feature_kwargs(proposer)
         timer = _Timer(dev)
         timer.mark()
         out = forward(tokens, positions, cache, max(ctx.lengths), None, **kw)
-        logits, features = out if taps is not None else (out, None)
+        logits, features = out if kw else (out, None)
         timer.mark()
         self._flag.check(logits)
         (out,) = self._to_host(sample(logits[:, 0], ctx.settings.temperature, generator=ctx.generator,

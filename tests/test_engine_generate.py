@@ -356,3 +356,21 @@ def test_alternatives_and_confidence_stop_defaults_and_refusals(target):
         SpeculativeEngine(target, "layers:0", alternatives=-1, **kw)
     with pytest.raises(ValueError, match="confidence_stop needs k='auto'"):
         SpeculativeEngine(target, "layers:0", k=3, confidence_stop=True, **kw)
+
+
+def test_cost_model_settings_are_checked(target):
+    """verify_slope (any real number type) and k_min reach the estimators; a bad one is refused in one line naming
+    it and what it must be."""
+    import numpy as np
+
+    kw = dict(device="cpu", dtype=torch.float32, max_len=64)
+    engine = SpeculativeEngine(target, "layers:0", verify_slope=np.float32(0.25), k_min=1, **kw)
+    assert engine.verify_slope == pytest.approx(0.25) and engine.verify_beyond is None
+    est = engine._new_estimators(seed=0)[0]
+    assert est.k_min == 1 and est.verify_slope_prior == pytest.approx(0.25)
+    for bad in (-1, float("nan"), float("inf"), True, "0.1"):
+        with pytest.raises(ValueError, match="verify_slope must be a finite number >= 0"):
+            SpeculativeEngine(target, "layers:0", verify_slope=bad, **kw)
+    for bad in (-1, 9, 1.0):
+        with pytest.raises(ValueError, match=r"k_min must be an integer in \[0, k_max = 8\]"):
+            SpeculativeEngine(target, "layers:0", k_min=bad, **kw)
