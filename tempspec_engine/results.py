@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 from pathlib import Path
 from typing import Optional, Union
@@ -21,12 +22,25 @@ def fresh_results_path(stem: str, results_dir: str = RUNS_DIR, suffix: str = ".j
     return path
 
 
+def _finite_or_null(obj):
+    """obj with every float that is nan or infinite (a standard error of one row, the alpha of a request that never
+    drafted) replaced by None, so that the file is standard JSON (null) that any reader parses."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
+
+
 def write_json(obj, path: Union[str, Path], indent: Optional[int] = 1) -> Path:
-    """Writes `obj` as JSON (`indent` spaces, a final newline) to `path` atomically (a .tmp file beside it, then
-    os.replace: a reader never sees half a file), creating parent directories; returns the path."""
+    """Writes `obj` as standard JSON (`indent` spaces, a final newline; nan and infinities as null) to `path`
+    atomically (a .tmp file beside it, then os.replace: a reader never sees half a file), creating parent
+    directories; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+    tmp.write_text(json.dumps(_finite_or_null(obj), indent=indent, allow_nan=False) + "\n")
     os.replace(tmp, path)
     return path

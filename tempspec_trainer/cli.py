@@ -22,7 +22,7 @@ from tempspec_engine import __version__
 from tempspec_engine.cli_args import positive_int
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command
 from tempspec_engine.threads import set_threads
-from tempspec_trainer.train import DistillConfig
+from tempspec_trainer.train import PRECISIONS, DistillConfig
 
 
 def _floats(text: str) -> tuple:
@@ -57,6 +57,9 @@ def _gen_data(args) -> int:
     from tempspec_trainer.data import dataset_responses, generate_dataset
     from tempspec_trainer.feature_sampler import FeatureDraftSampler
 
+    if args.temperature is None and args.generator != "data":
+        raise ValueError(f"--temperature is required to sample with --generator {args.generator} (only "
+                         "--generator data, the file's own responses, needs none)")
     set_threads(args.threads)
     _check_output_file(args.out)
     target = load_target(args.target, resolve_device(args.device), resolve_dtype(args.dtype), args.allow_download)
@@ -200,7 +203,8 @@ DISTILL_HELP = {
     "min_lr_ratio": "final learning rate as a fraction of --lr",
     "weight_decay": "AdamW weight decay",
     "grad_clip": "gradient-norm clip",
-    "precision": "bf16 autocast over fp32 weights (and a bf16 teacher), or fp32",
+    "precision": "bf16 autocast over fp32 weights (and a bf16 teacher), fp32, or auto: bf16 where the device "
+                 "multiplies bf16 fast (a GPU with bf16, a CPU with AVX-512 BF16 or AMX), fp32 elsewhere",
     "eval_rows": "rows held out of the data for the expected acceptance (at most a quarter of them; 0: none)",
     "eval_every": "steps between evaluations",
     "eval_temperatures": "comma list of temperatures the evaluation reports",
@@ -220,7 +224,7 @@ DISTILL_HELP = {
                      "forward)",
 }
 DISTILL_CHOICES = {"mode": ["online", "offline"], "divergence": ["fkl", "rkl", "jsd", "tvd"],
-                   "precision": ["bf16", "fp32"]}
+                   "precision": list(PRECISIONS)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gen-data", parents=[common], help="sample responses to a prompt file (resumable JSONL)")
     g.add_argument("--prompts", required=True, help="JSONL: Alpaca instruction/input, Spec-Bench turns, GSM8K question")
     g.add_argument("--out", required=True, help="output JSONL (appended to; prompts already there are skipped)")
-    g.add_argument("--temperature", type=float, required=True, help="the KD temperature tau_kd (0 = greedy)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="the KD temperature tau_kd (0 = greedy); required unless --generator data")
     g.add_argument("--generator", default="target",
                    help="'target' (sequence-level KD data), a draft spec/directory (on-policy data; a feature head "
                         "writes on its own features after the target reads the prompt and draws the first token), or "

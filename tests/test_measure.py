@@ -317,3 +317,13 @@ def test_write_json(tmp_path):
     assert text.endswith("}\n") and json.loads(text) == {"a": [1, 2], "b": None} and '\n "a"' in text
     assert write_json({"a": 1}, path, indent=2).read_text() == '{\n  "a": 1\n}\n'
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no .tmp left
+
+
+def test_write_json_writes_nan_and_infinities_as_null(tmp_path):
+    """A one-row standard error (nan) or an alpha of no drafts is written as null: standard JSON, which strict
+    parsers (JavaScript's JSON.parse, jq) read; Python's json would otherwise write the non-standard NaN."""
+    obj = {"se": float("nan"), "rows": [1.5, float("inf"), -float("inf")], "t": (0.5, float("nan")), "n": 3}
+    text = write_json(obj, tmp_path / "r.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"se": None, "rows": [1.5, None, None], "t": [0.5, None], "n": 3}
+    assert math.isnan(obj["se"])  # the caller's object is left as it was

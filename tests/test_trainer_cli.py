@@ -163,6 +163,22 @@ def test_gen_data_missing_prompt_field(tiny_hf, tmp_path, capsys):
     assert code == 2 and "bad.jsonl:2" in capsys.readouterr().err
 
 
+def test_gen_data_temperature_is_needed_only_to_sample(tiny_hf, tmp_path, capsys):
+    prompts = tmp_path / "fixed.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": f"what is w{i}", "output": f"the answer w{i}"}) + "\n"
+                               for i in range(3)))
+    base = ["gen-data", "--target", str(tiny_hf / "model"), "--prompts", str(prompts), "--dtype", "fp32",
+            "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "sampled.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "--temperature is required" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "sampled.jsonl").exists()
+    assert main(base + ["--out", str(tmp_path / "fixed_out.jsonl"), "--generator", "data"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "fixed_out.jsonl").read_text().splitlines()]
+    assert [r["response"].strip() for r in rows] == [f"the answer w{i}" for i in range(3)]
+    assert all(r["temperature"] is None and r["generator"] == "data" for r in rows)
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
                     reason="torchrun not installed")
 def test_distill_under_torchrun_two_processes(tiny_hf, data, tmp_path):

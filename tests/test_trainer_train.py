@@ -296,6 +296,23 @@ def test_bf16_precision_runs(target, data_file, tmp_path):
     assert len(d.history) == 4 and load_draft(final, target.model).norm.weight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_precision_follows_the_cpus_bf16_speed(target, data_file, tmp_path, monkeypatch, fast):
+    """precision "auto" trains in bf16 only where the CPU multiplies bf16 fast, and the run's recipe (its model card,
+    its checkpoints) records what it resolved to, not "auto"."""
+    monkeypatch.setattr(train, "torch_bf16_matmul_is_fast", lambda: fast)
+    d = Distiller(config(data_file, tmp_path, precision="auto", steps=2, warmup_steps=1, eval_every=2),
+                  target=target, progress=False)
+    want = "bf16" if fast else "fp32"
+    assert d.cfg.precision == want and d._autocast().fast_dtype == torch.bfloat16
+    assert d._autocast()._enabled is fast
+    d.run()
+    meta = read_draft_info(tmp_path / train.FINAL)
+    assert json.dumps(meta).count(f'"precision": "{want}"') == 1 and '"auto"' not in json.dumps(meta)
+    for explicit in ("bf16", "fp32"):
+        assert train.resolve_precision(explicit, torch.device("cpu")) == explicit
+
+
 # ------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("overrides,match", [
     (dict(data=["/nonexistent/t1.jsonl"]), "does not exist"),
