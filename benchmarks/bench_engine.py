@@ -20,7 +20,8 @@ Generation settings beyond temperature (tempspec_engine/sampling.py): --settings
 filtered); --variants "alternatives=0,confidence_stop=0;alternatives=0" adds tempspec_sd[<draft>]/<variant> for each
 draft with a model (with device_loop, every draft), the same draft with those SpeculativeEngine settings
 (alternatives: tokens the target also reads per draft position; confidence_stop 0: k chosen before drafting instead
-of after each draft; verify_slope: the cost model's price of each more verified token, adaptive_k.py; engine.py); a
+of after each draft; verify_slope: the cost model's price of each more verified token, adaptive_k.py; k_min 1: a
+draft in every step; engine.py); a
 variant with device_loop=1,k=K (optionally sync_every=N, compile_step=1) decodes
 through the device loop (tempspec_engine/device_loop.py) and also adds target_only/<variant>, the target alone
 through it (measured even when the variant's drafting fails its warm-up); its rows report
@@ -215,7 +216,8 @@ def main(argv=None) -> int:
                     help="';'-separated engine settings to run each model draft with besides the defaults, each "
                          "KEY=VALUE,... with keys alternatives (int >= 0), confidence_stop (0 or 1), device_loop "
                          "(0 or 1; with k, an int, and optionally sync_every and compile_step, 0 or 1), verify_slope "
-                         "(a number >= 0: the seeded cost model's slope per verified token) (default: none)")
+                         "(a number >= 0: the seeded cost model's slope per verified token), k_min (0 or 1: 1 drafts "
+                         "in every step) (default: none)")
     ap.add_argument("--lenience", default="1",
                     help="comma list of leniences in (0, 1]; each below 1 adds lossy methods and target_nll scores "
                          "(default: %(default)s)")
@@ -237,7 +239,8 @@ def main(argv=None) -> int:
 
 
 VARIANT_KEYS = {"alternatives": int, "confidence_stop": lambda v: bool(int(v)), "device_loop": lambda v: bool(int(v)),
-                "k": int, "sync_every": int, "compile_step": lambda v: bool(int(v)), "verify_slope": float}
+                "k": int, "sync_every": int, "compile_step": lambda v: bool(int(v)), "verify_slope": float,
+                "k_min": int}
 
 
 def parse_variants(text: str) -> dict:

@@ -47,6 +47,10 @@ def _parser() -> OneLineParser:
                    help="with --k auto, the cost model's price of each more verified token, in decodes of one token "
                         "the same for every token (benchmarks/bench_shapes.py fits yours; default: the costs measured "
                         "for this CPU's kernel variant, tempspec_engine/adaptive_k.py VERIFY_COSTS)")
+    g.add_argument("--k-min", type=int, default=0, choices=[0, 1],
+                   help="with --k auto, the least lookahead: 0 lets a step run the target alone where the cost model "
+                        "says no draft pays, 1 drafts in every step (to measure acceptance where drafting does not "
+                        "pay) (default: %(default)s)")
     g.add_argument("--no-confidence-stop", action="store_true",
                    help="with --k auto, choose k before drafting instead of stopping on the draft's confidence "
                         "(default: stop on confidence, except on CUDA)")
@@ -100,7 +104,7 @@ def generate_command(args, out=None, err=None) -> int:
     set_threads(args.threads)
     engine = SpeculativeEngine(args.target, args.draft, device=args.device, dtype=args.dtype, k=args.k,
                                max_len=args.max_len, allow_download=args.allow_download,
-                               alternatives=args.alternatives, verify_slope=args.verify_slope,
+                               alternatives=args.alternatives, verify_slope=args.verify_slope, k_min=args.k_min,
                                confidence_stop=False if args.no_confidence_stop else None,
                                device_loop=args.device_loop, sync_every=args.sync_every)
     single = len(args.prompt) == 1

@@ -39,9 +39,9 @@ def test_generate_batch_and_errors(model_dir, capsys):
 
 
 def test_generate_step_options(model_dir, capsys):
-    """--alternatives, --no-confidence-stop and --verify-slope reach the engine; the greedy text stays the target's.
-    A cost model that prices each verified token at 50 decodes leaves all 8 steps to the target alone (an exploration
-    would come after 16)."""
+    """--alternatives, --no-confidence-stop, --verify-slope and --k-min reach the engine; the greedy text stays the
+    target's. A cost model that prices each verified token at 50 decodes leaves all 8 steps to the target alone (an
+    exploration would come after 16), unless --k-min 1 asks for a draft in every step."""
     base = ["generate", "--prompt", "w3 w4", "--target", str(model_dir), "--device", "cpu", "--dtype", "fp32",
             "--temperature", "0", "--max-new-tokens", "8"]
     assert main(base + ["--no-speculative", "--quiet"]) == 0
@@ -53,6 +53,9 @@ def test_generate_step_options(model_dir, capsys):
     assert main(base + ["--draft", "layers:0", "--verify-slope", "50", "--seed", "0"]) == 0
     got = capsys.readouterr()
     assert got.out == want and "8 steps (8 without a draft)" in got.err
+    assert main(base + ["--draft", "layers:0", "--verify-slope", "50", "--seed", "0", "--k-min", "1"]) == 0
+    got = capsys.readouterr()
+    assert got.out == want and "(0 without a draft)" in got.err  # --k-min 1: a draft in every step all the same
     with pytest.raises(SystemExit) as exc:
         main(base + ["--draft", "layers:0", "--verify-slope", "-1"])
     err = capsys.readouterr().err.strip().splitlines()

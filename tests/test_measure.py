@@ -156,6 +156,21 @@ def test_bench_engine_uses_the_rule(target, step_log):
     assert res["tokens"] == 20 and {"steps", "accepted", "rejections", "lookup_steps", "plain_steps"} <= set(res)
 
 
+def test_bench_engine_parses_variants():
+    """--variants: each ';'-separated label becomes the engine keywords it names, typed; a wrong key, a value of the
+    wrong kind and a device loop without a fixed k are refused naming the label."""
+    bench = load_bench()
+    got = bench.parse_variants("alternatives=0,confidence_stop=0; k_min=1 ;verify_slope=0.12;device_loop=1,k=4")
+    assert got == {"alternatives=0,confidence_stop=0": {"alternatives": 0, "confidence_stop": False},
+                   "k_min=1": {"k_min": 1}, "verify_slope=0.12": {"verify_slope": 0.12},
+                   "device_loop=1,k=4": {"device_loop": True, "k": 4}}
+    assert bench.parse_variants("") == {}
+    for text, word in (("kmin=1", "KEY one of"), ("k_min=one", "k_min needs an integer"),
+                       ("verify_slope=x", "verify_slope needs a number"), ("device_loop=1", "needs a fixed k")):
+        with pytest.raises(ValueError, match=word):
+            bench.parse_variants(text)
+
+
 def test_bench_engine_says_what_transformers_cannot_run(target):
     """Prompt lookup and a full-vocabulary model draft have transformers counterparts; the hybrid, a restricted
     vocabulary and a feature head do not, each with its reason (recorded even when the HF baselines are skipped)."""
