@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", required=True, help="JSONL: Alpaca instruction/input, Spec-Bench turns, GSM8K question")
     g.add_argument("--out", required=True, help="output JSONL (appended to; prompts already there are skipped)")
     g.add_argument("--temperature", type=float, default=None,
-                   help="the KD temperature tau_kd (0 = greedy); required unless --generator data")
+                   help="the KD temperature tau_kd (0 = greedy); required unless --generator data (default: none)")
     g.add_argument("--generator", default="target",
                    help="'target' (sequence-level KD data), a draft spec/directory (on-policy data; a feature head "
                         "writes on its own features after the target reads the prompt and draws the first token), or "
