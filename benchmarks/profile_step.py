@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import sys
 
@@ -33,6 +32,7 @@ from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_comman
 from tempspec_engine.engine import SpeculativeEngine  # noqa: E402
 from tempspec_engine.measure import sync_device  # noqa: E402
 from tempspec_engine.models.loading import resolve_dtype  # noqa: E402
+from tempspec_engine.results import write_json  # noqa: E402
 from tempspec_engine.run_meta import collect_meta  # noqa: E402
 
 PROG = "profile_step"
@@ -113,10 +113,7 @@ def run(args) -> int:
             print(f"  {row['us_per_step']:9.1f} us  {row['launches_per_step']:6.1f} x  {row['share']:6.1%}  "
                   f"{row['name'][:90]}")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.out}")
+        print(f"wrote {write_json(result, args.out)}")
     return 0
 
 
