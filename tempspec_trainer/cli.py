@@ -214,6 +214,9 @@ DISTILL_HELP = {
     "save_every": "steps between checkpoints (the two newest are kept)",
     "feature_weight": "feature heads: weight of the smooth-L1 regression on the target's next feature (0: off)",
     "unroll": "feature heads: training-time-test steps; step j > 1 feeds the head its own predictions",
+    "feature_noise": "feature heads: amplitude a of the uniform noise U(-a, a) added to the target's features the head "
+                     "reads in training (EAGLE's augmentation; the features have a standard deviation near 2 on the "
+                     "default target; 0: off)",
     "tau_mix": "comma list of KD temperatures: the online divergence is averaged over them instead of --tau-kd "
                "(a temperature mixture)",
     "feature_taps": "feature heads: comma list of target blocks whose outputs the head also reads (EAGLE-3's "

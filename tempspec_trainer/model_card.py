@@ -107,7 +107,9 @@ def write_card(directory, command: Optional[str] = None) -> Path:
             "the divergence on the token distributions"
         lines.insert(len(intro) + 8, f"- feature head loss: {token_loss} + "
                      f"{recipe.get('feature_weight', 0.1):g} x smooth L1 on the predicted features, averaged over "
-                     f"{recipe.get('unroll', 1)} unrolled steps (step j > 1 feeds the head its own predictions)")
+                     f"{recipe.get('unroll', 1)} unrolled steps (step j > 1 feeds the head its own predictions)"
+                     + (f", with U(-{recipe['feature_noise']:g}, {recipe['feature_noise']:g}) noise on the target's "
+                        "features it reads" if recipe.get("feature_noise", 0) > 0 else ""))
     lineage = meta.get("lineage") or []
     if lineage:
         lines += ["", f"It continues {len(lineage)} earlier training stage{'s' if len(lineage) > 1 else ''} "

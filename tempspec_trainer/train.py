@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import math
 import os
 import random
@@ -46,6 +45,7 @@ from tempspec_engine.linear import torch_bf16_matmul_is_fast
 from tempspec_engine.models.draft_checkpoint import save_draft
 from tempspec_engine.models.feature_draft import FeatureDraft, check_taps, save_feature_draft
 from tempspec_engine.models.loading import LoadedModel, load_target, place, resolve_device
+from tempspec_engine.results import write_json
 from tempspec_trainer.data import make_batch, read_prompt_file, read_rows, token_sequences
 from tempspec_trainer.divergences import get_divergence
 from tempspec_trainer.evaluate import expected_acceptance_over
@@ -61,7 +61,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 # config fields that must not change between a run and its resume
 RESUME_KEYS = ("data", "tau_kd", "tau_mix", "mode", "divergence", "jsd_beta", "init", "target", "batch_size",
                "grad_accum", "seq_len", "lr", "warmup_steps", "min_lr_ratio", "seed", "eval_rows")
-FEATURE_RESUME_KEYS = ("feature_weight", "unroll", "feature_taps")  # also these for feature heads
+FEATURE_RESUME_KEYS = ("feature_weight", "unroll", "feature_taps", "feature_noise")  # also these for feature heads
 
 
 @dataclasses.dataclass
@@ -101,6 +101,9 @@ class DistillConfig:
     # steps (1: teacher-forced only)
     feature_weight: float = 0.1
     unroll: int = 2
+    # feature heads: uniform noise U(-a, a) added to the target's features the head reads in training (EAGLE's
+    # augmentation against the drift of its own predicted features; 0: off); never to the features it predicts
+    feature_noise: float = 0.0
     # temperature mixture: the online divergence averaged over these temperatures instead of tau_kd alone
     tau_mix: Tuple[float, ...] = ()
     # feature heads: a file of the target's features for the training rows (teacher_cache.py), made on first use
@@ -133,8 +136,12 @@ class DistillConfig:
             raise ValueError(f"eval temperatures must be >= 0, got {self.eval_temperatures}")
         if is_feature_init(self.init):
             parse_feature_init(self.init)
-        if not (self.feature_weight >= 0.0) or not math.isfinite(self.feature_weight):
-            raise ValueError(f"feature_weight must be a finite number >= 0, got {self.feature_weight!r}")
+        for name in ("feature_weight", "feature_noise"):
+            value = getattr(self, name)
+            if not (value >= 0.0) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.feature_noise > 0 and not is_feature_init(self.init):
+            raise ValueError("feature_noise is for feature heads (init 'feature...')")
         if any(not (t >= 0.0) or not math.isfinite(t) for t in self.tau_mix):
             raise ValueError(f"tau_mix temperatures must be finite numbers >= 0, got {self.tau_mix}")
         if self.tau_mix and self.mode != "online":
@@ -324,8 +331,11 @@ class Distiller:
             else:  # the target's logits over the draft vocabulary: its head on its features
                 want_logits = self.draft.draft_logits(want_feats)
         want_feats = want_feats.float()
+        read = t_feats[:, :-1]
+        if cfg.feature_noise > 0:  # on what the head reads, not on what it predicts
+            read = read + (torch.rand_like(read) * 2 - 1) * cfg.feature_noise
         with self._autocast():
-            preds = self.model(t_feats[:, :-1], tokens[:, 1:], positions[:, :-1], cfg.unroll)
+            preds = self.model(read, tokens[:, 1:], positions[:, :-1], cfg.unroll)
         total = 0.0
         for pred in preds:
             if not bool(m.any()):  # no position to train (all responses of one token): a zero that keeps the graph
@@ -443,7 +453,7 @@ class Distiller:
     def save_final(self) -> Path:
         directory = self.out / FINAL
         self._save(directory, True, torch.bfloat16)
-        (self.out / "train_log.json").write_text(json.dumps(self._metadata(True), indent=2) + "\n")
+        write_json(self._metadata(True), self.out / "train_log.json", indent=2)
         return directory
 
     # ------------------------------------------------------------------ run

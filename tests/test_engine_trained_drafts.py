@@ -40,8 +40,10 @@ def test_round_trip_gives_identical_logits(tmp_path, shared):
     kw = {"embed_tokens": target.embed_tokens} if shared else {}
     draft = _model(config, seed=2, **kw)
     save_draft(draft, tmp_path / "d", shares_target_embeddings=shared, target_name="tiny", target_vocab=96,
-               metadata={"recipe": {"tau_kd": 0.5}})
+               metadata={"recipe": {"tau_kd": 0.5}, "loss": float("inf")})
     assert is_draft_dir(tmp_path / "d")
+    text = (tmp_path / "d" / "tempspec_draft.json").read_text()  # standard JSON: inf and nan written as null
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(c))["metadata"]["loss"] is None
     loaded = load_draft(tmp_path / "d", target)
     tokens = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
     assert torch.equal(_logits(loaded, tokens), _logits(draft, tokens))

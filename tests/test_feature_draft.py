@@ -316,11 +316,13 @@ def test_head_shares_and_never_casts_the_target():
 def test_save_load_round_trip(target, tmp_path, spec):
     counts = torch.arange(tf.VOCAB)
     head = head_for(target.model, spec, counts=counts)
-    out = save_feature_draft(head, tmp_path / "h", target_name="tiny-target", metadata={"note": 1})
+    out = save_feature_draft(head, tmp_path / "h", target_name="tiny-target",
+                             metadata={"note": 1, "loss": float("nan")})
     assert is_feature_draft_dir(out)
-    info = json.loads((out / "tempspec_draft.json").read_text())
+    # standard JSON: a diverged run's nan is written as null (a strict parser rejects NaN)
+    info = json.loads((out / "tempspec_draft.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert info["format"] == FORMAT and info["target"] == {"name": "tiny-target", "vocab_size": 64, "dim": 32}
-    assert info["metadata"] == {"note": 1} and info["config"]["n_layers"] == head.config.n_layers
+    assert info["metadata"] == {"note": 1, "loss": None} and info["config"]["n_layers"] == head.config.n_layers
     from safetensors.torch import load_file
 
     stored = load_file(str(out / "model.safetensors"))
@@ -461,6 +463,32 @@ def test_loss_matches_its_definition(target, data_file, tmp_path):
         want = sum(forward_kl(head.logits(p)[m], logits[:, 1:][m], 1.0).mean()
                    + 0.3 * F.smooth_l1_loss(p[m], feats[:, 1:][m]) for p in (p1, p2)) / 2
         assert float(d.loss(seqs, tokens, mask)) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_feature_noise_perturbs_what_the_head_reads_and_nothing_else(target, data_file, tmp_path):
+    """feature_noise 0.05: the loss of test_loss_matches_its_definition with U(-0.05, 0.05) noise (the run's RNG) on
+    the target's features the head reads, step 2 starting from the noisy f_0; the targets (the target's logits and
+    features at t+1) stay clean. The noise changes the loss, so the check can fail."""
+    d = Distiller(config(data_file, tmp_path, feature_weight=0.3, unroll=2, feature_noise=0.05), target=target,
+                  progress=False)
+    seqs = d.eval_seqs[:6]
+    tokens, mask = make_batch(seqs, "cpu")
+    pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+    head, m = d.draft, mask[:, 1:]
+    with torch.no_grad():
+        logits, feats = target.model(tokens, pos, None, return_features=True)
+        torch.manual_seed(7)
+        read = feats[:, :-1] + (torch.rand_like(feats[:, :-1]) * 2 - 1) * 0.05
+        p1 = head(read, tokens[:, 1:], pos[:, :-1], None)
+        p2 = head(torch.cat((read[:, :1], p1[:, :-1]), 1), tokens[:, 1:], pos[:, :-1], None)
+        want = sum(forward_kl(head.logits(p)[m], logits[:, 1:][m], 1.0).mean()
+                   + 0.3 * F.smooth_l1_loss(p[m], feats[:, 1:][m]) for p in (p1, p2)) / 2
+        torch.manual_seed(7)
+        got = float(d.loss(seqs, tokens, mask))
+        d.cfg = dataclasses.replace(d.cfg, feature_noise=0.0)
+        clean = float(d.loss(seqs, tokens, mask))
+    assert got == pytest.approx(float(want), rel=1e-5)
+    assert abs(got - clean) > 1e-4 * clean
 
 
 def test_offline_loss_is_the_cross_entropy_of_the_data(target, data_file, tmp_path):
@@ -612,6 +640,7 @@ def test_model_card_says_feature_head(feature_run):
     assert text.startswith("# tempspec feature draft head (EAGLE-style)")
     assert "draft vocabulary of 48 token ids" in text and "2 unrolled steps" in text
     assert "at the first draft position" in text
+    assert "noise" not in text  # feature_noise 0: the card says nothing of it
     assert text.index("- feature head loss") < text.index("- data:")
 
 
@@ -770,6 +799,9 @@ def test_tau_mix_averages_the_divergence_over_its_temperatures(target, data_file
     (dict(init="feature/vocab:65"), "1..64"),
     (dict(unroll=0), "unroll"),
     (dict(feature_weight=-1.0), "feature_weight"),
+    (dict(feature_noise=-0.1), "feature_noise"),
+    (dict(feature_noise=float("nan")), "feature_noise"),
+    (dict(init="layers:0", feature_noise=0.1), "feature_noise is for feature heads"),
     (dict(tau_mix=(0.5, -1.0)), "tau_mix"),
     (dict(tau_mix=(0.0, 1.0), divergence="rkl"), "drop 0 from tau_mix"),
 ])
@@ -828,7 +860,7 @@ def tiny_hf(tmp_path_factory):
 FEATURE_ARGS = ["--init", "feature/vocab:100", "--steps", "4", "--batch-size", "4", "--precision", "fp32",
                 "--eval-rows", "8", "--eval-every", "2", "--save-every", "2", "--lr", "1e-2", "--no-progress",
                 "--tau-kd", "1.0", "--warmup-steps", "1", "--unroll", "2", "--feature-weight", "0.2",
-                "--eval-temperatures", "0,1"]
+                "--feature-noise", "0.05", "--eval-temperatures", "0,1"]
 
 
 def test_distill_feature_head_from_the_command_line(tiny_hf, tmp_path):
@@ -843,11 +875,13 @@ def test_distill_feature_head_from_the_command_line(tiny_hf, tmp_path):
     assert json.loads((out / "final" / "tempspec_draft.json").read_text())["config"]["taps"] == [0]
     assert log["step"] == 4 and log["recipe"]["init"] == "feature/vocab:100"
     assert log["recipe"]["feature_weight"] == 0.2 and log["recipe"]["unroll"] == 2
+    assert log["recipe"]["feature_noise"] == 0.05
     assert [h["step"] for h in log["history"] if "alpha@0" in h] == [0, 2, 4]
     for name in ("init", "final"):
         assert is_feature_draft_dir(out / name)
     card = (out / "final" / "README.md").read_text()
     assert "feature draft head" in card and "fused with the outputs of its blocks 0 (EAGLE-3" in card
+    assert "with U(-0.05, 0.05) noise on the target's features it reads" in card
     res = tmp_path / "eval.json"
     assert main(["eval", "--target", str(tiny_hf / "model"), "--drafts", str(out / "final"), "--data",
                  str(tiny_hf / "t1.jsonl"), "--n-rows", "8", "--temperatures", "0,1", "--out", str(res),

@@ -24,6 +24,7 @@ import torch
 
 from tempspec_engine.models.config import ModelConfig
 from tempspec_engine.models.llama import Transformer
+from tempspec_engine.results import write_json
 
 DRAFT_FILE = "tempspec_draft.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -63,7 +64,7 @@ def save_draft(model: Transformer, directory, *, shares_target_embeddings: bool,
             "shares_target_embeddings": bool(shares_target_embeddings),
             "target": {"name": target_name, "vocab_size": int(target_vocab)},
             "metadata": metadata or {}}
-    (out / DRAFT_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    write_json(info, out / DRAFT_FILE, indent=2)  # standard JSON: a diverged run's nan loss is written as null
     return out
 
 

@@ -28,7 +28,6 @@ head's weights and the token map `d2t`, without the target's embedding and head,
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -42,6 +41,7 @@ from tempspec_engine.models.config import ModelConfig
 from tempspec_engine.models.draft_checkpoint import (DRAFT_FILE, WEIGHTS_FILE, check_weights_fit, draft_format,
                                                      read_info, read_weights, weights_path)
 from tempspec_engine.models.llama import Block, RMSNorm, Transformer, rope_inv_freq, run_layers
+from tempspec_engine.results import write_json
 
 FORMAT = "tempspec-feature-draft/1"
 KIND = "eagle-feature-head"
@@ -335,7 +335,7 @@ def save_feature_draft(head: FeatureDraft, directory, *, target_name: str, metad
     info = {"format": FORMAT, "kind": KIND, "config": dataclasses.asdict(c), "shares_target_embeddings": True,
             "target": {"name": target_name, "vocab_size": int(c.vocab_size), "dim": int(c.dim)},
             "metadata": metadata or {}}
-    (out / DRAFT_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    write_json(info, out / DRAFT_FILE, indent=2)  # standard JSON: a diverged run's nan loss is written as null
     return out
 
 
