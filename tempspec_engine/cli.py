@@ -10,9 +10,11 @@ import sys
 from typing import List, Optional, Sequence
 
 from tempspec_engine import __version__
+from tempspec_engine.checks import TEMPERATURE
 from tempspec_engine.cli_args import (DRAFT_FORMS, add_model_arguments, add_sampling_arguments, non_negative_float,
-                                      positive_int, sampling_kwargs)
+                                      positive_int, sampling_kwargs, sampling_value, seed)
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command
+from tempspec_engine.device_loop import DEFAULT_SYNC_EVERY
 from tempspec_engine.sweep import add_sweep_parser, sweep_command
 
 def _parser() -> OneLineParser:
@@ -24,7 +26,8 @@ def _parser() -> OneLineParser:
                        description="Generate text with lossless speculative decoding (the text streams to stdout, "
                                    "figures go to stderr).")
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
-    g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: %(default)s)")
+    g.add_argument("--temperature", type=sampling_value(TEMPERATURE), default=0.7,
+                   help="0 = greedy (default: %(default)s)")
     add_sampling_arguments(g)
     g.add_argument("--max-new-tokens", type=positive_int, default=256, help="(default: %(default)s)")
     g.add_argument("--draft", default="default", help=DRAFT_FORMS + " (default: %(default)s)")
@@ -32,13 +35,15 @@ def _parser() -> OneLineParser:
                    help="KV-cache capacity per request, prompt + new tokens, up to the model's limit (default: "
                         "the smaller of 2048 and that limit)")
     add_model_arguments(g)
-    g.add_argument("--no-chat", action="store_true", help="use the prompt as raw text (no chat template)")
+    g.add_argument("--no-chat", action="store_true",
+                   help="use the prompt as raw text (no chat template) (default: off)")
     g.add_argument("--system", default=None, help="system prompt for the chat template (default: none)")
     g.add_argument("--stop", action="append", default=None,
                    help="stop string, not included in the output (repeatable; default: none)")
-    g.add_argument("--seed", type=int, default=None,
+    g.add_argument("--seed", type=seed, default=None,
                    help="the same seed, prompt and settings give the same text (default: a random seed)")
-    g.add_argument("--no-speculative", action="store_true", help="the target alone (the autoregressive baseline)")
+    g.add_argument("--no-speculative", action="store_true",
+                   help="the target alone (the autoregressive baseline) (default: off)")
     g.add_argument("--alternatives", type=int, default=None,
                    help="tokens a model draft names per draft position besides its own for the target to read in "
                         "the same verification, 0 for none (default: 2 with a model draft on a Llama-family target, "
@@ -47,10 +52,10 @@ def _parser() -> OneLineParser:
                    help="with --k auto, the cost model's price of each more verified token, in decodes of one token "
                         "the same for every token (benchmarks/bench_shapes.py fits yours; default: the costs measured "
                         "for this CPU's kernel variant, tempspec_engine/adaptive_k.py VERIFY_COSTS)")
-    g.add_argument("--k-min", type=int, default=0, choices=[0, 1],
+    g.add_argument("--k-min", type=int, default=None, choices=[0, 1],
                    help="with --k auto, the least lookahead: 0 lets a step run the target alone where the cost model "
                         "says no draft pays, 1 drafts in every step (to measure acceptance where drafting does not "
-                        "pay) (default: %(default)s)")
+                        "pay) (default: 0)")
     g.add_argument("--no-confidence-stop", action="store_true",
                    help="with --k auto, choose k before drafting instead of stopping on the draft's confidence "
                         "(default: stop on confidence, except on CUDA)")
@@ -59,10 +64,10 @@ def _parser() -> OneLineParser:
                         "tensors, captured as one CUDA graph on CUDA, the host reading its state every --sync-every "
                         "steps; needs --k N (any draft, lookup and hybrids included), no --stop, and prints each text "
                         "when it is done (default: off)")
-    g.add_argument("--sync-every", type=positive_int, default=8,
+    g.add_argument("--sync-every", type=positive_int, default=None,
                    help="with --device-loop, steps between the host's reads of the loop state, fewer near the "
-                        "end of a wave (default: %(default)s)")
-    g.add_argument("--quiet", action="store_true", help="no figures on stderr")
+                        f"end of a wave (default: {DEFAULT_SYNC_EVERY})")
+    g.add_argument("--quiet", action="store_true", help="no figures on stderr (default: off)")
     add_debug_flag(g)
     add_sweep_parser(sub)
     return ap
@@ -101,12 +106,20 @@ def generate_command(args, out=None, err=None) -> int:
     from tempspec_engine.threads import set_threads
 
     out, err = out or sys.stdout, err or sys.stderr
+    auto_only = [flag for flag, given in (("--verify-slope", args.verify_slope is not None),
+                                          ("--k-min", args.k_min is not None),
+                                          ("--no-confidence-stop", args.no_confidence_stop)) if given]
+    if auto_only and args.k != "auto":
+        raise ValueError(f"{', '.join(auto_only)} tune the adaptive lookahead (--k auto): with --k {args.k} they "
+                         "would do nothing")
+    if args.sync_every is not None and not args.device_loop:
+        raise ValueError("--sync-every sets how often the device loop syncs: it needs --device-loop")
     set_threads(args.threads)
     engine = SpeculativeEngine(args.target, args.draft, device=args.device, dtype=args.dtype, k=args.k,
                                max_len=args.max_len, allow_download=args.allow_download,
-                               alternatives=args.alternatives, verify_slope=args.verify_slope, k_min=args.k_min,
-                               confidence_stop=False if args.no_confidence_stop else None,
-                               device_loop=args.device_loop, sync_every=args.sync_every)
+                               alternatives=args.alternatives, verify_slope=args.verify_slope,
+                               k_min=args.k_min or 0, confidence_stop=False if args.no_confidence_stop else None,
+                               device_loop=args.device_loop, sync_every=args.sync_every or DEFAULT_SYNC_EVERY)
     single = len(args.prompt) == 1
     stream = single and not args.device_loop  # (the device loop hands the tokens over at the end)
     streamer = StopAwareStreamer(engine.tokenizer, out, args.stop or ()) if stream else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from tempspec_engine.checks import LENIENCE, MIN_P, TOP_K, TOP_P, SamplingArg
 from tempspec_engine.models.draft import DEFAULT_DRAFT, FALLBACK_DRAFT
 
 DRAFT_FORMS = (f"'default' ({DEFAULT_DRAFT} for the default target, {FALLBACK_DRAFT} for others), 'none' (the "
@@ -33,6 +34,32 @@ def non_negative_float(text: str) -> float:
     if not 0 <= x < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
     return x
+
+
+MAX_SEED = 2**32 - 1  # seeds derived from a seed (gen-data's per chunk) stay within torch's 64-bit range
+
+
+def seed(text: str) -> int:
+    """--seed: an integer in [0, 2**32 - 1] (argparse type)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {MAX_SEED}], got {text!r}")
+    return n
+
+
+def sampling_value(arg: SamplingArg):
+    """The argparse type of one sampling flag: its range from tempspec_engine/checks.py, refused at parse time
+    (before a model loads)."""
+    def parse(text: str):
+        try:
+            return arg.checked(int(text) if arg.integer else float(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {arg.expected}, got {text!r}") from None
+    parse.__name__ = arg.name
+    return parse
 
 
 def lookahead(text: str):
@@ -67,12 +94,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     """--top-k, --top-p, --min-p, --lenience, --filter-target-only (semantics: tempspec_engine/reference.py)."""
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default: %(default)s = off)")
-    p.add_argument("--top-p", type=float, default=1.0,
+    p.add_argument("--top-k", type=sampling_value(TOP_K), default=0,
+                   help="keep the k most likely tokens (default: %(default)s = off)")
+    p.add_argument("--top-p", type=sampling_value(TOP_P), default=1.0,
                    help="keep the most likely tokens holding this probability mass (default: %(default)s = off)")
-    p.add_argument("--min-p", type=float, default=0.0,
+    p.add_argument("--min-p", type=sampling_value(MIN_P), default=0.0,
                    help="keep tokens at least this fraction as likely as the most likely (default: %(default)s = off)")
-    p.add_argument("--lenience", type=float, default=1.0,
+    p.add_argument("--lenience", type=sampling_value(LENIENCE), default=1.0,
                    help="lossy acceptance in (0, 1]: accept x when u * lenience * q(x) <= p(x) (default: %(default)s "
                         "= lossless)")
     p.add_argument("--filter-target-only", action="store_true",

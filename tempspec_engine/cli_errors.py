@@ -34,7 +34,7 @@ class OneLineParser(argparse.ArgumentParser):
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     """--debug, accepted before and after a subcommand (read it with getattr(args, "debug", False))."""
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help=f"show the full traceback of an error (also: {DEBUG_ENV}=1)")
+                        help=f"show the full traceback of an error (default: off; also: {DEBUG_ENV}=1)")
 
 
 def debug_requested(flag: bool = False) -> bool:

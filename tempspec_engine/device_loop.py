@@ -40,6 +40,8 @@ from tempspec_engine.ops import sample, speculative_sample
 from tempspec_engine.proposers import NONFINITE_MESSAGE, NonFiniteFlag, pad_logits
 from tempspec_engine.sampling import StepSettings
 
+DEFAULT_SYNC_EVERY = 8  # decode steps between the host's reads of the loop state
+
 
 @dataclasses.dataclass
 class WaveTiming:

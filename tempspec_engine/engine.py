@@ -30,6 +30,7 @@ import torch
 
 from tempspec_engine.adaptive_k import DEFAULT_VERIFY_SLOPE, VERIFY_COSTS, AdaptiveK
 from tempspec_engine.checks import check_positive_int, is_int, is_real_number, per_prompt
+from tempspec_engine.device_loop import DEFAULT_SYNC_EVERY
 from tempspec_engine.linear import cpu_kernel_enabled, kernel_isa
 from tempspec_engine.measure import acceptance_by_position, charge_prefill, sync_device
 from tempspec_engine.models.draft import check_spec_form, default_draft, make_draft, make_lookup, split_hybrid
@@ -273,7 +274,7 @@ class SpeculativeEngine:
                  max_len: Optional[int] = None, max_batch_size: int = 8, k_max: int = 8, tokenizer=None,
                  backend: str = "auto", static_shapes: Optional[bool] = None, cuda_graphs: Optional[bool] = None,
                  allow_download: bool = False, confidence_stop: Optional[bool] = None,
-                 alternatives: Optional[int] = None, device_loop: bool = False, sync_every: int = 8,
+                 alternatives: Optional[int] = None, device_loop: bool = False, sync_every: int = DEFAULT_SYNC_EVERY,
                  compile_step: bool = False, verify_slope: Optional[float] = None, k_min: int = 0):
         check_positive_int("max_batch_size", max_batch_size)
         if verify_slope is not None and not (is_real_number(verify_slope) and 0 <= verify_slope < math.inf):

@@ -3,6 +3,15 @@
 Every backend (C++ CPU, CUDA, Triton) is tested token-for-token against these functions, so they define the exact
 semantics. They do no input validation: `tempspec_engine.ops` validates and then calls a backend.
 
+Token-for-token holds up to fp32 rounding, not to the bit: the backends' exp (the C++ polynomial, CUDA's ex2.approx,
+Triton's tl.exp) and sums may differ from torch's in the last bit, so a uniform within an ulp of a CDF boundary, or a
+min-p / top-p threshold that equals a token's weight exactly, can give the neighbouring token. Random inputs meet such
+a boundary rarely (a 2026-12-07 audit: the C++ exp differs from torch.exp by 1 ulp on about 6% of inputs, and a
+random search with u near 1 found 3-131 differing draws per 3,000 rows); the tests' inputs avoid them. The draw
+itself reads one fp32 uniform, 24 bits: every token's chance of being drawn is a multiple of 2^-24, so tokens below
+about 6e-8 are drawn with chance 0 or 2^-24. Over a vocabulary of tens of thousands such tail tokens can hold a few
+1e-4 of probability in all; that is the resolution of "exact" here, in every backend alike.
+
 Conventions shared by every backend (all arithmetic in fp32, whatever the logits' dtype):
 - Temperature softmax of a logit row l at T > 0: m = max(l), w_t = exp((l_t - m) / T), s = sum_t w_t, prob = w / s.
   -inf logits give w_t = 0 (masked tokens). The largest weight is exactly exp(0) = 1.

@@ -22,6 +22,21 @@ def fresh_results_path(stem: str, results_dir: str = RUNS_DIR, suffix: str = ".j
     return path
 
 
+def check_output_path(path: Union[str, Path], flag: str = "--out") -> None:
+    """Refuses, before any work, an output file that could not be written when the work is done: a directory, a
+    path under a file, or one in a directory this process may not write to (ValueError naming the flag)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory: name the file to write")
+    parent = path.absolute().parent
+    while not parent.exists():  # the nearest ancestor that exists: write_json creates the rest
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"{flag} {path}: no permission to write there")
+
+
 def _finite_or_null(obj):
     """obj with every float that is nan or infinite (a standard error of one row, the alpha of a request that never
     drafted) replaced by None, so that the file is standard JSON (null) that any reader parses."""

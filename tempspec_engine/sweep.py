@@ -33,17 +33,19 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from tempspec_engine.cli_args import DRAFT_FORMS, add_model_arguments, add_sampling_arguments, positive_int, sampling_kwargs
+from tempspec_engine.cli_args import (DRAFT_FORMS, add_model_arguments, add_sampling_arguments, positive_int,
+                                      sampling_kwargs, seed)
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command
 from tempspec_engine.measure import (acceptance_by_position, add_figures, alpha_se, speedup_interval,
                                     timed_generate)
 from tempspec_engine.prompts import read_prompts
-from tempspec_engine.results import RUNS_DIR, fresh_results_path, write_json
+from tempspec_engine.results import RUNS_DIR, check_output_path, fresh_results_path, write_json
 from tempspec_engine.run_meta import collect_meta
 
 FULL_TEMPERATURES = [round(0.1 * i, 1) for i in range(11)]  # 0, 0.1, ..., 1.0
 QUICK_TEMPERATURES = [0.0, 0.25, 0.5, 0.75, 1.0]
 MAX_TEMPERATURE = 2.0
+MAX_SWEEP_POINTS = 1000  # a start:stop:step range longer than this is a typo, not a sweep
 # the strongest shipped drafts of each kind (docs/temperature_study.md): n-gram lookup, the best separate draft
 # model, the feature heads distilled at KD temperatures 0 and 1, and the engine's default (lookup in front of feature:1)
 DEFAULT_DRAFTS = ["lookup", "distilled:1", "feature:0", "feature:1", "lookup+feature:1"]
@@ -55,18 +57,23 @@ FULL = dict(n_prompts=32, max_new_tokens=128)
 def parse_temperatures(text: str) -> List[float]:
     """'0,0.5,1' or a range 'start:stop:step' (stop included) -> sorted unique temperatures in [0, 2]."""
     text = text.strip()
+    form = "use numbers, as a comma list (0,0.5,1) or start:stop:step (0:1:0.25)"
+    ranged = ":" in text
+    parts = text.split(":") if ranged else [x for x in text.split(",") if x.strip()]
+    if ranged and (len(parts) != 3 or "," in text):
+        raise ValueError(f"--temperatures {text!r}: {form}")
     try:
-        values = [float(x) for x in text.replace(":", ",").split(",") if x.strip()]
+        values = [float(x) for x in parts]
     except ValueError:
-        raise ValueError(f"--temperatures {text!r}: use numbers, as a comma list (0,0.5,1) or start:stop:step "
-                         "(0:1:0.25)") from None
-    if text.count(":") == 2:
-        if len(values) != 3:
-            raise ValueError(f"--temperatures {text!r}: start:stop:step needs three numbers")
+        raise ValueError(f"--temperatures {text!r}: {form}") from None
+    if ranged:
         start, stop, step = values
-        if step <= 0:
-            raise ValueError(f"temperature step must be > 0, got {step}")
-        temps = [round(start + i * step, 6) for i in range(int(math.floor((stop - start) / step + 1e-9)) + 1)]
+        if not all(math.isfinite(v) for v in values) or not step > 0:
+            raise ValueError(f"--temperatures {text!r}: start and stop must be finite and step > 0")
+        count = int(math.floor((stop - start) / step + 1e-9)) + 1
+        if count > MAX_SWEEP_POINTS:
+            raise ValueError(f"--temperatures {text!r} gives {count} temperatures, more than {MAX_SWEEP_POINTS}")
+        temps = [round(start + i * step, 6) for i in range(count)]
     else:
         temps = values
     if not temps:
@@ -317,18 +324,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma list or start:stop:step, each in [0, {MAX_TEMPERATURE:g}] (default: 0:1:0.1; "
                         "--quick: 0:1:0.25)")
     p.add_argument("--quick", action="store_true",
-                   help="fewer temperatures, prompts and tokens: minutes on a laptop CPU")
+                   help="fewer temperatures, prompts and tokens: minutes on a laptop CPU (default: off)")
     add_sampling_arguments(p)
     add_model_arguments(p)
     p.add_argument("--batch-size", type=positive_int, default=1, help="requests decoded together (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    p.add_argument("--no-chat", action="store_true", help="use prompts as raw text (no chat template)")
+    p.add_argument("--seed", type=seed, default=0, help="(default: %(default)s)")
+    p.add_argument("--no-chat", action="store_true", help="use prompts as raw text (no chat template) (default: off)")
     p.add_argument("--out", default=None,
                    help=f"results JSON (default: a new file {RUNS_DIR}/sweep_<device>_<dtype>[_quick]-<time>.json, "
                         "so that no earlier result is overwritten); PNGs <out>_speedup.png and <out>_alpha.png beside "
                         "it")
-    p.add_argument("--no-plots", action="store_true", help="write the JSON only")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="write the JSON only (default: off)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: off)")
 
 
 def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
@@ -362,8 +369,7 @@ def sweep_command(args, results_dir: str = RUNS_DIR, out=None) -> int:
     if not drafts:
         raise ValueError(f"--drafts {args.drafts!r} names no draft")
     path = args.out or default_out(device, dtype, args.quick, results_dir)
-    if Path(path).is_dir():
-        raise ValueError(f"--out {path} is a directory: name the JSON file to write")
+    check_output_path(path)
     prompts = read_prompts(args.prompts, args.n_prompts or preset["n_prompts"])
     results = run_sweep(args.target, drafts, prompts, temps, args.max_new_tokens or preset["max_new_tokens"],
                         device=device, dtype=dtype, k=args.k, batch_size=args.batch_size, seed=args.seed,

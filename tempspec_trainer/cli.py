@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shlex
 import sys
@@ -19,8 +20,9 @@ from pathlib import Path
 from typing import List, Optional
 
 from tempspec_engine import __version__
-from tempspec_engine.cli_args import positive_int
+from tempspec_engine.cli_args import non_negative_float, positive_int, seed
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command
+from tempspec_engine.results import check_output_path
 from tempspec_engine.threads import set_threads
 from tempspec_trainer.train import PRECISIONS, DistillConfig
 
@@ -41,9 +43,12 @@ def _ints(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _check_output_file(path: str) -> None:
-    if Path(path).is_dir():
-        raise ValueError(f"--out {path} is a directory: name the file to write")
+def _temperatures(text: str) -> tuple:
+    """'0,0.5,1' -> (0.0, 0.5, 1.0): one or more finite temperatures >= 0 (argparse type)."""
+    values = _floats(text)
+    if not values or any(not 0 <= t < math.inf for t in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite temperatures >= 0, got {text!r}")
+    return values
 
 
 GEN_DATA_MAX_LEN = 512  # the default KV-cache length of gen-data (capped at the model's limit)
@@ -54,14 +59,15 @@ def _gen_data(args) -> int:
     from tempspec_engine.models.draft import make_draft
     from tempspec_engine.models.feature_draft import FeatureDraft
     from tempspec_engine.models.loading import load_target, resolve_device, resolve_dtype
-    from tempspec_trainer.data import dataset_responses, generate_dataset
+    from tempspec_trainer.data import dataset_responses, generate_dataset, read_prompt_file
     from tempspec_trainer.feature_sampler import FeatureDraftSampler
 
     if args.temperature is None and args.generator != "data":
         raise ValueError(f"--temperature is required to sample with --generator {args.generator} (only "
                          "--generator data, the file's own responses, needs none)")
     set_threads(args.threads)
-    _check_output_file(args.out)
+    check_output_path(args.out)
+    read_prompt_file(args.prompts, args.limit, args.offset)  # a bad prompt file or range is refused before loading
     target = load_target(args.target, resolve_device(args.device), resolve_dtype(args.dtype), args.allow_download)
     max_len = args.max_len or min(GEN_DATA_MAX_LEN, target.model.config.max_position)
     kw = dict(device=args.device, dtype=args.dtype, max_len=max_len, max_batch_size=args.batch_size)
@@ -89,7 +95,7 @@ def _gen_data(args) -> int:
 def _mix(args) -> int:
     from tempspec_trainer.data import mix_datasets
 
-    _check_output_file(args.out)
+    check_output_path(args.out)
     sources = []
     for item in args.source:
         path, sep, share = item.rpartition(":")
@@ -104,12 +110,16 @@ def _mix(args) -> int:
 
 
 def _distill(args) -> int:
-    from tempspec_trainer.train import distill
+    from tempspec_trainer.train import distill, resume_config
 
     set_threads(args.threads)
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    cfg = DistillConfig(**values)
+    if args.resume:  # the flags left out keep the checkpoint's values, not the defaults
+        values = {k: v for k, v in values.items() if k in args.given or k in ("data", "out_dir")}
+        cfg = resume_config(args.out_dir, values)
+    else:
+        cfg = DistillConfig(**values)
     final = distill(cfg, resume=args.resume, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":
         from tempspec_trainer.model_card import write_card
@@ -134,7 +144,7 @@ def _eval(args) -> int:
 
     set_threads(args.threads)
     if args.out:
-        _check_output_file(args.out)
+        check_output_path(args.out)
     if not (args.data or args.prompts):
         raise ValueError("give --data (expected acceptance on generated rows) and/or --prompts (decoding)")
     device = resolve_device(args.device)
@@ -242,17 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
     common.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads; 0 picks the cores other processes leave free (default: %(default)s)")
-    common.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    common.add_argument("--seed", type=seed, default=0, help="(default: %(default)s)")
     common.add_argument("--allow-download", action="store_true",
                         help="let --target or a draft name a Hugging Face hub id (default: off)")
-    common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common.add_argument("--no-progress", action="store_true", help="no progress bar (default: off)")
     add_debug_flag(common)
     dtype = dict(default="bf16", choices=["fp32", "bf16", "fp16"], help="(default: %(default)s)")
 
     g = sub.add_parser("gen-data", parents=[common], help="sample responses to a prompt file (resumable JSONL)")
     g.add_argument("--prompts", required=True, help="JSONL: Alpaca instruction/input, Spec-Bench turns, GSM8K question")
     g.add_argument("--out", required=True, help="output JSONL (appended to; prompts already there are skipped)")
-    g.add_argument("--temperature", type=float, default=None,
+    g.add_argument("--temperature", type=non_negative_float, default=None,
                    help="the KD temperature tau_kd (0 = greedy); required unless --generator data (default: none)")
     g.add_argument("--generator", default="target",
                    help="'target' (sequence-level KD data), a draft spec/directory (on-policy data; a feature head "
@@ -269,14 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"KV-cache length, prompt + response, up to the model's limit (default: {GEN_DATA_MAX_LEN}, "
                         "or that limit when smaller)")
     g.add_argument("--dtype", **dtype)
-    g.add_argument("--no-chat", action="store_true", help="raw prompts, no chat template")
+    g.add_argument("--no-chat", action="store_true", help="raw prompts, no chat template (default: off)")
     g.set_defaults(func=_gen_data)
 
     m = sub.add_parser("mix", help="mix generated files by proportions (multi-temperature data)")
     m.add_argument("--source", action="append", required=True, help="PATH:PROPORTION, repeatable")
     m.add_argument("--out", required=True, help="output JSONL")
     m.add_argument("--total", type=positive_int, default=None, help="rows in the mixture (default: as many as possible)")
-    m.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    m.add_argument("--seed", type=seed, default=0, help="(default: %(default)s)")
     add_debug_flag(m)
     m.set_defaults(func=_mix)
 
@@ -284,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Distill a draft at tau_kd. The defaults are the recipe of the shipped drafts.")
     d.add_argument("--data", nargs="+", required=True, help="generated JSONL files (gen-data / mix)")
     d.add_argument("--out-dir", required=True, help="checkpoints/, init/, final/ and train_log.json go here")
-    d.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint")
+    d.add_argument("--resume", action="store_true",
+                   help="continue the run in --out-dir from its last checkpoint, with its settings for the flags left "
+                        "out (default: off)")
     defaults = DistillConfig(data=[], out_dir="")
     for f in dataclasses.fields(DistillConfig):
         if f.name in ("data", "out_dir", "target", "device", "seed"):
@@ -300,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", parents=[common], help="expected and measured acceptance of drafts")
     e.add_argument("--drafts", nargs="+", required=True, help="draft specs or directories (e.g. runs/x/init runs/x/final)")
-    e.add_argument("--temperatures", type=_floats, default=(0.0, 0.5, 1.0), help="comma list (default: 0,0.5,1)")
+    e.add_argument("--temperatures", type=_temperatures, default=(0.0, 0.5, 1.0), help="comma list (default: 0,0.5,1)")
     e.add_argument("--data", default=None, help="generated JSONL: expected acceptance (1 - TVD) on its responses, with "
                    "its standard error over rows and each draft's paired difference from the first (default: none)")
     e.add_argument("--n-rows", type=positive_int, default=64, help="rows of --data to score (default: %(default)s)")
@@ -310,16 +322,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=positive_int, default=1, help="(default: %(default)s)")
     e.add_argument("--dtype", **dtype)
     e.add_argument("--out", default=None, help="results JSON, PNGs beside it when decoding (default: not saved)")
-    e.add_argument("--no-plots", action="store_true", help="write the JSON only")
+    e.add_argument("--no-plots", action="store_true", help="write the JSON only (default: off)")
     e.add_argument("--update-cards", action="store_true",
-                   help="add the measured table to the README.md model card of each draft directory")
+                   help="add the measured table to the README.md model card of each draft directory (default: off)")
     e.set_defaults(func=_eval)
     return ap
+
+
+def given_options(argv: List[str]) -> set:
+    """The destinations of the options that argv sets itself (not through a default): argv parsed again with every
+    default suppressed, abbreviations included."""
+    parser = build_parser()
+    subparsers = parser._subparsers._group_actions[0].choices.values()
+    for p in [parser, *subparsers]:
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.given = given_options(args.argv)
     return run_command(f"tempspec-train {args.command}", lambda: args.func(args), getattr(args, "debug", False))
 
 

@@ -15,6 +15,7 @@ same rows as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 import random
 import warnings
 from pathlib import Path
@@ -51,12 +52,15 @@ def category_of(source_row: dict) -> dict:
     return {} if category is None else {"category": category}
 
 
-def read_rows(path: str) -> List[dict]:
-    """Rows of a generated JSONL file; a truncated last line (an interrupted write) is ignored."""
+def read_rows(path: str, missing_ok: bool = False) -> List[dict]:
+    """Rows of a generated JSONL file; a truncated last line (an interrupted write) is ignored. A missing file is a
+    ValueError, or no rows with missing_ok (an output file not yet written)."""
     rows = []
     p = Path(path)
     if not p.exists():
-        return rows
+        if missing_ok:
+            return rows
+        raise ValueError(f"{path} does not exist")
     with open(p) as f:
         lines = f.read().splitlines()
     for i, line in enumerate(lines):
@@ -80,18 +84,51 @@ def _drop_partial_tail(path: Path, n_good: int) -> None:
             f.write("".join(line + "\n" for line in lines[:n_good]))
 
 
+def _check_output(out: Path, prompt_file: str) -> None:
+    """Refuses to write generated rows into the prompt file they are made from."""
+    if out.exists() and out.resolve() == Path(prompt_file).resolve():
+        raise ValueError(f"--out {out} is the prompt file itself: write the generated rows to another file")
+
+
+def _existing_rows(out: Path, temperature: Optional[float], generator: str, max_new_tokens: int) -> List[dict]:
+    """The rows an earlier run wrote to `out` (its half-written last line removed), checked to be of the same kind as
+    this run's, so that resuming never mixes two kinds of data in one file: the same temperature (None for fixed
+    data), the same generator, and no response longer than max_new_tokens or cut at another length."""
+    existing = read_rows(str(out), missing_ok=True)
+    if out.exists():
+        _drop_partial_tail(out, len(existing))
+    for row in existing:
+        old_t = row.get("temperature")
+        if (old_t is None) != (temperature is None) or (old_t is not None and float(old_t) != float(temperature)):
+            raise ValueError(f"{out} already holds rows at temperature {old_t}, not {temperature}: write each "
+                             "temperature to its own file and combine them with `mix`")
+        if row.get("generator") != generator:
+            raise ValueError(f"{out} already holds rows of generator {row.get('generator')!r}, not {generator!r}: "
+                             "write each generator to its own file and combine them with `mix`")
+        n = len(row.get("response_ids", ()))
+        if n > max_new_tokens or (row.get("finish_reason") == "length" and n != max_new_tokens):
+            raise ValueError(f"{out} already holds rows cut at {n} new tokens, not --max-new-tokens {max_new_tokens}: "
+                             "resume with the same --max-new-tokens or write to another file")
+    return existing
+
+
 def dataset_responses(engine, prompt_file: str, out_path: str, *, limit: Optional[int] = None, offset: int = 0,
                       max_new_tokens: int = 128, chat_template: bool = True) -> dict:
     """Fixed data (DistillSpec's third kind, beside target-generated and on-policy): the prompt file's own responses
     (Alpaca `output`), tokenized and cut to max_new_tokens (an EOS ends the uncut ones), written as generated rows with
-    "temperature": null and "generator": "data". Rows without an output are skipped and counted.
-    Returns {"written", "no_output", "path"}."""
+    "temperature": null and "generator": "data". Rows without an output are skipped and counted. Like
+    generate_dataset, it appends to `out_path` and skips the prompts already there.
+    Returns {"written", "skipped" (already there), "no_output", "path"}."""
     prompts = _prompt_objects(prompt_file, limit, offset)  # the file is read once: prompts and outputs
     out = Path(out_path)
+    _check_output(out, prompt_file)
     out.parent.mkdir(parents=True, exist_ok=True)
+    done = {int(r["index"]) for r in _existing_rows(out, None, "data", max_new_tokens)}
     written = missing = 0
-    with open(out, "w") as f:
+    with open(out, "a") as f:
         for i, text, source_row in prompts:
+            if i in done:
+                continue
             answer = source_row.get("output")
             if not isinstance(answer, str) or not answer.strip():
                 missing += 1
@@ -106,7 +143,8 @@ def dataset_responses(engine, prompt_file: str, out_path: str, *, limit: Optiona
             written += 1
     if missing:
         warnings.warn(f"{missing} prompts of {prompt_file} have no output to use: skipped")
-    return {"written": written, "no_output": missing, "path": str(out)}
+    return {"written": written, "skipped": sum(1 for i, _, _ in prompts if i in done), "no_output": missing,
+            "path": str(out)}
 
 
 def generate_dataset(engine, prompt_file: str, out_path: str, temperature: float, *, limit: Optional[int] = None,
@@ -130,15 +168,10 @@ def generate_dataset(engine, prompt_file: str, out_path: str, temperature: float
     prompts = [(i, text) for i, text, _ in objects]
     categories = {i: category_of(row) for i, _, row in objects}
     out = Path(out_path)
+    _check_output(out, prompt_file)
     out.parent.mkdir(parents=True, exist_ok=True)
-    existing = read_rows(str(out))
-    if out.exists():
-        _drop_partial_tail(out, len(existing))
-    for row in existing:
-        if float(row.get("temperature", -1)) != float(temperature):
-            raise ValueError(f"{out} already holds rows at temperature {row.get('temperature')}, not {temperature}: "
-                             "write each temperature to its own file and combine them with `mix`")
-    done = {int(r["index"]) for r in existing}
+    generator = generator_name or engine.target.name
+    done = {int(r["index"]) for r in _existing_rows(out, temperature, generator, max_new_tokens)}
     # a prompt that cannot fit the engine's KV cache with its response is skipped (and counted), not fatal
     room = engine.max_len - max_new_tokens - engine.lookahead - 1
     prompt_ids = {i: engine.encode(p, chat_template) for i, p in prompts}  # tokenized once: checked, then generated
@@ -165,7 +198,7 @@ def generate_dataset(engine, prompt_file: str, out_path: str, temperature: float
             for index, prompt, o in missing:
                 row = {"index": index, "source": str(prompt_file), "prompt": prompt, "prompt_ids": o.prompt_ids,
                        "response_ids": o.token_ids, "response": o.text, "temperature": float(temperature),
-                       "finish_reason": o.finish_reason, "generator": generator_name or engine.target.name,
+                       "finish_reason": o.finish_reason, "generator": generator,
                        **categories[index]}
                 f.write(json.dumps(row) + "\n")
             f.flush()
@@ -187,8 +220,12 @@ def mix_datasets(sources: Sequence[Tuple[str, float]], out_path: str, total: Opt
     if not sources:
         raise ValueError("mix needs at least one source")
     weights = [float(w) for _, w in sources]
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"proportions must be >= 0 with a positive sum, got {weights}")
+    if any(not (0 <= w < math.inf) for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"proportions must be finite numbers >= 0 with a positive sum, got {weights}")
+    out = Path(out_path)
+    for p, _ in sources:
+        if out.exists() and out.resolve() == Path(p).resolve():
+            raise ValueError(f"--out {out_path} is also a source: write the mixture to another file")
     shares = [w / sum(weights) for w in weights]
     tables = [read_rows(p) for p, _ in sources]
     for (p, _), rows in zip(sources, tables):
@@ -199,19 +236,29 @@ def mix_datasets(sources: Sequence[Tuple[str, float]], out_path: str, total: Opt
     if total > feasible:
         raise ValueError(f"a mixture of {total} rows needs more rows than the sources hold (at most {feasible})")
     rng = random.Random(seed)
-    counts = [round(total * s) for s in shares]
+    counts = _apportion(total, shares)
     mixed, taken = [], {}
     for (p, _), rows, n in zip(sources, tables, counts):
         picked = rng.sample(rows, min(n, len(rows)))
         mixed.extend(picked)
         taken[p] = len(picked)
     rng.shuffle(mixed)
-    out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
         for row in mixed:
             f.write(json.dumps(row) + "\n")
     return taken
+
+
+def _apportion(total: int, shares: Sequence[float]) -> List[int]:
+    """Whole row counts in proportion to `shares` that sum to exactly `total` (largest remainders; ties to the
+    earlier source)."""
+    exact = [total * s for s in shares]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(shares)), key=lambda i: counts[i] - exact[i])
+    for i in by_remainder[:total - sum(counts)]:
+        counts[i] += 1
+    return counts
 
 
 def token_sequences(rows: Sequence[dict], max_len: int) -> Iterator[Tuple[List[int], int]]:

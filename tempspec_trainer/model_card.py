@@ -27,6 +27,9 @@ def _size_mb(directory: Path) -> float:
 def _data_summary(paths) -> list:
     lines = []
     for p in paths:
+        if not Path(p).exists():
+            lines.append(f"- `{Path(p).name}`: no longer at {p} when this card was written")
+            continue
         rows = read_rows(p)
         temps = sorted({r.get("temperature") for r in rows})
         sources = sorted({Path(r.get("source", "?")).name for r in rows})
@@ -98,7 +101,8 @@ def write_card(directory, command: Optional[str] = None) -> Path:
     lines = intro + [
              "## How it was made", "", "```bash", command, "```", "",
              f"- teacher: `{meta.get('teacher', info['target']['name'])}`; initialization: `{recipe['init']}`",
-             f"- {meta['step']} optimizer steps of {recipe['batch_size']} x {recipe['grad_accum']} sequences "
+             f"- {meta['step']} optimizer steps of {recipe['batch_size']} x {recipe['grad_accum']} sequences"
+             + (f" x {meta['world_size']} processes" if meta.get("world_size", 1) > 1 else "") + " "
              f"(<= {recipe['seq_len']} tokens), AdamW lr {recipe['lr']:g}, warmup {recipe['warmup_steps']}, cosine to "
              f"{recipe['min_lr_ratio']:g}x, precision {recipe['precision']}, seed {recipe['seed']}",
              "- data:"] + ["  " + line for line in _data_summary(recipe["data"])]

@@ -10,8 +10,8 @@ other divergences, longer schedules) reuses them. A teacher cache is one safeten
   features <dtype> [N, W] the target's features at those tokens, in the target's dtype: W = D (its final features),
                          or (1 + n) D with a head's n taps (the outputs of those target blocks follow)
 
-and metadata (target name, width D, dtype, taps, format). Sequences are found by their token ids, so a cache made from
-other data or another seq_len is refused rather than misread.
+and metadata (target name and weights fingerprint, width D, dtype, taps, format). Sequences are found by their token
+ids, so a cache made from other data or another seq_len is refused rather than misread.
 """
 from __future__ import annotations
 
@@ -108,14 +108,28 @@ def compute_teacher_cache(teacher, seqs: Sequence[Seq], batch_size: int, device,
     return TeacherCache(flat, offsets, features)
 
 
+def weights_fingerprint(model: torch.nn.Module, per_tensor: int = 4096) -> str:
+    """A SHA-256 over every parameter's name, shape, dtype and `per_tensor` of its values spread over it: the same
+    on any device, and different for another model of the same name and shape (a fine-tuned or re-quantized one)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].contiguous().cpu()
+        digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _taps_text(taps: Sequence[int]) -> str:
     return ",".join(str(int(i)) for i in taps)
 
 
-def load_teacher_cache(path, target_name: str, dim: int, dtype: torch.dtype, taps: Sequence[int] = ()
-                       ) -> TeacherCache:
-    """The cache in `path`; ValueError naming the file when it is broken or was made by another target, dtype or
-    taps (a cache from before taps existed has none)."""
+def load_teacher_cache(path, target_name: str, dim: int, dtype: torch.dtype, taps: Sequence[int] = (),
+                       weights: str = "") -> TeacherCache:
+    """The cache in `path`; ValueError naming the file when it is broken or was made by another target (its name or
+    its weights' fingerprint), dtype or taps (a cache from before taps, or fingerprints, existed has none)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -129,8 +143,9 @@ def load_teacher_cache(path, target_name: str, dim: int, dtype: torch.dtype, tap
     if meta.get("format") != FORMAT:
         raise ValueError(f"teacher cache {path}: format {meta.get('format')!r} is not {FORMAT!r}")
     want = {"target": target_name, "dim": str(dim), "dtype": str(dtype).replace("torch.", ""),
-            "taps": _taps_text(taps)}
+            "taps": _taps_text(taps), "weights": weights}
     got = {k: meta.get(k, "" if k == "taps" else None) for k in want}
+    got["weights"] = meta.get("weights", weights)  # a cache older than fingerprints: its name must do
     if got != want:
         raise ValueError(f"teacher cache {path} was made for {got}, not this run's {want}: delete it or pass "
                          "another --teacher-cache")
@@ -142,14 +157,16 @@ def open_teacher_cache(path, teacher, target_name: str, seqs: Sequence[Seq], bat
     """The cache in `path` when it exists (it must hold every one of `seqs`, with the same taps), else computed from
     `teacher` and saved there."""
     dtype = teacher.embed_tokens.weight.dtype
+    weights = weights_fingerprint(teacher)
     if Path(path).exists():
-        cache = load_teacher_cache(path, target_name, teacher.config.dim, dtype, taps)
+        cache = load_teacher_cache(path, target_name, teacher.config.dim, dtype, taps, weights)
         missing = cache.missing(seqs)
         if missing:
             raise ValueError(f"teacher cache {path} lacks {missing} of the {len(seqs)} training sequences: it was "
-                             "made from other data or another seq_len; delete it or pass another --teacher-cache")
+                             "made from other data, another seq_len or another held-out split (--seed, "
+                             "--eval-rows); delete it or pass another --teacher-cache")
         return cache
     cache = compute_teacher_cache(teacher, seqs, batch_size, device, progress, taps)
     cache.save(path, {"target": target_name, "dim": str(teacher.config.dim),
-                      "dtype": str(dtype).replace("torch.", ""), "taps": _taps_text(taps)})
+                      "dtype": str(dtype).replace("torch.", ""), "taps": _taps_text(taps), "weights": weights})
     return cache

@@ -29,10 +29,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import math
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -58,10 +62,11 @@ FINAL = "final"
 INIT = "init"  # the draft before training, saved for comparisons
 STATE_FILE = "trainer_state.pt"
 PRECISIONS = ("auto", "bf16", "fp32")
-# config fields that must not change between a run and its resume
-RESUME_KEYS = ("data", "tau_kd", "tau_mix", "mode", "divergence", "jsd_beta", "init", "target", "batch_size",
-               "grad_accum", "seq_len", "lr", "warmup_steps", "min_lr_ratio", "seed", "eval_rows")
-FEATURE_RESUME_KEYS = ("feature_weight", "unroll", "feature_taps", "feature_noise")  # also these for feature heads
+# the config fields a resume may change (a run extended to more steps, evaluated or saved on another rhythm, moved to
+# another device); every other field must be the checkpoint's, and a resume takes it from there unless given (the
+# data's paths may change too, where the checkpoint holds the data's SHA-256: the bytes must be the same)
+MAY_CHANGE_ON_RESUME = ("out_dir", "steps", "eval_every", "save_every", "eval_prompts", "eval_decode_prompts",
+                        "eval_decode_tokens", "eval_temperatures", "device", "precision", "teacher_cache")
 
 
 @dataclasses.dataclass
@@ -132,8 +137,21 @@ class DistillConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_prompts is not None and not Path(self.eval_prompts).is_file():
             raise ValueError(f"eval prompt file {self.eval_prompts} does not exist")
-        if any(t < 0 for t in self.eval_temperatures):
-            raise ValueError(f"eval temperatures must be >= 0, got {self.eval_temperatures}")
+        if not self.eval_temperatures or any(not (t >= 0.0) or not math.isfinite(t) for t in self.eval_temperatures):
+            raise ValueError(f"eval temperatures must be one or more finite numbers >= 0, got {self.eval_temperatures}")
+        for name in ("lr", "grad_clip"):
+            value = getattr(self, name)
+            if not (value > 0.0) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not (0.0 <= self.min_lr_ratio <= 1.0):
+            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
+        if not (self.weight_decay >= 0.0) or not math.isfinite(self.weight_decay):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if not (0.0 < self.jsd_beta < 1.0):
+            raise ValueError(f"jsd_beta must lie in (0, 1), got {self.jsd_beta!r}")
+        if self.eval_decode_prompts < 1 or self.eval_decode_tokens < 1:
+            raise ValueError("eval_decode_prompts and eval_decode_tokens must be >= 1, got "
+                             f"{self.eval_decode_prompts}, {self.eval_decode_tokens}")
         if is_feature_init(self.init):
             parse_feature_init(self.init)
         for name in ("feature_weight", "feature_noise"):
@@ -252,13 +270,7 @@ class Distiller:
             self.draft, self.shared = init_draft(self.teacher, cfg.init, cfg.seed)
             self.lineage = []
         self.draft.to(self.device).train()
-        # a restricted head's token map as a table: target id -> draft-vocabulary index, -100 outside it (the offline
-        # loss's labels; the map is fixed when the head is built)
-        self.t2d = None
-        if self.feature and self.draft.d2t is not None:
-            d2t = self.draft.d2t.to(self.device)
-            self.t2d = torch.full((self.draft.config.vocab_size,), -100, dtype=torch.int64, device=self.device)
-            self.t2d[d2t] = torch.arange(d2t.shape[0], device=self.device)
+        self._build_t2d()
         self.teacher_cache = None
         if cfg.teacher_cache is not None:  # rank 0 computes a missing cache, the others then read it
             if self.rank == 0:
@@ -281,10 +293,20 @@ class Distiller:
         self.schedule = BatchSchedule(train, cfg.batch_size, cfg.seed)
         self.decode_prompts = ([p for _, p in read_prompt_file(cfg.eval_prompts, cfg.eval_decode_prompts)]
                                if cfg.eval_prompts else [])
-        self.step, self.history = 0, []
+        self.step, self.history, self.saved_step = 0, [], None
         self.out = Path(cfg.out_dir)
+        self.data_sha256 = files_sha256(cfg.data)
 
     # ------------------------------------------------------------------ pieces
+    def _build_t2d(self) -> None:
+        """A restricted head's token map as a table: target id -> draft-vocabulary index, -100 outside it (the
+        offline loss's labels), or None."""
+        self.t2d = None
+        if self.feature and self.draft.d2t is not None:
+            d2t = self.draft.d2t.to(self.device)
+            self.t2d = torch.full((self.draft.config.vocab_size,), -100, dtype=torch.int64, device=self.device)
+            self.t2d[d2t] = torch.arange(d2t.shape[0], device=self.device)
+
     def _autocast(self):
         enabled = self.cfg.precision == "bf16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
@@ -405,7 +427,8 @@ class Distiller:
     # ------------------------------------------------------------------ checkpoints
     def _metadata(self, final: bool) -> dict:
         return {"recipe": self.cfg.recipe(), "step": self.step, "final": final, "history": self.history,
-                "teacher": self.target.name, "eval_rows_held_out": len(self.eval_seqs), "lineage": self.lineage}
+                "teacher": self.target.name, "eval_rows_held_out": len(self.eval_seqs), "lineage": self.lineage,
+                "world_size": self.world}
 
     def _save(self, directory: Path, final: bool, dtype: Optional[torch.dtype] = None) -> Path:
         if self.feature:
@@ -415,40 +438,63 @@ class Distiller:
                           target_vocab=self.teacher.config.vocab_size, metadata=self._metadata(final), dtype=dtype)
 
     def save_checkpoint(self) -> Path:
+        """Saves the draft and the trainer's state at this step. The state file is written last and atomically, so a
+        checkpoint directory with a state file is complete; the two newest are kept."""
         directory = self.out / CHECKPOINTS / f"step-{self.step:06d}"
         self._save(directory, False)
+        tmp = directory / (STATE_FILE + ".tmp")
         torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "history": self.history,
-                    "lineage": self.lineage, "config": self.cfg.recipe(), "torch_rng": torch.get_rng_state()},
-                   directory / STATE_FILE)
+                    "lineage": self.lineage, "config": self.cfg.recipe(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                    "data_sha256": self.data_sha256, "world_size": self.world}, tmp)
+        os.replace(tmp, directory / STATE_FILE)
+        self.saved_step = self.step
         for old in sorted((self.out / CHECKPOINTS).glob("step-*"))[:-2]:  # keep the two newest
             shutil.rmtree(old)
         return directory
 
     def resume(self) -> bool:
-        """Loads the newest checkpoint under out_dir; False when there is none."""
-        ckpts = sorted((self.out / CHECKPOINTS).glob("step-*"))
-        ckpts = [c for c in ckpts if (c / STATE_FILE).is_file()]
-        if not ckpts:
-            return False
+        """Loads the newest readable checkpoint under out_dir (an older one when the newest is damaged, with a
+        warning); False when there is none. ValueError when the run differs from the checkpoint's: another recipe
+        (beyond MAY_CHANGE_ON_RESUME), changed data files or another number of processes."""
         from safetensors.torch import load_file
 
-        state = torch.load(ckpts[-1] / STATE_FILE, map_location="cpu", weights_only=False)
+        for ckpt, state in reversed(readable_checkpoints(self.out)):
+            try:
+                weights = load_file(str(ckpt / "model.safetensors"))
+            except Exception as exc:  # noqa: BLE001 - a damaged file, whatever the reader's error type
+                warnings.warn(f"skipping {ckpt}: its weights cannot be read ({type(exc).__name__})")
+                continue
+            self._check_resumable(ckpt, state)
+            self.draft.load_state_dict(weights, strict=False)
+            self._build_t2d()  # the token map came with the weights
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step, self.history = state["step"], state["history"]
+            self.saved_step = self.step
+            self.lineage = state.get("lineage", self.lineage)  # as when the run started, should a shipped head change
+            torch.set_rng_state(state["torch_rng"])
+            if state.get("cuda_rng") is not None and self.device.type == "cuda":  # the noise of feature_noise
+                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+            return True
+        return False
+
+    def _check_resumable(self, ckpt: Path, state: dict) -> None:
         saved, now = state["config"], self.cfg.recipe()
-        keys = RESUME_KEYS + (FEATURE_RESUME_KEYS if self.feature else ())
         defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}  # fields newer than a checkpoint
-        changed = [k for k in keys if saved.get(k, defaults.get(k)) != now.get(k)]
+        free = MAY_CHANGE_ON_RESUME + (("data",) if "data_sha256" in state else ())  # the bytes are compared below
+        changed = [k for k in now if k not in free and saved.get(k, defaults.get(k)) != now[k]]
         if changed:
-            raise ValueError(f"cannot resume {ckpts[-1]}: the run's {changed} differ from the checkpoint's "
-                             f"({[saved.get(k, defaults.get(k)) for k in changed]}); use another out_dir")
-        weights = load_file(str(ckpts[-1] / "model.safetensors"))
-        self.draft.load_state_dict(weights, strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.history = state["step"], state["history"]
-        self.lineage = state.get("lineage", self.lineage)  # as when the run started, should a shipped head change
-        torch.set_rng_state(state["torch_rng"])
-        return True
+            raise ValueError(f"cannot resume {ckpt}: the run's {changed} differ from the checkpoint's "
+                             f"({[saved.get(k, defaults.get(k)) for k in changed]}); leave them out to keep the "
+                             "checkpoint's, or use another out_dir")
+        if state.get("data_sha256", self.data_sha256) != self.data_sha256:
+            raise ValueError(f"cannot resume {ckpt}: the data files changed since it was saved (rows appended?), so "
+                             "the held-out rows and the batches would differ; use another out_dir")
+        if state.get("world_size", self.world) != self.world:
+            raise ValueError(f"cannot resume {ckpt}: it was trained by {state['world_size']} processes, this run has "
+                             f"{self.world} (each step's batch would change); resume with the same number")
 
     def save_final(self) -> Path:
         directory = self.out / FINAL
@@ -468,22 +514,31 @@ class Distiller:
             self.history.append({"step": 0, **self.evaluate()})
             self._save(self.out / INIT, False, torch.bfloat16)
         t0, tokens_seen = time.perf_counter(), 0
-        try:
-            self._train_until_done(bar, t0, tokens_seen)
-        except KeyboardInterrupt:  # never lose the work done: checkpoint, then stop, saying where it is
-            bar.close()
-            if self.rank == 0 and self.step > 0:
-                raise KeyboardInterrupt(f"saved {self.save_checkpoint()} at step {self.step}; continue with "
-                                        "--resume") from None
-            raise
+        with StopRequests() as stop:
+            try:
+                self._train_until_done(bar, t0, tokens_seen, stop)
+            except KeyboardInterrupt:  # a second interrupt: stop inside the step, whose work is not saved
+                bar.close()
+                newest = readable_checkpoints(self.out)
+                raise KeyboardInterrupt("stopped inside a step; " + (
+                    f"the newest checkpoint is {newest[-1][0]}; continue with --resume" if newest else
+                    "no checkpoint was saved")) from None
         bar.close()
+        if self.step < cfg.steps:  # stopped at a step's end: the checkpoint holds every step done
+            if self.rank == 0 and self.step > 0 and self.saved_step != self.step:
+                self.save_checkpoint()
+            _barrier(self.world)
+            where = f"saved {self.out / CHECKPOINTS / f'step-{self.step:06d}'} at step {self.step}; continue " \
+                    "with --resume" if self.step > 0 else "no step was done"
+            raise KeyboardInterrupt(where if stop.reason == "interrupted" else f"{stop.reason}; {where}")
         final = self.save_final() if self.rank == 0 else self.out / FINAL
         _barrier(self.world)
         return final
 
-    def _train_until_done(self, bar, t0: float, tokens_seen: int) -> None:
+    def _train_until_done(self, bar, t0: float, tokens_seen: int, stop: "StopRequests") -> None:
+        """Trains to cfg.steps, or until a stop is requested (checked between steps, by every rank alike)."""
         cfg = self.cfg
-        while self.step < cfg.steps:
+        while self.step < cfg.steps and not stop.agreed(self.world, self.device):
             total = 0.0
             for a in range(cfg.grad_accum):
                 g = (self.step * cfg.grad_accum + a) * self.world + self.rank
@@ -498,7 +553,16 @@ class Distiller:
                     loss.backward()
                 total += float(loss.detach())
                 tokens_seen += int(mask.sum()) * self.world
-            torch.nn.utils.clip_grad_norm_([p for p in self.draft.parameters() if p.requires_grad], cfg.grad_clip)
+            if self.world > 1:  # the logged loss is the mean over ranks, as the gradient is
+                import torch.distributed as dist
+
+                mean = torch.tensor([total], dtype=torch.float64, device=self.device)
+                dist.all_reduce(mean)
+                total = float(mean) / self.world
+            norm = torch.nn.utils.clip_grad_norm_([p for p in self.draft.parameters() if p.requires_grad],
+                                                  cfg.grad_clip)
+            if not torch.isfinite(norm):  # a step on NaN gradients would poison every weight: keep the last good ones
+                raise FloatingPointError(f"non-finite gradient norm {float(norm)} at step {self.step}; lower the lr")
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -546,6 +610,84 @@ def response_token_counts(seqs, vocab_size: int) -> torch.Tensor:
         if len(ids) > n_prompt:
             counts += torch.bincount(torch.tensor(ids[n_prompt:], dtype=torch.int64), minlength=vocab_size)
     return counts
+
+
+class StopRequests:
+    """Turns Ctrl-C (SIGINT), SIGTERM (a scheduler's or `kill`'s) and SIGHUP (a closed terminal) into a request to
+    stop at the end of the running step, so that the checkpoint saved then holds whole steps only; a second signal
+    raises KeyboardInterrupt at once. Installed only in the main thread (signals reach no other), and not over a
+    signal the process ignores."""
+
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+    def __init__(self):
+        self.reason, self._old = None, {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:  # a signal the process ignores (nohup's SIGHUP, a background job's SIGINT) stays so
+                if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) is not signal.SIG_IGN:
+                    self._old[name] = signal.signal(getattr(signal, name), self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, handler in self._old.items():
+            signal.signal(getattr(signal, name), handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.reason is not None:
+            raise KeyboardInterrupt
+        self.reason = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        sys.stderr.write(f"\n{self.reason}: stopping after this step (again to stop at once, losing it)\n")
+
+    def agreed(self, world: int, device: torch.device) -> bool:
+        """Whether any rank was asked to stop (one all-reduce per step under DDP, so that all stop at one step)."""
+        if world == 1:
+            return self.reason is not None
+        import torch.distributed as dist
+
+        flag = torch.tensor([self.reason is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(flag)
+        if flag.item() and self.reason is None:
+            self.reason = "stopped by another rank"
+        return bool(flag.item())
+
+
+def readable_checkpoints(out: Path) -> List[Tuple[Path, dict]]:
+    """(directory, trainer state) of the checkpoints under out whose state file reads, oldest first; a damaged one is
+    skipped with a warning."""
+    found = []
+    for ckpt in sorted((Path(out) / CHECKPOINTS).glob("step-*")):
+        if not (ckpt / STATE_FILE).is_file():
+            continue
+        try:
+            found.append((ckpt, torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)))
+        except Exception as exc:  # noqa: BLE001 - a truncated file, whatever the reader's error type
+            warnings.warn(f"skipping {ckpt}: its {STATE_FILE} cannot be read ({type(exc).__name__})")
+    return found
+
+
+def files_sha256(paths) -> str:
+    """One SHA-256 over the bytes of the files, in order (the data a run trains on)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def resume_config(out_dir: str, given: Dict[str, object]) -> DistillConfig:
+    """The config of a resumed run: the newest checkpoint's recipe under out_dir, with the fields in `given` (what
+    the user set) in place of its own; DistillConfig(**given) when out_dir holds no checkpoint (distill then says
+    there is nothing to resume)."""
+    found = readable_checkpoints(Path(out_dir))
+    if not found:
+        return DistillConfig(**given)
+    names = {f.name for f in dataclasses.fields(DistillConfig)}
+    saved = {k: tuple(v) if isinstance(v, list) and k != "data" else v
+             for k, v in found[-1][1]["config"].items() if k in names}
+    return DistillConfig(**{**saved, **given})
 
 
 def distill(cfg: DistillConfig, resume: bool = False, target: Optional[LoadedModel] = None,

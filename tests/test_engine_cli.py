@@ -34,8 +34,9 @@ def test_generate_batch_and_errors(model_dir, capsys):
                         "--max-new-tokens", "5", "--no-chat"]) == 0
     out = capsys.readouterr().out
     assert "=== 0 ===" in out and "=== 1 ===" in out
-    assert main(base + ["--prompt", "w3", "--temperature", "-1"]) == 2
-    assert "temperature" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # refused by the argument parser, before the model loads
+        main(base + ["--prompt", "w3", "--temperature", "-1"])
+    assert exc.value.code == 2 and "argument --temperature" in capsys.readouterr().err
 
 
 def test_generate_step_options(model_dir, capsys):
@@ -75,7 +76,9 @@ def test_generate_with_filters_and_lenience(model_dir, capsys):
                   ["--top-p", "0.8", "--filter-target-only"]):
         assert main(base + extra) == 0
         assert "tokens/step" in capsys.readouterr().err
-    for extra, word in ((["--top-p", "0"], "top_p"), (["--top-k", "-2"], "top_k"), (["--lenience", "2"], "lenience")):
-        assert main(base + extra) == 2
+    for extra, word in ((["--top-p", "0"], "--top-p"), (["--top-k", "-2"], "--top-k"),
+                        (["--lenience", "2"], "--lenience")):
+        with pytest.raises(SystemExit) as exc:  # refused by the argument parser, before the model loads
+            main(base + extra)
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and word in err[0]
+        assert exc.value.code == 2 and len(err) == 1 and word in err[0]

@@ -716,7 +716,7 @@ def test_resume_of_a_checkpoint_older_than_the_feature_fields(target, data_file,
 def test_a_teacher_cache_trains_exactly_like_the_teacher(target, data_file, tmp_path):
     """fp32: 3 steps from a teacher cache give the same weights as 3 steps with a teacher forward per batch; the cache
     is written on first use, read by the next run (no teacher forward: the teacher is poisoned) and refused when made
-    from other sequences, by another target dtype, or truncated."""
+    from other sequences, by a target of other weights or dtype, or truncated."""
     plain = Distiller(config(data_file, tmp_path / "plain", steps=3, eval_every=3), target=target, progress=False)
     plain.run()
     cache = tmp_path / "cache" / "features.safetensors"
@@ -743,6 +743,13 @@ def test_a_teacher_cache_trains_exactly_like_the_teacher(target, data_file, tmp_
         torch.testing.assert_close(got[b, :n], want[b, :n], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="lacks .* training sequences"):
         Distiller(config(data_file, tmp_path / "short", seq_len=10, teacher_cache=str(cache)), target=target,
+                  progress=False)
+    retrained = tf.tiny_target()  # the same name and shapes, other weights (a fine-tuned target)
+    assert retrained.name == target.name
+    with torch.no_grad():
+        retrained.model.norm.weight.mul_(1.5)
+    with pytest.raises(ValueError, match="was made for .*'weights'"):
+        Distiller(config(data_file, tmp_path / "retrained", teacher_cache=str(cache)), target=retrained,
                   progress=False)
     bf16 = tf.tiny_target()
     bf16.model.to(torch.bfloat16)

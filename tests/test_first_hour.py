@@ -149,6 +149,48 @@ def test_devices_and_arguments(model_dir):
     assert_one_line_error(generate(model_dir, "--prompt", "w3", "--threads", "-1"), "--threads")
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--temperature", "nan"], ["argument --temperature", "finite and >= 0", "'nan'"]),
+    (["--top-p", "0"], ["argument --top-p", "in (0, 1]"]),
+    (["--top-p", "1.5"], ["argument --top-p"]),
+    (["--min-p", "1"], ["argument --min-p", "in [0, 1)"]),
+    (["--lenience", "0"], ["argument --lenience"]),
+    (["--top-k", "-1"], ["argument --top-k", "an integer >= 0"]),
+    (["--seed", "-1"], ["argument --seed", "[0, 4294967295]"]),
+    (["--seed", "99999999999999999999999"], ["argument --seed"]),
+    (["--k", "3", "--k-min", "1"], ["--k-min tune the adaptive lookahead", "--k 3"]),
+    (["--k", "3", "--no-confidence-stop", "--verify-slope", "1"], ["--verify-slope, --no-confidence-stop tune"]),
+    (["--sync-every", "3"], ["--sync-every", "needs --device-loop"]),
+])
+def test_bad_generate_flags_are_refused_before_loading(capsys, args, words):
+    """Out-of-range settings and flags that would do nothing end in one line before any model loads (no target
+    here would load: the refusal comes first)."""
+    from tempspec_engine import cli as engine_cli
+
+    argv = ["generate", "--target", "/nonexistent/model", "--prompt", "w3"] + args
+    try:
+        code = engine_cli.main(argv)
+    except SystemExit as exc:  # refused by the argument parser
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("tempspec generate: error: "), err
+    for w in words:
+        assert w in err[0], (w, err[0])
+
+
+def test_outputs_that_cannot_be_written_are_refused_first(tmp_path):
+    from tempspec_engine.results import check_output_path
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        check_output_path(a_file / "deeper" / "res.json")
+    with pytest.raises(ValueError, match="is a directory"):
+        check_output_path(tmp_path)
+    check_output_path(tmp_path / "new" / "dirs" / "res.json")  # made when written
+    assert not (tmp_path / "new").exists()
+
+
 def test_device_loop_from_the_command_line(model_dir):
     """--device-loop decodes through tempspec_engine/device_loop.py (eagerly on CPU): greedy, the same text as the
     target alone, with a model draft and with n-gram lookup; what it cannot do is one line."""
@@ -222,29 +264,48 @@ def test_resume_with_nothing_to_resume(model_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- Ctrl-C
-def test_ctrl_c_in_distill_saves_and_says_where(model_dir, tmp_path, monkeypatch, capsys):
-    """Ctrl-C during training: exit 130, one line naming the checkpoint, and the checkpoint resumes."""
+@pytest.mark.parametrize("signame, said", [("SIGINT", "interrupted: saved"),
+                                           ("SIGTERM", "interrupted: stopped by SIGTERM; saved")])
+def test_ctrl_c_in_distill_saves_and_says_where(model_dir, tmp_path, monkeypatch, capsys, signame, said):
+    """Ctrl-C (or a scheduler's SIGTERM) during a step: the step is finished and saved, exit 130, one line naming
+    the checkpoint; then --resume with no other flag continues the run with the checkpoint's recipe."""
+    import signal
+
     from tempspec_trainer import cli, train
 
     data = tmp_path / "d.jsonl"
     rows = [{"index": i, "prompt_ids": [3, 4], "response_ids": [5 + i % 7, 6, 7, 8], "temperature": 1.0}
             for i in range(16)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    real_step = train.Distiller._train_until_done
+    real_loss = train.Distiller.loss
 
-    def interrupted(self, bar, t0, tokens_seen):
-        self.cfg.steps = 2  # train two steps, then the user presses Ctrl-C
-        real_step(self, bar, t0, tokens_seen)
-        raise KeyboardInterrupt
+    def signalled_in_step_2(self, *a, **kw):
+        if self.step == 1:  # inside the second step, before its update
+            os.kill(os.getpid(), getattr(signal, signame))
+        return real_loss(self, *a, **kw)
 
-    monkeypatch.setattr(train.Distiller, "_train_until_done", interrupted)
+    monkeypatch.setattr(train.Distiller, "loss", signalled_in_step_2)
+    # as in a terminal (a background job, as under nohup or CI, may ignore SIGINT, which the trainer then leaves so)
+    monkeypatch.setattr(signal, "getsignal", lambda signum: signal.default_int_handler)
+    installed = {}
+    real_signal = signal.signal
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: installed.setdefault(signum, []).append(handler)
+                        or real_signal(signum, handler))
     args = ["distill", "--target", str(model_dir), "--device", "cpu", "--data", str(data), "--out-dir",
             str(tmp_path / "run"), "--init", "layers:0", "--batch-size", "2", "--eval-rows", "0", "--steps", "6",
-            "--warmup-steps", "1", "--no-progress", "--precision", "fp32"]
+            "--warmup-steps", "1", "--no-progress", "--precision", "fp32", "--lr", "3e-3"]
     assert cli.main(args) == 130
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "interrupted: saved" in err[0] and "step-000002" in err[0] and "--resume" in err[0]
+    assert err[0].startswith(signame.replace("SIGINT", "interrupted").replace("SIGTERM", "stopped by SIGTERM"))
+    assert len(err) == 2 and said in err[1] and "step-000002" in err[1] and "--resume" in err[1], err
     assert (tmp_path / "run" / train.CHECKPOINTS / "step-000002" / train.STATE_FILE).is_file()
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # installed, then the earlier handler put back
+        assert len(installed[signum]) == 2 and installed[signum][1] is not installed[signum][0]
+    monkeypatch.undo()
+    assert cli.main(["distill", "--target", str(model_dir), "--device", "cpu", "--data", str(data), "--out-dir",
+                     str(tmp_path / "run"), "--resume", "--no-progress"]) == 0
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert log["step"] == 6 and log["recipe"]["lr"] == 3e-3 and log["recipe"]["init"] == "layers:0"
 
 
 # ----------------------------------------------------------------------------------------- the API
@@ -286,8 +347,9 @@ def test_import_and_version():
 
 @pytest.mark.parametrize("module, args", [("tempspec_engine.cli", ["generate"]), ("tempspec_engine.cli", ["sweep"]),
                                           ("tempspec_trainer.cli", ["distill"]), ("tempspec_trainer.cli", ["gen-data"]),
-                                          ("tempspec_trainer.cli", ["eval"])])
+                                          ("tempspec_trainer.cli", ["eval"]), ("tempspec_trainer.cli", ["mix"])])
 def test_help_states_defaults(module, args):
+    """Every option's help states its default, on/off flags included."""
     from tempspec_engine import cli as engine_cli
     from tempspec_trainer import cli as trainer_cli
 
@@ -296,8 +358,7 @@ def test_help_states_defaults(module, args):
     for action in sub._actions:
         if action.help in (None, "==SUPPRESS==") or action.option_strings == ["-h", "--help"]:
             continue
-        takes_value = action.nargs != 0
-        if takes_value and not action.required:
+        if not action.required:
             assert "default" in action.help, (args, action.option_strings, action.help)
 
 

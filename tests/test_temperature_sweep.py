@@ -137,7 +137,7 @@ def test_prompt_formats_and_temperatures(tmp_path):
     assert prompts.read_prompts(None, None) == prompts.BUILTIN_PROMPTS
     assert sweep.parse_temperatures("0:1:0.1") == sweep.FULL_TEMPERATURES
     assert sweep.parse_temperatures("1.0,0,2") == [0.0, 1.0, 2.0]
-    for bad in ("-0.1", "0,2.01", "", "0:1:0"):
+    for bad in ("-0.1", "0,2.01", "", "0:1:0", "nan", "0:1", "0,1:2", "0:1:0.5:1", "0:1:nan", "0:2:1e-9", "0:x:1"):
         with pytest.raises(ValueError):
             sweep.parse_temperatures(bad)
     assert sweep.QUICK_TEMPERATURES == sweep.parse_temperatures("0:1:0.25") == [0.0, 0.25, 0.5, 0.75, 1.0]

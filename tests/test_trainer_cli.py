@@ -194,6 +194,7 @@ def test_distill_under_torchrun_two_processes(tiny_hf, data, tmp_path):
     assert log["step"] == 4
     assert (out / "final" / "model.safetensors").is_file()
     assert proc.stdout.count("final draft:") == 1  # only rank 0 reports
+    assert log["world_size"] == 2 and "sequences x 2 processes" in (out / "final" / "README.md").read_text()
 
 
 def test_gen_data_with_a_feature_head_writes_its_own_samples(tiny_hf, tmp_path):

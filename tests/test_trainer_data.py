@@ -10,8 +10,8 @@ pytest.importorskip("tokenizers")
 
 import trainer_fixtures as tf  # noqa: E402
 from tempspec_engine.engine import SpeculativeEngine  # noqa: E402
-from tempspec_trainer.data import (generate_dataset, mix_datasets, read_prompt_file, read_rows,  # noqa: E402
-                                   token_sequences)
+from tempspec_trainer.data import (dataset_responses, generate_dataset, mix_datasets, read_prompt_file,  # noqa: E402
+                                   read_rows, token_sequences)
 
 FIELDS = {"index", "source", "prompt", "prompt_ids", "response_ids", "response", "temperature", "finish_reason",
           "generator"}
@@ -171,6 +171,36 @@ def test_file_at_another_temperature_raises(engine, prompt_file, tmp_path):
     assert out.read_bytes() == before
 
 
+def test_resume_refuses_rows_of_another_kind(engine, prompt_file, tmp_path):
+    """A file is resumed only by a run that writes rows of its kind: the same temperature, generator and cut."""
+    out = tmp_path / "g.jsonl"
+    generate_dataset(engine, prompt_file, str(out), 1.0, limit=2, **GEN)
+    before = out.read_bytes()
+    with pytest.raises(ValueError, match="generator 'tiny-target'"):
+        generate_dataset(engine, prompt_file, str(out), 1.0, generator_name="other", **GEN)
+    with pytest.raises(ValueError, match="--max-new-tokens 4"):
+        generate_dataset(engine, prompt_file, str(out), 1.0, **dict(GEN, max_new_tokens=4))
+    with pytest.raises(ValueError, match="temperature 1.0, not None"):
+        dataset_responses(engine, prompt_file, str(out))
+    assert out.read_bytes() == before
+    with pytest.raises(ValueError, match="the prompt file itself"):
+        generate_dataset(engine, prompt_file, prompt_file, 1.0, **GEN)
+
+
+def test_fixed_data_appends_and_resumes(engine, tmp_path):
+    """dataset_responses appends like generate_dataset: the rows already there stay, and the rest are added."""
+    prompts = tf.write_jsonl(tmp_path / "p.jsonl", [{"instruction": f"w{i}", "output": f"w{i + 1}"} for i in range(4)])
+    out = tmp_path / "fixed.jsonl"
+    first = dataset_responses(engine, str(prompts), str(out), limit=2)
+    assert (first["written"], first["skipped"]) == (2, 0)
+    rest = dataset_responses(engine, str(prompts), str(out))
+    assert (rest["written"], rest["skipped"]) == (2, 2)
+    rows = tf.read_jsonl(out)
+    assert [r["index"] for r in rows] == [0, 1, 2, 3] and all(r["generator"] == "data" for r in rows)
+    with pytest.raises(ValueError, match="temperature None, not 0.5"):
+        generate_dataset(engine, str(prompts), str(out), 0.5, **GEN)
+
+
 @pytest.mark.parametrize("kwargs", [dict(temperature=-0.1), dict(temperature=float("nan")), dict(chunk=0),
                                     dict(batch_size=0)])
 def test_bad_generation_arguments_raise(engine, prompt_file, tmp_path, kwargs):
@@ -227,7 +257,9 @@ def test_read_rows_corrupt_middle_row_raises(tmp_path):
     path.write_text('{"index": 0}\n{"index": 1, "resp\n{"index": 2}\n')
     with pytest.raises(ValueError, match=":2"):
         read_rows(str(path))
-    assert read_rows(str(tmp_path / "missing.jsonl")) == []
+    with pytest.raises(ValueError, match="missing.jsonl does not exist"):
+        read_rows(str(tmp_path / "missing.jsonl"))
+    assert read_rows(str(tmp_path / "missing.jsonl"), missing_ok=True) == []
 
 
 # ------------------------------------------------------------------------------------ mix_datasets
@@ -290,8 +322,33 @@ def test_mix_rejects_bad_requests(sources, tmp_path):
             mix_datasets([(a, weights[0]), (b, weights[1])], out, total=4)
     with pytest.raises(ValueError):
         mix_datasets([], out)
-    with pytest.raises(ValueError, match="no generated rows"):
+    with pytest.raises(ValueError, match="missing.jsonl does not exist"):
         mix_datasets([(a, 1), (str(tmp_path / "missing.jsonl"), 1)], out)
+    empty = tf.write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(ValueError, match="no generated rows"):
+        mix_datasets([(a, 1), (str(empty), 1)], out)
+    for weight in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite"):
+            mix_datasets([(a, weight), (b, 1)], out, total=4)
+
+
+def test_mix_never_writes_over_a_source(sources):
+    a, b = sources
+    before = open(a).read()
+    with pytest.raises(ValueError, match="also a source"):
+        mix_datasets([(a, 1), (b, 1)], a, total=2)
+    assert open(a).read() == before
+
+
+@pytest.mark.parametrize("total", [1, 3, 5, 7, 13])
+def test_mix_writes_exactly_the_total_asked(sources, tmp_path, total):
+    a, b = sources
+    out = tmp_path / "m.jsonl"
+    for shares in ((1, 1), (1, 3), (2, 1)):
+        taken = mix_datasets([(a, shares[0]), (b, shares[1])], str(out), total=total)
+        assert sum(taken.values()) == len(tf.read_jsonl(out)) == total
+        exact = total * shares[0] / sum(shares)  # each count is the exact share rounded down or up
+        assert exact - 1 < taken[a] < exact + 1
 
 
 # ------------------------------------------------------------------------------------ token_sequences

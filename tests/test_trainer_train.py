@@ -256,6 +256,60 @@ def test_resume_with_changed_tau_raises(resumed, target):
     assert longer.resume() and longer.step == 4  # from the last step's checkpoint: a finished run can be extended
 
 
+def test_resume_refuses_another_recipe_data_or_world(resumed, target, tmp_path):
+    """Beyond MAY_CHANGE_ON_RESUME every field must be the checkpoint's (weight decay and the clip too), the data
+    files' bytes must be the same (rows appended would move the held-out split), and so must the number of
+    processes."""
+    for change in (dict(weight_decay=0.1), dict(grad_clip=0.5), dict(batch_size=2)):
+        name = next(iter(change))
+        with pytest.raises(ValueError, match=name):
+            Distiller(dataclasses.replace(resumed.cfg, **change), target=target, progress=False).resume()
+    grown = tmp_path / "t1.jsonl"
+    shutil.copy(resumed.cfg.data[0], grown)
+    with open(grown, "a") as f:
+        f.write(open(resumed.cfg.data[0]).readline())
+    out = tmp_path / "run"
+    shutil.copytree(resumed.cfg.out_dir, out)
+    with pytest.raises(ValueError, match="data files changed"):
+        Distiller(dataclasses.replace(resumed.cfg, out_dir=str(out), data=[str(grown)]), target=target,
+                  progress=False).resume()
+    state_file = sorted((out / train.CHECKPOINTS).glob("step-*"))[-1] / train.STATE_FILE
+    state = torch.load(state_file, weights_only=False)
+    torch.save({**state, "world_size": 2}, state_file)
+    with pytest.raises(ValueError, match="trained by 2 processes"):
+        Distiller(dataclasses.replace(resumed.cfg, out_dir=str(out)), target=target, progress=False).resume()
+
+
+def test_resume_config_keeps_the_checkpoints_recipe(resumed):
+    """A resume takes every field it is not given from the checkpoint, not from the defaults."""
+    cfg = train.resume_config(resumed.cfg.out_dir, dict(data=resumed.cfg.data, out_dir=resumed.cfg.out_dir, steps=9))
+    assert cfg == dataclasses.replace(resumed.cfg, steps=9)
+    assert cfg.lr == 1e-2 != DistillConfig(data=[], out_dir="").lr  # the checkpoint's, not the default
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(resumed, target, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(resumed.cfg.out_dir, out)
+    ckpts = sorted((out / train.CHECKPOINTS).glob("step-*"))
+    assert [c.name for c in ckpts] == ["step-000002", "step-000004"]
+    state_file = ckpts[-1] / train.STATE_FILE
+    state_file.write_bytes(state_file.read_bytes()[:100])  # a write cut short
+    d = Distiller(dataclasses.replace(resumed.cfg, out_dir=str(out)), target=target, progress=False)
+    with pytest.warns(UserWarning, match="step-000004: its trainer_state.pt cannot be read"):
+        assert d.resume()
+    assert d.step == 2
+
+
+def test_nonfinite_gradient_stops_before_the_update(target, data_file, tmp_path, monkeypatch):
+    """A finite loss with a non-finite gradient norm stops the run before the optimizer writes NaN weights."""
+    d = Distiller(config(data_file, tmp_path, steps=3, eval_rows=0), target=target, progress=False)
+    before = {k: v.clone() for k, v in d.draft.state_dict().items()}
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, clip: torch.tensor(float("nan")))
+    with pytest.raises(FloatingPointError, match="non-finite gradient norm"):
+        d.run()
+    assert all(torch.equal(v, before[k]) for k, v in d.draft.state_dict().items())
+
+
 def test_existing_run_without_resume_raises(resumed, target):
     with pytest.raises(ValueError, match="already holds a run"):
         distill(resumed.cfg, target=target, progress=False)
@@ -327,6 +381,17 @@ def test_auto_precision_follows_the_cpus_bf16_speed(target, data_file, tmp_path,
     (dict(steps=0), "steps"),
     (dict(batch_size=0), "batch_size"),
     (dict(eval_temperatures=(0.0, -1.0)), "eval temperatures"),
+    (dict(eval_temperatures=(float("nan"),)), "eval temperatures"),
+    (dict(eval_temperatures=()), "eval temperatures"),
+    (dict(grad_clip=float("nan")), "grad_clip"),
+    (dict(grad_clip=-1.0), "grad_clip"),
+    (dict(lr=float("nan")), "lr must"),
+    (dict(lr=0.0), "lr must"),
+    (dict(min_lr_ratio=-3.0), "min_lr_ratio"),
+    (dict(min_lr_ratio=float("nan")), "min_lr_ratio"),
+    (dict(weight_decay=-1.0), "weight_decay"),
+    (dict(jsd_beta=2.0), "jsd_beta"),
+    (dict(eval_decode_prompts=0), "eval_decode_prompts"),
 ])
 def test_bad_config_raises(target, data_file, tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -382,3 +447,24 @@ def test_online_training_on_cuda(data_file, tmp_path, precision):
             if name != "embed_tokens.weight":
                 p.copy_(p.bfloat16().float())
     torch.testing.assert_close(logits(loaded, tokens), logits(rounded, tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_stop_requests_leave_ignored_signals_alone():
+    """nohup ignores SIGHUP (a background job SIGINT): the trainer keeps them ignored, catches the others, and puts
+    every handler back afterwards."""
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM)}
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with train.StopRequests() as stop:
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+            stop._handle(signal.SIGTERM, None)
+            assert stop.agreed(1, torch.device("cpu")) and stop.reason == "stopped by SIGTERM"
+            with pytest.raises(KeyboardInterrupt):  # a second signal: at once
+                stop._handle(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
