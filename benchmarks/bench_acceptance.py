@@ -26,7 +26,7 @@ from tempspec_engine import BACKEND_NAMES, available_backends, speculative_sampl
 from tempspec_engine.cli_args import positive_int
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command
 from tempspec_engine.models.loading import resolve_device
-from tempspec_engine.results import RUNS_DIR, fresh_results_path, write_json
+from tempspec_engine.results import RUNS_DIR, check_output_path, fresh_results_path, write_json
 from tempspec_engine.run_meta import cpu_name, nvidia_driver, package_version
 from tempspec_engine.sampling import filters_label, parse_filters
 from tempspec_engine.torch_backend import speculative_sample_torch
@@ -168,6 +168,8 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
+    if args.output:
+        check_output_path(args.output, "--output")
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
     repeats = args.repeats or (100 if device.type == "cuda" else 5)

@@ -59,7 +59,7 @@ from tempspec_engine.models.feature_draft import FeatureDraft  # noqa: E402
 from tempspec_engine.models.llama import Transformer  # noqa: E402
 from tempspec_engine.models.loading import load_default_target, resolve_device, resolve_dtype  # noqa: E402
 from tempspec_engine.prompts import read_prompts  # noqa: E402
-from tempspec_engine.results import RUNS_DIR, fresh_results_path, write_json  # noqa: E402
+from tempspec_engine.results import RUNS_DIR, check_output_path, fresh_results_path, write_json  # noqa: E402
 from tempspec_engine.run_meta import cpu_kernels_meta, device_name, nvidia_driver, package_version  # noqa: E402
 from tempspec_engine.sampling import filters_label, parse_filters  # noqa: E402
 from tempspec_engine.threads import set_threads  # noqa: E402
@@ -293,6 +293,7 @@ def run(args) -> int:
     presets = [parse_filters(p) for p in args.settings.split(";")]
     lossy = [LENIENCE.checked(e, " (--lenience)") for e in _numbers("--lenience", args.lenience, float) if e != 1]
     args.out = args.out or str(fresh_results_path(f"engine_{device.type}_{args.dtype}"))
+    check_output_path(args.out)
     variants = parse_variants(args.variants)
     prompts = read_prompts(args.prompts, args.n_prompts) if args.prompts != "-" else None
 

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from tempspec_engine.cli_args import positive_int  # noqa: E402
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command  # noqa: E402
 from tempspec_engine.linear import cpu_kernel_enabled, kernel_available, kernel_isa, kernel_linear  # noqa: E402
-from tempspec_engine.results import RUNS_DIR, fresh_results_path, write_json  # noqa: E402
+from tempspec_engine.results import RUNS_DIR, check_output_path, fresh_results_path, write_json  # noqa: E402
 from tempspec_engine.run_meta import collect_meta  # noqa: E402
 from tempspec_engine.threads import set_threads  # noqa: E402
 
@@ -84,6 +84,8 @@ def time_ms(fn, reps: int, rounds: int) -> float:
 
 
 def run(args) -> int:
+    if args.out:
+        check_output_path(args.out)
     if not kernel_available():
         raise ValueError("tempspec's CPU linear kernel is not available here (the extension is not built, or this "
                          "CPU lacks AVX2/FMA)")

@@ -64,7 +64,7 @@ from tempspec_engine.models.config import ModelConfig  # noqa: E402
 from tempspec_engine.models.feature_draft import FeatureDraft, FeatureDraftConfig  # noqa: E402
 from tempspec_engine.models.llama import Transformer  # noqa: E402
 from tempspec_engine.models.loading import resolve_device  # noqa: E402
-from tempspec_engine.results import RUNS_DIR, fresh_results_path, write_json  # noqa: E402
+from tempspec_engine.results import RUNS_DIR, check_output_path, fresh_results_path, write_json  # noqa: E402
 from tempspec_engine.run_meta import collect_meta  # noqa: E402
 
 PROG = "bench_shapes"
@@ -455,6 +455,8 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
+    if args.out:
+        check_output_path(args.out)
     device = resolve_device(args.device)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[dtype_name]

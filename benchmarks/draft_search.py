@@ -27,7 +27,7 @@ from tempspec_engine.engine import SpeculativeEngine, matmul_weights  # noqa: E4
 from tempspec_engine.models.draft import make_draft  # noqa: E402
 from tempspec_engine.models.loading import load_default_target  # noqa: E402
 from tempspec_engine.prompts import read_prompts  # noqa: E402
-from tempspec_engine.results import RUNS_DIR, fresh_results_path, write_json  # noqa: E402
+from tempspec_engine.results import RUNS_DIR, check_output_path, fresh_results_path, write_json  # noqa: E402
 
 CANDIDATES = [f"layers:0-{n - 1},29" for n in (1, 2, 3, 4, 6, 8)] + [
     "layers:0,14,29", "layers:0,1,28,29", "layers:0,1,2,28,29", "layers:0,10,20,29", "layers:0-3,28,29"]
@@ -49,6 +49,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     prompts = read_prompts(args.prompts, args.n_prompts)
     args.out = args.out or str(fresh_results_path("draft_search"))
+    check_output_path(args.out)
     target = load_default_target("cpu", torch.float32)
     engine = SpeculativeEngine(target, "none", "cpu", torch.float32, max_len=1024)
     outs = engine.generate(prompts, 0.0, args.max_new_tokens, chat_template=True)

@@ -26,7 +26,7 @@ from tempspec_engine.cli_args import lookahead, positive_int  # noqa: E402
 from tempspec_engine.cli_errors import OneLineParser, add_debug_flag, run_command  # noqa: E402
 from tempspec_engine.models.loading import load_target, resolve_device, resolve_dtype  # noqa: E402
 from tempspec_engine.prompts import read_prompts  # noqa: E402
-from tempspec_engine.results import RUNS_DIR, fresh_results_path, write_json  # noqa: E402
+from tempspec_engine.results import RUNS_DIR, check_output_path, fresh_results_path, write_json  # noqa: E402
 from tempspec_engine.run_meta import collect_meta  # noqa: E402
 from tempspec_engine.sweep import format_table, parse_temperatures, run_sweep  # noqa: E402
 from tempspec_engine.threads import set_threads  # noqa: E402
@@ -123,6 +123,8 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
+    if args.out and not args.report:
+        check_output_path(args.out)
     if args.report:
         if not args.out:
             raise ValueError("--report reads the JSON that --out names")

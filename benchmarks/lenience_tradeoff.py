@@ -37,7 +37,7 @@ from tempspec_engine.models.feature_draft import FeatureDraft, tap_columns  # no
 from tempspec_engine.models.llama import Transformer  # noqa: E402
 from tempspec_engine.prompts import read_prompts  # noqa: E402
 from tempspec_engine.reference import lenient_emitted_distribution  # noqa: E402
-from tempspec_engine.results import RUNS_DIR, fresh_results_path, write_json  # noqa: E402
+from tempspec_engine.results import RUNS_DIR, check_output_path, fresh_results_path, write_json  # noqa: E402
 from tempspec_engine.run_meta import collect_meta  # noqa: E402
 from tempspec_engine.sweep import parse_temperatures  # noqa: E402
 from tempspec_engine.threads import set_threads  # noqa: E402
@@ -197,6 +197,8 @@ def _run(args) -> int:
     from tempspec_engine.models.draft import make_draft
     from tempspec_engine.models.loading import resolve_device, resolve_dtype
 
+    if args.out:
+        check_output_path(args.out)
     temps = parse_temperatures(args.temperatures)
     lenience = parse_lenience(args.lenience)
     specs = [d.strip() for d in args.drafts.split(";") if d.strip()]

@@ -189,6 +189,11 @@ def test_outputs_that_cannot_be_written_are_refused_first(tmp_path):
         check_output_path(tmp_path)
     check_output_path(tmp_path / "new" / "dirs" / "res.json")  # made when written
     assert not (tmp_path / "new").exists()
+    # the commands check before they measure: one line, and no target is loaded (this one does not exist)
+    for module, args in (("tempspec_engine.cli", ["sweep", "--drafts", "lookup", "--quick"]),
+                         ("tempspec_trainer.cli", ["eval", "--drafts", "lookup", "--data", str(a_file)])):
+        code, _, err = run(module, args + ["--target", "/nonexistent/model", "--out", a_file / "res.json"])
+        assert code == 2 and "is a file, not a directory" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_device_loop_from_the_command_line(model_dir):
