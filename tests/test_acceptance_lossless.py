@@ -4,7 +4,8 @@ N independent rows share one draft/target logit pair; draft tokens are drawn fro
 uniforms from a seeded generator. A chi-square goodness-of-fit test against the target distribution must not reject
 at significance 1e-3 (fixed seeds, so the outcome is deterministic). A control checks the test has power at the smallest
 sample size used: the draft's own samples are rejected (p < 1e-6) when the draft is far from the target. The Triton
-interpreter on CPU costs ~15 ms per program, so it gets fewer samples (400) than compiled backends (6000).
+interpreter on CPU costs ~15 ms per program, so it gets fewer samples (400) than compiled backends (6000), and checks
+each temperature with one of the two draft relations (INTERPRETED_CASES) where compiled backends check both.
 """
 import os
 
@@ -21,9 +22,16 @@ ALPHA = 1e-3
 MIN_SAMPLES = 400
 
 
+# the Triton interpreter (~35 s per case here) checks every temperature, each with one of the two draft relations
+INTERPRETED_CASES = {("close", 0.3), ("different", 1.0), ("close", 2.0), ("close", 0.0), ("different", 0.0)}
+
+
+def _interpreted(device, backend) -> bool:
+    return backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _num_samples(device, backend):
-    interpreted = backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-    return MIN_SAMPLES if interpreted else 6000
+    return MIN_SAMPLES if _interpreted(device, backend) else 6000
 
 
 def _logit_pair(relation, seed=0):
@@ -54,6 +62,8 @@ def chi_square_pvalue(samples: torch.Tensor, probs: torch.Tensor) -> float:
 @pytest.mark.parametrize("relation", ["close", "different"])
 @pytest.mark.parametrize("temperature", [0.0, 0.3, 1.0, 2.0])
 def test_first_token_is_distributed_as_target(device, backend, relation, temperature):
+    if _interpreted(device, backend) and (relation, temperature) not in INTERPRETED_CASES:
+        pytest.skip("interpreted Triton: this temperature is checked with the other draft relation")
     n = _num_samples(device, backend) if temperature > 0 else 64  # greedy is deterministic: a few rows suffice
     draft, target = _logit_pair(relation)
     g = torch.Generator().manual_seed(42)
