@@ -116,7 +116,8 @@ def _distill(args) -> int:
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     if args.resume:  # the flags left out keep the checkpoint's values, not the defaults
-        values = {k: v for k, v in values.items() if k in args.given or k in ("data", "out_dir")}
+        given = given_options(args.argv)
+        values = {k: v for k, v in values.items() if k in given or k in ("data", "out_dir")}
         cfg = resume_config(args.out_dir, values)
     else:
         cfg = DistillConfig(**values)
@@ -343,7 +344,6 @@ def given_options(argv: List[str]) -> set:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    args.given = given_options(args.argv)
     return run_command(f"tempspec-train {args.command}", lambda: args.func(args), getattr(args, "debug", False))
 
 
