@@ -25,7 +25,7 @@ install: $(PY)
 test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
-# The main job: the quick temperature sweep on the default models (JSON + PNG plots in benchmarks/results/).
+# The main job: the quick temperature sweep on the default models (JSON + PNG plots in runs/results/).
 run: install
 	$(VENV)/bin/tempspec sweep --quick
 

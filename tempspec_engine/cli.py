@@ -47,7 +47,7 @@ def _parser() -> OneLineParser:
     g.add_argument("--alternatives", type=int, default=None,
                    help="tokens a model draft names per draft position besides its own for the target to read in "
                         "the same verification, 0 for none (default: 2 with a model draft on a Llama-family target, "
-                        "else 0)")
+                        "except 0 on a CPU in bf16, where the wider verification costs more than it brings; else 0)")
     g.add_argument("--verify-slope", type=non_negative_float, default=None,
                    help="with --k auto, the cost model's price of each more verified token, in decodes of one token "
                         "the same for every token (benchmarks/bench_shapes.py fits yours; default: the costs measured "

@@ -85,7 +85,7 @@ def read_prompt_rows(path: str) -> List[Tuple[int, str]]:
 
 def read_prompts(path: Optional[str], n: Optional[int]) -> List[str]:
     """n prompts evenly spaced over a JSONL file (Spec-Bench is sorted by category: this spans all of them), or the
-    first n built-in prompts when path is None. n None: all of them."""
+    n built-in prompts evenly spaced when path is None. n None: all of them."""
     texts = list(BUILTIN_PROMPTS) if path is None else [t for _, t in read_prompt_rows(path)]
     n = len(texts) if n is None else n
     if n < 1:

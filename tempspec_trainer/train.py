@@ -40,7 +40,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -460,7 +460,7 @@ class Distiller:
         (beyond MAY_CHANGE_ON_RESUME), changed data files or another number of processes."""
         from safetensors.torch import load_file
 
-        for ckpt, state in reversed(readable_checkpoints(self.out)):
+        for ckpt, state in readable_checkpoints(self.out):
             try:
                 weights = load_file(str(ckpt / "model.safetensors"))
             except Exception as exc:  # noqa: BLE001 - a damaged file, whatever the reader's error type
@@ -519,9 +519,9 @@ class Distiller:
                 self._train_until_done(bar, t0, tokens_seen, stop)
             except KeyboardInterrupt:  # a second interrupt: stop inside the step, whose work is not saved
                 bar.close()
-                newest = readable_checkpoints(self.out)
+                newest = next(readable_checkpoints(self.out), None)
                 raise KeyboardInterrupt("stopped inside a step; " + (
-                    f"the newest checkpoint is {newest[-1][0]}; continue with --resume" if newest else
+                    f"the newest checkpoint is {newest[0]}; continue with --resume" if newest else
                     "no checkpoint was saved")) from None
         bar.close()
         if self.step < cfg.steps:  # stopped at a step's end: the checkpoint holds every step done
@@ -653,18 +653,18 @@ class StopRequests:
         return bool(flag.item())
 
 
-def readable_checkpoints(out: Path) -> List[Tuple[Path, dict]]:
-    """(directory, trainer state) of the checkpoints under out whose state file reads, oldest first; a damaged one is
-    skipped with a warning."""
-    found = []
-    for ckpt in sorted((Path(out) / CHECKPOINTS).glob("step-*")):
+def readable_checkpoints(out: Path) -> Iterator[Tuple[Path, dict]]:
+    """(directory, trainer state) of the checkpoints under out whose state file reads, newest first; each state is
+    read when the iteration reaches it, and a damaged one is skipped with a warning."""
+    for ckpt in sorted((Path(out) / CHECKPOINTS).glob("step-*"), reverse=True):
         if not (ckpt / STATE_FILE).is_file():
             continue
         try:
-            found.append((ckpt, torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)))
+            state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
         except Exception as exc:  # noqa: BLE001 - a truncated file, whatever the reader's error type
             warnings.warn(f"skipping {ckpt}: its {STATE_FILE} cannot be read ({type(exc).__name__})")
-    return found
+            continue
+        yield ckpt, state
 
 
 def files_sha256(paths) -> str:
@@ -681,12 +681,12 @@ def resume_config(out_dir: str, given: Dict[str, object]) -> DistillConfig:
     """The config of a resumed run: the newest checkpoint's recipe under out_dir, with the fields in `given` (what
     the user set) in place of its own; DistillConfig(**given) when out_dir holds no checkpoint (distill then says
     there is nothing to resume)."""
-    found = readable_checkpoints(Path(out_dir))
-    if not found:
+    newest = next(readable_checkpoints(Path(out_dir)), None)
+    if newest is None:
         return DistillConfig(**given)
     names = {f.name for f in dataclasses.fields(DistillConfig)}
     saved = {k: tuple(v) if isinstance(v, list) and k != "data" else v
-             for k, v in found[-1][1]["config"].items() if k in names}
+             for k, v in newest[1]["config"].items() if k in names}
     return DistillConfig(**{**saved, **given})
 
 

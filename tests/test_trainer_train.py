@@ -6,6 +6,7 @@ import dataclasses
 import json
 import shutil
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -298,6 +299,14 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(resumed, target,
     with pytest.warns(UserWarning, match="step-000004: its trainer_state.pt cannot be read"):
         assert d.resume()
     assert d.step == 2
+
+
+def test_only_the_newest_readable_state_is_read(resumed, monkeypatch):
+    """Finding the checkpoint to resume reads the newest state file alone, not every kept one."""
+    read, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, **kw: read.append(Path(f).parent.name) or load(f, **kw))
+    ckpt, state = next(train.readable_checkpoints(Path(resumed.cfg.out_dir)))
+    assert (ckpt.name, state["step"], read) == ("step-000004", 4, ["step-000004"])
 
 
 def test_nonfinite_gradient_stops_before_the_update(target, data_file, tmp_path, monkeypatch):
