@@ -62,14 +62,15 @@ class SamplingArg(NamedTuple):
 
     def checked(self, value, where: str = ""):
         """A Python, numpy or 0-d torch number whose value as the kernels see it lies in the range, as a Python int
-        (integer arguments) or float; ValueError naming the argument (and `where`, e.g. the prompt) otherwise."""
+        (integer arguments, as the kernels see it: a top_k past int64 is capped) or float; ValueError naming the
+        argument (and `where`, e.g. the prompt) otherwise."""
         if not is_real_number(value) or (self.integer and not is_int(value)):
             kind = self.expected if self.integer else "a real number"
             raise ValueError(f"{self.name}{where} must be {kind}, got {type(value).__name__} {value!r}")
         value = int(value) if self.integer else float(value)
         if not self.in_range(self.as_kernels_see(value)):  # NaN fails every comparison
             raise ValueError(f"{self.name}{where} must be {self.expected}, got {value!r}")
-        return value
+        return self.as_kernels_see(value) if self.integer else value
 
 
 TEMPERATURE = SamplingArg("temperature", False, lambda v: (v >= 0) & (v < math.inf), "finite and >= 0", None)

@@ -119,7 +119,7 @@ def generate_command(args, out=None, err=None) -> int:
                                max_len=args.max_len, allow_download=args.allow_download,
                                alternatives=args.alternatives, verify_slope=args.verify_slope,
                                k_min=args.k_min or 0, confidence_stop=False if args.no_confidence_stop else None,
-                               device_loop=args.device_loop, sync_every=args.sync_every or DEFAULT_SYNC_EVERY)
+                               device_loop=args.device_loop, sync_every=args.sync_every)
     single = len(args.prompt) == 1
     stream = single and not args.device_loop  # (the device loop hands the tokens over at the end)
     streamer = StopAwareStreamer(engine.tokenizer, out, args.stop or ()) if stream else None

@@ -244,6 +244,7 @@ class _Decoder:
         self.flag = NonFiniteFlag(e.device)
         self.settings = None  # StepSettings of the wave (captured: same tensors for every wave, refilled)
         self.graph = None
+        self.filter_draft = None  # the engine's filter_draft of the captured step (the step branches on it)
         # torch.compile fuses the step's elementwise work (norms, RoPE, the sampler's preparation) into fewer kernels;
         # the compiled step is what the graph captures
         self.run_step = torch.compile(self.step, dynamic=False) if e.device_loop_compile else self.step
@@ -386,7 +387,8 @@ class _Decoder:
         self.flag.reset()
         settings = StepSettings([r.settings for r in rows], self.device)
         same_kernels = self.graph is not None and settings.filters.keys() == self.settings.filters.keys() and \
-            settings.lenience.keys() == self.settings.lenience.keys()
+            settings.lenience.keys() == self.settings.lenience.keys() and \
+            self.filter_draft == self.engine._filter_draft
         if same_kernels:  # the captured step reads these very tensors: refill them
             self.settings.temperature.copy_(settings.temperature)
             for mine, theirs in ((self.settings.filters, settings.filters), (self.settings.lenience, settings.lenience)):
@@ -394,7 +396,7 @@ class _Decoder:
                     mine[name].copy_(theirs[name])
         else:  # (other filters run other kernels: capture again)
             self.graph = None
-            self.settings = settings
+            self.settings, self.filter_draft = settings, self.engine._filter_draft
         return max(lengths)
 
     def _prefill(self, T: int) -> None:

@@ -29,6 +29,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from tempspec_engine.adaptive_k import DEFAULT_VERIFY_SLOPE, VERIFY_COSTS, AdaptiveK
+from tempspec_engine.backends import BACKEND_NAMES
 from tempspec_engine.checks import check_positive_int, is_int, is_real_number, per_prompt
 from tempspec_engine.device_loop import DEFAULT_SYNC_EVERY
 from tempspec_engine.linear import cpu_kernel_enabled, kernel_isa
@@ -36,8 +37,8 @@ from tempspec_engine.measure import acceptance_by_position, charge_prefill, sync
 from tempspec_engine.models.draft import check_spec_form, default_draft, make_draft, make_lookup, split_hybrid
 from tempspec_engine.models.feature_draft import FeatureDraft
 from tempspec_engine.models.llama import Transformer
-from tempspec_engine.models.loading import (LoadedModel, best_device, default_dtype, load_target, own_device_and_dtype,
-                                            resolve_device, resolve_dtype)
+from tempspec_engine.models.loading import (LoadedModel, best_device, default_dtype, eos_ids_of, load_target,
+                                            own_device_and_dtype, resolve_device, resolve_dtype)
 from tempspec_engine.ops import sample, speculative_sample
 from tempspec_engine.proposers import (LOOKUP, MODEL, NONFINITE_MESSAGE, FeatureProposer, HybridProposer,
                                        LookupProposer, ModelProposer, NonFiniteFlag, Proposal, StepContext, pad_logits)
@@ -253,7 +254,8 @@ class SpeculativeEngine:
         where a wider verification costs more (wide_verification_is_cheap); 0 otherwise.
     device_loop: decode through tempspec_engine/device_loop.py: a whole step (draft, verification, acceptance, the
         tokens' commit up to EOS and max_new_tokens) on device tensors, captured as one CUDA graph with cuda_graphs,
-        the host reading the state once every `sync_every` steps (sooner near a wave's end, so that no step runs
+        the host reading the state once every `sync_every` steps (default DEFAULT_SYNC_EVERY; sooner near a wave's
+        end, so that no step runs
         after its last row is done but by EOS). Needs a fixed k; drafts: a Transformer draft, a feature head, n-gram
         lookup, or lookup in front of either; no stop strings or streaming; requests run in waves of the batch
         width. compile_step: torch.compile that step (fewer, fused kernels; compiled once per shape, at the first
@@ -274,7 +276,7 @@ class SpeculativeEngine:
                  max_len: Optional[int] = None, max_batch_size: int = 8, k_max: int = 8, tokenizer=None,
                  backend: str = "auto", static_shapes: Optional[bool] = None, cuda_graphs: Optional[bool] = None,
                  allow_download: bool = False, confidence_stop: Optional[bool] = None,
-                 alternatives: Optional[int] = None, device_loop: bool = False, sync_every: int = DEFAULT_SYNC_EVERY,
+                 alternatives: Optional[int] = None, device_loop: bool = False, sync_every: Optional[int] = None,
                  compile_step: bool = False, verify_slope: Optional[float] = None, k_min: int = 0):
         check_positive_int("max_batch_size", max_batch_size)
         if verify_slope is not None and not (is_real_number(verify_slope) and 0 <= verify_slope < math.inf):
@@ -284,17 +286,26 @@ class SpeculativeEngine:
             raise ValueError(f"k_min must be an integer in [0, k_max = {k_max}], got {k_min!r}")
         if not (isinstance(k, str) and k == "auto" or is_int(k) and k >= 1):
             raise ValueError(f"k must be 'auto' or a positive int, got {k!r}")
+        unused = [name for name, given in (("k_min", k_min != 0), ("verify_slope", verify_slope is not None)) if given]
+        if k != "auto" and unused:
+            raise ValueError(f"{' and '.join(unused)}: for k='auto' only, not a fixed k={k!r}")
+        if sync_every is not None and not device_loop:
+            raise ValueError("sync_every sets how often the device loop syncs: it needs device_loop=True")
+        sync_every = DEFAULT_SYNC_EVERY if sync_every is None else sync_every
+        if backend != "auto" and backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKEND_NAMES))}, got {backend!r}")
         if max_len is not None:
             check_positive_int("max_len", max_len)
         check_spec_form(draft, allow_download)  # a mistyped draft is refused before the target loads
         if isinstance(target, torch.nn.Module):
-            target = LoadedModel(target, tokenizer, (), "custom target")
+            target = LoadedModel(target, tokenizer, eos_ids_of(None, tokenizer), "custom target")
         own_device, own_dtype = own_device_and_dtype(target)  # a model object stays where it is unless told
         self.device = resolve_device(device) if device is not None else (own_device or best_device())
         self.dtype = resolve_dtype(dtype) or own_dtype or default_dtype(self.device)
         self.target = load_target(target, self.device, self.dtype, allow_download)
-        if tokenizer is not None:
-            self.target.tokenizer = tokenizer
+        if tokenizer is not None:  # (a copy: the caller's LoadedModel keeps its own)
+            self.target = dataclasses.replace(self.target, tokenizer=tokenizer,
+                                              eos_ids=self.target.eos_ids or eos_ids_of(None, tokenizer))
         if draft is None or isinstance(draft, str) and draft == "default":
             draft = default_draft(self.target)
         lookup_spec, draft = split_hybrid(draft)
@@ -337,7 +348,7 @@ class SpeculativeEngine:
         if max_len is not None and max_len > limit:
             raise ValueError(f"max_len {max_len} exceeds the models' limit of {limit} positions")
         self.max_len = max_len or min(2048, limit)
-        self.vocab = max(self.target.vocab_size, self.draft.vocab_size if self.draft else 0)
+        self.vocab = self.target.vocab_size  # the ids a step may propose and verify (pad_logits)
         self.batch_limit = min(getattr(m.model, "batch_limit", max_batch_size)
                                for m in (self.target, self.draft) if m is not None)
         on_cuda = self.device.type == "cuda"
@@ -424,9 +435,16 @@ class SpeculativeEngine:
                system_prompt: Optional[str] = None) -> List[int]:
         """Token ids of a prompt (ids pass through; text goes through the tokenizer, or its chat template)."""
         if not isinstance(prompt, str):
+            if chat_template:
+                raise ValueError("chat_template applies to text prompts: token ids are used as they are (pass "
+                                 "chat_template=False, or text)")
             if isinstance(prompt, torch.Tensor):
                 prompt = prompt.reshape(-1) if prompt.dim() <= 1 else prompt
-            ids = list(prompt)
+            try:
+                ids = list(prompt)
+            except TypeError:
+                raise ValueError(f"a prompt is text or a sequence of token ids, got {type(prompt).__name__} "
+                                 f"{prompt!r} (one prompt of ids goes in a list of prompts: [[1, 2, 3]])") from None
             bad = next((t for t in ids if not is_int(t)), None)
             if bad is not None:
                 raise ValueError(f"token ids must be integers, got {type(bad).__name__} {bad!r}")
@@ -461,7 +479,10 @@ class SpeculativeEngine:
             settings = SamplingSettings.checked(**row, where=f" (prompt {i})")
             check_positive_int(f"max_new_tokens (prompt {i})", m)
             m = operator.index(m)
-            ids = self.encode(p, chat_template, system_prompt)
+            try:
+                ids = self.encode(p, chat_template, system_prompt)
+            except ValueError as exc:
+                raise ValueError(f"prompt {i}: {exc}") from None
             if not ids:
                 raise ValueError(f"prompt {i} is empty after tokenization")
             if any(t_ < 0 or t_ >= self.target.vocab_size for t_ in ids):
@@ -490,14 +511,24 @@ class SpeculativeEngine:
         one value or one per prompt, in any mix (tempspec_engine/sampling.py; semantics in reference.py). The output
         preserves the filtered target distribution F(p) exactly unless lenience < 1. filter_draft=False samples the
         draft unfiltered and filters the target only (the serving engines' way, for comparison).
-        stop: strings that end a request (not included in its text). speculative=False runs the target alone (the
+        stop: a string or strings that end a request (not included in its text; checked after each token, so that a
+        request ends on the same token with a draft as without; they need a tokenizer). chat_template: text prompts
+        go through the tokenizer's chat template, with system_prompt as the system turn when given (both need text
+        prompts). seed: an int in [0, 2**64). speculative=False runs the target alone (the
         autoregressive baseline, same code and sampler). on_tokens(index, new_ids) is called after every step with the
         tokens a request just received (streaming).
         """
         if batch_size is not None:
             check_positive_int("batch_size", batch_size)
-        if seed is not None and not is_int(seed):
-            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        if seed is not None and not (is_int(seed) and 0 <= seed < 2**64):
+            raise ValueError(f"seed must be an int in [0, 2**64) or None, got {seed!r}")
+        stops = [stop] if isinstance(stop, str) else list(stop or ())
+        if not all(isinstance(s, str) and s for s in stops):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        if stops and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (tokenizer=...) to read the text")
+        if system_prompt is not None and not chat_template:
+            raise ValueError("system_prompt is the chat template's system turn: it needs chat_template=True")
         filters = dict(top_k=top_k, top_p=top_p, min_p=min_p, lenience=lenience)
         reqs = self._requests(prompts, temperature, max_new_tokens, chat_template, system_prompt, filters,
                               bool(filter_draft))
@@ -507,13 +538,13 @@ class SpeculativeEngine:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,))))
         if self.device_loop is not None:
-            if stop or on_tokens is not None:
+            if stops or on_tokens is not None:
                 raise ValueError("device_loop reads the tokens once a wave ends: stop strings and on_tokens "
                                  "streaming need device_loop=False")
             self.device_loop.run(reqs, batch, speculative, gen)
             return [self._output(r) for r in reqs]
         self.adaptive, self.adaptive_lookup = self._measured if seed is None else self._new_estimators(seed)
-        self._run(reqs, batch, speculative, gen, list(stop or ()), on_tokens)
+        self._run(reqs, batch, speculative, gen, stops, on_tokens)
         return [self._output(r) for r in reqs]
 
     def batch_width(self, n_requests: int, batch_size: Optional[int] = None) -> int:
@@ -819,7 +850,8 @@ class SpeculativeEngine:
         return result
 
     def _append(self, req: _Request, toks: List[int], stops: List[str], on_tokens) -> None:
-        """Commits a step's tokens to a request, ending it at EOS, max_new_tokens or a stop string."""
+        """Commits a step's tokens to a request one at a time, ending it at EOS, max_new_tokens or a stop string (read
+        after each token: the request ends on the token a step of the target alone would end it on)."""
         eos = set(self.target.eos_ids)
         added = []
         for t in toks:
@@ -827,17 +859,16 @@ class SpeculativeEngine:
             added.append(t)
             if t in eos:
                 req.finish = "eos"
-                break
-            if len(req.seq) - len(req.prompt) >= req.max_new:
+            elif len(req.seq) - len(req.prompt) >= req.max_new:
                 req.finish = "length"
+            if stops:
+                text = self.tokenizer.decode(req.generated, skip_special_tokens=True)
+                hits = [text.find(s) for s in stops if s in text]
+                if hits:
+                    req.finish, req.stop_text = "stop", text[: min(hits)]
+            if req.finish:
                 break
         req.stats.new_tokens = len(req.seq) - len(req.prompt)
-        if stops and self.tokenizer is not None:
-            text = self.tokenizer.decode(req.generated, skip_special_tokens=True)
-            hits = [text.find(s) for s in stops if s and s in text]
-            if hits:
-                req.finish = "stop"
-                req.stop_text = text[: min(hits)]
         if on_tokens is not None and added:
             on_tokens(req.index, added)
 

@@ -40,8 +40,10 @@ LOOKUP, MODEL = "lookup", "model"  # proposal sources: each has its own acceptan
 
 
 def pad_logits(logits: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
-    """Logits [..., V_model] -> [..., vocab] of `dtype`, padding with -inf (tokens the model lacks)."""
-    logits = logits.to(dtype)
+    """Logits [..., V_model] -> [..., vocab] of `dtype`, vocab the target's: padded with -inf (ids the model lacks),
+    or cut (ids of a draft whose vocabulary extends the target's: it never proposes a token the target cannot read,
+    and q is the distribution it draws from, so the acceptance stays lossless)."""
+    logits = logits[..., :vocab].to(dtype)
     if logits.shape[-1] < vocab:
         logits = F.pad(logits, (0, vocab - logits.shape[-1]), value=float("-inf"))
     return logits
@@ -380,7 +382,8 @@ class FeatureProposer:
             if c:
                 feats[b, :c] = u
             tokens.append((r.seq[m + 1:n] + [0] * W)[:W])
-            positions.append(list(range(m, m + W)))
+            # the padding (past the row's c) is never attended and is overwritten later; it stays inside the cache
+            positions.append([min(p, cache.max_len - 1) for p in range(m, m + W)])
             last.append(max(c - 1, 0))
         rows = torch.arange(len(reqs), device=dev)
         pred = self.head(self.head.read(feats), torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),

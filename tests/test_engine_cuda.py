@@ -122,3 +122,15 @@ def test_feature_head_in_the_host_loop_with_graphs(target, taps):
     eager = cuda_engine(target, head, k=3, graphs=False, alternatives=0).generate(PROMPTS, 1.0, 30, batch_size=4,
                                                                                   seed=5)
     assert [s.token_ids for s in sampled] == [e.token_ids for e in eager]
+
+
+def test_device_loop_captures_its_step_again_for_the_other_filter_draft(target):
+    """The captured step branches on filter_draft, so a call with the other value captures again rather than replay
+    the first call's graph. A draft equal to the target at T=1 with top-k 2: filtered as the target is, it is never
+    rejected; unfiltered (the serving engines' way) it is."""
+    engine = cuda_engine(target, "layers:0-3", k=3, device_loop=True)
+    kw = dict(top_k=2, seed=0, batch_size=4)
+    filtered = engine.generate(PROMPTS, 1.0, 20, filter_draft=True, **kw)
+    assert sum(o.stats.rejections for o in filtered) == 0
+    unfiltered = engine.generate(PROMPTS, 1.0, 20, filter_draft=False, **kw)
+    assert sum(o.stats.rejections for o in unfiltered) > 0 and not unfiltered[0].stats.filter_draft

@@ -81,6 +81,20 @@ def test_stopping_on_confidence_is_lossless_row_by_row():
     assert engine.adaptive.calibration  # the head's confidence was calibrated from the accepted counts
 
 
+def test_a_request_joining_late_keeps_the_head_cache_in_bounds():
+    """Plain steps (a high verify_slope) pile up one row's unread features, and a step's extension pads every row to
+    the most: a request that takes a freed row late, with a prompt as long as max_len allows, wrote its padding past
+    the head's cache (IndexError). Its padding now stays inside, and greedy decoding still equals the target's."""
+    target = tiny_target(vocab=16, layers=3, seed=1)
+    engine = SpeculativeEngine(target, feature_head(target), device="cpu", dtype=torch.float32, max_len=64, k_max=2,
+                               alternatives=0, verify_slope=4.0)
+    prompts = [[1, 2, 3], [4, 5], [(i * 7) % 16 for i in range(64 - 8 - engine.lookahead - 1)]]
+    want = engine.generate(prompts, 0.0, [45, 9, 8], batch_size=2, speculative=False)
+    got = engine.generate(prompts, 0.0, [45, 9, 8], batch_size=2, seed=0)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert sum(o.stats.plain_steps for o in got) > 0 and sum(sum(o.stats.position_proposed) for o in got) > 0
+
+
 def test_lookup_in_front_of_a_feature_draft(tmp_path):
     """lookup+<feature head directory>: greedy equality at batch 1 and 4, with both proposers taking part (the head
     reads the features of the tokens lookup steps committed before it drafts again)."""

@@ -218,6 +218,37 @@ def test_text_prompts_stop_strings_and_chat_template():
     assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
     chat = engine.generate(["w3 w4"], 0.0, 4, chat_template=True)[0]
     assert chat.prompt_ids == tok.encode("w5 w3 w4 w6")
+    one = engine.generate(["w3 w4"], 0.0, 12, stop=stop)[0]  # a string is one stop, not its characters
+    assert (one.text, one.token_ids) == (cut.text, cut.token_ids)
+    for bad, match in (([""], "stop must be"), ([3], "stop must be")):
+        with pytest.raises(ValueError, match=match):
+            engine.generate(["w3 w4"], 0.0, 4, stop=bad)
+    with pytest.raises(ValueError, match="system_prompt .* needs chat_template=True"):
+        engine.generate(["w3 w4"], 0.0, 4, system_prompt="w9")
+    with pytest.raises(ValueError, match="prompt 0: chat_template applies to text prompts"):
+        engine.generate([[3, 4]], 0.0, 4, chat_template=True)
+
+
+@pytest.mark.parametrize("draft", ["layers:0", "lookup"])
+def test_a_stop_string_ends_on_the_same_token_with_a_draft_as_without(draft):
+    """A step commits several tokens; the stop string is read after each, so the tokens past the one that completes
+    it are not kept (nor streamed): the same token ids as the target alone's."""
+    words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(62)]
+    target = from_hf_model(tiny_llama_hf(vocab=64, layers=2, scale=4.0), word_tokenizer(words), eos_ids=(1,))
+    engine = SpeculativeEngine(target, draft, device="cpu", dtype=torch.float32, k=4, max_len=64)
+    full = engine.generate(["w3 w4"], 0.0, 24, speculative=False)[0].text.split()
+    checked = 0
+    for end in range(3, len(full)):
+        stop = " ".join(full[end - 2:end + 1])
+        if " ".join(full).find(stop) < " ".join(full[:end + 1]).rfind(stop):
+            continue  # (it occurs earlier too)
+        streamed = []
+        spec = engine.generate(["w3 w4"], 0.0, 24, stop=[stop], on_tokens=lambda i, t: streamed.extend(t))[0]
+        alone = engine.generate(["w3 w4"], 0.0, 24, stop=[stop], speculative=False)[0]
+        assert spec.finish_reason == alone.finish_reason == "stop"
+        assert (spec.token_ids, spec.text) == (alone.token_ids, alone.text) and streamed == spec.token_ids
+        checked += 1
+    assert checked >= 3
 
 
 def test_bad_input_is_refused(target):
@@ -240,6 +271,25 @@ def test_bad_input_is_refused(target):
         engine.generate(["text without a tokenizer"], 0.0, 4)
     with pytest.raises(ValueError, match="k must be"):
         SpeculativeEngine(target, "layers:0", device="cpu", dtype=torch.float32, k=0)
+    with pytest.raises(ValueError, match=r"prompt 0: a prompt is text or a sequence of token ids, got int 1"):
+        engine.generate([1, 2], 0.0, 4)  # one prompt of ids, not in a list
+    with pytest.raises(ValueError, match="prompt 1: a prompt is text"):
+        engine.generate([[1, 2], None], 0.0, 4)
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        engine.generate([[1, 2]], 0.0, 4, stop=["x"])
+    for seed in (-1, 2**64):
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\)"):
+            engine.generate([[1, 2]], 0.0, 4, seed=seed)
+    assert engine.generate([[1, 2]], 0.0, 2, seed=2**64 - 1)[0].token_ids  # the largest seed
+    huge = engine.generate([[1, 2]], 1.0, 4, top_k=2**70, seed=0)[0]  # top_k past int64 keeps every token
+    assert huge.token_ids == engine.generate([[1, 2]], 1.0, 4, seed=0)[0].token_ids
+    kw = dict(device="cpu", dtype=torch.float32)
+    for bad, match in ((dict(k=3, k_min=1), "k_min: for k='auto' only"),
+                       (dict(k=3, verify_slope=0.1), "verify_slope: for k='auto' only"),
+                       (dict(sync_every=4), "sync_every .* needs device_loop=True"),
+                       (dict(backend="cpp"), "backend must be 'auto' or one of")):
+        with pytest.raises(ValueError, match=match):
+            SpeculativeEngine(target, "layers:0", **bad, **kw)
 
 
 def test_tokenizer_mismatch_is_refused():
@@ -254,6 +304,33 @@ def test_tokenizer_mismatch_is_refused():
     engine = SpeculativeEngine(target, small, device="cpu", dtype=torch.float32, k=2, max_len=64)
     base = engine.generate([[2, 3, 4]], 0.0, 15, speculative=False)[0]
     assert engine.generate([[2, 3, 4]], 0.0, 15)[0].token_ids == base.token_ids
+    # One whose vocabulary extends the target's: its extra ids are cut, never proposed to a target that lacks them.
+    big = from_hf_model(tiny_llama_hf(vocab=96, layers=1, seed=3), word_tokenizer(words + [f"x{i}" for i in range(32)]),
+                        eos_ids=(1,))
+    engine = SpeculativeEngine(target, big, device="cpu", dtype=torch.float32, k=3, max_len=64)
+    with torch.no_grad():  # a draft that favours the ids the target lacks (tied embeddings: its head is embed_tokens)
+        (big.model.lm_head or big.model.embed_tokens).weight[64:] *= 20
+        assert big.model(torch.tensor([[2, 3, 4]]), torch.arange(3)[None], None).argmax(-1).min() >= 64
+    for temperature in (0.0, 1.0):
+        out = engine.generate([[2, 3, 4]] * 4, temperature, 15, seed=0)
+        assert all(max(o.token_ids) < 64 for o in out) and sum(sum(o.stats.position_proposed) for o in out) > 0
+    assert engine.generate([[2, 3, 4]], 0.0, 15)[0].token_ids == base.token_ids
+
+
+def test_a_transformer_target_takes_its_end_of_sequence_from_the_tokenizer():
+    words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(62)]
+    tok = word_tokenizer(words)
+    loaded = from_hf_model(tiny_llama_hf(vocab=64, layers=2, scale=4.0), tok, eos_ids=(1,))
+    kw = dict(device="cpu", dtype=torch.float32, max_len=32)
+    first = SpeculativeEngine(loaded.model, "none", **kw).generate([[2, 3]], 0.0, 8)[0].token_ids  # no EOS known
+    tok.eos_token = words[first[2]]  # the third token generated ends the text
+    engine = SpeculativeEngine(loaded.model, "none", tokenizer=tok, **kw)
+    assert engine.target.eos_ids == (first[2],)
+    out = engine.generate([[2, 3]], 0.0, 8)[0]
+    assert out.finish_reason == "eos" and out.token_ids == first[:first.index(first[2]) + 1]
+    other = LoadedModel(loaded.model, None, (1,), "no tokenizer")
+    SpeculativeEngine(other, "none", tokenizer=tok, **kw)
+    assert other.tokenizer is None  # the caller's LoadedModel is left as it was
 
 
 def test_other_architecture_through_hf_cache():

@@ -134,7 +134,9 @@ def load_default_target(device, dtype) -> LoadedModel:
     return LoadedModel(model, tokenizer, tuple(eos_ids), gguf_cache.DEFAULT_TARGET)
 
 
-def _eos_ids(hf_config, tokenizer, generation_config=None) -> tuple:
+def eos_ids_of(hf_config, tokenizer, generation_config=None) -> tuple:
+    """The end-of-sequence ids that a model's config, its generation config and its tokenizer name (any may be None),
+    sorted."""
     ids = set()
     for source in (hf_config, generation_config, tokenizer):
         value = getattr(source, "eos_token_id", None) if source is not None else None
@@ -167,7 +169,7 @@ def load_hf(name_or_path: str, device, dtype, tokenizer: Any = None, allow_downl
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    eos = _eos_ids(hf_config, tokenizer, getattr(hf_model, "generation_config", None))
+    eos = eos_ids_of(hf_config, tokenizer, getattr(hf_model, "generation_config", None))
     return from_hf_model(hf_model, tokenizer, eos_ids=eos, name=str(name_or_path))
 
 
@@ -178,7 +180,7 @@ def from_hf_model(hf_model, tokenizer=None, eos_ids: Optional[tuple] = None, nam
 
     p = next(hf_model.parameters())
     if eos_ids is None:
-        eos_ids = _eos_ids(hf_model.config, tokenizer, getattr(hf_model, "generation_config", None))
+        eos_ids = eos_ids_of(hf_model.config, tokenizer, getattr(hf_model, "generation_config", None))
     if getattr(hf_model.config, "model_type", None) in LLAMA_FAMILY:
         config = ModelConfig.from_hf(hf_model.config)
         with torch.device("meta"):
@@ -193,7 +195,8 @@ def from_hf_model(hf_model, tokenizer=None, eos_ids: Optional[tuple] = None, nam
 def check_tokenizers(target: LoadedModel, draft: LoadedModel) -> None:
     """Raises TokenizerMismatchError unless the two tokenizers map the same strings to the same ids.
 
-    A vocabulary that only extends the other (extra ids at the end) is accepted: logits are padded.
+    A vocabulary that only extends the other (extra ids at the end) is accepted: the engine pads a draft's logits
+    to the target's vocabulary, or cuts the draft's extra ids (proposers.pad_logits).
     """
     a, b = target.tokenizer, draft.tokenizer
     if a is None or b is None or a is b:
