@@ -567,11 +567,12 @@ class Distiller:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            rate = tokens_seen / (time.perf_counter() - t0)
+            elapsed = time.perf_counter() - t0
+            rate = tokens_seen / elapsed
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{rate:.0f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
             if self.rank == 0:
-                entry = {"step": self.step, "loss": total, "train_tokens_per_s": rate}
+                entry = {"step": self.step, "loss": total, "train_tokens_per_s": rate, "elapsed_s": elapsed}
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     entry.update(self.evaluate())
                     bar.write(f"step {self.step}: " + ", ".join(
