@@ -255,11 +255,11 @@ class SpeculativeEngine:
     device_loop: decode through tempspec_engine/device_loop.py: a whole step (draft, verification, acceptance, the
         tokens' commit up to EOS and max_new_tokens) on device tensors, captured as one CUDA graph with cuda_graphs,
         the host reading the state once every `sync_every` steps (default DEFAULT_SYNC_EVERY; sooner near a wave's
-        end, so that no step runs
-        after its last row is done but by EOS). Needs a fixed k; drafts: a Transformer draft, a feature head, n-gram
-        lookup, or lookup in front of either; no stop strings or streaming; requests run in waves of the batch
-        width. compile_step: torch.compile that step (fewer, fused kernels; compiled once per shape, at the first
-        call; they round differently in low precision, so the text can differ from the eager step's).
+        end, so that no step runs after its last row is done but by EOS). Needs a fixed k; drafts: a Transformer
+        draft, a feature head, n-gram lookup, or lookup in front of either; no stop strings or streaming; requests
+        run in waves of the batch width. compile_step: torch.compile that step (fewer, fused kernels; compiled once
+        per shape, at the first call; they round differently in low precision, so the text can differ from the
+        eager step's).
     max_len: KV-cache capacity per request (prompt + max_new_tokens + k must fit), at most the model's limit
         (default: the smaller of 2048 and that limit).
     allow_download: let target/draft name a Hugging Face hub id (never with HF_HUB_OFFLINE); by default only the
