@@ -11,8 +11,9 @@ Each row reports tokens/s (generated tokens over wall seconds of the whole set),
 step, and the speedup over target_only at the same batch size; draft_time_s / target_time_s follow the one timing
 rule of tempspec_engine/measure.py (each engine step once). The engine's rows also report prefill_time_s (the prompts
 through every model, each prefill once), decode_tokens_per_s (tokens over the wall seconds outside prefill) and
-decode_speedup_vs_target_only: prefill is the same work with or without a draft, so with short answers it bounds the
-end-to-end speedup, and the decode speedup is what speculation itself gained.
+decode_speedup_vs_target_only: prefill is nearly the same work with or without a draft (a model draft or feature head
+also reads the prompts), so with short answers it bounds the end-to-end speedup, and the decode speedup is what
+speculation itself gained (the draft's prompt pass left out, as prefill; the end-to-end speedup counts it).
 
 Generation settings beyond temperature (tempspec_engine/sampling.py): --settings runs every method under each preset
 (e.g. "none;top_p=0.9;top_k=50": the filters apply to the target and, in tempspec, to the draft);
@@ -160,8 +161,8 @@ def run_hf(hf_target, hf_draft, prompt_ids, temperature, max_new, eos_ids, k, se
 
 
 def summarize(sums: dict, speculative: bool) -> dict:
-    """tokens/s over the whole set, alpha (accepted / (accepted + rejections)) with its binomial standard error
-    alpha_se, accepted drafts per step, and (speculative) the acceptance per draft position with its raw counts; for
+    """tokens/s over the whole set, alpha (accepted / (accepted + rejections)) with its standard error alpha_se
+    (clustered by prompt: measure.alpha_se), accepted drafts per step, and (speculative) the acceptance per draft position with its raw counts; for
     the engine's rows also prefill_time_s and decode_tokens_per_s (tokens over the wall seconds outside prefill:
     tempspec_engine/measure.py)."""
     out = {"tokens": sums["tokens"], "seconds": sums["seconds"], "tokens_per_s": sums["tokens"] / sums["seconds"]}
@@ -173,7 +174,8 @@ def summarize(sums: dict, speculative: bool) -> dict:
     if "steps" in sums:
         n = sums["accepted"] + sums["rejections"]
         out.update(alpha=sums["accepted"] / n if speculative and n else None,
-                   alpha_se=alpha_se(sums["accepted"], sums["rejections"]) if speculative else None,
+                   alpha_se=alpha_se(sums["accepted"], sums["rejections"], sums.get("by_request"))
+                   if speculative else None,
                    mean_accepted=sums["accepted"] / sums["steps"] if speculative else None,
                    tokens_per_step=sums["tokens"] / sums["steps"], draft_time_s=sums["draft_time_s"],
                    target_time_s=sums["target_time_s"])
@@ -186,7 +188,7 @@ def summarize(sums: dict, speculative: bool) -> dict:
             out.update(acceptance_by_position=acceptance_by_position(accepted, proposed),
                        conditional_acceptance_by_position=acceptance_by_position(accepted, reached),
                        position_proposed=list(proposed), position_accepted=list(accepted),
-                       position_reached=list(reached))
+                       position_reached=list(reached), by_request=sums.get("by_request", []))
     return out
 
 
@@ -415,6 +417,12 @@ def run(args) -> int:
                     for name, draft in [("hf_target_only", None)] + list(hf_drafts.items()):
                         methods.append((name, lambda c, d=draft: run_hf(hf_target, d, c, T, args.max_new_tokens,
                                                                         target.eos_ids, args.hf_k, preset), False))
+                # a captured device-loop step is captured again when the settings' kernels change (a filter at T > 0
+                # and not at T = 0): here, untimed, rather than in the first timed chunk
+                for e in {id(e): e for e in variant_engines.values() if e.device_loop is not None and e.cuda_graphs}.values():
+                    for speculative in (False, True):
+                        e.generate(prompts[:batch], T, 2, batch_size=batch, speculative=speculative, seed=args.seed,
+                                   **preset)
                 sums = {name: {} for name, _, _ in methods}
                 for start in range(0, len(prompts), batch):
                     chunk = prompts[start:start + batch]

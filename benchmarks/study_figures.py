@@ -22,7 +22,7 @@ Each reads result JSON files written by the project's benchmarks and writes one 
              panel per prompt set, one group of bars per decoding temperature, one bar per draft label:
                python benchmarks/study_figures.py recipes benchmarks/results/study_f5_recipes_cpu_bfloat16.json \
                    --out benchmarks/results/study_f5_recipes_cpu_bfloat16.png
-  temperatures  speedup over the target alone and alpha (95% binomial interval, 1.96 x alpha_se) against the decoding
+  temperatures  speedup over the target alone and alpha (95% interval, 1.96 x alpha_se) against the decoding
              temperature, from one bench_engine JSON at one batch size (--batch), one line per lossless method
              (Hugging Face rows included in the speedup panel):
                python benchmarks/study_figures.py temperatures \
@@ -233,7 +233,7 @@ def plot_temperatures(run: dict, out, batch: int = 1, settings: str = "none") ->
                             capsize=2, **style)
     speed.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="target alone")
     speed.set_ylabel("speedup over the target alone")
-    accept.set_ylabel("alpha (accepted / proposed), 95% interval")
+    accept.set_ylabel("alpha = accepted / (accepted + rejected), 95% interval")
     accept.set_ylim(0.0, 1.0)
     for ax in (speed, accept):
         ax.set_xlabel("decoding temperature")
@@ -248,18 +248,34 @@ def plot_temperatures(run: dict, out, batch: int = 1, settings: str = "none") ->
 
 # ------------------------------------------------------------------------------------------------ lenience
 def lenience_rows(run: dict) -> Dict[str, List[tuple]]:
-    """{settings: [(label, speedup, target_nll), ...]}: the target alone ('target'), lossless SD ('1') and each lossy
-    run ('<eps>'), from a bench_engine JSON with target_nll (run with --lenience)."""
-    out: Dict[str, List[tuple]] = {}
+    """{series: [(label, speedup, target_nll), ...]}: the target alone ('target'), lossless SD ('1') and each lossy
+    run ('<eps>'), from a bench_engine JSON with target_nll (run with --lenience). A series is a settings preset, and
+    also a temperature, batch size and draft where the run has several (the target alone joins each draft's series);
+    rows of variants and of --compare-draft-filter (a '/' suffix) are left out."""
+    kept = []
     for r in run["results"]:
-        method, nll = r["method"], r.get("target_nll")
-        if nll is None or method.endswith("/target-only"):
+        method = r["method"]
+        head, _, suffix = method.rpartition("]")  # tempspec_sd[<draft>] then "", "@<eps>" or "/<variant>"
+        if r.get("target_nll") is None or not (method == "target_only" or head.startswith(TEMPSPEC)) \
+                or suffix.startswith("/"):
             continue
-        m = LENIENT.search(method)
-        label = "target" if method == "target_only" else (m.group(1) if m else "1")
-        out.setdefault(r.get("settings", "none"), []).append((label, r["speedup_vs_target_only"], nll))
-    if not out:
+        kept.append((r, None if method == "target_only" else head[len(TEMPSPEC):]))
+    if not kept:
         raise ValueError("no target_nll in these results: run bench_engine with --lenience")
+    drafts = sorted({d for _, d in kept if d is not None})
+    several = {name: len({r.get(name) for r, _ in kept}) > 1 for name in ("temperature", "batch")}
+    out: Dict[str, List[tuple]] = {}
+    for r, draft in kept:
+        key = r.get("settings", "none")
+        if several["temperature"]:
+            key += f", T={r['temperature']:g}"
+        if several["batch"]:
+            key += f", batch {r['batch']}"
+        m = LENIENT.search(r["method"])
+        label = "target" if draft is None else (m.group(1) if m else "1")
+        for d in (drafts if draft is None else [draft]) if len(drafts) > 1 else [None]:
+            out.setdefault(key if d is None else f"{key}, {d}", []).append(
+                (label, r["speedup_vs_target_only"], r["target_nll"]))
     return out
 
 
@@ -323,7 +339,7 @@ def plot_recipes(grid: dict, out) -> str:
             ax.bar(xs, ys, width=width, yerr=errs, capsize=2, label=label)
         ax.set_xticks(range(len(per_temp)), [f"T = {t:g}" for t in per_temp])
         ax.set_title(name, fontsize=9)
-        ax.set_ylabel("alpha (accepted / proposed), 95% interval")
+        ax.set_ylabel("alpha = accepted / (accepted + rejected), 95% interval")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
     meta = grid.get("meta", {})

@@ -56,14 +56,15 @@ class WaveTiming:
 class _State:
     """The loop's device tensors for B rows. seq [B, max_len + 1] int64: the committed tokens (column max_len takes the
     writes that land nowhere); length, prompt_len, max_new [B] int64; done [B] bool; step [1] int64 (the uniforms row
-    of the next step); the per-row counters steps, accepted, rejections [B] int64 and, per draft position,
-    position_accepted and position_reached [B, k] int64 (RequestStats' meaning); uniforms [max_len, B, width] fp32."""
+    of the next step); the per-row counters steps, drafted (the steps with a proposal: lookup alone proposes only
+    where a tail matched), accepted, rejections [B] int64 and, per draft position, position_accepted and
+    position_reached [B, k] int64 (RequestStats' meaning); uniforms [max_len, B, width] fp32."""
 
     def __init__(self, batch: int, max_len: int, k: int, device: torch.device):
         z = dict(dtype=torch.int64, device=device)
         self.seq = torch.zeros(batch, max_len + 1, **z)
         self.length, self.prompt_len, self.max_new = (torch.zeros(batch, **z) for _ in range(3))
-        self.steps, self.accepted, self.rejections = (torch.zeros(batch, **z) for _ in range(3))
+        self.steps, self.drafted, self.accepted, self.rejections = (torch.zeros(batch, **z) for _ in range(4))
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
         self.position_accepted, self.position_reached = torch.zeros(batch, k, **z), torch.zeros(batch, k, **z)
         self.step = torch.zeros(1, **z)
@@ -264,7 +265,7 @@ class _Decoder:
                            **settings.filters)
             self._commit(torch.zeros_like(token), token.unsqueeze(1))
         else:
-            draft_logits, drafts = self._propose(u[:, :k])
+            draft_logits, drafts, proposed = self._propose(u[:, :k])
             positions = pending_at + torch.arange(k + 1, device=self.device)
             out = self.target(torch.cat([pending, drafts], dim=1), positions, self.target_cache, kv_len=None,
                               **self.feature_kw)
@@ -276,7 +277,7 @@ class _Decoder:
             result = speculative_sample(draft_logits, logits, drafts, settings.temperature, uniforms=u[:, k:],
                                         backend=e.backend, validate=False, **self._draft_filters(),
                                         **settings.lenience)
-            received = self._commit(result.accepted, result.tokens)
+            received = self._commit(result.accepted, result.tokens, proposed)
             if self.draft is not None:
                 self.draft.commit(features, received)
         s.step += 1
@@ -285,16 +286,18 @@ class _Decoder:
         return self.settings.filters if self.engine._filter_draft else {}
 
     def _propose(self, u: torch.Tensor):
-        """k drafts per row: q [B, k, V] (engine dtype, padded to its vocabulary) and d [B, k] int64, the lookup's
-        where a row's tail matched (q one-hot), the model's elsewhere."""
+        """k drafts per row: q [B, k, V] (engine dtype, padded to its vocabulary), d [B, k] int64, the lookup's where
+        a row's tail matched (q one-hot), the model's elsewhere, and proposed [B] bool: the rows with a proposal (lookup
+        alone: where a tail matched; the others verify a filler of their last token, counted as a plain step)."""
+        everyone = torch.ones(self.batch, dtype=torch.bool, device=self.device)
         if self.lookup is None:
-            return self._draft(u)
+            return (*self._draft(u), everyone)
         found, tokens = self.lookup.propose(self.state, self.k)
         one_hot = LookupDraft.draft_logits(tokens, self.engine.vocab, self.dtype)
         if self.draft is None:
-            return one_hot, tokens
+            return one_hot, tokens, found
         q, d = self._draft(u)
-        return torch.where(found.view(-1, 1, 1), one_hot, q), torch.where(found.view(-1, 1), tokens, d)
+        return torch.where(found.view(-1, 1, 1), one_hot, q), torch.where(found.view(-1, 1), tokens, d), everyone
 
     def _draft(self, u: torch.Tensor):
         """The model draft's k tokens per row, as _propose returns them."""
@@ -312,9 +315,11 @@ class _Decoder:
                 logits = self.draft.next_logits(d, s.length + i)
         return torch.stack(qs, dim=1), torch.stack(ds, dim=1)
 
-    def _commit(self, accepted: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def _commit(self, accepted: torch.Tensor, tokens: torch.Tensor, proposed: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
         """tokens [B, n] (the op's: accepted drafts, then one more, then -1): each live row takes its first
-        accepted + 1, fewer at its first EOS or its max_new_tokens. Returns the tokens each row received [B]."""
+        accepted + 1, fewer at its first EOS or its max_new_tokens; the acceptance counters count the rows that
+        proposed (proposed [B] bool; None: none did). Returns the tokens each row received [B]."""
         s = self.state
         live = ~s.done
         j = torch.arange(tokens.shape[1], device=self.device)
@@ -330,12 +335,14 @@ class _Decoder:
         s.length += n
         s.done |= live & (hit | (s.length - s.prompt_len >= s.max_new))
         s.steps += live
-        if self.k:
-            s.accepted += accepted * live
-            s.rejections += live & (accepted < self.k)
+        if proposed is not None:
+            counted = live & proposed
+            s.drafted += counted
+            s.accepted += accepted * counted
+            s.rejections += counted & (accepted < self.k)
             position = torch.arange(self.k, device=self.device)
-            s.position_accepted += (position < accepted.unsqueeze(1)) & live.unsqueeze(1)
-            s.position_reached += (position <= accepted.unsqueeze(1)) & live.unsqueeze(1)
+            s.position_accepted += (position < accepted.unsqueeze(1)) & counted.unsqueeze(1)
+            s.position_reached += (position <= accepted.unsqueeze(1)) & counted.unsqueeze(1)
         return n
 
     # ------------------------------------------------------------------ a wave
@@ -381,7 +388,7 @@ class _Decoder:
         for t, values in ((s.length, lengths), (s.prompt_len, lengths), (s.max_new, [r.max_new for r in rows])):
             t.copy_(torch.tensor(values))
         s.done.copy_(torch.arange(B) >= n_live)
-        for t in (s.step, s.steps, s.accepted, s.rejections, s.position_accepted, s.position_reached):
+        for t in (s.step, s.steps, s.drafted, s.accepted, s.rejections, s.position_accepted, s.position_reached):
             t.zero_()
         s.uniforms[:steps] = torch.rand((steps,) + tuple(s.uniforms.shape[1:]), generator=gen, device=self.device)
         self.flag.reset()
@@ -432,18 +439,18 @@ class _Decoder:
         """The wave's tokens and counters into the requests (read once the wave has ended)."""
         s, eos = self.state, set(self.engine.target.eos_ids)
         n = len(reqs)
-        seq, length, steps, accepted, rejections, taken, reached = (
-            t[:n].tolist() for t in (s.seq, s.length, s.steps, s.accepted, s.rejections, s.position_accepted,
-                                     s.position_reached))
+        seq, length, steps, drafted, accepted, rejections, taken, reached = (
+            t[:n].tolist() for t in (s.seq, s.length, s.steps, s.drafted, s.accepted, s.rejections,
+                                     s.position_accepted, s.position_reached))
         now = time.perf_counter()
-        for r, row, L, st, a, rj, tk, rc in zip(reqs, seq, length, steps, accepted, rejections, taken, reached):
+        for r, row, L, st, dr, a, rj, tk, rc in zip(reqs, seq, length, steps, drafted, accepted, rejections, taken,
+                                                    reached):
             r.seq = row[:L]
             generated = r.generated
             r.finish = "eos" if generated and generated[-1] in eos else "length"
             stats = r.stats
             stats.new_tokens, stats.steps, stats.accepted, stats.rejections = len(generated), st, a, rj
+            stats.plain_steps = st - dr
             if self.k:
-                stats.position_proposed, stats.position_accepted, stats.position_reached = [st] * self.k, tk, rc
-            else:
-                stats.plain_steps = st
+                stats.position_proposed, stats.position_accepted, stats.position_reached = [dr] * self.k, tk, rc
             stats.wall_time_s = now - r.start

@@ -64,7 +64,7 @@ class RequestStats:
     rejections: int = 0  # steps that rejected a draft token
     lookup_steps: int = 0  # steps whose proposals came from n-gram lookup
     alternative_hits: int = 0  # steps whose correction token was one of the draft's alternatives (one more token)
-    plain_steps: int = 0  # steps with no proposal (the target alone: no lookup match, or speculative=False)
+    plain_steps: int = 0  # steps without a proposal of the row's own (the target alone, or no lookup match)
     draft_time_s: float = 0.0
     target_time_s: float = 0.0
     # wall seconds of the prefill that read this request's prompt (the prompt through every model and the proposer's
@@ -797,6 +797,12 @@ class SpeculativeEngine:
                 continue
             s = r.stats
             s.steps += 1
+            s.draft_time_s += t_draft
+            s.target_time_s += t_target
+            result.append(row)
+            if proposal.source[i] is None:  # a row lookup found nothing for, verifying a filler: no draft of its own
+                s.plain_steps += 1
+                continue
             s.lookup_steps += proposal.source[i] == LOOKUP
             s.alternative_hits += branch[i] is not None
             s.accepted += a
@@ -811,9 +817,6 @@ class SpeculativeEngine:
                 taken[j] += 1
             for j in range(min(a + 1, k)):  # the accepted positions and the first rejected one
                 reached[j] += 1
-            s.draft_time_s += t_draft
-            s.target_time_s += t_target
-            result.append(row)
         return result
 
     def _plain_step(self, ctx: StepContext, cache, forward, proposer=None) -> List[List[int]]:

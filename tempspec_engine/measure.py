@@ -36,6 +36,7 @@ import torch
 COUNTS = ("steps", "accepted", "rejections", "lookup_steps", "plain_steps", "alternative_hits")  # summed RequestStats fields
 # RequestStats lists, one count per draft position: summed elementwise
 POSITION_COUNTS = ("position_proposed", "position_accepted", "position_reached")
+BY_REQUEST = "by_request"  # timed_generate's [accepted, rejections] per request: joined across calls, not summed
 
 
 def add_lists(a: Sequence, b: Sequence) -> list:
@@ -44,21 +45,32 @@ def add_lists(a: Sequence, b: Sequence) -> list:
 
 
 def add_figures(total: dict, part: dict) -> None:
-    """Adds one call's figures to a running total in place: numbers summed, lists (POSITION_COUNTS) elementwise."""
+    """Adds one call's figures to a running total in place: numbers summed, lists (POSITION_COUNTS) elementwise, the
+    per-request pairs (BY_REQUEST) joined."""
     for key, value in part.items():
-        if isinstance(value, (list, tuple)):
+        if key == BY_REQUEST:
+            total[key] = list(total.get(key, ())) + [list(pair) for pair in value]
+        elif isinstance(value, (list, tuple)):
             total[key] = add_lists(total.get(key, ()), value)
         else:
             total[key] = total.get(key, 0) + value
 
 
-def alpha_se(accepted: int, rejections: int) -> Optional[float]:
-    """Binomial standard error of alpha = accepted / n, n = accepted + rejections: sqrt(alpha (1 - alpha) / n);
-    None when n = 0."""
+def alpha_se(accepted: int, rejections: int, by_request: Optional[Sequence[Sequence[int]]] = None
+             ) -> Optional[float]:
+    """Standard error of alpha = accepted / n, n = accepted + rejections; None when n = 0. With by_request, the
+    (accepted, rejections) of each request: the ratio estimator's, clustered by request (a prompt's tokens share its
+    acceptance, so they are not independent draws): sqrt(m / (m - 1) * sum_i (a_i - alpha n_i)^2) / n over the m
+    requests with a judged draft, when there are 2 or more. Otherwise the binomial sqrt(alpha (1 - alpha) / n),
+    which assumes independent tokens."""
     n = accepted + rejections
     if not n:
         return None
     alpha = accepted / n
+    judged = [(a, a + r) for a, r in (by_request or ()) if a + r]
+    if len(judged) >= 2:
+        m = len(judged)
+        return math.sqrt(m / (m - 1) * sum((a - alpha * k) ** 2 for a, k in judged)) / n
     return math.sqrt(alpha * (1.0 - alpha) / n)
 
 
@@ -132,7 +144,8 @@ def timed_generate(engine, prompts, temperature=0.0, max_new_tokens=128, *, batc
     syncs; returns (outputs, figures). figures: tokens (generated), seconds (wall, perf_counter), steps / accepted /
     rejections / lookup_steps / plain_steps (summed over requests), position_proposed / _accepted / _reached (lists per
     draft position, summed elementwise over requests), engine_steps (batched steps), draft_time_s and target_time_s
-    (seconds, each step once: see the module docstring), prefill_time_s (summed over requests: each prefill once);
+    (seconds, each step once: see the module docstring), prefill_time_s (summed over requests: each prefill once),
+    by_request ([accepted, rejections] of each request, for alpha_se);
     with engine.device_loop, loop_steps, loop_wall_s and loop_syncs (its batched steps, their wall seconds, prefill
     excluded, and its host reads)."""
     sync_device(engine.device)
@@ -150,7 +163,8 @@ def timed_generate(engine, prompts, temperature=0.0, max_new_tokens=128, *, batc
             total = add_lists(total, getattr(s, key))
         figures[key] = total
     figures.update(engine_steps=steps, draft_time_s=draft, target_time_s=target,
-                   prefill_time_s=sum(s.prefill_time_s for s in stats))
+                   prefill_time_s=sum(s.prefill_time_s for s in stats),
+                   **{BY_REQUEST: [[s.accepted, s.rejections] for s in stats]})
     if getattr(engine, "device_loop", None) is not None:  # its steps and their wall seconds (prefill excluded): device_loop.py
         timing = engine.device_loop.timing
         figures.update(loop_steps=timing.steps, loop_wall_s=timing.wall_s, loop_syncs=timing.syncs)

@@ -5,7 +5,7 @@ baseline, measured once per temperature) and by speculative decoding with each d
 prompt chunk by prompt chunk, with the same seeds, so load from other processes falls on all of them alike.
 Per temperature and draft the results hold:
   alpha            accepted / (accepted + rejections), the empirical per-token acceptance rate
-  alpha_se         its binomial standard error sqrt(alpha (1 - alpha) / (accepted + rejections))
+  alpha_se         its standard error, clustered by prompt (measure.alpha_se: a prompt's tokens are not independent)
   acceptance_by_position   per draft position i: position_accepted[i] / position_proposed[i], the share of
                    position-i proposals accepted (None where nothing was proposed at i)
   conditional_acceptance_by_position   position_accepted[i] / position_reached[i]: position i's acceptance given
@@ -102,7 +102,7 @@ def _entry(draft: str, temperature: float, sd: dict, base: dict, sd_parts: list,
     sd_tps, base_tps = _ratio(sd["tokens"], sd["seconds"]), _ratio(base["tokens"], base["seconds"])
     return {"draft": draft, "temperature": temperature,
             "alpha": _ratio(sd["accepted"], sd["accepted"] + sd["rejections"]),
-            "alpha_se": alpha_se(sd["accepted"], sd["rejections"]),
+            "alpha_se": alpha_se(sd["accepted"], sd["rejections"], sd.get("by_request")),
             "acceptance_by_position": acceptance_by_position(sd.get("position_accepted", []),
                                                              sd.get("position_proposed", [])),
             "conditional_acceptance_by_position": acceptance_by_position(sd.get("position_accepted", []),
@@ -118,6 +118,7 @@ def _entry(draft: str, temperature: float, sd: dict, base: dict, sd_parts: list,
             "position_proposed": list(sd.get("position_proposed", [])),
             "position_accepted": list(sd.get("position_accepted", [])),
             "position_reached": list(sd.get("position_reached", [])),
+            "by_request": sd.get("by_request", []),
             "draft_time_s": sd["draft_time_s"], "target_time_s": sd["target_time_s"]}
 
 

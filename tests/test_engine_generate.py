@@ -205,6 +205,24 @@ def test_stats_and_streaming(target):
         assert set(s.as_dict()) >= {"alpha", "mean_accepted", "draft_time_s", "target_time_s", "tokens_per_s"}
 
 
+@pytest.mark.parametrize("device_loop", [False, True])
+def test_lookup_rows_without_a_match_count_as_plain_steps(device_loop):
+    """At batch > 1 a row that lookup found nothing for verifies a filler (its last token) beside the other rows'
+    proposals: a plain step of its own, not a draft in its acceptance counts, which hold its real proposals alone."""
+    target = tiny_target(vocab=64, layers=2, seed=0)
+    prompts = [[1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2], [5, 9], [7, 8, 11, 13], [4, 6]]
+    engine = SpeculativeEngine(target, "lookup", device="cpu", dtype=torch.float32, k=3, max_len=128,
+                               device_loop=device_loop)
+    out = engine.generate(prompts, 0.0, 24, batch_size=4, seed=0)
+    for o in out:
+        s = o.stats
+        if not device_loop:  # (the device loop counts no lookup steps apart)
+            assert s.steps == s.lookup_steps + s.plain_steps
+        assert s.position_proposed[0] == s.steps - s.plain_steps
+        assert sum(s.position_reached) == s.accepted + s.rejections
+    assert sum(o.stats.plain_steps for o in out) > 0 and sum(o.stats.accepted for o in out) > 0
+
+
 def test_text_prompts_stop_strings_and_chat_template():
     words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(62)]
     tok = word_tokenizer(words)

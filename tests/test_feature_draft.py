@@ -2,6 +2,7 @@
 features, the head's cache path against its training path, the restricted draft vocabulary, save/load and broken
 directories, the loss alignment (an oracle head scores zero loss and full acceptance), a tiny training run, resume,
 and `tempspec-train distill --init feature...` from the command line (one process and two torchrun processes)."""
+import copy
 import dataclasses
 import json
 import math
@@ -413,6 +414,44 @@ def test_mismatched_or_foreign_target_is_refused(saved):
 
 
 # ------------------------------------------------------------------------------------ the loss and its alignment
+def drafted(head, read, tokens, positions, steps):
+    """What drafting computes, by the inference path (a KV cache), one chain at a time: for each start r, the head's
+    cache holds its reads of the target's features at 0..r, then its own predictions; pred_j[t] comes from the chain
+    that starts at r = t - j + 1 (teacher-forced tokens). read [B, T, dim] (head.read of the features, or noisy);
+    returns [pred_1, ..., pred_steps], each [B, T, dim], zero where t < j - 1 (no such chain)."""
+    B, T, _ = read.shape
+    out = [read.new_zeros(B, T, head.config.dim) for _ in range(steps)]
+    for r in range(T):
+        cache = head.new_cache(B, T + steps, dtype=read.dtype)
+        pred = head(read[:, :r + 1], tokens[:, :r + 1], positions[:, :r + 1], cache, kv_len=r + 1)[:, -1:]
+        out[0][:, r] = pred[:, 0]
+        for j in range(2, min(steps, T - r) + 1):
+            t = r + j - 1
+            pred = head(pred, tokens[:, t:t + 1], positions[:, t:t + 1], cache, kv_len=t + 1)
+            out[j - 1][:, t] = pred[:, 0]
+    return out
+
+
+@pytest.mark.parametrize("spec", ["feature", "feature:layers=2"])
+def test_unrolled_steps_compute_what_drafting_does(target, spec):
+    """Training's unroll (EAGLE-3's training-time test) equals the draft steps of inference at every index with a
+    chain: step j at t attends to the target-feature keys up to t - j + 1 and to the chain's own keys, not to keys
+    built from predictions at every position (what a plain causal pass over the step's inputs would see)."""
+    model = copy.deepcopy(target.model).double()
+    head = head_for(model, spec).double()
+    ids = torch.tensor([[7, 9, 11, 20, 33, 41, 12, 50, 8, 19, 27, 3], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]])
+    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    with torch.no_grad():
+        _, f = model(ids, pos, None, return_features=True)
+        read = head.read(f[:, :-1])
+        got = Unrolled(head)(f[:, :-1], ids[:, 1:], pos[:, :-1], 3)
+        want = drafted(head, read, ids[:, 1:], pos[:, :-1], 3)
+        for j in range(3):
+            assert torch.allclose(got[j][:, j:], want[j][:, j:], atol=1e-10), j
+        causal = head(torch.cat((read[:, :1], got[0][:, :-1]), 1), ids[:, 1:], pos[:, :-1], None)
+        assert not torch.allclose(causal[:, 2:], want[1][:, 2:], atol=1e-3)  # the check can fail
+
+
 class Oracle(FeatureDraft):
     """Returns the target's true next features: index t of its input is position t, so its answer at t is the
     target's feature at t+1 (computed from the full sequence, whose first token the test stores in `x0`); shift=1
@@ -451,7 +490,7 @@ def test_an_oracle_head_has_zero_loss_and_full_acceptance(target, data_file, tmp
 @pytest.mark.parametrize("noise", [0.0, 0.05])
 def test_loss_matches_its_definition(target, data_file, tmp_path, noise):
     """unroll=2, feature_weight 0.3: the mean over both steps of FKL(head logits vs target at t+1) + 0.3 smooth L1,
-    step 2 fed [f_0, step-1 predictions of 0..T-3]. With feature_noise 0.05, U(-0.05, 0.05) noise (the run's RNG) on
+    step 2 being the second draft step of the chain that starts at t - 1 (drafted). With feature_noise 0.05, U(-0.05, 0.05) noise (the run's RNG) on
     the target's features the head reads, step 2 starting from the noisy f_0, while the targets (the target's logits
     and features at t+1) stay clean; that noise changes the loss, so the check can fail."""
     d = Distiller(config(data_file, tmp_path, feature_weight=0.3, unroll=2, feature_noise=noise), target=target,
@@ -464,8 +503,7 @@ def test_loss_matches_its_definition(target, data_file, tmp_path, noise):
         logits, feats = target.model(tokens, pos, None, return_features=True)
         torch.manual_seed(7)
         read = feats[:, :-1] + (torch.rand_like(feats[:, :-1]) * 2 - 1) * noise
-        p1 = head(read, tokens[:, 1:], pos[:, :-1], None)
-        p2 = head(torch.cat((read[:, :1], p1[:, :-1]), 1), tokens[:, 1:], pos[:, :-1], None)
+        p1, p2 = drafted(head, read, tokens[:, 1:], pos[:, :-1], 2)
         want = sum(forward_kl(head.logits(p)[m], logits[:, 1:][m], 1.0).mean()
                    + 0.3 * F.smooth_l1_loss(p[m], feats[:, 1:][m]) for p in (p1, p2)) / 2
         torch.manual_seed(7)
@@ -490,8 +528,7 @@ def test_offline_loss_is_the_cross_entropy_of_the_data(target, data_file, tmp_pa
     assert 0 < int(in_map.sum()) < labels.numel()  # both kinds of position occur
     with torch.no_grad():
         _, feats = target.model(tokens, pos, None, return_features=True)
-        p1 = head(feats[:, :-1], tokens[:, 1:], pos[:, :-1], None)
-        p2 = head(torch.cat((feats[:, :1], p1[:, :-1]), 1), tokens[:, 1:], pos[:, :-1], None)
+        p1, p2 = drafted(head, head.read(feats[:, :-1]), tokens[:, 1:], pos[:, :-1], 2)
         want = 0.0
         for p in (p1, p2):
             logp = torch.log_softmax(head.logits(p)[m].float(), -1)  # -inf outside the map: the same softmax

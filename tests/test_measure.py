@@ -256,12 +256,17 @@ def test_alpha_se_and_acceptance_by_position_by_hand():
     assert alpha_se(2, 2) == 0.25  # sqrt(0.5 * 0.5 / 4)
     assert alpha_se(5, 0) == 0.0 and alpha_se(0, 7) == 0.0
     assert alpha_se(0, 0) is None
+    # clustered by request: two prompts that accept all and none are a spread the binomial error does not see
+    assert alpha_se(10, 10, [[10, 0], [0, 10]]) == math.sqrt(2 * (5 ** 2 + 5 ** 2)) / 20 > alpha_se(10, 10)
+    assert alpha_se(3, 1, [[3, 1], [0, 0]]) == alpha_se(3, 1)  # one judged request: the binomial error
+    assert alpha_se(4, 4, [[2, 2], [2, 2]]) == 0.0  # requests that agree exactly
     assert acceptance_by_position([3, 1, 0, 0], [4, 2, 1, 0]) == [0.75, 0.5, 0.0, None]
     assert acceptance_by_position([], []) == []
     total = {}
-    add_figures(total, {"steps": 2, "position_proposed": [2, 1], "seconds": 0.5})
-    add_figures(total, {"steps": 3, "position_proposed": [3, 2, 1], "seconds": 0.25})
-    assert total == {"steps": 5, "position_proposed": [5, 3, 1], "seconds": 0.75}
+    add_figures(total, {"steps": 2, "position_proposed": [2, 1], "seconds": 0.5, "by_request": [[1, 1]]})
+    add_figures(total, {"steps": 3, "position_proposed": [3, 2, 1], "seconds": 0.25, "by_request": [[2, 0], [0, 1]]})
+    assert total == {"steps": 5, "position_proposed": [5, 3, 1], "seconds": 0.75,
+                     "by_request": [[1, 1], [2, 0], [0, 1]]}  # the requests' pairs joined, not summed
 
 
 def test_speedup_interval():
@@ -298,7 +303,10 @@ def test_bench_engine_summary_keys():
     assert "decode_tokens_per_s" not in res  # figures without prefill_time_s (Hugging Face's)
     res = bench.summarize({**sums, "prefill_time_s": 0.5}, True)
     assert res["decode_tokens_per_s"] == 12 / 1.5 and res["prefill_time_s"] == 0.5
-    assert res["alpha"] == 0.75 and res["alpha_se"] == math.sqrt(0.75 * 0.25 / 8)
+    assert res["alpha"] == 0.75 and res["alpha_se"] == math.sqrt(0.75 * 0.25 / 8)  # no requests' counts: binomial
+    clustered = bench.summarize({**sums, "by_request": [[4, 0], [2, 2]]}, True)
+    assert clustered["alpha_se"] == math.sqrt(2 * ((4 - 3) ** 2 + (2 - 3) ** 2)) / 8
+    assert clustered["by_request"] == [[4, 0], [2, 2]]
     assert res["acceptance_by_position"] == [1.0, 2 / 3, 0.5, None]
     assert res["conditional_acceptance_by_position"] == [1.0, 2 / 3, 0.5, None]
     assert res["position_reached"] == [3, 3, 2, 0]

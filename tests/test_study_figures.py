@@ -118,6 +118,14 @@ def test_lenience_from_the_committed_engine_results(tmp_path):
     with pytest.raises(ValueError, match="--lenience"):
         study_figures.lenience_rows(study_figures.read_json(os.path.join(RESULTS,
                                                                          "engine_cpu_feature_heads_batch4.json")))
+    # a run of two temperatures and two drafts: a series each, the target alone in both drafts' series
+    two = [dict(r, temperature=t, method=r["method"].replace("tempspec_sd[", f"tempspec_sd[{d}") if d else r["method"])
+           for r in run["results"] if r.get("settings", "none") == "none" for t in (0.0, 1.0) for d in ("", "x")
+           if d == "" or r["method"] != "target_only"]
+    rows = study_figures.lenience_rows({"results": two})
+    draft = run["results"][1]["method"][len("tempspec_sd["):].split("]")[0]
+    assert set(rows) == {f"none, T={t}, {d}" for t in (0, 1) for d in (draft, "x" + draft)}
+    assert [p[0] for p in rows[f"none, T=1, x{draft}"]] == ["target", "1", "0.8", "0.5", "0.3"]
 
 
 def test_recipes_from_the_committed_kd_grid(tmp_path):

@@ -18,7 +18,7 @@ SCALAR_KEYS = {"draft", "temperature", "alpha", "alpha_se", "mean_accepted", "to
                "steps", "accepted", "rejections", "draft_time_s", "target_time_s"}
 POSITION_KEYS = {"acceptance_by_position", "conditional_acceptance_by_position", "position_proposed",
                  "position_accepted", "position_reached"}  # lists, one entry per position
-RESULT_KEYS = SCALAR_KEYS | POSITION_KEYS | {"speedup_ci95"}
+RESULT_KEYS = SCALAR_KEYS | POSITION_KEYS | {"speedup_ci95", "by_request"}
 
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
@@ -51,8 +51,12 @@ def check_results(res, temps, drafts, n_prompts, max_new, eos=False):
         for key in SCALAR_KEYS - {"draft"}:
             assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), (key, r[key])
         assert 0.0 <= r["alpha"] <= 1.0
-        n = r["accepted"] + r["rejections"]
-        assert r["alpha_se"] == pytest.approx(math.sqrt(r["alpha"] * (1 - r["alpha"]) / n))
+        pairs = r["by_request"]  # [accepted, rejections] of each prompt: the clusters of alpha_se
+        assert len(pairs) == n_prompts and [sum(p) for p in zip(*pairs)] == [r["accepted"], r["rejections"]]
+        judged = [(a, a + j) for a, j in pairs if a + j]
+        m, n = len(judged), r["accepted"] + r["rejections"]
+        assert r["alpha_se"] == pytest.approx(math.sqrt(m / (m - 1) * sum((a - r["alpha"] * k) ** 2 for a, k in judged))
+                                              / n if m > 1 else math.sqrt(r["alpha"] * (1 - r["alpha"]) / n))
         proposed, accepted = r["position_proposed"], r["position_accepted"]
         assert len(proposed) == len(accepted) == len(r["acceptance_by_position"]) >= 1
         assert sum(accepted) == r["accepted"] and all(0 <= a <= p for a, p in zip(accepted, proposed))

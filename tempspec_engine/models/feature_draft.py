@@ -247,7 +247,7 @@ class FeatureDraft(nn.Module):
         (default: the whole cache) where key position <= query position (last_query=True: one query per row at
         kv_len - 1, no mask; from_start=True: positions 0..T-1 in every row and kv_len == T, a prefill: causal, no
         mask); the caller tracks how many positions are valid. cache=None: causal over the T inputs (positions in
-        order; training).
+        order; training); an UnrolledKeys: step j of training's unroll (llama.unrolled_mask says what it sees).
         Returns the predicted features of positions p + 1, [B, T, dim] in the head's dtype (after its final norm:
         feed them to logits() or back into forward)."""
         dtype = self.fc.weight.dtype

@@ -55,6 +55,36 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled).float()
 
 
+class UnrolledKeys:
+    """In training, the keys and values of a feature head's earlier unrolled steps (EAGLE-3's training-time test), in
+    place of a KV cache: per layer, the RoPE'd k and v of steps 1..j-1 [B, H_kv, (j-1)T, D], which the queries of step
+    j attend to beside the step's own under `mask` [T, jT] bool (unrolled_mask(T, j)). Attention appends each step's
+    own (new tensors, so that autograd keeps every step's)."""
+
+    def __init__(self, n_layers: int):
+        self.k: List[Optional[torch.Tensor]] = [None] * n_layers
+        self.v: List[Optional[torch.Tensor]] = [None] * n_layers
+        self.mask: Optional[torch.Tensor] = None
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Appends a step's k, v [B, H_kv, T, D] to the layer's; returns every step's so far."""
+        if self.k[layer] is not None:
+            k, v = torch.cat((self.k[layer], k), dim=2), torch.cat((self.v[layer], v), dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+def unrolled_mask(T: int, step: int, device=None) -> torch.Tensor:
+    """[T, step * T] bool: the keys that the queries of unrolled step `step` (1-based) see, as at inference. Query t
+    is the step-th draft of a chain that starts at index r = t - step + 1, where the target's feature is known: it
+    sees the step-1 keys at indices <= r (read from the target's features, as the head's cache holds them) and, for
+    u = 2..step, the step-u key at index r + u - 1 (the chain's own predicted features, as its draft steps write
+    them). Step 1 is causal attention."""
+    t = torch.arange(T, device=device).view(T, 1)
+    p = torch.arange(T, device=device).view(1, T)
+    return torch.cat([p <= t - step + 1] + [p == t - step + u for u in range(2, step + 1)], dim=1)
+
+
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -73,12 +103,17 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv, self.head_dim)
         v = v.view(B, T, self.n_kv, self.head_dim)
-        if cache is None:  # training / scoring a whole sequence: causal attention within it, nothing stored
+        if cache is None or isinstance(cache, UnrolledKeys):  # training / scoring a whole sequence: no KV cache
             # one RoPE over the query and key heads together (RoPE is per head)
             qk = apply_rope(torch.cat((q, k), dim=2), cos, sin)
             q, k = qk[:, :, :self.n_heads].transpose(1, 2), qk[:, :, self.n_heads:].transpose(1, 2)
-            out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True,
-                                                 enable_gqa=self.n_kv != self.n_heads)
+            v = v.transpose(1, 2)
+            if cache is None:  # causal attention within the sequence
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+            else:  # an unrolled step: the earlier steps' keys too, under the step's mask
+                k, v = cache.extend(layer, k, v)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask,
+                                                     enable_gqa=self.n_kv != self.n_heads)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         q = rope_store(q, k, v, cos, sin, cache.k[layer], cache.v[layer], slots).transpose(1, 2)
         keys, values = cache.k[layer][:, :, :kv_len], cache.v[layer][:, :, :kv_len]
@@ -121,20 +156,20 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 
 
 def run_layers(layers: Sequence[Block], x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor,
-               cache: Optional[KVCache], kv_len: Optional[int] = None, last_query: bool = False,
+               cache: Union[KVCache, UnrolledKeys, None], kv_len: Optional[int] = None, last_query: bool = False,
                keep: Sequence[int] = (), tree: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                from_start: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """The decoder blocks on x [B, T, dim] with RoPE at positions [B, T], under Transformer.forward's cache
     conventions: with a cache, each layer writes its T keys at `positions` and attends over cache positions
     [0, kv_len) (default: all) where key position <= query position (no mask with last_query=True); cache=None:
-    plain causal attention over the T inputs (training). tree = (slots, visible), each [B, T] int64: the keys are
-    written at `slots` instead, and query t attends to the slots <= visible[b, t] and to its own slot (a token tree
-    whose branches share positions: Transformer.forward). from_start=True promises positions 0..T-1 in every row and
-    kv_len == T (a prefill): attention is then causal with no mask (SDPA skips the masked half). Returns the last
-    block's output [B, T, dim] and the outputs of the blocks whose indices are in `keep`, in that order (each
-    [B, T, dim]; the residual stream, no norm)."""
-    if cache is None:
-        kv_len, last_query = x.shape[1], True  # no explicit mask: attention is causal
+    plain causal attention over the T inputs (training); an UnrolledKeys: a feature head's unrolled training step.
+    tree = (slots, visible), each [B, T] int64: the keys are written at `slots` instead, and query t attends to the
+    slots <= visible[b, t] and to its own slot (a token tree whose branches share positions: Transformer.forward).
+    from_start=True promises positions 0..T-1 in every row and kv_len == T (a prefill): attention is then causal with
+    no mask (SDPA skips the masked half). Returns the last block's output [B, T, dim] and the outputs of the blocks
+    whose indices are in `keep`, in that order (each [B, T, dim]; the residual stream, no norm)."""
+    if cache is None or isinstance(cache, UnrolledKeys):
+        kv_len, last_query = x.shape[1], True  # no mask built here: causal, or the unrolled step's own
     kv_len = cache.max_len if kv_len is None else kv_len
     cos, sin = rope_cos_sin(inv_freq, positions, x.dtype)
     keys = torch.arange(kv_len, device=positions.device).view(1, 1, 1, -1)
