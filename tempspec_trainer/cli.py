@@ -153,7 +153,9 @@ def _eval(args) -> int:
     report = {"drafts": args.drafts, "temperatures": list(args.temperatures)}
     if args.data:
         temps = args.temperatures
-        rows = {d: row_acceptance_on_data(target, d, args.data, temps, args.n_rows) for d in args.drafts}
+        rows = {d: row_acceptance_on_data(target, d, args.data, temps, args.n_rows, position=args.position)
+                for d in args.drafts}
+        report["draft_position"] = args.position
         report["expected"] = {d: summarize(sums, counts, temps) for d, (sums, counts, _) in rows.items()}
         # paired with the first draft on the same positions (drafts of one kind: feature heads or draft models)
         first_sums, first_counts, _ = rows[args.drafts[0]]
@@ -167,7 +169,8 @@ def _eval(args) -> int:
             diff = report["expected_minus_first"].get(d)
             cells = [f"T={t:g} {_plus_minus(v, t)}" + (f" ({_plus_minus(diff, t, '+')} vs the first)" if diff else "")
                      for t in temps]
-            print(f"expected acceptance of {d} on {args.data}: " + ", ".join(cells))
+            where = f" at draft position {args.position}" if args.position > 1 else ""
+            print(f"expected acceptance of {d} on {args.data}{where}: " + ", ".join(cells))
             for t in temps if by_category[d] else ():
                 print(f"  by category at T={t:g}: " + ", ".join(f"{c} {s[f'alpha@{t:g}']:.3f} ({s['tokens']} tokens)"
                                                                for c, s in by_category[d].items()))
@@ -177,7 +180,8 @@ def _eval(args) -> int:
                                  dtype=resolve_dtype(args.dtype), seed=args.seed, progress=not args.no_progress)
         results["meta"]["prompts_file"] = Path(args.prompts).name
         if "expected" in report:
-            results["expected_on_data"] = {"data": Path(args.data).name, **report["expected"]}
+            results["expected_on_data"] = {"data": Path(args.data).name, "draft_position": args.position,
+                                           **report["expected"]}
             results["expected_minus_first"] = report["expected_minus_first"]
         print(format_table(results))
         report = results
@@ -317,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default=None, help="generated JSONL: expected acceptance (1 - TVD) on its responses, with "
                    "its standard error over rows and each draft's paired difference from the first (default: none)")
     e.add_argument("--n-rows", type=positive_int, default=64, help="rows of --data to score (default: %(default)s)")
+    e.add_argument("--position", type=positive_int, default=1,
+                   help="with --data, the draft position scored: j > 1 is a feature head's j-th draft, teacher-forced "
+                        "(the earlier drafts are the data's tokens) (default: %(default)s)")
     e.add_argument("--prompts", default=None, help="JSONL prompts: decode and measure alpha, tokens/s, speedup (default: none)")
     e.add_argument("--n-prompts", type=positive_int, default=20, help="(default: %(default)s)")
     e.add_argument("--max-new-tokens", type=positive_int, default=64, help="(default: %(default)s)")

@@ -25,10 +25,11 @@ from tempspec_trainer.divergences import expected_acceptance
 
 
 def row_acceptance_on_data(target: LoadedModel, draft_spec: str, data_file: str, temperatures: Sequence[float],
-                           n_rows: Optional[int] = 64, seq_len: int = 256, batch_size: int = 8
+                           n_rows: Optional[int] = 64, seq_len: int = 256, batch_size: int = 8, position: int = 1
                            ) -> Tuple[torch.Tensor, torch.Tensor, List[Optional[str]]]:
-    """acceptance_by_row over the first n_rows rows of a generated file: (sums [R, len(temperatures)] float64, counts
-    [R] int64, the `category` of each of those R rows or None) for the R of them with a response."""
+    """acceptance_by_row over the first n_rows rows of a generated file, at draft `position`: (sums [R,
+    len(temperatures)] float64, counts [R] int64, the `category` of each of those R rows or None) for the R of them
+    with a response."""
     device = target.model.embed_tokens.weight.device
     dtype = target.model.embed_tokens.weight.dtype
     if is_feature_draft_dir(draft_spec):
@@ -42,7 +43,7 @@ def row_acceptance_on_data(target: LoadedModel, draft_spec: str, data_file: str,
     if not scored:
         raise ValueError(f"{data_file} holds no rows with a response")
     sums, counts = acceptance_by_row(draft, target.model, [seq for _, seq in scored], temperatures, batch_size,
-                                     device)
+                                     device, position=position)
     return sums, counts, [category for category, _ in scored]
 
 
@@ -81,24 +82,29 @@ def summarize_by_category(sums: torch.Tensor, counts: torch.Tensor, categories: 
 
 @torch.no_grad()
 def expected_acceptance_over(draft, target, seqs, temperatures: Sequence[float], batch_size: int, device,
-                             draft_context=contextlib.nullcontext) -> Dict[str, float]:
+                             draft_context=contextlib.nullcontext, position: int = 1) -> Dict[str, float]:
     """{"alpha@T": expected acceptance averaged over the response tokens of `seqs`} (see make_batch), teacher-forced:
-    1 - TVD at T (argmax agreement at T = 0). draft_context() wraps the draft's forwards (e.g. autocast)."""
-    sums, counts = acceptance_by_row(draft, target, seqs, temperatures, batch_size, device, draft_context)
+    1 - TVD at T (argmax agreement at T = 0), at draft `position` (acceptance_by_row). draft_context() wraps the
+    draft's forwards (e.g. autocast)."""
+    sums, counts = acceptance_by_row(draft, target, seqs, temperatures, batch_size, device, draft_context, position)
     n = int(counts.sum())
     return {f"alpha@{t:g}": float(sums[:, i].sum()) / n for i, t in enumerate(temperatures)}
 
 
 @torch.no_grad()
 def acceptance_by_row(draft, target, seqs, temperatures: Sequence[float], batch_size: int, device,
-                      draft_context=contextlib.nullcontext) -> Tuple[torch.Tensor, torch.Tensor]:
+                      draft_context=contextlib.nullcontext, position: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced expected acceptance per sequence: (sums [len(seqs), len(temperatures)] float64, the summed 1 -
     TVD at each T (argmax agreement at T = 0) over the sequence's scored positions; counts [len(seqs)] int64, how many
     positions). A draft model is scored at every response position; a FeatureDraft at its first draft position:
     one target forward gives logits and features, head index t reads the target's feature at t and token t+1, and
     its logits (full vocabulary, -inf outside a draft vocabulary) are compared with the target's at t+1 over the
-    positions where token t+2 is a response token. ValueError when no position is scored."""
+    positions where token t+2 is a response token. position j > 1 (feature heads): the j-th draft of the chain that
+    starts at t - j + 1, the earlier drafts being the data's tokens (FeatureDraft.unroll), at the same positions.
+    ValueError when no position is scored."""
     feature = isinstance(draft, FeatureDraft)
+    if position != 1 and not feature:
+        raise ValueError(f"draft position {position}: later positions are scored for feature heads only")
     sums = torch.zeros(len(seqs), len(temperatures), dtype=torch.float64)
     counts = torch.zeros(len(seqs), dtype=torch.int64)
     for i in range(0, len(seqs), batch_size):
@@ -108,7 +114,11 @@ def acceptance_by_row(draft, target, seqs, temperatures: Sequence[float], batch_
             logits, feats = target(tokens, positions, None, return_features=True, feature_taps=draft.config.taps)
             m = mask[:, 1:]
             with draft_context():
-                q = draft.logits(draft(draft.read(feats[:, :-1]), tokens[:, 1:], positions[:, :-1], None)[m]).float()
+                if position == 1:
+                    pred = draft(draft.read(feats[:, :-1]), tokens[:, 1:], positions[:, :-1], None)
+                else:
+                    pred = draft.unroll(feats[:, :-1], tokens[:, 1:], positions[:, :-1], position)[-1]
+                q = draft.logits(pred[m]).float()
             p = logits[:, 1:][m].float()
         else:
             m = mask

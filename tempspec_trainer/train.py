@@ -48,7 +48,6 @@ import torch.nn.functional as F
 from tempspec_engine.linear import torch_bf16_matmul_is_fast
 from tempspec_engine.models.draft_checkpoint import save_draft
 from tempspec_engine.models.feature_draft import FeatureDraft, check_taps, save_feature_draft
-from tempspec_engine.models.llama import UnrolledKeys, unrolled_mask
 from tempspec_engine.models.loading import LoadedModel, load_target, place, resolve_device
 from tempspec_engine.results import write_json
 from tempspec_trainer.data import make_batch, read_prompt_file, read_rows, token_sequences
@@ -585,29 +584,17 @@ class Distiller:
 
 
 class Unrolled(torch.nn.Module):
-    """A feature head run `steps` times on one sequence (EAGLE-3's training-time test), as one module call.
+    """A feature head run `steps` times on one sequence (EAGLE-3's training-time test: FeatureDraft.unroll), as one
+    module call, so that DDP sees one forward per backward.
 
-    forward(features [B, T, feature_width], tokens [B, T], positions [B, T], steps) -> [pred_1, ..., pred_steps], each
-    [B, T, D]: step 1 reads the target's features (head.read); step j > 1 reads at index t the step j-1 prediction of
-    index t-1 (index 0 keeps the target's feature: no prediction of it exists), with the same tokens, and attends as
-    the j-th draft step does at inference: to the target-feature keys of step 1 up to the chain's start t - j + 1
-    and to the chain's own keys of steps 2..j (llama.unrolled_mask), so that pred_j[t] is what drafting computes there
-    (teacher-forced tokens)."""
+    forward(features [B, T, feature_width], tokens [B, T], positions [B, T], steps) -> [pred_1, ..., pred_steps]."""
 
     def __init__(self, head: FeatureDraft):
         super().__init__()
         self.head = head
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, steps: int) -> list:
-        preds, x = [], self.head.read(features)
-        first = x[:, :1]
-        keys = UnrolledKeys(len(self.head.layers))
-        for j in range(1, steps + 1):
-            keys.mask = unrolled_mask(x.shape[1], j, x.device)
-            pred = self.head(x, tokens, positions, keys)
-            preds.append(pred)
-            x = torch.cat((first.to(pred.dtype), pred[:, :-1]), dim=1)
-        return preds
+        return self.head.unroll(features, tokens, positions, steps)
 
 
 def response_token_counts(seqs, vocab_size: int) -> torch.Tensor:

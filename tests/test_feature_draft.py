@@ -452,6 +452,26 @@ def test_unrolled_steps_compute_what_drafting_does(target, spec):
         assert not torch.allclose(causal[:, 2:], want[1][:, 2:], atol=1e-3)  # the check can fail
 
 
+def test_later_draft_positions_are_scored_as_drafting_computes_them(target, data_file, tmp_path):
+    """expected_acceptance_over(position=2): 1 - TV at T between the target at t+1 and the second draft of the chain
+    that starts at t - 1 (drafted), over the same response positions as position 1; refused for a draft model."""
+    d = Distiller(config(data_file, tmp_path), target=target, progress=False)
+    seqs, head = d.eval_seqs[:6], d.draft
+    tokens, mask = make_batch(seqs, "cpu")
+    pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with torch.no_grad():
+        logits, feats = target.model(tokens, pos, None, return_features=True)
+        _, p2 = drafted(head, head.read(feats[:, :-1]), tokens[:, 1:], pos[:, :-1], 2)
+        m = mask[:, 1:]
+        tv = 0.5 * (torch.softmax(head.logits(p2[m]).double(), -1) - torch.softmax(logits[:, 1:][m].double(), -1))
+        want = float(1 - tv.abs().sum(-1).mean())
+        got = expected_acceptance_over(head, target.model, seqs, (1.0,), 3, "cpu", position=2)["alpha@1"]
+        first = expected_acceptance_over(head, target.model, seqs, (1.0,), 3, "cpu")["alpha@1"]
+    assert got == pytest.approx(want, abs=1e-5) and abs(got - first) > 1e-4
+    with pytest.raises(ValueError, match="feature heads only"):
+        expected_acceptance_over(tf.tiny_transformer(), target.model, seqs, (1.0,), 3, "cpu", position=2)
+
+
 class Oracle(FeatureDraft):
     """Returns the target's true next features: index t of its input is position t, so its answer at t is the
     target's feature at t+1 (computed from the full sequence, whose first token the test stores in `x0`); shift=1

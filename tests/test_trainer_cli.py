@@ -98,7 +98,11 @@ def test_distill_then_eval(tiny_hf, data, tmp_path, capsys):
     assert main(["eval", "--target", str(tiny_hf / "model"), "--drafts", str(out / "final"), "--data",
                  str(tmp_path / "missing.jsonl"), "--dtype", "fp32", "--device", "cpu"]) == 2
     assert "missing.jsonl: no such file" in capsys.readouterr().err
+    assert main(["eval", "--target", str(tiny_hf / "model"), "--drafts", str(out / "final"), "--data", str(data),
+                 "--position", "2", "--dtype", "fp32", "--device", "cpu"]) == 2  # later positions: feature heads
+    assert "draft position 2: later positions are scored for feature heads only" in capsys.readouterr().err
     report = json.loads(res.read_text())
+    assert report["draft_position"] == 1
     expected, paired = report["expected"], report["expected_minus_first"][str(out / "final")]
     init, final = expected[str(out / "init")], expected[str(out / "final")]
     assert final["alpha@0"] > init["alpha@0"] + 0.5

@@ -40,7 +40,8 @@ from tempspec_engine.linear import Linear, linear
 from tempspec_engine.models.config import ModelConfig
 from tempspec_engine.models.draft_checkpoint import (DRAFT_FILE, WEIGHTS_FILE, check_weights_fit, draft_format,
                                                      read_info, read_weights, weights_path)
-from tempspec_engine.models.llama import Block, RMSNorm, Transformer, rope_inv_freq, run_layers
+from tempspec_engine.models.llama import (Block, RMSNorm, Transformer, UnrolledKeys, rope_inv_freq, run_layers,
+                                          unrolled_mask)
 from tempspec_engine.results import write_json
 
 FORMAT = "tempspec-feature-draft/1"
@@ -258,6 +259,24 @@ class FeatureDraft(nn.Module):
         x, _ = run_layers(self.layers, x, self._inv_freq, positions, cache, kv_len, last_query,
                           from_start=from_start)
         return self.norm(x)
+
+    def unroll(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, steps: int) -> list:
+        """The head's first `steps` draft steps at every index of whole sequences, teacher-forced, as drafting
+        computes them (EAGLE-3's training-time test, and the scoring of later draft positions). features [B, T,
+        feature_width] (the target's, as read() takes them), tokens [B, T], positions [B, T] (in order) ->
+        [pred_1, ..., pred_steps], each [B, T, dim]: step 1 reads the target's features; step j > 1 reads at index t
+        the step j-1 prediction of index t-1 (index 0 keeps the target's feature: no prediction of it exists), with
+        the same tokens, and attends to the step-1 keys up to the chain's start t - j + 1 and to the chain's own keys
+        of steps 2..j (llama.unrolled_mask), so that pred_j[t] is the j-th draft of the chain that starts there."""
+        preds, x = [], self.read(features)
+        first = x[:, :1]
+        keys = UnrolledKeys(len(self.layers))
+        for j in range(1, steps + 1):
+            keys.mask = unrolled_mask(x.shape[1], j, x.device)
+            pred = self(x, tokens, positions, keys)
+            preds.append(pred)
+            x = torch.cat((first.to(pred.dtype), pred[:, :-1]), dim=1)
+        return preds
 
     def draft_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Logits over the draft vocabulary [..., N] (N = draft_vocab; index i is target id d2t[i]) or, without a
