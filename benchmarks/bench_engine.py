@@ -1,6 +1,6 @@
 """Engine benchmark: target-only vs tempspec SD vs Hugging Face assisted generation, same machine, one run.
 
-For each temperature, on the first N prompts of a Spec-Bench style JSONL file (first user turn, chat template):
+For each temperature, on N prompts evenly spaced over a Spec-Bench style JSONL file (first user turn, chat template):
   target_only   SpeculativeEngine(speculative=False): the target alone, same code and sampler
   tempspec_sd[<draft>]   SpeculativeEngine with each draft of --drafts (k adaptive unless --k)
   hf_assisted[<draft>]   transformers generate with the same draft, batch 1 only: assistant_model= (its settings
@@ -162,9 +162,9 @@ def run_hf(hf_target, hf_draft, prompt_ids, temperature, max_new, eos_ids, k, se
 
 def summarize(sums: dict, speculative: bool) -> dict:
     """tokens/s over the whole set, alpha (accepted / (accepted + rejections)) with its standard error alpha_se
-    (clustered by prompt: measure.alpha_se), accepted drafts per step, and (speculative) the acceptance per draft position with its raw counts; for
-    the engine's rows also prefill_time_s and decode_tokens_per_s (tokens over the wall seconds outside prefill:
-    tempspec_engine/measure.py)."""
+    (clustered by prompt: measure.alpha_se), accepted drafts per step, and (speculative) the acceptance per draft
+    position with its raw counts; for the engine's rows also prefill_time_s and decode_tokens_per_s (tokens over the
+    wall seconds outside prefill: tempspec_engine/measure.py)."""
     out = {"tokens": sums["tokens"], "seconds": sums["seconds"], "tokens_per_s": sums["tokens"] / sums["seconds"]}
     decode = decode_seconds(sums)
     if decode is not None:
@@ -234,7 +234,8 @@ def main(argv=None) -> int:
                     help=f"results JSON path (default: a new file {RUNS_DIR}/engine_<device>_<dtype>-<time>.json)")
     ap.add_argument("--dump-prompt-ids", default=None,
                     help="write the chat-templated prompt ids (JSON) for a machine without transformers, and exit")
-    ap.add_argument("--prompt-ids", default=None, help="read prompt ids written by --dump-prompt-ids")
+    ap.add_argument("--prompt-ids", default=None,
+                    help="read prompt ids written by --dump-prompt-ids (the first --n-prompts of them) (default: none)")
     add_debug_flag(ap)
     args = ap.parse_args(argv)
     return run_command("bench_engine", lambda: run(args), getattr(args, "debug", False))
@@ -382,7 +383,8 @@ def run(args) -> int:
         write_json({"meta": meta, "results": rows}, args.out)
 
     def record(method, T, batch, res):
-        res.update(method=method, temperature=T, batch=batch)
+        # batch: the width asked for; batch_width: the rows decoded at once (no more than the prompts)
+        res.update(method=method, temperature=T, batch=batch, batch_width=base.batch_width(len(prompts), batch))
         rows.append(res)
         print(json.dumps({k_: (round(v, 3) if isinstance(v, float) else
                                [round(x, 3) if isinstance(x, float) else x for x in v] if isinstance(v, list) else v)
@@ -419,7 +421,8 @@ def run(args) -> int:
                                                                         target.eos_ids, args.hf_k, preset), False))
                 # a captured device-loop step is captured again when the settings' kernels change (a filter at T > 0
                 # and not at T = 0): here, untimed, rather than in the first timed chunk
-                for e in {id(e): e for e in variant_engines.values() if e.device_loop is not None and e.cuda_graphs}.values():
+                loops = [e for e in variant_engines.values() if e.device_loop is not None and e.cuda_graphs]
+                for e in {id(e): e for e in loops}.values():
                     for speculative in (False, True):
                         e.generate(prompts[:batch], T, 2, batch_size=batch, speculative=speculative, seed=args.seed,
                                    **preset)
