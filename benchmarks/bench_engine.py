@@ -333,6 +333,8 @@ def run(args) -> int:
     variant_engines = {f"{name}/{label}": engine(d, **kw) for name, d in zip(engines, drafts)
                        for label, kw in variants.items()
                        if engines[name].draft_model is not None or kw.get("device_loop")}
+    variants_not_run = {f"{name}/{label}": "a draft without a model: the variant would change nothing"
+                        for name in engines for label in variants if f"{name}/{label}" not in variant_engines}
     base = next(iter(engines.values()))
     hf_target, (hf_drafts, hf_not_run) = None, hf_counterparts(engines)  # recorded even under --no-hf
     if args.no_hf:
@@ -370,7 +372,7 @@ def run(args) -> int:
             "max_new_tokens": args.max_new_tokens, "model_load_s": load_s, "seed": args.seed,
             "settings": args.settings, "lenience": args.lenience,
             "confidence_stop": base.confidence_stop, "alternatives": {n: e.alternatives for n, e in engines.items()},
-            "variants": args.variants,
+            "variants": args.variants, "variants_not_run": variants_not_run,
             "loadavg_before": os.getloadavg(), "max_len": max_len, "cuda_graphs": base.cuda_graphs,
             "hf_not_run": hf_not_run, "failed": failed, "complete": False}
     if device.type == "cuda":

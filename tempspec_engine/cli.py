@@ -114,6 +114,8 @@ def generate_command(args, out=None, err=None) -> int:
                          "would do nothing")
     if args.sync_every is not None and not args.device_loop:
         raise ValueError("--sync-every sets how often the device loop syncs: it needs --device-loop")
+    if args.system is not None and args.no_chat:
+        raise ValueError("--system is the chat template's system turn: it does nothing with --no-chat")
     set_threads(args.threads)
     engine = SpeculativeEngine(args.target, args.draft, device=args.device, dtype=args.dtype, k=args.k,
                                max_len=args.max_len, allow_download=args.allow_download,

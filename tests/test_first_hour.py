@@ -161,6 +161,7 @@ def test_devices_and_arguments(model_dir):
     (["--k", "3", "--k-min", "1"], ["--k-min tune the adaptive lookahead", "--k 3"]),
     (["--k", "3", "--no-confidence-stop", "--verify-slope", "1"], ["--verify-slope, --no-confidence-stop tune"]),
     (["--sync-every", "3"], ["--sync-every", "needs --device-loop"]),
+    (["--system", "Be brief.", "--no-chat"], ["--system", "does nothing with --no-chat"]),
 ])
 def test_bad_generate_flags_are_refused_before_loading(capsys, args, words):
     """Out-of-range settings and flags that would do nothing end in one line before any model loads (no target
