@@ -10,10 +10,11 @@
 #      enter training: gpu_pack.sh refuses them)
 #   2. a probe of 30 distillation steps (its history's elapsed_s gives the seconds per step), then the run: JSD at
 #      tau_kd 1 from the shipped feature:1, as many steps as fit (at most EPOCHS passes over the data)
-#   3. `tempspec-train eval`: feature:1 against the new head, teacher-forced on the Spec-Bench rows at T = 0, 0.5, 1
-#      (paired differences with their standard errors)
-# Results under $OUT (or ./gpu_out), at most 8 files: train.log, eval_feature_t1_gpu.json, train_log.json and
-# head_t1_gpu.tar.gz (the final head with its model card, about 6 MB; unpack it here and compare it on the CPU with
+#   3. `tempspec-train eval`: feature:1 against the new head, teacher-forced on the Spec-Bench rows at T = 0, 0.5, 1,
+#      at draft positions 1 and 2 (paired differences with their standard errors)
+# Results under $OUT (or ./gpu_out), at most 8 files: train.log, eval_feature_t1_gpu_position{1,2}.json,
+# train_log.json, logs.tar.gz and head_t1_gpu.tar.gz (the final head with its model card, about 6 MB, or the last
+# checkpoint when the run was cut short; unpack it here and compare it on the CPU with
 # benchmarks/bench_engine.py before shipping it). DEV=cpu with small LIMIT/NEW/STEPS runs it on a CPU (a dry run, on
 # the installed default target: no GGUF parts needed).
 set -uo pipefail
@@ -60,18 +61,24 @@ if [ -z "$STEPS" ]; then
   log "probe: exit $?"
   per_step=$(python3 -c "import json; h = json.load(open('$W/probe/train_log.json'))['history']; \
 print(max((h[-1]['elapsed_s'] - h[9]['elapsed_s']) / (h[-1]['step'] - h[9]['step']), 1e-3))")
-  STEPS=$(python3 -c "print(max(20, min(int(($(left) - 90) / $per_step), \
+  STEPS=$(python3 -c "print(max(20, min(int(($(left) - 110) / $per_step), \
 $EPOCHS * $tokens // ($TRAIN_BATCH * $SEQ // 2))))")
   log "probe: $per_step s a step; $STEPS steps"
 fi
-timeout $(( $(left) - 45 )) $TT distill "${recipe[@]}" --steps "$STEPS" --warmup-steps $(( STEPS / 20 + 1 )) \
-  --eval-rows 256 --eval-every "$STEPS" --save-every "$STEPS" --out-dir $D/t1 > $W/distill.log 2>&1
+timeout $(( $(left) - 65 )) $TT distill "${recipe[@]}" --steps "$STEPS" --warmup-steps $(( STEPS / 20 + 1 )) \
+  --eval-rows 256 --eval-every "$STEPS" --save-every "$(( STEPS / 4 + 1 ))" --out-dir $D/t1 > $W/distill.log 2>&1
 log "distill: exit $?, $(tail -2 $W/distill.log | head -1)"
 cp $D/t1/train_log.json "$OUT/" 2>/dev/null
-# 3. teacher-forced on the Spec-Bench rows, the shipped head against the new one
-timeout $(( $(left) - 10 )) $TT eval --drafts feature:1 $D/t1/final --data $D/eval_sb_t1.jsonl --n-rows 480 \
-  --temperatures 0,0.5,1 --device "$DEV" --out "$OUT/eval_feature_t1_gpu.json" > $W/eval.log 2>&1
-log "eval: exit $?"; grep -E "^expected acceptance" $W/eval.log | tee -a "$OUT/train.log"
-tar -czf "$OUT/head_t1_gpu.tar.gz" -C $D/t1 final 2>/dev/null
+HEAD=$D/t1/final  # (cut short by its time limit, the run saved a checkpoint on SIGTERM: score that one)
+[ -d $HEAD ] || HEAD=$(ls -d $D/t1/checkpoints/step-* 2>/dev/null | tail -1)
+# 3. teacher-forced on the Spec-Bench rows, the shipped head against the new one, at draft positions 1 and 2
+for pos in 1 2; do
+  timeout $(( ($(left) - 10) / (3 - pos) )) $TT eval --drafts feature:1 "$HEAD" --data $D/eval_sb_t1.jsonl \
+    --n-rows 480 --position $pos --temperatures 0,0.5,1 --device "$DEV" \
+    --out "$OUT/eval_feature_t1_gpu_position$pos.json" >> $W/eval.log 2>&1
+  log "eval at draft position $pos: exit $?"
+done
+grep -E "^expected acceptance" $W/eval.log | tee -a "$OUT/train.log"
+tar -czf "$OUT/head_t1_gpu.tar.gz" -C "$(dirname "$HEAD")" "$(basename "$HEAD")" 2>/dev/null
 tar -czf "$OUT/logs.tar.gz" -C $W gen.log probe.log distill.log eval.log target.log 2>/dev/null
 log "done"
