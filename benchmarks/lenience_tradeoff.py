@@ -108,7 +108,7 @@ def run_tradeoff(engine, drafts: Dict[str, object], prompts, temperatures: Seque
     dim = target.config.dim
     # one target forward per text serves every head: the union of their taps
     taps = sorted({i for d in drafts.values() if isinstance(d, FeatureDraft) for i in d.config.taps})
-    ids = [engine.encode(p, chat_template=chat_template) for p in prompts]
+    ids = [engine.encode(p, chat_template=chat_template and isinstance(p, str)) for p in prompts]  # ids pass as is
     rows = []
     with torch.no_grad():
         for T in temperatures:

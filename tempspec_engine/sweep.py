@@ -177,7 +177,7 @@ def run_sweep(target, drafts: Sequence[str], prompts: Sequence[Union[str, Sequen
     load_s = time.perf_counter() - t0
 
     lookahead = max(e.lookahead for e in engines.values())
-    ids = [baseline.encode(p, chat_template=chat_template) for p in prompts]
+    ids = [baseline.encode(p, chat_template=chat_template and isinstance(p, str)) for p in prompts]  # ids pass as is
     fits = [p for p in ids if p and len(p) + max_new_tokens + lookahead + 1 <= baseline.max_len]
     if not fits:
         raise ValueError(f"no prompt fits the KV cache (max_len {baseline.max_len}, max_new_tokens {max_new_tokens})")

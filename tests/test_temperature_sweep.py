@@ -80,7 +80,7 @@ def test_sweep_schema_and_plots(tmp_path):
     prompts = [[1, 2, 3], [5], [7, 8, 9, 10], [4, 4]]
     temps, drafts = [0.0, 0.5, 1.0], ["layers:0-1", "random"]
     res = sweep.run_sweep(target, drafts, prompts, temps, 12, device="cpu", dtype=torch.float32, k=3,
-                          batch_size=2, seed=0, chat_template=False, progress=False)
+                          batch_size=2, seed=0, progress=False)  # (id prompts: the chat template is for text)
     check_results(res, temps, drafts, len(prompts), 12)
     # The all-layers draft equals the target: every draft token is accepted, at every temperature.
     full = [r for r in res["results"] if r["draft"] == "layers:0-1"]
