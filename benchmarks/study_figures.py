@@ -233,7 +233,7 @@ def plot_temperatures(run: dict, out, batch: int = 1, settings: str = "none") ->
                             capsize=2, **style)
     speed.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="target alone")
     speed.set_ylabel("speedup over the target alone")
-    accept.set_ylabel("alpha = accepted / (accepted + rejected), 95% interval")
+    accept.set_ylabel("alpha, 95% interval\n(accepted / (accepted + rejected))")
     accept.set_ylim(0.0, 1.0)
     for ax in (speed, accept):
         ax.set_xlabel("decoding temperature")
@@ -339,7 +339,7 @@ def plot_recipes(grid: dict, out) -> str:
             ax.bar(xs, ys, width=width, yerr=errs, capsize=2, label=label)
         ax.set_xticks(range(len(per_temp)), [f"T = {t:g}" for t in per_temp])
         ax.set_title(name, fontsize=9)
-        ax.set_ylabel("alpha = accepted / (accepted + rejected), 95% interval")
+        ax.set_ylabel("alpha, 95% interval\n(accepted / (accepted + rejected))")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
     meta = grid.get("meta", {})
