@@ -423,8 +423,7 @@ def run(args) -> int:
                                                                         target.eos_ids, args.hf_k, preset), False))
                 # a captured device-loop step is captured again when the settings' kernels change (a filter at T > 0
                 # and not at T = 0): here, untimed, rather than in the first timed chunk
-                loops = [e for e in variant_engines.values() if e.device_loop is not None and e.cuda_graphs]
-                for e in {id(e): e for e in loops}.values():
+                for e in [e for e in variant_engines.values() if e.device_loop is not None and e.cuda_graphs]:
                     for speculative in (False, True):
                         e.generate(prompts[:batch], T, 2, batch_size=batch, speculative=speculative, seed=args.seed,
                                    **preset)

@@ -273,9 +273,9 @@ def lenience_rows(run: dict) -> Dict[str, List[tuple]]:
             key += f", batch {r['batch']}"
         m = LENIENT.search(r["method"])
         label = "target" if draft is None else (m.group(1) if m else "1")
-        for d in (drafts if draft is None else [draft]) if len(drafts) > 1 else [None]:
-            out.setdefault(key if d is None else f"{key}, {d}", []).append(
-                (label, r["speedup_vs_target_only"], r["target_nll"]))
+        series = [key] if len(drafts) < 2 else [f"{key}, {d}" for d in (drafts if draft is None else [draft])]
+        for name in series:
+            out.setdefault(name, []).append((label, r["speedup_vs_target_only"], r["target_nll"]))
     return out
 
 

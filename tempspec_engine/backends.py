@@ -94,7 +94,14 @@ def _load(name: str, device: torch.device) -> tuple[Backend | None, str | None]:
             return None, why
         return Backend("triton", kernels.speculative_sample_triton, kernels.sample_triton,
                        kernels.speculative_sample_filtered_triton, kernels.sample_filtered_triton), None
-    raise ValueError(f"backend must be one of 'auto', {', '.join(repr(n) for n in BACKEND_NAMES)}; got {name!r}")
+    check_backend_name(name)  # (every valid name returned above)
+    raise AssertionError(f"backend {name!r} has no loader")
+
+
+def check_backend_name(name: str) -> None:
+    """ValueError unless `name` is "auto" or one of BACKEND_NAMES (before anything is loaded or run)."""
+    if name != "auto" and name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of 'auto', {', '.join(repr(n) for n in BACKEND_NAMES)}; got {name!r}")
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

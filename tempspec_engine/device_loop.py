@@ -243,6 +243,7 @@ class _Decoder:
         self.state = _State(batch, e.max_len, self.k, e.device)
         self.eos = torch.tensor(list(e.target.eos_ids) or [-1], dtype=torch.int64, device=e.device)
         self.flag = NonFiniteFlag(e.device)
+        self.every_row = torch.ones(batch, dtype=torch.bool, device=e.device)  # _propose's rows with a proposal
         self.settings = None  # StepSettings of the wave (captured: same tensors for every wave, refilled)
         self.graph = None
         self.filter_draft = None  # the engine's filter_draft of the captured step (the step branches on it)
@@ -289,15 +290,14 @@ class _Decoder:
         """k drafts per row: q [B, k, V] (engine dtype, padded to its vocabulary), d [B, k] int64, the lookup's where
         a row's tail matched (q one-hot), the model's elsewhere, and proposed [B] bool: the rows with a proposal (lookup
         alone: where a tail matched; the others verify a filler of their last token, counted as a plain step)."""
-        everyone = torch.ones(self.batch, dtype=torch.bool, device=self.device)
         if self.lookup is None:
-            return (*self._draft(u), everyone)
+            return (*self._draft(u), self.every_row)
         found, tokens = self.lookup.propose(self.state, self.k)
         one_hot = LookupDraft.draft_logits(tokens, self.engine.vocab, self.dtype)
         if self.draft is None:
             return one_hot, tokens, found
         q, d = self._draft(u)
-        return torch.where(found.view(-1, 1, 1), one_hot, q), torch.where(found.view(-1, 1), tokens, d), everyone
+        return torch.where(found.view(-1, 1, 1), one_hot, q), torch.where(found.view(-1, 1), tokens, d), self.every_row
 
     def _draft(self, u: torch.Tensor):
         """The model draft's k tokens per row, as _propose returns them."""

@@ -29,7 +29,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from tempspec_engine.adaptive_k import DEFAULT_VERIFY_SLOPE, VERIFY_COSTS, AdaptiveK
-from tempspec_engine.backends import BACKEND_NAMES
+from tempspec_engine.backends import check_backend_name
 from tempspec_engine.checks import check_positive_int, is_int, is_real_number, per_prompt
 from tempspec_engine.device_loop import DEFAULT_SYNC_EVERY
 from tempspec_engine.linear import cpu_kernel_enabled, kernel_isa
@@ -292,8 +292,7 @@ class SpeculativeEngine:
         if sync_every is not None and not device_loop:
             raise ValueError("sync_every sets how often the device loop syncs: it needs device_loop=True")
         sync_every = DEFAULT_SYNC_EVERY if sync_every is None else sync_every
-        if backend != "auto" and backend not in BACKEND_NAMES:
-            raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKEND_NAMES))}, got {backend!r}")
+        check_backend_name(backend)
         if max_len is not None:
             check_positive_int("max_len", max_len)
         check_spec_form(draft, allow_download)  # a mistyped draft is refused before the target loads

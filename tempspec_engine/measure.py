@@ -56,21 +56,28 @@ def add_figures(total: dict, part: dict) -> None:
             total[key] = total.get(key, 0) + value
 
 
+def clustered_ratio_se(parts: Sequence[Tuple[float, float]]) -> float:
+    """Standard error of the ratio sum(a) / sum(n) over clusters parts = [(a_i, n_i), ...] (2 or more, sum(n) > 0),
+    for counts that are not independent within a cluster (a prompt's tokens, a row's): the ratio estimator's
+    sqrt(m / (m - 1) * sum_i (a_i - ratio n_i)^2) / sum(n) over the m clusters."""
+    m, total = len(parts), sum(n for _, n in parts)
+    ratio = sum(a for a, _ in parts) / total
+    return math.sqrt(m / (m - 1) * sum((a - ratio * n) ** 2 for a, n in parts)) / total
+
+
 def alpha_se(accepted: int, rejections: int, by_request: Optional[Sequence[Sequence[int]]] = None
              ) -> Optional[float]:
     """Standard error of alpha = accepted / n, n = accepted + rejections; None when n = 0. With by_request, the
-    (accepted, rejections) of each request: the ratio estimator's, clustered by request (a prompt's tokens share its
-    acceptance, so they are not independent draws): sqrt(m / (m - 1) * sum_i (a_i - alpha n_i)^2) / n over the m
-    requests with a judged draft, when there are 2 or more. Otherwise the binomial sqrt(alpha (1 - alpha) / n),
-    which assumes independent tokens."""
+    (accepted, rejections) of each request: clustered_ratio_se over the requests with a judged draft (a prompt's
+    tokens share its acceptance, so they are not independent draws), when there are 2 or more. Otherwise the binomial
+    sqrt(alpha (1 - alpha) / n), which assumes independent tokens."""
     n = accepted + rejections
     if not n:
         return None
-    alpha = accepted / n
     judged = [(a, a + r) for a, r in (by_request or ()) if a + r]
     if len(judged) >= 2:
-        m = len(judged)
-        return math.sqrt(m / (m - 1) * sum((a - alpha * k) ** 2 for a, k in judged)) / n
+        return clustered_ratio_se(judged)
+    alpha = accepted / n
     return math.sqrt(alpha * (1.0 - alpha) / n)
 
 

@@ -148,6 +148,8 @@ def _eval(args) -> int:
         check_output_path(args.out)
     if not (args.data or args.prompts):
         raise ValueError("give --data (expected acceptance on generated rows) and/or --prompts (decoding)")
+    if args.position != 1 and not args.data:
+        raise ValueError(f"--position {args.position} picks the draft position scored on --data rows: give --data")
     device = resolve_device(args.device)
     target = load_target(args.target, device, resolve_dtype(args.dtype), args.allow_download)
     report = {"drafts": args.drafts, "temperatures": list(args.temperatures)}

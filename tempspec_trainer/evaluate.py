@@ -11,12 +11,12 @@ measure_drafts: decodes a prompt set with the target alone and with each draft a
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from tempspec_engine.measure import clustered_ratio_se
 from tempspec_engine.models.draft import make_draft
 from tempspec_engine.models.feature_draft import FeatureDraft, is_feature_draft_dir, load_feature_draft
 from tempspec_engine.models.loading import LoadedModel
@@ -49,15 +49,13 @@ def row_acceptance_on_data(target: LoadedModel, draft_spec: str, data_file: str,
 
 def ratio_se(sums: torch.Tensor, counts: torch.Tensor) -> Tuple[float, float]:
     """(sum(sums) / sum(counts), its standard error) for per-row sums [R] and counts [R]: the ratio estimator with
-    rows as clusters (tokens of one row are not independent), sqrt(R / (R - 1) * sum((s_r - ratio c_r)^2)) / N; the
-    error is nan for one row."""
+    rows as clusters (tokens of one row are not independent: measure.clustered_ratio_se); the error is nan for one
+    row."""
     sums, counts = sums.double(), counts.double()
-    n, rows = float(counts.sum()), sums.shape[0]
-    ratio = float(sums.sum()) / n
-    if rows < 2:
+    ratio = float(sums.sum()) / float(counts.sum())
+    if sums.shape[0] < 2:
         return ratio, float("nan")
-    resid = sums - ratio * counts
-    return ratio, math.sqrt(rows / (rows - 1) * float((resid ** 2).sum())) / n
+    return ratio, clustered_ratio_se(list(zip(sums.tolist(), counts.tolist())))
 
 
 def summarize(sums: torch.Tensor, counts: torch.Tensor, temperatures: Sequence[float]) -> Dict[str, float]:

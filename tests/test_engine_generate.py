@@ -305,7 +305,7 @@ def test_bad_input_is_refused(target):
     for bad, match in ((dict(k=3, k_min=1), "k_min: for k='auto' only"),
                        (dict(k=3, verify_slope=0.1), "verify_slope: for k='auto' only"),
                        (dict(sync_every=4), "sync_every .* needs device_loop=True"),
-                       (dict(backend="cpp"), "backend must be 'auto' or one of")):
+                       (dict(backend="cpp"), "backend must be one of 'auto', 'torch'")):
         with pytest.raises(ValueError, match=match):
             SpeculativeEngine(target, "layers:0", **bad, **kw)
 

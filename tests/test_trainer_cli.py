@@ -101,6 +101,9 @@ def test_distill_then_eval(tiny_hf, data, tmp_path, capsys):
     assert main(["eval", "--target", str(tiny_hf / "model"), "--drafts", str(out / "final"), "--data", str(data),
                  "--position", "2", "--dtype", "fp32", "--device", "cpu"]) == 2  # later positions: feature heads
     assert "draft position 2: later positions are scored for feature heads only" in capsys.readouterr().err
+    assert main(["eval", "--target", str(tiny_hf / "model"), "--drafts", str(out / "final"), "--prompts",
+                 str(tiny_hf / "prompts.jsonl"), "--position", "2"]) == 2  # nothing it would score
+    assert "--position 2 picks the draft position scored on --data rows: give --data" in capsys.readouterr().err
     report = json.loads(res.read_text())
     assert report["draft_position"] == 1
     expected, paired = report["expected"], report["expected_minus_first"][str(out / "final")]
