@@ -108,17 +108,16 @@ def compute_teacher_cache(teacher, seqs: Sequence[Seq], batch_size: int, device,
     return TeacherCache(flat, offsets, features)
 
 
-def weights_fingerprint(model: torch.nn.Module, per_tensor: int = 4096) -> str:
-    """A SHA-256 over every parameter's name, shape, dtype and `per_tensor` of its values spread over it: the same
-    on any device, and different for another model of the same name and shape (a fine-tuned or re-quantized one)."""
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A SHA-256 over every parameter's and buffer's name, shape, dtype and bytes: the same on any device, and
+    different for another model of the same name and shape, however few of its values differ (a fine-tuned,
+    re-quantized or patched one). About 0.2 s for the default target's 270 MB on a CPU."""
     import hashlib
 
     digest = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
-        flat = p.detach().flatten()
-        sample = flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].contiguous().cpu()
         digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-        digest.update(sample.view(torch.uint8).numpy().tobytes())
+        digest.update(p.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

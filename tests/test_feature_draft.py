@@ -822,6 +822,20 @@ def test_a_teacher_cache_trains_exactly_like_the_teacher(target, data_file, tmp_
                          "teacher_cache": str(cache)}).validate()
 
 
+def test_the_weights_fingerprint_sees_one_changed_value():
+    """A teacher cache is refused for a target whose weights differ in a single value anywhere (an edited token row,
+    a patched bias): the fingerprint reads every byte, not a sample of each tensor."""
+    from tempspec_trainer.teacher_cache import weights_fingerprint
+
+    model = torch.nn.Embedding(1000, 16)
+    before = weights_fingerprint(model)
+    assert weights_fingerprint(copy.deepcopy(model)) == before
+    with torch.no_grad():
+        model.weight[617, 5] += 1e-3  # (flat index 9877: off the stride of a 4096-value sample, 3)
+    assert weights_fingerprint(model) != before
+    assert weights_fingerprint(model.to(torch.bfloat16)) != weights_fingerprint(model.float())
+
+
 def test_tau_mix_averages_the_divergence_over_its_temperatures(target, data_file, tmp_path):
     d = Distiller(config(data_file, tmp_path, tau_mix=(0.0, 0.5, 1.0), divergence="jsd"), target=target,
                   progress=False)
