@@ -61,7 +61,7 @@ from tempspec_engine.models.llama import Transformer  # noqa: E402
 from tempspec_engine.models.loading import load_default_target, resolve_device, resolve_dtype  # noqa: E402
 from tempspec_engine.prompts import read_prompts  # noqa: E402
 from tempspec_engine.results import RUNS_DIR, check_output_path, fresh_results_path, write_json  # noqa: E402
-from tempspec_engine.run_meta import cpu_kernels_meta, device_name, nvidia_driver, package_version  # noqa: E402
+from tempspec_engine.run_meta import collect_meta, nvidia_driver, package_version  # noqa: E402
 from tempspec_engine.sampling import filters_label, parse_filters  # noqa: E402
 from tempspec_engine.threads import set_threads  # noqa: E402
 
@@ -365,7 +365,9 @@ def run(args) -> int:
             variant_engines.pop(name, None)
     rows = []
 
-    meta = {"device": str(device), "device_name": device_name(device), "cpu_threads": torch.get_num_threads(),
+    # (collect_meta: the machine, versions, command line and date; on a CPU the kernels that run; its loadavg is
+    # loadavg_before here)
+    meta = {**{k: v for k, v in collect_meta(device).items() if k != "loadavg"}, "device": str(device), "cpu_threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": package_version("transformers"), "dtype": str(dtype),
             "target": target.name, "drafts": drafts, "k": args.k, "hf_num_assistant_tokens": args.hf_k,
             "hf_schedule": "heuristic", "prompts_file": os.path.basename(args.prompts), "n_prompts": len(prompts),
@@ -376,9 +378,7 @@ def run(args) -> int:
             "loadavg_before": os.getloadavg(), "max_len": max_len, "cuda_graphs": base.cuda_graphs,
             "hf_not_run": hf_not_run, "failed": failed, "complete": False}
     if device.type == "cuda":
-        meta.update(cuda=torch.version.cuda, driver=nvidia_driver())
-    else:
-        meta.update(cpu_kernels_meta())
+        meta.update(driver=nvidia_driver())
 
     def write():
         """The JSON so far, atomically: a run cut short keeps every finished row."""
