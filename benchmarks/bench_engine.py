@@ -367,8 +367,9 @@ def run(args) -> int:
 
     # (collect_meta: the machine, versions, command line and date; on a CPU the kernels that run; its loadavg is
     # loadavg_before here)
-    meta = {**{k: v for k, v in collect_meta(device).items() if k != "loadavg"}, "device": str(device), "cpu_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": package_version("transformers"), "dtype": str(dtype),
+    machine = {k: v for k, v in collect_meta(device).items() if k != "loadavg"}
+    meta = {**machine, "device": str(device), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": package_version("transformers"), "dtype": str(dtype),
             "target": target.name, "drafts": drafts, "k": args.k, "hf_num_assistant_tokens": args.hf_k,
             "hf_schedule": "heuristic", "prompts_file": os.path.basename(args.prompts), "n_prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens, "model_load_s": load_s, "seed": args.seed,
