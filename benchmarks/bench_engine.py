@@ -61,7 +61,7 @@ from tempspec_engine.models.llama import Transformer  # noqa: E402
 from tempspec_engine.models.loading import load_default_target, resolve_device, resolve_dtype  # noqa: E402
 from tempspec_engine.prompts import read_prompts  # noqa: E402
 from tempspec_engine.results import RUNS_DIR, check_output_path, fresh_results_path, write_json  # noqa: E402
-from tempspec_engine.run_meta import collect_meta, nvidia_driver, package_version  # noqa: E402
+from tempspec_engine.run_meta import collect_meta, nvidia_driver  # noqa: E402
 from tempspec_engine.sampling import filters_label, parse_filters  # noqa: E402
 from tempspec_engine.threads import set_threads  # noqa: E402
 
@@ -365,11 +365,10 @@ def run(args) -> int:
             variant_engines.pop(name, None)
     rows = []
 
-    # (collect_meta: the machine, versions, command line and date; on a CPU the kernels that run; its loadavg is
-    # loadavg_before here)
+    # (collect_meta: the machine, torch_threads, versions, command line and date; on a CPU the kernels that run; its
+    # loadavg is loadavg_before here)
     machine = {k: v for k, v in collect_meta(device).items() if k != "loadavg"}
-    meta = {**machine, "device": str(device), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": package_version("transformers"), "dtype": str(dtype),
+    meta = {**machine, "device": str(device), "dtype": str(dtype),
             "target": target.name, "drafts": drafts, "k": args.k, "hf_num_assistant_tokens": args.hf_k,
             "hf_schedule": "heuristic", "prompts_file": os.path.basename(args.prompts), "n_prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens, "model_load_s": load_s, "seed": args.seed,
