@@ -36,12 +36,10 @@ from tempspec_engine.models.feature_draft import is_feature_draft_dir, load_feat
 from tempspec_engine.models.llama import Transformer
 from tempspec_engine.models.loading import LoadedModel, check_tokenizers, load_hf, model_source, place
 
-# The default draft: for the default target, the fastest at T=0.7 on a 2-core CPU (README, "Feature drafts": with the
-# heads before their broad-data stage lookup+feature:1 1.41x, lookup+feature:mix 1.36x, feature:0.5 1.23x, lookup
-# 1.21x; after it 1.44x, tied with the previous head's 1.47x, and the fastest at T=0, 0.5 and 1; after their fifth
-# stage, on a Zen 4, 1.20x against 1.14x for feature:mix and 1.13x for lookup, and again the fastest at T=0, 0.5 and 1);
-# the heads fit only that target, so any other target gets n-gram lookup (layer subsets of a target are accepted almost
-# never: benchmarks/draft_search.py).
+# The default draft: for the default target, the fastest at T=0.7 on a 2-core CPU, and at T=0, 0.5 and 1 too (README,
+# "The heads after their fifth stage" has the measurement, the earlier heads' runs before it); the heads fit only that
+# target, so any other target gets n-gram lookup (layer subsets of a target are accepted almost never:
+# benchmarks/draft_search.py).
 DEFAULT_DRAFT = "lookup+feature:1"
 FALLBACK_DRAFT = "lookup"
 # the forms of a draft spec that are not paths, for error messages
