@@ -168,6 +168,31 @@ def test_lookup_draft_proposals():
     assert logits.shape == (1, 2, 10) and logits[0, 0, 2] == 0 and torch.isneginf(logits[0, 0, :2]).all()
 
 
+@pytest.mark.parametrize("max_ngram,min_ngram", [(3, 2), (3, 1), (1, 1), (4, 2)])
+def test_ngram_index_proposes_what_the_rule_proposes(max_ngram, min_ngram):
+    """NgramIndex (the proposers' incremental lookup) against LookupDraft.propose_row, the rule, on growing rows over
+    a small vocabulary (many repeats), each step appending 1-4 tokens; a row that shrinks is re-indexed."""
+    import random
+
+    from tempspec_engine.models.lookup_draft import LookupDraft, NgramIndex
+
+    rng = random.Random(max_ngram * 10 + min_ngram)
+    rule = LookupDraft(vocab_size=6, max_ngram=max_ngram, min_ngram=min_ngram)
+    found = 0
+    for _ in range(20):
+        seq = [rng.randrange(6) for _ in range(rng.randrange(1, 5))]
+        index = NgramIndex(rule, seq)
+        for _ in range(40):
+            k = rng.randrange(1, 9)
+            expected = rule.propose_row(seq, k)
+            assert index.propose(k) == expected, (seq, k)
+            found += bool(expected)
+            seq.extend(rng.randrange(6) for _ in range(rng.randrange(1, 5)))
+        del seq[len(seq) // 2:]  # shrunk: the index starts over
+        assert index.propose(3) == rule.propose_row(seq, 3)
+    assert 100 < found < 800  # both outcomes occur
+
+
 def test_hybrid_and_lookup_specs():
     from tempspec_engine.models.draft import make_lookup, split_hybrid
 

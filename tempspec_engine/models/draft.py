@@ -37,7 +37,7 @@ from tempspec_engine.models.llama import Transformer
 from tempspec_engine.models.loading import LoadedModel, check_tokenizers, load_hf, model_source, place
 
 # The default draft: for the default target, the fastest at T=0.7 on a 2-core CPU, and at T=0, 0.5 and 1 too (README,
-# "The heads after their fifth stage" has the measurement, the earlier heads' runs before it); the heads fit only that
+# "The heads after their sixth stage" has the measurement, the earlier heads' runs before it); the heads fit only that
 # target, so any other target gets n-gram lookup (layer subsets of a target are accepted almost never:
 # benchmarks/draft_search.py).
 DEFAULT_DRAFT = "lookup+feature:1"
